@@ -1,0 +1,187 @@
+"""`perta-stream`: parse arguments, build a config, call one pipeline, map errors to exit codes.
+
+Nothing here computes anything. Each subcommand has an `_add_<name>` function that declares its
+flags and a `_run_<name>` function that turns them into a pipeline call. Errors become one line
+on stderr (`error: ...`) and exit code 1 (2 for usage); `-v` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from perta_stream import __version__
+from perta_stream.errors import PertaStreamError, UsageError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+
+
+# ---------------------------------------------------------------- merge
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "merge",
+        help="theta_out = theta_full - alpha * W * (theta_fgt - theta0), streamed shard by shard",
+        description="Stream theta0, theta_full, theta_fgt (and statistics) into a new sharded checkpoint.",
+    )
+    parser.add_argument("--theta0", required=True, help="the original model (directory or hf://org/name[@rev])")
+    parser.add_argument("--full", required=True, help="the model to clean (fine-tuned on forget + retain)")
+    parser.add_argument("--fgt", required=True, help="the model fine-tuned on the forget set only")
+    parser.add_argument("--out", required=True, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
+    parser.add_argument("--method", default="tv", choices=["tv", "uniform", "grad", "fisher"])
+    parser.add_argument("--stats", help="statistics directory from `perta-stream stats` (grad and fisher)")
+    parser.add_argument("--alpha", type=_float_list, default=(1.0,), help="scale of the task vector; several: 0.5,1,2 (one pass, one output each)")
+    parser.add_argument("--tau", type=float, help="exponent of the weights (default 1 for grad, 2 for fisher)")
+    parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for --method uniform")
+    parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are exactly 0")
+    parser.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
+    parser.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB); default: theta_full's layout")
+    parser.add_argument("--max-memory", default="512MiB", help="peak RSS budget for the whole process (default 512MiB)")
+    parser.add_argument("--chunk-size", help="bytes per input chunk (default: derived from --max-memory)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from perta_stream.config import MergeConfig
+    from perta_stream.pipelines.merge import run_merge
+
+    config = MergeConfig.from_cli(args)
+    result = run_merge(config)
+    if result.plan_text is not None:
+        print(result.plan_text)
+    elif not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="TOFU metrics of a model: forget quality, model utility and their parts (JSON + Markdown)",
+        description="Evaluate a model on a TOFU forget split and the utility sets, as the TOFU benchmark defines them.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (model and tokenizer)")
+    parser.add_argument("--split", required=True, help="forget01, forget05 or forget10")
+    parser.add_argument("--out", required=True, help="JSON record to write (the Markdown table goes next to it, .md)")
+    parser.add_argument("--tofu", help="TOFU data directory (default: the subset bundled with perta_stream)")
+    parser.add_argument("--retain-logs", help="the eval JSON of the retain-only model on the same split (gives forget quality)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass and per generate call (default 8)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; prompts are cut first (default 512)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L (default 200)")
+    parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set (quick runs)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
+    _add_common(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from perta_stream.config.eval import EvalConfig
+    from perta_stream.pipelines.eval import run_eval
+
+    result = run_eval(EvalConfig.from_cli(args))
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    print(result.markdown_path.read_text(encoding="utf-8"), end="")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "finetune",
+        help="full fine-tuning on question-answer pairs with the answer-only loss (small models, the demo)",
+        description="Fine-tune a causal LM on a .jsonl/.json file of question-answer records and write a checkpoint.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory to start from (model and tokenizer)")
+    parser.add_argument("--data", required=True, help=".jsonl or .json file of question-answer records")
+    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step (default 4)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; prompts are cut first (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="data order and initialization seed (default 0)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices (default 0.01)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps of linear warmup (default 0.1)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping by global norm, 0 = off (default 1)")
+    parser.add_argument("--question-key", default="question", help="record field holding the question")
+    parser.add_argument("--answer-key", default="answer", help="record field holding the answer")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from perta_stream.config.finetune import FinetuneConfig
+    from perta_stream.pipelines.finetune import run_finetune
+
+    result = run_finetune(FinetuneConfig.from_cli(args))
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "merge": (_add_merge, _run_merge),
+    "eval": (_add_eval, _run_eval),
+    "finetune": (_add_finetune, _run_finetune),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perta-stream",
+        description="Per-parameter task arithmetic (PerTA) unlearning, streamed: stats, merge, eval.",
+    )
+    parser.add_argument("--version", action="version", version=f"perta-stream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        from perta_stream.progress import set_progress_enabled
+
+        set_progress_enabled(False)
+    try:
+        return _COMMANDS[args.command][1](args)
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        print("error: interrupted; the output was left unfinished (rerun to complete it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PertaStreamError as exc:
+        if verbose:
+            raise
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The merge arithmetic of METHOD.md section 5, one chunk at a time, with no allocation.
+
+Per element, in float32: out = full - alpha * (w * (fgt - theta0)), then one rounding
+(round-to-nearest-even) to the output dtype. Each operation is a separate elementwise torch op
+on float32 values, so every intermediate is rounded to float32 exactly as the formula reads
+(no fused multiply-add), and the task-vector product w·(fgt - theta0) is computed once and
+shared by every alpha. Scratch buffers are allocated once for the largest chunk and reused, so
+memory stays flat however large the model is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from perta_stream.compute.weights import compute_weights
+
+
+class MergeKernel:
+    """Merges chunks for one method and one or more alphas.
+
+    Args:
+        method: tv, uniform, grad or fisher.
+        alphas: task-vector scales; `merge_chunk` writes one output per alpha.
+        tau, uniform_weight, fallback_weight: as in MergeConfig.
+        chunk_elements: the largest chunk that will be passed.
+        stat_roles: the names of the (forget, retain) statistics inputs for grad/fisher.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        alphas: tuple[float, ...],
+        tau: float,
+        uniform_weight: float,
+        fallback_weight: float,
+        chunk_elements: int,
+        stat_roles: tuple[str, ...] = (),
+    ):
+        self.method = method
+        self.alphas = alphas
+        self.tau = tau
+        self.uniform_weight = uniform_weight
+        self.fallback_weight = fallback_weight
+        self.stat_roles = stat_roles
+        self._task_vector = torch.empty(chunk_elements, dtype=torch.float32)
+        self._weights = torch.empty(chunk_elements, dtype=torch.float32)
+        self._result = torch.empty(chunk_elements, dtype=torch.float32)
+        self._zero_mask = torch.empty(chunk_elements, dtype=torch.bool)
+
+    def merge_chunk(self, inputs: dict[str, torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Compute one chunk.
+
+        Args:
+            inputs: role -> 1-D typed view of the chunk ("theta0", "full", "fgt" and the stat roles).
+            outputs: one 1-D typed view per alpha, same length, in the output dtype; overwritten.
+        """
+        count = inputs["full"].numel()
+        task_vector = self._task_vector[:count]
+        task_vector.copy_(inputs["fgt"])
+        task_vector.sub_(inputs["theta0"])
+        if self.method == "uniform":
+            task_vector.mul_(self.uniform_weight)
+        elif self.method in ("grad", "fisher"):
+            forget_role, retain_role = self.stat_roles
+            weights = compute_weights(
+                inputs[forget_role],
+                inputs[retain_role],
+                method=self.method,
+                tau=self.tau,
+                fallback_weight=self.fallback_weight,
+                out=self._weights[:count],
+                scratch=self._result[:count],
+                zero_mask=self._zero_mask[:count],
+            )
+            task_vector.mul_(weights)
+        result = self._result[:count]
+        scaled = self._weights[:count]
+        for alpha, output in zip(self.alphas, outputs):
+            torch.mul(task_vector, alpha, out=scaled)
+            result.copy_(inputs["full"])
+            result.sub_(scaled)
+            output.copy_(result)

@@ -1,0 +1,144 @@
+"""Prompt rendering, answer-only labels and the per-sample loss (METHOD.md section 2).
+
+One implementation serves statistics, fine-tuning and evaluation, so "the loss of a sample"
+means the same thing everywhere: the mean token negative log-likelihood over the answer tokens
+(plus the end-of-turn/EOS token), with the prompt masked out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from perta_stream.errors import DatasetError
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+LOSS_DEFINITION = "mean token NLL over answer (+EOS/end-of-turn) tokens; prompt masked; chat template when present"
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """Token ids of prompt + answer, and labels that are IGNORE_INDEX on the prompt."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def answer_token_count(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def encode_sample(
+    tokenizer: Any, question: str, answer: str, *, max_length: int, system_prompt: str | None = None, where: str = "sample"
+) -> EncodedSample:
+    """Tokenize one (question, answer) pair for the answer-only loss.
+
+    With a chat template: user turn = question, assistant turn = answer; the prompt is the
+    template up to the generation prompt, the answer is everything the assistant turn adds. Without
+    one: `Question: {q}\\nAnswer:` then ` {a}` and EOS, tokenized in two pieces so the boundary is
+    exact. Past `max_length`, tokens are cut from the start of the prompt.
+
+    Raises:
+        DatasetError: the answer alone does not fit in `max_length`, or the template is inconsistent.
+    """
+    prompt_ids, answer_ids = _split_prompt_answer(tokenizer, question, answer, system_prompt, where)
+    if not answer_ids:
+        raise DatasetError(f"{where}: the answer encodes to no tokens")
+    if len(answer_ids) > max_length:
+        raise DatasetError(
+            f"{where}: the answer needs {len(answer_ids)} tokens, more than --max-length {max_length}; "
+            "raise --max-length (answers are never cut)"
+        )
+    keep_prompt = max_length - len(answer_ids)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :] if keep_prompt < len(prompt_ids) else prompt_ids
+    return EncodedSample(
+        input_ids=tuple(prompt_ids + answer_ids),
+        labels=tuple([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
+    )
+
+
+def encode_prompt(tokenizer: Any, question: str, *, max_length: int, system_prompt: str | None = None) -> tuple[int, ...]:
+    """The prompt tokens alone, rendered exactly as `encode_sample` renders them: what generation starts from.
+
+    Past `max_length`, tokens are cut from the start of the prompt (as in `encode_sample`).
+    """
+    prompt_ids = _prompt_ids(tokenizer, question, system_prompt)
+    return tuple(prompt_ids[max(0, len(prompt_ids) - max_length) :])
+
+
+def _chat_messages(question: str, system_prompt: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def _prompt_ids(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        return _as_ids(tokenizer.apply_chat_template(_chat_messages(question, system_prompt), add_generation_prompt=True, tokenize=True))
+    prompt_text = PLAIN_PROMPT.format(question=question)
+    if system_prompt:
+        prompt_text = f"{system_prompt}\n{prompt_text}"
+    return list(tokenizer(prompt_text, add_special_tokens=True)["input_ids"])
+
+
+def _split_prompt_answer(tokenizer: Any, question: str, answer: str, system_prompt: str | None, where: str) -> tuple[list[int], list[int]]:
+    if getattr(tokenizer, "chat_template", None):
+        messages = _chat_messages(question, system_prompt)
+        prompt_ids = _prompt_ids(tokenizer, question, system_prompt)
+        full_ids = _as_ids(
+            tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True)
+        )
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DatasetError(f"{where}: the chat template renders the prompt differently with and without the answer")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+    prompt_ids = _prompt_ids(tokenizer, question, system_prompt)
+    answer_ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise DatasetError(f"{where}: the tokenizer has no EOS token and no chat template; set one before use")
+    return prompt_ids, answer_ids + [tokenizer.eos_token_id]
+
+
+def _as_ids(rendered: Any) -> list[int]:
+    # transformers returns a list, or a BatchEncoding/dict with input_ids, depending on version.
+    if isinstance(rendered, dict) or hasattr(rendered, "keys"):
+        rendered = rendered["input_ids"]
+    return [int(token) for token in rendered]
+
+
+def collate(samples: list[EncodedSample], pad_token_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` tensors for a batch."""
+    import torch
+
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        length = len(sample.input_ids)
+        input_ids[row, :length] = torch.tensor(sample.input_ids)
+        labels[row, :length] = torch.tensor(sample.labels)
+        attention_mask[row, :length] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def per_sample_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+    """ℓ_n: the mean NLL over each sample's labelled tokens, in float32. Shape [batch].
+
+    Position t predicts token t+1, so logits are shifted against labels.
+    """
+    import torch
+
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    token_nll = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shifted_labels.shape)
+    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1)
+    return token_nll.sum(dim=1) / counts.clamp(min=1)

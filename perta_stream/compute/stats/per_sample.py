@@ -1,0 +1,259 @@
+"""Exact per-sample parameter gradients, summed and squared in float32.
+
+The engine backpropagates the SUM of per-sample losses through one module at a time. Samples do
+not interact, so for a leaf module the gradient of sample n's loss is a function of that sample's
+module input x_n and output gradient δ_n alone:
+  nn.Linear   weight G_n = Σ_t δ_{n,t} x_{n,t}^T, bias Σ_t δ_{n,t}
+  nn.Embedding rows: Σ over the sample's positions of δ_{n,t}, added to row id_{n,t}
+  anything else with parameters (RMSNorm, ...): the vjp of the module, vmapped over samples.
+`StatsAccumulator` keeps Σ_n g_n ("grad") and Σ_n g_n² ("fisher") — the square of each sample's
+own gradient, never of a batch gradient. Padding positions have δ set to zero before anything is
+formed, so they contribute nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from perta_stream.plan.stats_plan import PER_SAMPLE_CHUNK_BYTES
+
+GRAD, FISHER = "grad", "fisher"
+
+
+class StatsAccumulator:
+    """Σ_n g_n and Σ_n g_n² in float32 for a fixed set of tensors (one layer, the head, ...).
+
+    Args:
+        shapes: tensor_name -> parameter shape.
+        kinds: which sums to keep (`grad` -> Σ g, `fisher` -> Σ g²).
+        device: where the sums live.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], kinds: Iterable[str], device: torch.device):
+        self.kinds = frozenset(kinds)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.squares: dict[str, torch.Tensor] = {}
+        for tensor_name, shape in shapes.items():
+            if GRAD in self.kinds:
+                self.sums[tensor_name] = torch.zeros(shape, dtype=torch.float32, device=device)
+            if FISHER in self.kinds:
+                self.squares[tensor_name] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    @property
+    def wants_squares(self) -> bool:
+        return FISHER in self.kinds
+
+    @property
+    def wants_sums(self) -> bool:
+        return GRAD in self.kinds
+
+    def add_per_sample(self, tensor_name: str, per_sample: torch.Tensor) -> None:
+        """Add per-sample gradients shaped [samples, *parameter shape] (any float dtype)."""
+        per_sample = per_sample.float()
+        if self.wants_sums:
+            self.sums[tensor_name] += per_sample.sum(dim=0)
+        if self.wants_squares:
+            self.squares[tensor_name] += per_sample.square().sum(dim=0)
+
+    def to(self, device: torch.device) -> "StatsAccumulator":
+        """Move the sums (e.g. to host memory while they wait, and back)."""
+        self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        self.squares = {k: v.to(device) for k, v in self.squares.items()}
+        return self
+
+    def results(self, num_samples: int, tensor_names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """tensor_name -> {"grad": mean gradient, "fisher": mean squared gradient}, float32 on CPU."""
+        names = list(tensor_names) if tensor_names is not None else list(self.sums or self.squares)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for tensor_name in names:
+            entry: dict[str, torch.Tensor] = {}
+            if self.wants_sums:
+                entry[GRAD] = (self.sums[tensor_name] / num_samples).cpu()
+            if self.wants_squares:
+                entry[FISHER] = (self.squares[tensor_name] / num_samples).cpu()
+            out[tensor_name] = entry
+        return out
+
+
+def linear_stats(
+    acc: StatsAccumulator,
+    weight_name: str,
+    bias_name: str | None,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    keep_rows: list[torch.Tensor] | None = None,
+    chunk_bytes: int = PER_SAMPLE_CHUNK_BYTES,
+) -> list[torch.Tensor] | None:
+    """Accumulate the per-sample gradients of y = x Wᵀ + b.
+
+    Args:
+        x: the layer input [samples, tokens, in].
+        delta: the gradient of the summed loss at the output [samples, tokens, out], zero on padding.
+        keep_rows: per sample, weight rows (output indices) whose per-sample gradient is returned;
+            the tied lm_head keeps the rows at the sample's token ids for the embedding step.
+        chunk_bytes: how many bytes of per-sample weight gradients to form at once.
+
+    Returns:
+        With keep_rows: per sample, the float32 gradient rows [len(rows), in]; else None.
+    """
+    samples = x.shape[0]
+    x = x.reshape(samples, -1, x.shape[-1]).float()
+    delta = delta.reshape(samples, -1, delta.shape[-1]).float()
+    if bias_name is not None:
+        acc.add_per_sample(bias_name, delta.sum(dim=1))
+    if acc.wants_sums and not acc.wants_squares and keep_rows is None:
+        # The mean alone needs no per-sample matrices: one matmul over every token.
+        acc.sums[weight_name] += delta.flatten(0, 1).T @ x.flatten(0, 1)
+        return None
+    kept: list[torch.Tensor] = []
+    matrix_bytes = 4 * delta.shape[-1] * x.shape[-1]
+    step = max(1, chunk_bytes // max(1, matrix_bytes))
+    for start in range(0, samples, step):
+        # G[n] = δ_nᵀ x_n for a chunk of samples; squared in place once its rows are kept.
+        grads = torch.bmm(delta[start : start + step].transpose(1, 2), x[start : start + step])
+        if keep_rows is not None:
+            kept.extend(grads[n].index_select(0, keep_rows[start + n]) for n in range(grads.shape[0]))
+        if acc.wants_sums:
+            acc.sums[weight_name] += grads.sum(dim=0)
+        if acc.wants_squares:
+            acc.squares[weight_name] += grads.square_().sum(dim=0)
+    return kept if keep_rows is not None else None
+
+
+def sample_token_rows(input_ids: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample, the sorted distinct token ids at its valid positions (the embedding rows it touches)."""
+    return [torch.unique(input_ids[n][valid[n]]) for n in range(input_ids.shape[0])]
+
+
+def embedding_stats(
+    acc: StatsAccumulator,
+    tensor_name: str,
+    input_ids: torch.Tensor,
+    delta: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    tied_rows: list[torch.Tensor] | None = None,
+) -> None:
+    """Accumulate the per-sample gradients of an embedding lookup (sparse: the sample's token rows).
+
+    Args:
+        input_ids: [samples, tokens]; valid: [samples, tokens] bool (real tokens, not padding_idx).
+        delta: the gradient at the embedding output [samples, tokens, hidden].
+        tied_rows: for a tied embedding, per sample the lm_head gradient rows at the rows
+            `sample_token_rows` gives; the square is then of the SUM of both uses:
+            (g_lm + g_emb)² = g_lm² (already added) + 2·g_lm·g_emb + g_emb².
+    """
+    for n in range(input_ids.shape[0]):
+        ids = input_ids[n][valid[n]]
+        rows, inverse = torch.unique(ids, return_inverse=True)
+        grad_rows = torch.zeros((rows.numel(), delta.shape[-1]), dtype=torch.float32, device=delta.device)
+        grad_rows.index_add_(0, inverse, delta[n][valid[n]].float())
+        if acc.wants_sums:
+            acc.sums[tensor_name].index_add_(0, rows, grad_rows)
+        if acc.wants_squares:
+            square = grad_rows.square()
+            if tied_rows is not None:
+                square += 2.0 * tied_rows[n].to(grad_rows.device) * grad_rows
+            acc.squares[tensor_name].index_add_(0, rows, square)
+
+
+def generic_stats(acc: StatsAccumulator, module: torch.nn.Module, names: Mapping[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
+    """Per-sample gradients of any module with parameters, by vmap over samples of its vjp.
+
+    Computed in float32 (parameters and input upcast) so the statistics do not carry bf16 rounding.
+
+    Args:
+        names: parameter attribute (e.g. `weight`) -> tensor_name.
+    """
+    params = {attr: getattr(module, attr).detach().float() for attr in names}
+
+    def one_sample(p: dict[str, torch.Tensor], x_n: torch.Tensor, d_n: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, vjp = torch.func.vjp(lambda q: torch.func.functional_call(module, q, (x_n.unsqueeze(0),)), p)
+        return vjp(d_n.unsqueeze(0))[0]
+
+    per_sample = torch.func.vmap(one_sample, in_dims=(None, 0, 0))(params, x.float(), delta.float())
+    for attr, tensor_name in names.items():
+        acc.add_per_sample(tensor_name, per_sample[attr])
+
+
+ModuleRule = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+class PerSampleHooks:
+    """Forward hooks on every module with parameters under `root` that turn (x, δ) into statistics.
+
+    Each hooked module saves its input at forward time and puts a hook on its output tensor; when
+    autograd delivers the output's gradient, the rule for the module type runs right away and the
+    saved input is released. Use as a context manager around one forward+backward.
+
+    Args:
+        root: the module (a decoder layer, or the head's norm and lm_head in a ModuleDict).
+        tensor_names: module path inside root -> {parameter attribute -> tensor_name}.
+        acc: where statistics go.
+        valid: [samples, tokens] bool; δ is zeroed where False (padding).
+        lm_head_path: the module path of a tied lm_head, whose per-sample rows are kept.
+        keep_rows: with lm_head_path, per sample the rows to keep (`sample_token_rows`).
+    """
+
+    def __init__(
+        self,
+        root: torch.nn.Module,
+        tensor_names: Mapping[str, Mapping[str, str]],
+        acc: StatsAccumulator,
+        valid: torch.Tensor,
+        *,
+        lm_head_path: str | None = None,
+        keep_rows: list[torch.Tensor] | None = None,
+    ):
+        self._acc = acc
+        self._valid = valid
+        self._lm_head_path = lm_head_path
+        self._keep_rows = keep_rows
+        self.kept_rows: list[torch.Tensor] | None = None
+        self._modules = {path: root.get_submodule(path) for path in tensor_names}
+        self._names = tensor_names
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._active = False
+
+    def __enter__(self) -> "PerSampleHooks":
+        for path, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(path)))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _forward_hook(self, path: str) -> Callable:
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            output.register_hook(lambda grad: self._on_grad(path, module, x, grad))
+
+        return hook
+
+    def _on_grad(self, path: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+        # Padding positions must contribute nothing, whatever autograd put there.
+        mask = self._valid.reshape(self._valid.shape + (1,) * (grad.dim() - self._valid.dim()))
+        delta = grad.detach() * mask.to(grad.dtype)
+        names = self._names[path]
+        # Nested transforms (vmap/vjp) must not re-enter these hooks.
+        self._active = False
+        try:
+            with torch.no_grad():
+                if isinstance(module, torch.nn.Linear):
+                    keep = self._keep_rows if path == self._lm_head_path else None
+                    kept = linear_stats(self._acc, names["weight"], names.get("bias"), x, delta, keep_rows=keep)
+                    if keep is not None:
+                        self.kept_rows = kept
+            if not isinstance(module, torch.nn.Linear):
+                generic_stats(self._acc, module, names, x, delta)
+        finally:
+            self._active = True

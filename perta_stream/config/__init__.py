@@ -1,0 +1,1 @@
+"""Frozen, validated configuration dataclasses, one module per pipeline."""

@@ -1,0 +1,117 @@
+"""`EvalConfig`: the validated options of `perta-stream eval` (TOFU metrics of one model)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream.errors import PlanError
+
+DEVICES = ("auto", "cpu", "cuda")
+# The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
+TOFU_SPLITS = ("forget01", "forget05", "forget10")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and how.
+
+    Attributes:
+        model: the checkpoint directory (model and tokenizer files).
+        split: the forget split, `forget01`, `forget05` or `forget10` (forget05 needs a TOFU
+            directory that holds it; the bundled data has forget01 and forget10).
+        out: the JSON record to write; the Markdown table goes next to it (`.md`).
+        tofu_dir: the TOFU data directory; empty means the copy bundled with perta_stream.
+        retain_logs: the JSON record of the retain-only model on the same split (gives forget quality).
+        batch_size: samples per forward pass (likelihoods) and per generate call.
+        max_length: tokens per sample; the prompt's start is cut first, answers never.
+        max_new_tokens: greedy generation length for ROUGE-L.
+        max_items: evaluate only the first N items of each set (quick runs); None = all.
+        device: `auto` (CUDA when available), `cpu` or `cuda`.
+        system_prompt: an optional system prompt for chat-template models.
+    """
+
+    model: str
+    split: str
+    out: str
+    tofu_dir: str = ""
+    retain_logs: str | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    max_new_tokens: int = 200
+    max_items: int | None = None
+    device: str = "auto"
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tofu_dir:
+            from perta_stream.sources.tofu import bundled_tofu_dir
+
+            object.__setattr__(self, "tofu_dir", str(bundled_tofu_dir()))
+        problems = self.problems()
+        if problems:
+            raise PlanError("invalid eval options", problems)
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when they are usable)."""
+        problems: list[str] = []
+        if self.split not in TOFU_SPLITS:
+            problems.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
+        if not Path(self.model).is_dir():
+            problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
+        if not Path(self.tofu_dir).is_dir():
+            problems.append(f"--tofu {self.tofu_dir} is not a directory; give the folder holding the TOFU .jsonl files")
+        if self.retain_logs is not None:
+            if not Path(self.retain_logs).is_file():
+                problems.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON that `perta-stream eval` wrote for the retain-only model")
+            elif Path(self.retain_logs).resolve() == Path(self.out).resolve():
+                problems.append("--out is the --retain-logs file; writing the result would replace that input")
+        if not self.out.endswith(".json"):
+            problems.append(f"--out {self.out} must end in .json (the Markdown table is written next to it)")
+        elif Path(self.out).is_dir():
+            problems.append(f"--out {self.out} is a directory; give a .json file path")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1, got {value}")
+        if self.max_items is not None and self.max_items < 1:
+            problems.append(f"--max-items must be at least 1, got {self.max_items}")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        return problems
+
+    @property
+    def markdown_path(self) -> Path:
+        return Path(self.out).with_suffix(".md")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "EvalConfig":
+        return cls(
+            model=args.model,
+            split=args.split,
+            out=args.out,
+            tofu_dir=args.tofu or "",
+            retain_logs=args.retain_logs,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            max_new_tokens=args.max_new_tokens,
+            max_items=args.max_items,
+            device=args.device,
+            system_prompt=args.system_prompt,
+        )
+
+    def to_dict(self) -> dict:
+        """The resolved options, as saved into the JSON record."""
+        return {
+            "model": self.model,
+            "split": self.split,
+            "out": self.out,
+            "tofu_dir": self.tofu_dir,
+            "retain_logs": self.retain_logs,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "max_new_tokens": self.max_new_tokens,
+            "max_items": self.max_items,
+            "device": self.device,
+            "system_prompt": self.system_prompt,
+        }

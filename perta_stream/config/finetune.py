@@ -1,0 +1,127 @@
+"""`FinetuneConfig`: the validated options of `perta-stream finetune` (small full fine-tuning)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream.errors import PlanError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Full fine-tuning of a causal LM on (question, answer) pairs with the answer-only loss.
+
+    Attributes:
+        model: the checkpoint directory to start from (model and tokenizer files).
+        data: a `.jsonl` / `.json` file of records with a question and an answer field.
+        out: the checkpoint directory to write (written as `<out>.partial/`, renamed at the end).
+        epochs: passes over the data.
+        lr: the peak AdamW learning rate.
+        batch_size: samples per optimizer step.
+        max_length: tokens per sample; the prompt's start is cut first, answers never.
+        seed: seeds the data order and torch (the run is deterministic on CPU).
+        weight_decay: AdamW decoupled weight decay (not applied to biases and norm weights).
+        warmup_ratio: share of the steps over which the learning rate rises linearly from 0;
+            it then decays linearly to 0 at the last step.
+        question_key / answer_key: the field names of a record.
+        overwrite: replace an existing `out`.
+        device: `auto` (CUDA when available), `cpu` or `cuda`.
+        system_prompt: an optional system prompt for chat-template models.
+        max_grad_norm: gradient clipping by global norm; 0 switches it off.
+    """
+
+    model: str
+    data: str
+    out: str
+    epochs: int = 3
+    lr: float = 1e-5
+    batch_size: int = 4
+    max_length: int = 512
+    seed: int = 0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    question_key: str = "question"
+    answer_key: str = "answer"
+    overwrite: bool = False
+    device: str = "auto"
+    system_prompt: str | None = None
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise PlanError("invalid finetune options", problems)
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when they are usable)."""
+        from perta_stream.sinks.output_dir import check_output_location
+
+        problems: list[str] = []
+        if not Path(self.model).is_dir():
+            problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
+        if not Path(self.data).is_file():
+            problems.append(f"--data {self.data} does not exist; give a .jsonl or .json file of question/answer records")
+        problems += check_output_location(self.out, overwrite=self.overwrite, inputs={"model": self.model, "data": self.data})
+        if self.epochs < 1:
+            problems.append(f"--epochs must be at least 1, got {self.epochs}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1, got {value}")
+        if self.weight_decay < 0:
+            problems.append(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            problems.append(f"--max-grad-norm must be non-negative (0 = off), got {self.max_grad_norm}")
+        if not self.question_key or not self.answer_key:
+            problems.append("--question-key and --answer-key must not be empty")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        return problems
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "FinetuneConfig":
+        return cls(
+            model=args.model,
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            weight_decay=args.weight_decay,
+            warmup_ratio=args.warmup_ratio,
+            question_key=args.question_key,
+            answer_key=args.answer_key,
+            overwrite=args.overwrite,
+            device=args.device,
+            system_prompt=args.system_prompt,
+            max_grad_norm=args.max_grad_norm,
+        )
+
+    def to_dict(self) -> dict:
+        """The resolved options, as saved into the output's `perta_finetune.json`."""
+        return {
+            "model": self.model,
+            "data": self.data,
+            "out": self.out,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "weight_decay": self.weight_decay,
+            "warmup_ratio": self.warmup_ratio,
+            "question_key": self.question_key,
+            "answer_key": self.answer_key,
+            "device": self.device,
+            "system_prompt": self.system_prompt,
+            "max_grad_norm": self.max_grad_norm,
+        }

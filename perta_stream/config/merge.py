@@ -1,0 +1,158 @@
+"""`MergeConfig`: every option of a merge, validated in one place before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+
+from perta_stream.dtypes import parse_user_dtype
+from perta_stream.errors import PlanError, UsageError
+from perta_stream.sizes import parse_size
+
+METHODS = ("tv", "uniform", "grad", "fisher")
+DEFAULT_TAU = {"grad": 1.0, "fisher": 2.0}
+DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
+
+
+def format_alpha(alpha: float) -> str:
+    """`1.0` -> `1`, `0.5` -> `0.5`: the spelling used in per-alpha output folder names."""
+    return f"{alpha:g}"
+
+
+def output_dirs(out: str, alphas: tuple[float, ...]) -> tuple[str, ...]:
+    """One output folder per alpha.
+
+    A single alpha writes to `out` itself. Several alphas write to `out` with its `{alpha}`
+    placeholder filled in, or, without a placeholder, to `out/alpha_<alpha>`.
+    """
+    if len(alphas) == 1 and "{alpha}" not in out:
+        return (out,)
+    if "{alpha}" in out:
+        return tuple(out.replace("{alpha}", format_alpha(a)) for a in alphas)
+    return tuple(os.path.join(out, f"alpha_{format_alpha(a)}") for a in alphas)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """What `run_merge` does.
+
+    Attributes:
+        theta0, full, fgt: checkpoint directories or `hf://org/name[@revision]`.
+        out: output directory (see `output_dirs` for several alphas), or `hf://org/name` to push.
+        method: `tv` (W = 1), `uniform` (W = uniform_weight), `grad` or `fisher` (W from `stats`).
+        stats: statistics directory written by `perta-stream stats` (grad and fisher only).
+        alphas: one or more task-vector scales; all are written in one pass over the inputs.
+        tau: weight exponent; None means 1 for grad, 2 for fisher.
+        uniform_weight: W of the uniform method, in [0, 1].
+        fallback_weight: W where both statistics are exactly 0, in [0, 1].
+        out_dtype: safetensors dtype of every output tensor, or None for theta_full's per tensor.
+        max_shard_bytes: re-shard the output to at most this many bytes per shard; None keeps theta_full's layout.
+        max_memory_bytes: budget for the peak RSS of the whole process.
+        chunk_bytes: bytes of one input chunk; None derives it from the budget.
+        dry_run: plan and report, write nothing.
+        overwrite: replace existing outputs.
+        resume: continue from `<out>.partial/` of an interrupted identical run.
+        drop_page_cache: advise the kernel to drop input pages once read.
+        hub_private, hub_revision, hub_commit_message, hub_create_repo: options for an `hf://` output.
+    """
+
+    theta0: str
+    full: str
+    fgt: str
+    out: str
+    method: str = "tv"
+    stats: str | None = None
+    alphas: tuple[float, ...] = (1.0,)
+    tau: float | None = None
+    uniform_weight: float = 0.5
+    fallback_weight: float = 0.5
+    out_dtype: str | None = None
+    max_shard_bytes: int | None = None
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+    chunk_bytes: int | None = None
+    dry_run: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    drop_page_cache: bool = False
+    hub_private: bool = False
+    hub_revision: str | None = None
+    hub_commit_message: str | None = None
+    hub_create_repo: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise PlanError("invalid merge options", problems)
+
+    @property
+    def effective_tau(self) -> float:
+        return self.tau if self.tau is not None else DEFAULT_TAU.get(self.method, 1.0)
+
+    @property
+    def out_dirs(self) -> tuple[str, ...]:
+        return output_dirs(self.out, self.alphas)
+
+    def problems(self) -> list[str]:
+        """Every inconsistency among the options (empty when the config is usable)."""
+        found: list[str] = []
+        if self.method not in METHODS:
+            found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.method in ("grad", "fisher") and not self.stats:
+            found.append(f"--method {self.method} needs --stats DIR (compute it with `perta-stream stats`)")
+        if self.method in ("tv", "uniform") and self.stats:
+            found.append(f"--stats is not used by --method {self.method}; drop it or use --method grad/fisher")
+        if not self.alphas:
+            found.append("--alpha needs at least one value")
+        for alpha in self.alphas:
+            if not math.isfinite(alpha) or alpha <= 0:
+                found.append(f"--alpha {alpha} must be a positive finite number")
+        if len(set(self.alphas)) != len(self.alphas):
+            found.append("--alpha lists the same value twice")
+        if self.tau is not None and (not math.isfinite(self.tau) or self.tau <= 0):
+            found.append(f"--tau {self.tau} must be a positive finite number")
+        if self.tau is not None and self.method in ("tv", "uniform"):
+            found.append(f"--tau is not used by --method {self.method}")
+        for flag, value in (("--uniform-weight", self.uniform_weight), ("--fallback-weight", self.fallback_weight)):
+            if not (0.0 <= value <= 1.0):
+                found.append(f"{flag} {value} must be within [0, 1]")
+        if self.max_memory_bytes < 64 * 2**20:
+            found.append("--max-memory below 64MiB cannot hold the Python runtime; raise it")
+        if self.chunk_bytes is not None and self.chunk_bytes < 4096:
+            found.append("--chunk-size must be at least 4KiB")
+        if len(self.out_dirs) != len(set(self.out_dirs)):
+            found.append("--out gives the same folder to two alphas; use a {alpha} placeholder")
+        return found
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "MergeConfig":
+        """Build from parsed `perta-stream merge` arguments (sizes and dtypes parsed here)."""
+        try:
+            return cls(
+                theta0=args.theta0,
+                full=args.full,
+                fgt=args.fgt,
+                out=args.out,
+                method=args.method,
+                stats=args.stats,
+                alphas=tuple(args.alpha),
+                tau=args.tau,
+                uniform_weight=args.uniform_weight,
+                fallback_weight=args.fallback_weight,
+                out_dtype=parse_user_dtype(args.out_dtype) if args.out_dtype else None,
+                max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size") if args.max_shard_size else None,
+                max_memory_bytes=parse_size(args.max_memory, what="--max-memory"),
+                chunk_bytes=parse_size(args.chunk_size, what="--chunk-size") if args.chunk_size else None,
+                dry_run=args.dry_run,
+                overwrite=args.overwrite,
+                resume=getattr(args, "resume", False),
+                drop_page_cache=getattr(args, "drop_page_cache", False),
+                hub_private=getattr(args, "private", False),
+                hub_revision=getattr(args, "revision", None),
+                hub_commit_message=getattr(args, "commit_message", None),
+                hub_create_repo=getattr(args, "create_repo", False),
+            )
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None

@@ -1,0 +1,120 @@
+"""Evaluate a loaded model on the four TOFU sets: per-item values, then the per-set metrics.
+
+Per item (data/tofu/README.md): the loss of the answer, of the truth ratio's correct answer and
+of each perturbed answer; the probability (P~ on forget and retain, normalized against the
+perturbed answers on real authors and world facts); the truth ratio; the ROUGE-L recall of the
+greedy generation against the answer. Per set: the means the README defines. Forget quality and
+model utility combine sets (and another model's record) and are computed by `summarize_metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from perta_stream.eval import metrics as m
+from perta_stream.eval.report import UTILITY_KEYS
+from perta_stream.eval.scoring import answer_losses, greedy_generations
+from perta_stream.sources.hf_model import LoadedModel
+from perta_stream.sources.tofu import TofuSet
+
+# Sets whose probability is normalized against the perturbed answers (the README's definition).
+_NORMALIZED_PROBABILITY_SETS = frozenset({"real_authors", "world_facts"})
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """Per-item values of one evaluation set, in item order, and its three aggregated metrics."""
+
+    name: str
+    answer_loss: tuple[float, ...]
+    correct_loss: tuple[float, ...]
+    perturbed_loss: tuple[tuple[float, ...], ...]
+    probability: tuple[float, ...]
+    truth_ratio: tuple[float, ...]
+    rouge_l_recall: tuple[float, ...]
+    generation: tuple[str, ...]
+    probability_metric: float
+    truth_ratio_metric: float
+    rouge_l_metric: float
+
+    def per_item(self) -> dict[str, list]:
+        """The JSON form of the per-item values."""
+        return {
+            "answer_loss": list(self.answer_loss),
+            "correct_loss": list(self.correct_loss),
+            "perturbed_loss": [list(row) for row in self.perturbed_loss],
+            "probability": list(self.probability),
+            "truth_ratio": list(self.truth_ratio),
+            "rouge_l_recall": list(self.rouge_l_recall),
+            "generation": list(self.generation),
+        }
+
+
+def score_set(loaded: LoadedModel, tofu_set: TofuSet, *, batch_size: int, max_length: int, max_new_tokens: int, system_prompt: str | None = None) -> SetScores:
+    """Every per-item value and the three metrics of one set.
+
+    Raises:
+        DatasetError: an answer does not fit in `max_length` tokens.
+    """
+    items = tofu_set.items
+    options = {"batch_size": batch_size, "max_length": max_length, "system_prompt": system_prompt}
+    answer_loss = answer_losses(loaded, [(it.question, it.answer) for it in items], desc=f"{tofu_set.name}: answers", **options)
+    if all(it.correct_answer == it.answer for it in items):
+        correct_loss = list(answer_loss)
+    else:
+        correct_loss = answer_losses(loaded, [(it.question, it.correct_answer) for it in items], desc=f"{tofu_set.name}: paraphrased", **options)
+    flat_perturbed = [(it.question, wrong) for it in items for wrong in it.perturbed_answers]
+    flat_loss = answer_losses(loaded, flat_perturbed, desc=f"{tofu_set.name}: perturbed", **options)
+    perturbed_loss: list[tuple[float, ...]] = []
+    position = 0
+    for it in items:
+        perturbed_loss.append(tuple(flat_loss[position : position + len(it.perturbed_answers)]))
+        position += len(it.perturbed_answers)
+    generation = greedy_generations(
+        loaded,
+        [it.question for it in items],
+        max_new_tokens=max_new_tokens,
+        desc=f"{tofu_set.name}: generation",
+        **options,
+    )
+
+    if tofu_set.name in _NORMALIZED_PROBABILITY_SETS:
+        probability = [m.normalized_probability(a, p) for a, p in zip(answer_loss, perturbed_loss)]
+    else:
+        probability = [m.answer_probability(a) for a in answer_loss]
+    truth_ratio = [m.truth_ratio(c, p) for c, p in zip(correct_loss, perturbed_loss)]
+    scorer = m.make_rouge_scorer()
+    rouge = [m.rouge_l_recall(it.answer, text, scorer=scorer) for it, text in zip(items, generation)]
+    aggregate_tr = m.forget_truth_ratio_score if tofu_set.name == "forget" else m.utility_truth_ratio_score
+    return SetScores(
+        name=tofu_set.name,
+        answer_loss=tuple(answer_loss),
+        correct_loss=tuple(correct_loss),
+        perturbed_loss=tuple(perturbed_loss),
+        probability=tuple(probability),
+        truth_ratio=tuple(truth_ratio),
+        rouge_l_recall=tuple(rouge),
+        generation=tuple(generation),
+        probability_metric=m.mean(probability),
+        truth_ratio_metric=aggregate_tr(truth_ratio),
+        rouge_l_metric=m.mean(rouge),
+    )
+
+
+def summarize_metrics(scores: dict[str, SetScores], retain_forget_truth_ratios: tuple[float, ...] | None) -> dict[str, float | None]:
+    """All metrics: the forget-set three, the 9 utility numbers, model utility, forget quality.
+
+    Forget quality is None when no retain model's truth ratios are given: it is a comparison
+    with that model and cannot be computed from this model alone.
+    """
+    values: dict[str, float | None] = {}
+    for set_name, set_scores in scores.items():
+        values[f"{set_name}_probability"] = set_scores.probability_metric
+        values[f"{set_name}_rouge_l"] = set_scores.rouge_l_metric
+        values[f"{set_name}_truth_ratio"] = set_scores.truth_ratio_metric
+    utility_parts = [values[key] for key in UTILITY_KEYS]
+    values["model_utility"] = m.harmonic_mean(utility_parts)  # type: ignore[arg-type]
+    values["forget_quality"] = (
+        None if retain_forget_truth_ratios is None else m.forget_quality(scores["forget"].truth_ratio, retain_forget_truth_ratios)
+    )
+    return values

@@ -1,0 +1,75 @@
+"""Measuring and enforcing the process's resident memory.
+
+The merge states a budget for the peak RSS of the whole process; `RssWatchdog` samples RSS on a
+background thread so an overrun stops the run with a clear error instead of swapping the machine,
+and reports the peak (the kernel's own high-water mark, so short spikes between samples count).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+
+import psutil
+
+from perta_stream.errors import MemoryBudgetError
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """The process's lifetime peak RSS as the kernel records it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class RssWatchdog:
+    """Samples RSS every `interval_s` and records when it exceeds `budget_bytes`.
+
+    Use as a context manager; call `check()` at safe points to raise MemoryBudgetError.
+    """
+
+    def __init__(self, budget_bytes: int | None, *, interval_s: float = 0.02):
+        self.budget_bytes = budget_bytes
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.exceeded_bytes: int | None = None
+
+    def __enter__(self) -> "RssWatchdog":
+        if self.budget_bytes is not None:
+            self._thread = threading.Thread(target=self._run, name="perta-rss-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(self._interval_s):
+            rss = process.memory_info().rss
+            if self.budget_bytes is not None and rss > self.budget_bytes:
+                self.exceeded_bytes = rss
+                return
+
+    def check(self) -> None:
+        if self.exceeded_bytes is not None:
+            raise MemoryBudgetError(
+                f"resident memory reached {format_bytes(self.exceeded_bytes)}, above the --max-memory budget of "
+                f"{format_bytes(self.budget_bytes or 0)}; raise --max-memory or lower --chunk-size"
+            )
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

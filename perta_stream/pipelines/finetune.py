@@ -1,0 +1,151 @@
+"""`run_finetune`: full fine-tuning of a small causal LM on question-answer pairs.
+
+Recipe: read and tokenize the data (every answer must fit, before the model is loaded), load the
+model in float32, train with the answer-only loss, AdamW and a linear warmup/decay schedule,
+cast each tensor back to the dtype the input checkpoint stored it in, and write a normal
+checkpoint (safetensors + tokenizer + `perta_finetune.json`) into `<out>.partial/`, renamed to
+`<out>` at the end. It is how the demo makes θ_full, θ_fgt and θ_ret from θ_0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream import __version__
+from perta_stream.compute.prompts import LOSS_DEFINITION, encode_sample
+from perta_stream.compute.training import (
+    cast_to_dtypes,
+    epoch_batches,
+    make_optimizer,
+    make_scheduler,
+    steps_per_epoch,
+    train_step,
+)
+from perta_stream.config.finetune import FinetuneConfig
+from perta_stream.dtypes import torch_dtype
+from perta_stream.eval.report import write_json_atomic
+from perta_stream.progress import progress
+from perta_stream.sinks.output_dir import AtomicOutputDir
+from perta_stream.sources.checkpoint import open_local_checkpoint
+from perta_stream.sources.hf_model import load_model_and_tokenizer
+from perta_stream.sources.qa_dataset import file_sha256, load_qa_samples
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune"]
+
+RECORD_NAME = "perta_finetune.json"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What `run_finetune` returns.
+
+    Attributes:
+        out: the finished checkpoint directory.
+        samples: training samples (question-answer pairs).
+        steps: optimizer steps taken.
+        step_losses: the batch loss of every step, before its update.
+        epoch_losses: the mean step loss of every epoch.
+        elapsed_s: wall time of the whole run.
+    """
+
+    out: Path
+    samples: int
+    steps: int
+    step_losses: tuple[float, ...]
+    epoch_losses: tuple[float, ...]
+    elapsed_s: float
+
+    def summary(self) -> str:
+        return (
+            f"fine-tuned on {self.samples} samples, {self.steps} steps in {self.elapsed_s:.1f} s; "
+            f"loss per epoch {', '.join(f'{loss:.4f}' for loss in self.epoch_losses)}; wrote {self.out}"
+        )
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.data` and write the checkpoint to `config.out`.
+
+    Raises:
+        DatasetError: the data file is malformed, or an answer needs more than --max-length tokens.
+        CheckpointError: the model cannot be loaded.
+        EvaluationError: the model and its tokenizer do not match.
+        OutputExistsError / WriteError: the output cannot be written.
+    """
+    import torch
+
+    started = time.perf_counter()
+    samples = load_qa_samples(config.data, question_key=config.question_key, answer_key=config.answer_key)
+    source = open_local_checkpoint(config.model, role="model")
+    stored_dtypes = {name: torch_dtype(info.dtype) for name, info in source.tensors.items()}
+    main_dtype = _most_common_float_dtype(stored_dtypes)
+
+    torch.manual_seed(config.seed)
+    loaded = load_model_and_tokenizer(config.model, device=config.device, for_training=True)
+    encoded = [
+        encode_sample(loaded.tokenizer, s.question, s.answer, max_length=config.max_length, system_prompt=config.system_prompt, where=f"{config.data}, record {s.index}")
+        for s in samples
+    ]
+    model = loaded.model
+    model.train()
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.epochs * steps_per_epoch(len(encoded), config.batch_size)
+    warmup_steps = round(config.warmup_ratio * total_steps)
+    scheduler = make_scheduler(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)
+
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    with progress(total=total_steps, desc="fine-tuning", unit="step", unit_scale=False) as bar:
+        for epoch in range(config.epochs):
+            epoch_start = len(step_losses)
+            for batch in epoch_batches(encoded, batch_size=config.batch_size, seed=config.seed, epoch=epoch, pad_token_id=loaded.pad_token_id):
+                step_losses.append(train_step(model, batch, optimizer, scheduler, max_grad_norm=config.max_grad_norm))
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+            epoch_losses.append(sum(step_losses[epoch_start:]) / (len(step_losses) - epoch_start))
+            logger.info("epoch %d: mean loss %.4f", epoch + 1, epoch_losses[-1])
+
+    model.eval()
+    del optimizer
+    cast_to_dtypes(model, stored_dtypes, main_dtype)
+    model.config.dtype = main_dtype
+    output = AtomicOutputDir(config.out, overwrite=config.overwrite)
+    partial = output.open()
+    model.save_pretrained(partial)
+    loaded.tokenizer.save_pretrained(partial)
+    elapsed_s = time.perf_counter() - started
+    write_json_atomic(
+        partial / RECORD_NAME,
+        {
+            "tool_version": __version__,
+            "config": config.to_dict(),
+            "data_sha256": file_sha256(config.data),
+            "loss": LOSS_DEFINITION,
+            "samples": len(encoded),
+            "steps": total_steps,
+            "warmup_steps": warmup_steps,
+            "epoch_losses": epoch_losses,
+            "step_losses": step_losses,
+            "elapsed_s": elapsed_s,
+        },
+    )
+    out = output.commit()
+    return FinetuneResult(
+        out=out,
+        samples=len(encoded),
+        steps=total_steps,
+        step_losses=tuple(step_losses),
+        epoch_losses=tuple(epoch_losses),
+        elapsed_s=elapsed_s,
+    )
+
+
+def _most_common_float_dtype(dtypes: dict) -> object:
+    import torch
+
+    floating = Counter(dtype for dtype in dtypes.values() if dtype.is_floating_point)
+    return floating.most_common(1)[0][0] if floating else torch.float32

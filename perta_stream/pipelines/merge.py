@@ -1,0 +1,256 @@
+"""`run_merge`: open inputs -> plan -> stream -> finalize, the whole merge top to bottom."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from perta_stream import __version__
+from perta_stream.config.merge import MergeConfig
+from perta_stream.errors import PertaStreamError, PlanError
+from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
+from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
+from perta_stream.progress import progress
+from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
+from perta_stream.sinks.output_dir import check_output_location
+from perta_stream.sinks.run_record import MERGE_RECORD_NAME, MODEL_CARD_NAME, index_json, model_card, record_json, shard_entries
+from perta_stream.sinks.shard_writer import ShardRecord
+from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.checkpoint import Checkpoint
+from perta_stream.sources.resolve import is_hub_location, open_checkpoint
+from perta_stream.sources.stats_dir import open_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge did.
+
+    Attributes:
+        outputs: the finished output locations, one per alpha (empty for a dry run).
+        plan_text: the printed plan of a dry run, else None.
+        elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
+        copied_tensors: tensors copied from theta_full rather than merged.
+    """
+
+    outputs: tuple[str, ...]
+    plan_text: str | None
+    elapsed_s: float
+    bytes_read: int
+    bytes_written: int
+    peak_rss_bytes: int
+    copied_tensors: tuple[str, ...]
+
+    @property
+    def read_gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> str:
+        where = ", ".join(self.outputs)
+        return (
+            f"merged into {where} in {self.elapsed_s:.1f} s: read {self.bytes_read / 1e9:.2f} GB "
+            f"({self.read_gb_per_s:.2f} GB/s), wrote {self.bytes_written / 1e9:.2f} GB, "
+            f"peak RSS {format_bytes(self.peak_rss_bytes)}"
+        )
+
+
+def run_merge(config: MergeConfig) -> MergeResult:
+    """Merge theta_full - alpha * W * (theta_fgt - theta0) into one output per alpha.
+
+    Raises:
+        PlanError: every problem with the inputs and options, found before writing anything.
+        MemoryBudgetError, WriteError, CheckpointError: during the run; outputs are left unfinished
+            (`<out>.partial/`, resumable with `resume=True`), never complete-looking.
+    """
+    started = time.perf_counter()
+    import torch  # noqa: F401  (imported before measuring the baseline RSS the buffers add to)
+
+    inputs, sources, problems = _open_inputs(config)
+    for out_dir in config.out_dirs:
+        if not is_hub_location(out_dir):
+            problems += check_output_location(
+                out_dir, overwrite=config.overwrite or config.resume, inputs={r: c.location for r, c in inputs.items()}
+            )
+    plan, problems = plan_merge(
+        inputs,
+        method=config.method,
+        alphas=config.alphas,
+        out_dirs=config.out_dirs,
+        out_dtype=config.out_dtype,
+        max_shard_bytes=config.max_shard_bytes,
+        max_memory_bytes=config.max_memory_bytes,
+        chunk_bytes=config.chunk_bytes,
+        baseline_rss_bytes=current_rss_bytes(),
+        problems=problems,
+    )
+    try:
+        if problems or plan is None:
+            raise PlanError("cannot merge", problems)
+        if config.dry_run:
+            return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), ())
+        return _execute(config, plan, sources, started)
+    finally:
+        for source in sources.values():
+            source.close()
+
+
+def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str]]:
+    inputs: dict[str, Checkpoint] = {}
+    sources: dict[str, ByteSource] = {}
+    problems: list[str] = []
+    for role, location in zip(MODEL_ROLES, (config.theta0, config.full, config.fgt)):
+        try:
+            inputs[role], sources[role] = open_checkpoint(location, role, drop_page_cache=config.drop_page_cache)
+        except PlanError as exc:
+            problems.extend(exc.problems)
+        except PertaStreamError as exc:
+            problems.append(str(exc))
+    if config.method in STAT_ROLES and config.stats:
+        stat_inputs, stat_sources = open_stats(config.stats, STAT_ROLES[config.method], problems)
+        inputs.update(stat_inputs)
+        sources.update(stat_sources)
+    return inputs, sources, problems
+
+
+def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
+    """Identifies what the output bytes depend on: inputs' headers and the arithmetic options."""
+    identity = {
+        "tool_version": __version__,
+        "inputs": {role: checkpoint.header_sha256 for role, checkpoint in sorted(plan.inputs.items())},
+        "method": config.method,
+        "alphas": list(config.alphas),
+        "tau": config.effective_tau,
+        "uniform_weight": config.uniform_weight,
+        "fallback_weight": config.fallback_weight,
+        "out_dtype": config.out_dtype,
+        "shards": [shard.file_name for shard in plan.shards],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _make_outputs(config: MergeConfig) -> list[ModelOutput]:
+    outputs: list[ModelOutput] = []
+    for out_dir in config.out_dirs:
+        if is_hub_location(out_dir):
+            from perta_stream.sinks.hub_output import HubModelOutput
+
+            outputs.append(HubModelOutput.from_config(out_dir, config))
+        else:
+            outputs.append(LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume))
+    return outputs
+
+
+def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float) -> MergeResult:
+    from perta_stream.compute.merge_kernel import MergeKernel
+    from perta_stream.pipelines.streaming import run_stream
+
+    outputs = _make_outputs(config)
+    run_fingerprint = fingerprint(config, plan)
+    finished_per_output = [output.open(run_fingerprint) for output in outputs]
+    # A shard counts as done only when every output has it; the others are rewritten identically.
+    done = set.intersection(*(set(finished) for finished in finished_per_output))
+    kernel = MergeKernel(
+        method=config.method,
+        alphas=config.alphas,
+        tau=config.effective_tau,
+        uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight,
+        chunk_elements=plan.chunk_elements,
+        stat_roles=STAT_ROLES.get(config.method, ()),
+    )
+    remaining_bytes = sum(
+        info.nbytes for shard in plan.shards if shard.file_name not in done for task in shard.tasks for info in task.sources.values()
+    )
+    if done:
+        logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
+    with progress(total=remaining_bytes, desc="merge") as bar, RssWatchdog(config.max_memory_bytes) as watchdog:
+        try:
+            run_stream(
+                plan,
+                sources=sources,
+                kernel=kernel,
+                outputs=outputs,
+                skip_shards=done,
+                watchdog=watchdog,
+                on_progress=bar.update,
+            )
+        except BaseException:
+            for output in outputs:
+                output.abort()
+            raise
+    elapsed_s = time.perf_counter() - started
+    locations = []
+    for alpha, output in zip(config.alphas, outputs):
+        finished = output.finished_shards()
+        records = [finished[shard.file_name] for shard in plan.shards]
+        locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s))
+    return MergeResult(
+        outputs=tuple(locations),
+        plan_text=None,
+        elapsed_s=time.perf_counter() - started,
+        bytes_read=remaining_bytes,
+        bytes_written=plan.bytes_to_write,
+        peak_rss_bytes=peak_rss_bytes(),
+        copied_tensors=tuple(task.tensor_name for task in plan.copied),
+    )
+
+
+def _finalize(
+    config: MergeConfig,
+    plan: MergePlan,
+    output: ModelOutput,
+    alpha: float,
+    records: list[ShardRecord],
+    full_source: ByteSource,
+    elapsed_s: float,
+) -> str:
+    """Side files, index, model card and run record, then the atomic commit."""
+    full = plan.inputs["full"]
+    for file_name in full.side_files:
+        full_source.fetch_file(file_name, output.staging_path(file_name))
+    if not plan.single_file:
+        weight_map = {task.tensor_name: shard.file_name for shard in plan.shards for task in shard.tasks}
+        total_size = sum(shard.nbytes for shard in plan.shards)
+        output.write_file("model.safetensors.index.json", index_json(weight_map, total_size))
+    copied = [task.tensor_name for task in plan.copied]
+    output.write_file(
+        MODEL_CARD_NAME,
+        model_card(
+            full_location=full.location,
+            method=config.method,
+            alpha=alpha,
+            tau=config.effective_tau if config.method in STAT_ROLES else None,
+            copied=copied,
+            tool_version=__version__,
+        ),
+    )
+    record = {
+        "format": "perta_merge",
+        "format_version": 1,
+        "tool_version": __version__,
+        "inputs": {role: {"location": c.location, "header_sha256": c.header_sha256} for role, c in plan.inputs.items()},
+        "stats": config.stats,
+        "method": config.method,
+        "alpha": alpha,
+        "tau": config.effective_tau if config.method in STAT_ROLES else None,
+        "uniform_weight": config.uniform_weight if config.method == "uniform" else None,
+        "fallback_weight": config.fallback_weight if config.method in STAT_ROLES else None,
+        "out_dtype": config.out_dtype,
+        "shards": shard_entries(records),
+        "copied_tensors": [{"tensor_name": t.tensor_name, "reason": t.reason} for t in plan.copied],
+        "side_files": list(full.side_files),
+        "total_size": sum(shard.nbytes for shard in plan.shards),
+        "elapsed_s": round(elapsed_s, 3),
+        "bytes_read": plan.bytes_to_read,
+        "read_gb_per_s": round(plan.bytes_to_read / 1e9 / elapsed_s, 3) if elapsed_s > 0 else None,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "max_memory_bytes": config.max_memory_bytes,
+        "chunk_elements": plan.chunk_elements,
+        "alphas_in_pass": list(config.alphas),
+    }
+    output.write_file(MERGE_RECORD_NAME, record_json(record))
+    return output.commit()

@@ -1,0 +1,316 @@
+"""The merge plan: built from headers only, validated completely, before a byte is written.
+
+`plan_merge` cross-checks the three checkpoints (and the statistics), decides for every tensor
+whether it is merged or copied, lays out the output shards, sizes the chunks from the memory
+budget, and counts the bytes to read and write. Every problem found is collected and reported
+at once as a PlanError, so a user fixes everything in one round instead of one error per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
+from perta_stream.sources.checkpoint import Checkpoint, describe_tying
+from perta_stream.sources.safetensors_header import TensorInfo
+from perta_stream.sinks.shard_writer import TensorSpec
+
+MODEL_ROLES = ("theta0", "full", "fgt")
+STAT_ROLES = {"grad": ("forget.grad", "retain.grad"), "fisher": ("forget.fisher", "retain.fisher")}
+STAT_DTYPES = frozenset({"F32", "BF16"})
+# Buffers in flight: one chunk being read, one computed, one queued for writing on each side.
+PIPELINE_DEPTH = 3
+# Scratch float32 vectors the kernel keeps (task vector, weights, result) plus a byte mask.
+SCRATCH_BYTES_PER_ELEMENT = 3 * 4 + 1
+# Room for the interpreter, thread stacks and allocator slack beyond the measured baseline.
+RUNTIME_MARGIN_BYTES = 48 * 2**20
+MIN_CHUNK_ELEMENTS = 1 << 16
+MAX_CHUNK_ELEMENTS = 1 << 26
+SINGLE_SHARD_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: merged from all inputs, or copied from theta_full.
+
+    Attributes:
+        tensor_name: the state-dict key.
+        action: "merge" or "copy".
+        out_dtype: safetensors dtype written.
+        shape: the tensor's shape.
+        sources: role -> where the input bytes are (copy tasks only have "full").
+        reason: why a tensor is copied rather than merged.
+    """
+
+    tensor_name: str
+    action: str
+    out_dtype: str
+    shape: tuple[int, ...]
+    sources: dict[str, TensorInfo]
+    reason: str = ""
+
+    @property
+    def numel(self) -> int:
+        return self.sources["full"].numel
+
+    @property
+    def out_spec(self) -> TensorSpec:
+        return TensorSpec(self.tensor_name, self.out_dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    file_name: str
+    tasks: tuple[TensorTask, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(task.out_spec.nbytes for task in self.tasks)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything the executor needs, and everything --dry-run shows.
+
+    Attributes:
+        inputs: role -> checkpoint (models and, for grad/fisher, the two statistics checkpoints).
+        shards: output shards in write order (the same layout for every alpha).
+        chunk_elements: elements per chunk; larger tensors are processed in slices.
+        bytes_to_read: input bytes read in one pass.
+        bytes_to_write: output bytes written, summed over all alphas.
+        estimated_peak_rss_bytes: baseline RSS + buffers + margin.
+        max_memory_bytes: the budget the estimate was checked against.
+    """
+
+    inputs: dict[str, Checkpoint]
+    shards: tuple[OutputShard, ...]
+    chunk_elements: int
+    bytes_to_read: int
+    bytes_to_write: int
+    estimated_peak_rss_bytes: int
+    max_memory_bytes: int
+    alphas: tuple[float, ...]
+    out_dirs: tuple[str, ...]
+    method: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def tasks(self) -> list[TensorTask]:
+        return [task for shard in self.shards for task in shard.tasks]
+
+    @property
+    def copied(self) -> list[TensorTask]:
+        return [task for task in self.tasks if task.action == "copy"]
+
+    @property
+    def single_file(self) -> bool:
+        return len(self.shards) == 1 and self.shards[0].file_name == SINGLE_SHARD_NAME
+
+    def chunk_ranges(self, task: TensorTask) -> list[tuple[int, int]]:
+        """(first element, element count) of each chunk of a tensor, in order."""
+        numel = task.numel
+        if numel == 0:
+            return [(0, 0)]
+        return [(start, min(self.chunk_elements, numel - start)) for start in range(0, numel, self.chunk_elements)]
+
+
+def plan_merge(
+    inputs: dict[str, Checkpoint],
+    *,
+    method: str,
+    alphas: tuple[float, ...],
+    out_dirs: tuple[str, ...],
+    out_dtype: str | None,
+    max_shard_bytes: int | None,
+    max_memory_bytes: int,
+    chunk_bytes: int | None,
+    baseline_rss_bytes: int,
+    problems: list[str],
+) -> tuple[MergePlan | None, list[str]]:
+    """Validate the inputs against each other and lay out the output.
+
+    Args:
+        inputs: role -> checkpoint; roles are MODEL_ROLES plus STAT_ROLES[method] for grad/fisher.
+        problems: problems found earlier (opening inputs, options); more are appended.
+        baseline_rss_bytes: the process's RSS before any buffer is allocated.
+
+    Returns:
+        (plan, problems): the plan is None when problems make it impossible to build.
+    """
+    full = inputs.get("full")
+    theta0, fgt = inputs.get("theta0"), inputs.get("fgt")
+    if full is None or theta0 is None or fgt is None:
+        return None, problems
+    _check_tying(inputs, problems)
+    stat_roles = STAT_ROLES.get(method, ())
+    tasks_by_name: dict[str, TensorTask] = {}
+    for tensor_name, full_info in full.tensors.items():
+        task = _plan_tensor(tensor_name, full_info, inputs, stat_roles, out_dtype, problems)
+        if task is not None:
+            tasks_by_name[tensor_name] = task
+    for checkpoint in (theta0, fgt):
+        for tensor_name in checkpoint.tensors:
+            if tensor_name not in full.tensors:
+                problems.append(
+                    f"tensor {tensor_name!r} of {checkpoint.role} ({checkpoint.location}) is missing from full "
+                    f"({full.location}); the checkpoints come from different models"
+                )
+    if problems:
+        return None, problems
+    shards = _layout(full, tasks_by_name, max_shard_bytes)
+    widest = _widest_sources(tasks_by_name.values())
+    input_bytes_per_element = sum(info.itemsize for info in widest)
+    output_bytes_per_element = max((DTYPE_BYTES[t.out_dtype] for t in tasks_by_name.values()), default=4) * len(alphas)
+    per_element = PIPELINE_DEPTH * (input_bytes_per_element + output_bytes_per_element) + SCRATCH_BYTES_PER_ELEMENT
+    available = max_memory_bytes - baseline_rss_bytes - RUNTIME_MARGIN_BYTES
+    if chunk_bytes is not None:
+        # --chunk-size counts the bytes of the widest input's slice of one chunk.
+        chunk_elements = max(1024, chunk_bytes // max((info.itemsize for info in widest), default=4))
+    else:
+        chunk_elements = min(MAX_CHUNK_ELEMENTS, max(0, available) // per_element)
+        chunk_elements -= chunk_elements % 4096
+    estimate = baseline_rss_bytes + RUNTIME_MARGIN_BYTES + chunk_elements * per_element
+    if chunk_elements < MIN_CHUNK_ELEMENTS and chunk_bytes is None:
+        problems.append(
+            f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers "
+            f"(the process already uses {baseline_rss_bytes / 2**20:.0f} MiB); raise --max-memory"
+        )
+    elif estimate > max_memory_bytes:
+        problems.append(
+            f"the plan needs about {estimate / 2**20:.0f} MiB, above --max-memory {max_memory_bytes / 2**20:.0f} MiB; "
+            "lower --chunk-size or raise --max-memory"
+        )
+    if problems:
+        return None, problems
+    bytes_to_read = sum(info.nbytes for task in tasks_by_name.values() for info in task.sources.values())
+    bytes_to_write = sum(shard.nbytes for shard in shards) * len(alphas)
+    plan = MergePlan(
+        inputs=inputs,
+        shards=shards,
+        chunk_elements=chunk_elements,
+        bytes_to_read=bytes_to_read,
+        bytes_to_write=bytes_to_write,
+        estimated_peak_rss_bytes=estimate,
+        max_memory_bytes=max_memory_bytes,
+        alphas=alphas,
+        out_dirs=out_dirs,
+        method=method,
+    )
+    return plan, problems
+
+
+def _check_tying(inputs: dict[str, Checkpoint], problems: list[str]) -> None:
+    models = [inputs[role] for role in MODEL_ROLES]
+    if len({m.ties_embeddings for m in models}) > 1:
+        described = "; ".join(f"{m.role} ({m.location}) {describe_tying(m)}" for m in models)
+        problems.append(f"tying mismatch: {described}; all three must come from the same architecture")
+
+
+def _plan_tensor(
+    tensor_name: str,
+    full_info: TensorInfo,
+    inputs: dict[str, Checkpoint],
+    stat_roles: tuple[str, ...],
+    out_dtype: str | None,
+    problems: list[str],
+) -> TensorTask | None:
+    present = {role: inputs[role].tensors.get(tensor_name) for role in ("theta0", "fgt")}
+    if all(info is None for info in present.values()):
+        return TensorTask(tensor_name, "copy", full_info.dtype, full_info.shape, {"full": full_info}, "only in full")
+    for role, info in present.items():
+        if info is None:
+            problems.append(
+                f"tensor {tensor_name!r} is in full but missing from {role} ({inputs[role].location}); "
+                "all three checkpoints must hold the same tensors"
+            )
+        elif info.shape != full_info.shape:
+            problems.append(
+                f"tensor {tensor_name!r}: shape {list(info.shape)} in {role} vs {list(full_info.shape)} in full; "
+                "the checkpoints come from different architectures"
+            )
+    if any(info is None or info.shape != full_info.shape for info in present.values()):
+        return None
+    if not all(info.dtype in FLOATING_DTYPES for info in (full_info, *present.values())):
+        return TensorTask(tensor_name, "copy", full_info.dtype, full_info.shape, {"full": full_info}, "not a floating-point tensor")
+    sources = {"theta0": present["theta0"], "full": full_info, "fgt": present["fgt"]}
+    for role in stat_roles:
+        info = inputs[role].tensors.get(tensor_name)
+        if info is None:
+            problems.append(
+                f"statistics {role} ({inputs[role].location}) lack tensor {tensor_name!r}; "
+                "they were computed for another model: recompute them with `perta-stream stats` on theta0"
+            )
+        elif info.shape != full_info.shape:
+            problems.append(
+                f"statistics {role}: tensor {tensor_name!r} has shape {list(info.shape)}, the model {list(full_info.shape)}; "
+                "recompute the statistics for this model"
+            )
+        elif info.dtype not in STAT_DTYPES:
+            problems.append(f"statistics {role}: tensor {tensor_name!r} is {info.dtype}; statistics must be F32 or BF16")
+        else:
+            sources[role] = info
+    if len(sources) != 3 + len(stat_roles):
+        return None
+    return TensorTask(tensor_name, "merge", out_dtype or full_info.dtype, full_info.shape, sources)
+
+
+def _widest_sources(tasks) -> list[TensorInfo]:
+    widest: dict[str, TensorInfo] = {}
+    for task in tasks:
+        for role, info in task.sources.items():
+            if role not in widest or info.itemsize > widest[role].itemsize:
+                widest[role] = info
+    return list(widest.values())
+
+
+def _layout(full: Checkpoint, tasks_by_name: dict[str, TensorTask], max_shard_bytes: int | None) -> tuple[OutputShard, ...]:
+    """theta_full's shard layout (names and membership), or greedy packing under max_shard_bytes."""
+    ordered = [tasks_by_name[info.tensor_name] for shard in full.shards for info in shard.tensors.values()]
+    if max_shard_bytes is None:
+        if full.index_name is None:
+            return (OutputShard(SINGLE_SHARD_NAME, tuple(ordered)),)
+        groups = [
+            (shard.file_name, tuple(tasks_by_name[name] for name in shard.tensors)) for shard in full.shards
+        ]
+        return tuple(OutputShard(name, tasks) for name, tasks in groups)
+    packed: list[list[TensorTask]] = [[]]
+    size = 0
+    for task in ordered:
+        nbytes = task.out_spec.nbytes
+        if packed[-1] and size + nbytes > max_shard_bytes:
+            packed.append([])
+            size = 0
+        packed[-1].append(task)
+        size += nbytes
+    if len(packed) == 1:
+        return (OutputShard(SINGLE_SHARD_NAME, tuple(packed[0])),)
+    count = len(packed)
+    return tuple(
+        OutputShard(f"model-{i:05d}-of-{count:05d}.safetensors", tuple(tasks)) for i, tasks in enumerate(packed, start=1)
+    )
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """The human-readable plan that --dry-run prints (stdout: it is the command's data)."""
+    from perta_stream.memory import format_bytes
+
+    lines = [f"merge plan: method {plan.method}, alpha {', '.join(f'{a:g}' for a in plan.alphas)}"]
+    for role, checkpoint in plan.inputs.items():
+        lines.append(
+            f"  input {role:<14} {checkpoint.location}  ({len(checkpoint.shards)} shard(s), "
+            f"{len(checkpoint.tensors)} tensors, {format_bytes(checkpoint.total_bytes)}, {describe_tying(checkpoint)})"
+        )
+    merged = sum(1 for task in plan.tasks if task.action == "merge")
+    lines.append(f"  tensors: {merged} merged, {len(plan.copied)} copied from full")
+    for task in plan.copied:
+        lines.append(f"    copied {task.tensor_name} ({task.reason})")
+    for out_dir in plan.out_dirs:
+        lines.append(f"  output {out_dir}: {len(plan.shards)} shard(s)")
+    for shard in plan.shards:
+        lines.append(f"    {shard.file_name}: {len(shard.tasks)} tensors, {format_bytes(shard.nbytes)}")
+    lines.append(f"  bytes to read: {format_bytes(plan.bytes_to_read)}; bytes to write: {format_bytes(plan.bytes_to_write)}")
+    lines.append(
+        f"  chunk: {plan.chunk_elements} elements; estimated peak RSS {format_bytes(plan.estimated_peak_rss_bytes)} "
+        f"of a {format_bytes(plan.max_memory_bytes)} budget"
+    )
+    return "\n".join(lines)

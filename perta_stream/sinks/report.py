@@ -1,0 +1,157 @@
+"""Sweep reports: one row per evaluated model, written as a Markdown table and a JSON record.
+
+A row is either a reference model (θ_full, the model to clean, and θ_ret, what perfect unlearning
+looks like) or one merge (method, α). The table shows the TOFU numbers a user chooses α from;
+the JSON record holds every metric of every row plus the run's provenance. Both files are written
+to a temporary name and renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFERENCE = "reference"
+MERGE = "merge"
+
+# (metric key, column title, format); the first two are the trade-off the plot shows.
+TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("forget_quality", "forget quality ↑", "sci"),
+    ("model_utility", "model utility ↑", "fixed"),
+    ("forget_truth_ratio", "forget truth ratio", "fixed"),
+    ("forget_probability", "forget prob. ↓", "fixed"),
+    ("forget_rouge_l", "forget ROUGE-L ↓", "fixed"),
+)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One evaluated model of a sweep.
+
+    Attributes:
+        label: what the table calls it (`full`, `retain`, `fisher α=1`).
+        kind: REFERENCE (an input model) or MERGE (an output of the sweep).
+        method: the merge method, None for a reference row.
+        alpha: the task-vector scale, None for a reference row.
+        metrics: the evaluation's metrics (forget_quality, model_utility, ...), floats.
+        model_dir: where the model is (None once a merged model was deleted).
+        eval_json: the evaluation's JSON record (per-item values).
+    """
+
+    label: str
+    kind: str
+    metrics: dict[str, float]
+    method: str | None = None
+    alpha: float | None = None
+    model_dir: str | None = None
+    eval_json: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "method": self.method,
+            "alpha": self.alpha,
+            "metrics": {key: _json_number(value) for key, value in self.metrics.items()},
+            "model_dir": self.model_dir,
+            "eval_json": self.eval_json,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SweepRow":
+        return cls(
+            label=data["label"],
+            kind=data["kind"],
+            metrics={key: float("nan") if value is None else float(value) for key, value in data["metrics"].items()},
+            method=data.get("method"),
+            alpha=data.get("alpha"),
+            model_dir=data.get("model_dir"),
+            eval_json=data.get("eval_json"),
+            extra=data.get("extra", {}),
+        )
+
+
+def row_label(method: str, alpha: float) -> str:
+    """`fisher α=1`, `tv α=0.5`: how the table and plot name a merge."""
+    return f"{method} α={alpha:g}"
+
+
+def format_metric(value: float | None, style: str) -> str:
+    """A table cell: p-values in scientific notation, everything else with 3 decimals; `—` if absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if style == "sci":
+        return f"{value:.2e}" if value < 0.01 else f"{value:.3f}"
+    return f"{value:.3f}"
+
+
+def format_markdown_table(rows: Sequence[SweepRow]) -> str:
+    """A GitHub-flavoured Markdown table: reference rows first, then merges by method and α."""
+    ordered = sort_rows(rows)
+    header = ["model", "method", "α"] + [title for _, title, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * len(TABLE_COLUMNS)) + " |"]
+    for row in ordered:
+        cells = [row.label, row.method or "—", "—" if row.alpha is None else f"{row.alpha:g}"]
+        cells += [format_metric(row.metrics.get(key), style) for key, _, style in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sort_rows(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Reference rows in their given order, then merges grouped by method (first-seen order), α ascending."""
+    references = [row for row in rows if row.kind == REFERENCE]
+    merges = [row for row in rows if row.kind != REFERENCE]
+    method_order: dict[str, int] = {}
+    for row in merges:
+        method_order.setdefault(row.method or "", len(method_order))
+    merges.sort(key=lambda row: (method_order[row.method or ""], row.alpha if row.alpha is not None else 0.0))
+    return references + merges
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file in the same folder, then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, target)
+    return target
+
+
+def write_json_atomic(path: str | os.PathLike, record: dict[str, Any]) -> Path:
+    """Write a JSON record (indented, NaN written as null) atomically."""
+    return write_text_atomic(path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
+
+
+def write_sweep_report(rows: Sequence[SweepRow], *, table_path: str | os.PathLike, json_path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """The Markdown table and the JSON record (`record` plus a `rows` list) of a sweep."""
+    write_text_atomic(table_path, format_markdown_table(rows))
+    write_json_atomic(json_path, {**record, "rows": [row.to_dict() for row in sort_rows(rows)]})
+
+
+def read_sweep_rows(json_path: str | os.PathLike) -> list[SweepRow]:
+    """The rows of a sweep's JSON record (to re-plot or re-tabulate without re-running)."""
+    data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    return [SweepRow.from_dict(item) for item in data["rows"]]
+
+
+def _json_number(value: float) -> float | None:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _jsonable(value: Any) -> Any:
+    # json refuses NaN/inf with allow_nan=False; a missing metric is written as null instead.
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value

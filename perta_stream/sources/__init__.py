@@ -1,0 +1,1 @@
+"""Readers: checkpoint headers and bytes (local directories, Hub repos) and data files."""

@@ -1,0 +1,272 @@
+"""A checkpoint as the planner sees it: tensor locations from headers, side files, tying.
+
+`Checkpoint` is built from headers only (index + one header per shard), so every mismatch is
+found before a tensor byte is read. The bytes themselves come from a `ByteSource`
+(sources/byte_source.py for local files, sources/hub.py for Hub repos), which keeps the engine
+independent of where a checkpoint lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    HeaderError,
+    PickleCheckpointError,
+    PlanError,
+)
+from perta_stream.sources.safetensors_header import SafetensorsHeader, TensorInfo, read_local_header
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files that describe weights, never copied as side files: the merge writes its own.
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+OWN_FILES = frozenset({INDEX_FILE_NAME, "README.md", "perta_merge.json", "perta_stats.json", "perta_finetune.json"})
+OUTPUT_EMBEDDING_NAMES = ("lm_head.weight",)
+INPUT_EMBEDDING_SUFFIX = "embed_tokens.weight"
+_MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The header-level view of one sharded safetensors checkpoint.
+
+    Attributes:
+        location: the directory path, or `hf://org/name@revision` for a Hub repo.
+        role: what the checkpoint is for in this run (`theta0`, `full`, ...), used in messages.
+        shards: the shard headers, in index order.
+        tensors: tensor_name -> TensorInfo across all shards.
+        side_files: files to copy into an output (config, tokenizer, ...), relative names.
+        config: the parsed config.json, or {} when there is none.
+        ties_embeddings: whether the output embedding is tied to (stored as) the input embedding.
+        index_name: the index file's name, or None for a single-file checkpoint.
+        header_sha256: digest over the index and every shard header (identifies the layout).
+    """
+
+    location: str
+    role: str
+    shards: tuple[SafetensorsHeader, ...]
+    tensors: dict[str, TensorInfo]
+    side_files: tuple[str, ...]
+    config: dict
+    ties_embeddings: bool
+    index_name: str | None
+    header_sha256: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def shard_of(self, tensor_name: str) -> str:
+        return self.tensors[tensor_name].file_name
+
+
+def describe_tying(checkpoint: Checkpoint) -> str:
+    return "ties lm_head to the input embedding" if checkpoint.ties_embeddings else "stores a separate lm_head"
+
+
+def ties_embeddings(config: dict, tensor_names: set[str]) -> bool:
+    """Whether the model reuses its input embedding as the output layer.
+
+    A checkpoint that stores `lm_head.weight` has its own output layer whatever the config says
+    (transformers re-ties on load, but the merge must treat the stored tensor as a tensor). One
+    that stores none is tied when its config says so or is silent, the transformers default.
+    """
+    if any(name in tensor_names for name in OUTPUT_EMBEDDING_NAMES):
+        return False
+    has_input_embedding = any(name.endswith(INPUT_EMBEDDING_SUFFIX) for name in tensor_names)
+    return has_input_embedding and bool(config.get("tie_word_embeddings", True))
+
+
+def combined_header_sha256(index_bytes: bytes | None, shards: list[SafetensorsHeader]) -> str:
+    digest = hashlib.sha256(index_bytes or b"")
+    for shard in shards:
+        digest.update(shard.file_name.encode())
+        digest.update(shard.sha256.encode())
+    return digest.hexdigest()
+
+
+def parse_index(raw: bytes, where: str) -> tuple[dict[str, str], list[str]]:
+    """Validate a `model.safetensors.index.json`; return its weight map and the problems found.
+
+    Shard names must stay inside the checkpoint: absolute paths and `..` are refused, because a
+    crafted index must not make the tool read (or a later copy write) outside the directory.
+    """
+    problems: list[str] = []
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: index is not valid JSON ({exc}); re-download or re-save the checkpoint") from None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{where}: index has no 'weight_map' object; re-download or re-save the checkpoint")
+    clean: dict[str, str] = {}
+    for tensor_name, file_name in weight_map.items():
+        if not isinstance(file_name, str) or not file_name:
+            problems.append(f"{where}: tensor {tensor_name!r} maps to {file_name!r}, not a file name")
+            continue
+        parts = Path(file_name).parts
+        if Path(file_name).is_absolute() or ".." in parts or "\\" in file_name:
+            problems.append(
+                f"{where}: tensor {tensor_name!r} points to {file_name!r}, outside the checkpoint directory; "
+                "shard names must be relative names inside it"
+            )
+            continue
+        clean[tensor_name] = file_name
+    return clean, problems
+
+
+def assemble_checkpoint(
+    *,
+    location: str,
+    role: str,
+    index_name: str | None,
+    index_bytes: bytes | None,
+    weight_map: dict[str, str],
+    headers: dict[str, SafetensorsHeader],
+    problems: list[str],
+    side_files: tuple[str, ...],
+    config: dict,
+) -> Checkpoint:
+    """Cross-check an index against its shard headers and build the Checkpoint.
+
+    Raises:
+        PlanError: listing every problem of this checkpoint (including `problems` passed in).
+    """
+    tensors: dict[str, TensorInfo] = {}
+    where = f"{role} ({location})"
+    for file_name, header in headers.items():
+        for tensor_name, info in header.tensors.items():
+            mapped = weight_map.get(tensor_name)
+            if index_name is not None and mapped != file_name:
+                problems.append(
+                    f"{where}: shard {file_name} holds tensor {tensor_name!r}, which the index "
+                    + ("does not list" if mapped is None else f"places in {mapped}")
+                )
+                continue
+            tensors[tensor_name] = info
+    for tensor_name, file_name in weight_map.items():
+        header = headers.get(file_name)
+        if header is not None and tensor_name not in header.tensors:
+            problems.append(f"{where}: the index places {tensor_name!r} in {file_name}, whose header lacks it")
+    if problems:
+        raise PlanError(f"{role} checkpoint {location} is unusable", problems)
+    ordered = [headers[name] for name in dict.fromkeys(weight_map.values()) if name in headers]
+    return Checkpoint(
+        location=location,
+        role=role,
+        shards=tuple(ordered),
+        tensors=tensors,
+        side_files=side_files,
+        config=config,
+        ties_embeddings=ties_embeddings(config, set(tensors)),
+        index_name=index_name,
+        header_sha256=combined_header_sha256(index_bytes, ordered),
+    )
+
+
+def is_side_file(file_name: str) -> bool:
+    return file_name not in OWN_FILES and not file_name.endswith(WEIGHT_SUFFIXES) and not file_name.endswith(".index.json")
+
+
+def pickle_refusal(location: str, role: str, pickles: list[str]) -> PickleCheckpointError:
+    listed = ", ".join(sorted(pickles)[:3])
+    return PickleCheckpointError(
+        f"{role} checkpoint {location} has only pickle weights ({listed}); pickles can run code when loaded, "
+        f"so they are refused: convert once with `perta-stream convert --allow-pickle {location} --out DIR` "
+        "(or `model.save_pretrained(DIR, safe_serialization=True)`) and pass DIR instead"
+    )
+
+
+def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
+    """Read the index and every shard header of a local checkpoint directory.
+
+    Args:
+        path: a Hugging Face model directory (`model.safetensors` or sharded with an index).
+        role: the checkpoint's role in the run, for messages.
+
+    Raises:
+        CheckpointNotFoundError: the directory, the index's shards or any weights are missing.
+        PickleCheckpointError: only pickle weights are present.
+        PlanError: every header and index problem of the checkpoint, at once.
+    """
+    root = Path(path)
+    location = str(path)
+    if not root.is_dir():
+        raise CheckpointNotFoundError(f"{role} checkpoint {location} is not a directory; pass a Hugging Face model directory")
+    names = sorted(entry.name for entry in root.iterdir() if entry.is_file())
+    problems: list[str] = []
+    index_bytes: bytes | None = None
+    if INDEX_FILE_NAME in names:
+        index_name: str | None = INDEX_FILE_NAME
+        index_path = root / INDEX_FILE_NAME
+        if index_path.stat().st_size > _MAX_INDEX_BYTES:
+            raise CheckpointError(f"{role} ({location}): {INDEX_FILE_NAME} is larger than {_MAX_INDEX_BYTES} bytes; it is corrupt")
+        index_bytes = index_path.read_bytes()
+        weight_map, problems = parse_index(index_bytes, f"{role} ({location})/{INDEX_FILE_NAME}")
+    elif SINGLE_FILE_NAME in names:
+        index_name = None
+        weight_map = {}
+    else:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise pickle_refusal(location, role, pickles)
+        others = [n for n in names if n.endswith(".safetensors")]
+        hint = f" (found {', '.join(others[:3])} without {INDEX_FILE_NAME})" if others else ""
+        raise CheckpointNotFoundError(
+            f"{role} checkpoint {location} has no {SINGLE_FILE_NAME} and no {INDEX_FILE_NAME}{hint}; "
+            "pass a directory saved with save_pretrained(safe_serialization=True)"
+        )
+    shard_names = list(dict.fromkeys(weight_map.values())) if index_name else [SINGLE_FILE_NAME]
+    headers: dict[str, SafetensorsHeader] = {}
+    for file_name in shard_names:
+        shard_path = root / file_name
+        if not shard_path.resolve().is_relative_to(root.resolve()):
+            problems.append(f"{role} ({location}): shard {file_name} resolves outside the checkpoint directory")
+            continue
+        if not shard_path.is_file():
+            problems.append(f"{role} ({location}): the index names shard {file_name}, which does not exist; re-download it")
+            continue
+        try:
+            headers[file_name] = read_local_header(str(shard_path), file_name)
+        except HeaderError as exc:
+            problems.append(f"{role} ({location}): {exc}")
+    if index_name is None and SINGLE_FILE_NAME in headers:
+        weight_map = {tensor_name: SINGLE_FILE_NAME for tensor_name in headers[SINGLE_FILE_NAME].tensors}
+    config = _read_config(root / "config.json", f"{role} ({location})", problems)
+    return assemble_checkpoint(
+        location=location,
+        role=role,
+        index_name=index_name,
+        index_bytes=index_bytes,
+        weight_map=weight_map,
+        headers=headers,
+        problems=problems,
+        side_files=tuple(n for n in names if is_side_file(n)),
+        config=config,
+    )
+
+
+def _read_config(path: Path, where: str, problems: list[str]) -> dict:
+    if not path.is_file():
+        return {}
+    return parse_config(path.read_bytes(), where, problems)
+
+
+def parse_config(raw: bytes, where: str, problems: list[str]) -> dict:
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        problems.append(f"{where}: config.json is not valid JSON ({exc})")
+        return {}
+    if not isinstance(config, dict):
+        problems.append(f"{where}: config.json is not a JSON object")
+        return {}
+    return config

@@ -1,0 +1,108 @@
+"""Loading a whole causal LM and its tokenizer with transformers (evaluation and fine-tuning).
+
+The streamed engines never load a whole model; evaluation and the small fine-tuning command do,
+through `AutoModelForCausalLM` / `AutoTokenizer`, so anything transformers can run is supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, its tokenizer, and where its inputs must go.
+
+    Attributes:
+        model: the `PreTrainedModel` (eval mode).
+        tokenizer: the matching tokenizer, with a pad token id set (EOS when it has no pad token).
+        input_device: the device of the embedding, where input tensors are placed.
+        pad_token_id: the id used for padding (masked everywhere it is used).
+    """
+
+    model: Any
+    tokenizer: Any
+    input_device: Any
+    pad_token_id: int
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a GPU is visible, else `cpu`; `cuda` without a GPU is an error.
+
+    Raises:
+        UsageError: `cuda` was asked for and none is available.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given but no CUDA device is visible; use --device cpu or auto")
+    return device
+
+
+def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_training: bool = False) -> LoadedModel:
+    """Load a checkpoint directory's model and tokenizer and check that they belong together.
+
+    On CPU the weights are float32 (fast, exact kernels); for training they are float32 on any
+    device (AdamW updates on bf16 weights lose most small steps). For inference on CUDA the
+    checkpoint's own dtype is kept and `device_map="auto"` (accelerate) places the layers,
+    offloading what does not fit.
+
+    Args:
+        model_dir: a directory with config.json, safetensors weights and tokenizer files.
+        device: `auto`, `cpu` or `cuda`.
+        for_training: load float32 on a single device (no offloading).
+
+    Raises:
+        CheckpointNotFoundError: the directory does not exist.
+        CheckpointError: transformers cannot load the model or the tokenizer (its message is kept).
+        EvaluationError: the tokenizer produces ids the model's embedding does not have.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"model directory {path} does not exist")
+    resolved = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}; the folder needs the tokenizer files of the model") from exc
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if resolved == "cuda" and not for_training:
+        kwargs = {"dtype": "auto", "device_map": "auto"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load a causal LM from {path}: {exc}") from exc
+    if "device_map" not in kwargs:
+        model.to(resolved)
+    model.eval()
+    check_tokenizer_fits(model, tokenizer, where=str(path))
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is None:
+        raise EvaluationError(f"the tokenizer of {path} has neither a pad nor an EOS token; set one in its tokenizer_config.json")
+    input_device = model.get_input_embeddings().weight.device
+    logger.info("loaded %s on %s (%s)", path, input_device, next(model.parameters()).dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, input_device=input_device, pad_token_id=int(pad_token_id))
+
+
+def check_tokenizer_fits(model: Any, tokenizer: Any, *, where: str) -> None:
+    """Raise EvaluationError when the tokenizer has ids past the model's embedding table."""
+    embedding_rows = int(model.get_input_embeddings().weight.shape[0])
+    tokenizer_ids = len(tokenizer)
+    if tokenizer_ids > embedding_rows:
+        raise EvaluationError(
+            f"the tokenizer in {where} has {tokenizer_ids} token ids but the model's embedding has only "
+            f"{embedding_rows} rows: model and tokenizer do not match; use the tokenizer the model was trained with"
+        )
