@@ -53,11 +53,21 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--chunk-size", help="bytes per input chunk (default: derived from --max-memory)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same command from <out>.partial/ (finished shards are re-hashed and kept)",
+    )
+    parser.add_argument(
+        "--drop-page-cache",
+        action="store_true",
+        help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else",
+    )
     _add_common(parser)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from perta_stream.config import MergeConfig
+    from perta_stream.config.merge import MergeConfig
     from perta_stream.pipelines.merge import run_merge
 
     config = MergeConfig.from_cli(args)
@@ -137,10 +147,77 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- verify
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "verify",
+        help="check a merge output against its perta_merge.json (hashes, index, sizes; --finite: no NaN/inf)",
+        description="Check every shard's size and sha256, the index against the shard headers, total_size, and that "
+        "every tensor's bytes lie inside its file. Exit 0 only when all hold.",
+    )
+    parser.add_argument("dir", help="the --out directory of a finished merge")
+    parser.add_argument("--finite", action="store_true", help="also check that no floating-point value is NaN or infinite")
+    parser.add_argument("--chunk-size", help="bytes read per step (default 8MiB)")
+    _add_common(parser)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from perta_stream.config.verify import VerifyConfig
+    from perta_stream.pipelines.verify import run_verify
+
+    result = run_verify(VerifyConfig.from_cli(args))
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- stats
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "stats",
+        help="per-parameter gradient statistics (mean gradient, exact Fisher) on the forget and retain sets",
+        description="Layer-streamed exact per-sample gradient statistics of a model on two data files (METHOD.md 2-3, 6).",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory or hf://org/name[@rev] (with --config-only: a config.json)")
+    parser.add_argument("--forget", required=True, help="forget-set data file (.jsonl or a .json array of records)")
+    parser.add_argument("--retain", required=True, help="retain-set data file (.jsonl or a .json array of records)")
+    parser.add_argument("--out", help="statistics directory to create (not needed with --dry-run)")
+    parser.add_argument("--kinds", default="grad,fisher", help="statistics to compute: grad, fisher or grad,fisher (default)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="seeded random fraction of each data file (default 1.0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --fraction subset (default 0)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; the prompt is cut from its start, never the answer (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch on the compute device (default 8)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device: float32 on cpu, bfloat16 on cuda (default auto)")
+    parser.add_argument("--stats-dtype", default="float32", help="storage dtype of the statistics: float32 (default) or bfloat16")
+    parser.add_argument("--question-key", default="question", help="record field holding the question (default question)")
+    parser.add_argument("--answer-key", default="answer", help="record field holding the answer (default answer)")
+    parser.add_argument("--system-prompt", help="system turn for the chat template (or a line before the plain prompt)")
+    parser.add_argument("--boundary-budget", default="2GiB", help="host RAM for layer-boundary hidden states before spilling to disk (default 2GiB)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (bytes, boundary storage, memory, FLOPs) and exit")
+    parser.add_argument("--config-only", action="store_true", help="with --dry-run: plan from config.json alone, no weights needed")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from perta_stream.config.stats import StatsConfig
+    from perta_stream.pipelines.stats import run_stats
+
+    config = StatsConfig.from_cli(args)
+    result = run_stats(config)
+    if result.plan_text is not None:
+        print(result.plan_text)
+    elif not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge, _run_merge),
     "eval": (_add_eval, _run_eval),
     "finetune": (_add_finetune, _run_finetune),
+    "verify": (_add_verify, _run_verify),
+    "stats": (_add_stats, _run_stats),
 }
 
 

@@ -149,3 +149,16 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     assert "bytes to read" in result.plan_text and "estimated peak RSS" in result.plan_text
     assert "forget.grad" in result.plan_text
     assert not any(tmp_path.iterdir())
+
+
+def test_chunks_spanning_several_kernel_blocks(models, tmp_path, monkeypatch):
+    from perta_stream.compute import merge_kernel
+
+    # Blocks smaller than a chunk and not dividing it: every chunk ends in a partial block.
+    monkeypatch.setattr(merge_kernel, "BLOCK_ELEMENTS", 1000)
+    theta0, full, fgt, stats = models
+    run_merge(
+        MergeConfig(theta0=str(theta0), full=str(full), fgt=str(fgt), out=str(tmp_path / "out"), method="grad",
+                    stats=str(stats), alphas=(0.7,), chunk_bytes=16384)
+    )
+    _assert_equal_bits(reference_merge(theta0, full, fgt, method="grad", alpha=0.7, stats=stats), tmp_path / "out")

@@ -6,6 +6,7 @@ every string encodes; the model is a random 2-layer Llama whose vocabulary match
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -24,10 +25,10 @@ def training_text(limit: int = 300) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 384, *, chat_template: str | None = None):
-    """A byte-level BPE `PreTrainedTokenizerFast` with <pad>, <s> (BOS, prepended) and </s> (EOS)."""
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    # Training takes a moment; tests build several checkpoints, so the result is reused.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -35,10 +36,35 @@ def build_tokenizer(vocab_size: int = 384, *, chat_template: str | None = None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     core.train_from_iterator(training_text(), trainer=trainer)
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))])
+    return core.to_str()
+
+
+def build_tokenizer(vocab_size: int = 384, *, chat_template: str | None = None):
+    """A byte-level BPE `PreTrainedTokenizerFast` with <pad>, <s> (BOS, prepended) and </s> (EOS)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def reference_answer_loss(model, tokenizer, question: str, answer: str) -> float:
+    """Mean NLL of the answer tokens (+EOS) of the plain prompt, one unpadded sequence, from log_softmax.
+
+    Written independently of compute/prompts.py so tests compare two implementations.
+    """
+    import torch
+
+    prompt = tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt + answer_ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    token_log_probs = [log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(answer_ids)]
+    return -float(sum(token_log_probs)) / len(answer_ids)
 
 
 def build_llama(vocab_size: int, *, seed: int = 0, tie_word_embeddings: bool = False, hidden_size: int = 32, num_layers: int = 2):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,29 +107,24 @@ def load_retain_logs(path: str | os.PathLike, *, split: str, forget_sha256: str,
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
     """Write `record` as indented JSON through a temporary file renamed over `path`."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False) as handle:
-            json.dump(record, handle, indent=1)
-            handle.write("\n")
-            temp_name = handle.name
-        os.replace(temp_name, target)
-    except OSError as exc:
-        raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    return target
+    return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` through a temporary file renamed over `path`."""
     target = Path(path)
+    # A per-process temporary name in the same folder (so the rename is atomic), created with
+    # open() so that it gets the user's umask permissions like any other output file.
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False) as handle:
+        with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
-            temp_name = handle.name
-        os.replace(temp_name, target)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
     except OSError as exc:
+        temporary.unlink(missing_ok=True)
         raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
     return target
 

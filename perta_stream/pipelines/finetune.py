@@ -28,10 +28,10 @@ from perta_stream.compute.training import (
 from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.dtypes import torch_dtype
 from perta_stream.eval.report import write_json_atomic
-from perta_stream.progress import progress
+from perta_stream.progress import progress, progress_enabled
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sources.checkpoint import open_local_checkpoint
-from perta_stream.sources.hf_model import load_model_and_tokenizer
+from perta_stream.sources.hf_model import load_model_and_tokenizer, transformers_progress_bars
 from perta_stream.sources.qa_dataset import file_sha256, load_qa_samples
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune"]
@@ -115,7 +115,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     model.config.dtype = main_dtype
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
     partial = output.open()
-    model.save_pretrained(partial)
+    with transformers_progress_bars(progress_enabled()):
+        model.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
     elapsed_s = time.perf_counter() - started
     write_json_atomic(

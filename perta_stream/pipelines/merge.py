@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
-from perta_stream.errors import PertaStreamError, PlanError
+from perta_stream.errors import PertaStreamError, PlanError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
@@ -52,8 +52,8 @@ class MergeResult:
     def summary(self) -> str:
         where = ", ".join(self.outputs)
         return (
-            f"merged into {where} in {self.elapsed_s:.1f} s: read {self.bytes_read / 1e9:.2f} GB "
-            f"({self.read_gb_per_s:.2f} GB/s), wrote {self.bytes_written / 1e9:.2f} GB, "
+            f"merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
+            f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
             f"peak RSS {format_bytes(self.peak_rss_bytes)}"
         )
 
@@ -73,7 +73,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
             problems += check_output_location(
-                out_dir, overwrite=config.overwrite or config.resume, inputs={r: c.location for r, c in inputs.items()}
+                out_dir, overwrite=config.overwrite, inputs={r: c.location for r, c in inputs.items()}
             )
     plan, problems = plan_merge(
         inputs,
@@ -159,7 +159,6 @@ def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource
         tau=config.effective_tau,
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,
-        chunk_elements=plan.chunk_elements,
         stat_roles=STAT_ROLES.get(config.method, ()),
     )
     remaining_bytes = sum(
@@ -211,7 +210,16 @@ def _finalize(
     """Side files, index, model card and run record, then the atomic commit."""
     full = plan.inputs["full"]
     for file_name in full.side_files:
-        full_source.fetch_file(file_name, output.staging_path(file_name))
+        try:
+            full_source.fetch_file(file_name, output.staging_path(file_name))
+        except PertaStreamError:
+            raise
+        except OSError as exc:
+            # A full disk during finalization: the shards stay finished and the rerun redoes only this.
+            raise WriteError(
+                f"copying side file {file_name} into {output.location} failed ({exc.strerror or exc}); "
+                "fix the cause and rerun with --resume"
+            ) from exc
     if not plan.single_file:
         weight_map = {task.tensor_name: shard.file_name for shard in plan.shards for task in shard.tasks}
         total_size = sum(shard.nbytes for shard in plan.shards)

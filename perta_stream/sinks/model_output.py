@@ -98,8 +98,11 @@ class LocalModelOutput:
         return self.partial / file_name
 
     def commit(self) -> str:
-        (self.partial / RESUME_RECORD_NAME).unlink(missing_ok=True)
-        return str(self._atomic.commit())
+        # Rename first, then drop the resume record: a crash in between leaves a complete output
+        # with a stray hidden file, never a partial folder that can no longer be resumed.
+        out = self._atomic.commit()
+        (out / RESUME_RECORD_NAME).unlink(missing_ok=True)
+        return str(out)
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -118,6 +121,9 @@ def _load_resume_record(partial: Path, fingerprint: str) -> dict[str, ShardRecor
     """Finished shards of an earlier identical run, each re-hashed before it is trusted."""
     path = partial / RESUME_RECORD_NAME
     if not path.is_file():
+        if all(entry.name.endswith(TMP_SUFFIX) for entry in partial.iterdir()):
+            # Killed between creating the folder and writing the first record: nothing was finished.
+            return {}
         raise ResumeError(f"{partial} has no {RESUME_RECORD_NAME}; it was not written by this tool: delete it and rerun")
     try:
         record = json.loads(path.read_text())

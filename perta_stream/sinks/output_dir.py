@@ -34,6 +34,8 @@ def check_output_location(out: str | os.PathLike, *, overwrite: bool, inputs: di
         input_path = Path(location).resolve()
         if out_path == input_path or out_path.is_relative_to(input_path) or input_path.is_relative_to(out_path):
             problems.append(f"--out {out} overlaps the {role} input {location}; choose an output outside every input")
+    if problems:
+        return problems
     if out_path.exists() and not overwrite:
         problems.append(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
     elif out_path.exists() and not out_path.is_dir():

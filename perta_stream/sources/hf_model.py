@@ -6,13 +6,16 @@ through `AutoModelForCausalLM` / `AutoTokenizer`, so anything transformers can r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError, UsageError
+from perta_stream.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
     if resolved == "cuda" and not for_training:
         kwargs = {"dtype": "auto", "device_map": "auto"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        with transformers_progress_bars(progress_enabled()):
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
     except Exception as exc:
         raise CheckpointError(f"cannot load a causal LM from {path}: {exc}") from exc
     if "device_map" not in kwargs:
@@ -95,6 +99,22 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
     input_device = model.get_input_embeddings().weight.device
     logger.info("loaded %s on %s (%s)", path, input_device, next(model.parameters()).dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, input_device=input_device, pad_token_id=int(pad_token_id))
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    # transformers draws its own loading bars; `-q` / PERTA_DISABLE_PROGRESS_BARS silence them
+    # too, and the previous setting is restored so a host application keeps its own choice.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def check_tokenizer_fits(model: Any, tokenizer: Any, *, where: str) -> None:

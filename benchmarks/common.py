@@ -1,0 +1,66 @@
+"""Shared benchmark helpers: measured subprocesses and result files (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def run_measured(command: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None) -> dict:
+    """Run a command as a child process; return its wall time, peak RSS and exit code.
+
+    The peak RSS is the child's own high-water mark from wait4 (not the maximum over all children).
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall_s = time.perf_counter() - started
+    stdout = process.stdout.read().decode(errors="replace")
+    stderr = process.stderr.read().decode(errors="replace")
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return {"wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout, "stderr": stderr}
+
+
+def machine_info() -> dict:
+    import psutil
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+    }
+
+
+def write_results(name: str, record: dict, table_rows: list[dict], *, title: str, notes: list[str] = ()) -> tuple[Path, Path]:
+    """benchmarks/results/<name>.json (the whole record) and <name>.md (a table of `table_rows`)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS_DIR / f"{name}.json"
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    columns = list(table_rows[0]) if table_rows else []
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    if notes:
+        lines.append("")
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in table_rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    md_path = RESULTS_DIR / f"{name}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

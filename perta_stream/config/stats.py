@@ -1,0 +1,156 @@
+"""`StatsConfig`: every option of `perta-stream stats`, validated in one place.
+
+All problems are collected and reported together (PlanError) before any file is read, so a
+user fixes a command line in one round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perta_stream.dtypes import parse_user_dtype
+from perta_stream.errors import PlanError, UsageError
+from perta_stream.sizes import parse_size
+
+STATS_KINDS = ("grad", "fisher")
+DEVICES = ("auto", "cpu", "cuda")
+STATS_DTYPES = ("F32", "BF16")
+DEFAULT_BOUNDARY_BUDGET_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Options of one statistics run.
+
+    Attributes:
+        model: checkpoint directory or `hf://org/name[@rev]`; with `config_only`, a config.json
+            file or a directory holding one.
+        forget, retain: data files (JSON Lines or a JSON array of records).
+        out: the statistics directory to create (not needed for a dry run).
+        kinds: `grad` (mean gradient) and/or `fisher` (mean squared per-sample gradient).
+        fraction, seed: a seeded random subset of each data file (1.0: all samples).
+        max_length: tokens per sample (prompt cut from its start; answers are never cut).
+        batch_size: samples per batch on the compute device.
+        device: `auto` (cuda when available), `cpu` or `cuda`.
+        stats_dtype: storage dtype of the statistics, `F32` or `BF16` (accumulation is float32).
+        question_key, answer_key: field names of the records.
+        system_prompt: optional system turn of the chat template (or a line before the prompt).
+        dry_run: print the plan only; config_only: plan from config.json, without weights.
+        boundary_budget_bytes: host RAM for layer-boundary states before spilling to disk.
+        overwrite: replace an existing `out`.
+    """
+
+    model: str
+    forget: str
+    retain: str
+    out: str | None = None
+    kinds: tuple[str, ...] = STATS_KINDS
+    fraction: float = 1.0
+    seed: int = 0
+    max_length: int = 512
+    batch_size: int = 8
+    device: str = "auto"
+    stats_dtype: str = "F32"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    system_prompt: str | None = None
+    dry_run: bool = False
+    config_only: bool = False
+    boundary_budget_bytes: int = DEFAULT_BOUNDARY_BUDGET_BYTES
+    overwrite: bool = False
+    extra_problems: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = list(self.extra_problems) + self._problems()
+        if problems:
+            raise PlanError("stats options are invalid", problems)
+
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
+        if not self.kinds:
+            problems.append("--kinds is empty; choose grad, fisher or grad,fisher")
+        unknown = [k for k in self.kinds if k not in STATS_KINDS]
+        if unknown:
+            problems.append(f"--kinds {','.join(unknown)} unknown; choose from {', '.join(STATS_KINDS)}")
+        if len(set(self.kinds)) != len(self.kinds):
+            problems.append(f"--kinds {','.join(self.kinds)} names a statistic twice")
+        if not 0 < self.fraction <= 1:
+            problems.append(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.seed < 0:
+            problems.append(f"--seed must be >= 0, got {self.seed}")
+        if self.max_length < 2:
+            problems.append(f"--max-length must be at least 2 tokens, got {self.max_length}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device!r} unknown; choose from {', '.join(DEVICES)}")
+        if self.stats_dtype not in STATS_DTYPES:
+            problems.append(f"--stats-dtype {self.stats_dtype!r} unsupported; choose float32 or bfloat16")
+        if self.boundary_budget_bytes < 0:
+            problems.append(f"--boundary-budget must be >= 0, got {self.boundary_budget_bytes}")
+        for flag, key in (("--question-key", self.question_key), ("--answer-key", self.answer_key)):
+            if not key:
+                problems.append(f"{flag} is empty")
+        if self.question_key and self.question_key == self.answer_key:
+            problems.append(f"--question-key and --answer-key are both {self.question_key!r}")
+        if self.config_only and not self.dry_run:
+            problems.append("--config-only only plans (it has no weights to compute with); add --dry-run")
+        if self.out is None and not self.dry_run:
+            problems.append("--out is required (the statistics directory to create), unless --dry-run")
+        for flag, path in (("--forget", self.forget), ("--retain", self.retain)):
+            if not Path(path).is_file():
+                problems.append(f"{flag} {path} is not a file; pass a .jsonl or .json data file")
+        if not str(self.model).startswith("hf://"):
+            model_path = Path(self.model)
+            if self.config_only:
+                if not (model_path.is_file() or (model_path / "config.json").is_file()):
+                    problems.append(f"--model {self.model}: no config.json there (with --config-only, pass a config.json or a folder holding one)")
+            elif not model_path.is_dir():
+                problems.append(f"--model {self.model} is not a directory; pass a Hugging Face model directory")
+        elif self.config_only:
+            problems.append("--config-only needs a local config.json, not a Hub repo")
+        return problems
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "StatsConfig":
+        """Build from parsed `stats` arguments; every bad value is reported at once.
+
+        Raises:
+            PlanError: listing every invalid option.
+        """
+        problems: list[str] = []
+        stats_dtype = "F32"
+        try:
+            stats_dtype = parse_user_dtype(args.stats_dtype, allowed=STATS_DTYPES)
+        except UsageError as exc:
+            problems.append(f"--stats-dtype: {exc}")
+        budget = DEFAULT_BOUNDARY_BUDGET_BYTES
+        try:
+            budget = 0 if str(args.boundary_budget).strip() == "0" else parse_size(args.boundary_budget, what="--boundary-budget")
+        except UsageError as exc:
+            problems.append(str(exc))
+        kinds = tuple(part.strip().lower() for part in str(args.kinds).split(",") if part.strip())
+        return cls(
+            model=os.fspath(args.model),
+            forget=os.fspath(args.forget),
+            retain=os.fspath(args.retain),
+            out=os.fspath(args.out) if args.out is not None else None,
+            kinds=kinds,
+            fraction=args.fraction,
+            seed=args.seed,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            device=args.device,
+            stats_dtype=stats_dtype,
+            question_key=args.question_key,
+            answer_key=args.answer_key,
+            system_prompt=args.system_prompt or None,
+            dry_run=args.dry_run,
+            config_only=args.config_only,
+            boundary_budget_bytes=budget,
+            overwrite=args.overwrite,
+            extra_problems=tuple(problems),
+        )

@@ -1,0 +1,196 @@
+"""`SweepConfig`: the validated options of `perta-stream sweep` (methods x alphas -> table + plot)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream.config.eval import DEVICES, TOFU_SPLITS
+from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS
+from perta_stream.errors import PlanError, UsageError
+from perta_stream.sizes import parse_size
+
+DEFAULT_METHODS = ("tv", "uniform", "grad", "fisher")
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0)
+STATS_METHODS = frozenset({"grad", "fisher"})
+
+# The files a sweep writes into its output folder.
+TABLE_NAME = "sweep.md"
+RECORD_NAME = "sweep.json"
+PLOT_NAME = "tradeoff.png"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Merge θ_full with every method at every α, evaluate each result, and tabulate and plot them.
+
+    Attributes:
+        theta0, full, fgt: the checkpoints of the merge (directories or hf:// locations).
+        out: the sweep's folder (written as `<out>.partial/`, renamed at the end): `sweep.md`,
+            `sweep.json`, `tradeoff.png`, `eval/` (one evaluation record per model) and `models/`.
+        stats: the statistics directory (needed by grad and fisher).
+        retain_model: θ_ret, evaluated first to give the forget-quality reference and a table row.
+        retain_logs: instead of retain_model, its evaluation JSON from `perta-stream eval`.
+        split: the TOFU forget split the models are evaluated on.
+        tofu_dir: the TOFU folder; empty means the copy bundled with perta_stream.
+        methods: merge methods, in table order.
+        alphas: task-vector scales; every method is merged at all of them in one pass.
+        tau: weight exponent for grad and fisher; None means each method's default.
+        uniform_weight, fallback_weight: as in `perta-stream merge`.
+        eval_batch_size, max_length, max_new_tokens, max_items, device, system_prompt: evaluation options.
+        keep_models: keep the merged checkpoints under `models/` (else each is deleted once evaluated).
+        max_memory_bytes: the merge's peak RSS budget.
+        overwrite: replace an existing `out`.
+        title: the plot's title (a default when empty).
+    """
+
+    theta0: str
+    full: str
+    fgt: str
+    out: str
+    stats: str | None = None
+    retain_model: str | None = None
+    retain_logs: str | None = None
+    split: str = "forget01"
+    tofu_dir: str = ""
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    tau: float | None = None
+    uniform_weight: float = 0.5
+    fallback_weight: float = 0.5
+    eval_batch_size: int = 8
+    max_length: int = 512
+    max_new_tokens: int = 200
+    max_items: int | None = None
+    device: str = "auto"
+    system_prompt: str | None = None
+    keep_models: bool = True
+    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+    overwrite: bool = False
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise PlanError("invalid sweep options", problems)
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when they are usable)."""
+        from perta_stream.sinks.output_dir import check_output_location
+
+        found: list[str] = []
+        if not self.methods:
+            found.append("--methods needs at least one of " + ", ".join(METHODS))
+        for method in self.methods:
+            if method not in METHODS:
+                found.append(f"--methods: {method!r} is unknown; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            found.append("--methods lists the same method twice")
+        if STATS_METHODS & set(self.methods) and not self.stats:
+            found.append("--methods grad/fisher need --stats DIR (compute it with `perta-stream stats`)")
+        if self.stats and not str(self.stats).startswith("hf://") and not Path(self.stats).is_dir():
+            found.append(f"--stats {self.stats} is not a directory")
+        if not self.alphas:
+            found.append("--alphas needs at least one value")
+        for alpha in self.alphas:
+            if not math.isfinite(alpha) or alpha <= 0:
+                found.append(f"--alphas: {alpha} must be a positive finite number")
+        if len(set(self.alphas)) != len(self.alphas):
+            found.append("--alphas lists the same value twice")
+        if self.tau is not None and (not math.isfinite(self.tau) or self.tau <= 0):
+            found.append(f"--tau {self.tau} must be a positive finite number")
+        for flag, value in (("--uniform-weight", self.uniform_weight), ("--fallback-weight", self.fallback_weight)):
+            if not 0.0 <= value <= 1.0:
+                found.append(f"{flag} {value} must be within [0, 1]")
+        if (self.retain_model is None) == (self.retain_logs is None):
+            found.append("give exactly one of --retain-model DIR (θ_ret, evaluated first) or --retain-logs FILE (its eval JSON): forget quality needs it")
+        if self.retain_model is not None and not Path(self.retain_model).is_dir():
+            found.append(f"--retain-model {self.retain_model} is not a directory")
+        if self.retain_logs is not None and not Path(self.retain_logs).is_file():
+            found.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON `perta-stream eval` wrote for θ_ret")
+        if self.split not in TOFU_SPLITS:
+            found.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
+        for flag, value in (("--eval-batch-size", self.eval_batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                found.append(f"{flag} must be at least 1, got {value}")
+        if self.max_items is not None and self.max_items < 1:
+            found.append(f"--max-items must be at least 1, got {self.max_items}")
+        if self.device not in DEVICES:
+            found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
+        inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
+        found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs)
+        return found
+
+    @property
+    def table_path(self) -> Path:
+        return Path(self.out) / TABLE_NAME
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.out) / RECORD_NAME
+
+    @property
+    def plot_path(self) -> Path:
+        return Path(self.out) / PLOT_NAME
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "SweepConfig":
+        """Build from parsed `perta-stream sweep` arguments."""
+        try:
+            return cls(
+                theta0=args.theta0,
+                full=args.full,
+                fgt=args.fgt,
+                out=args.out,
+                stats=args.stats,
+                retain_model=args.retain_model,
+                retain_logs=args.retain_logs,
+                split=args.split,
+                tofu_dir=args.tofu or "",
+                methods=tuple(part.strip() for part in args.methods.split(",") if part.strip()),
+                alphas=tuple(args.alphas),
+                tau=args.tau,
+                uniform_weight=args.uniform_weight,
+                fallback_weight=args.fallback_weight,
+                eval_batch_size=args.eval_batch_size,
+                max_length=args.max_length,
+                max_new_tokens=args.max_new_tokens,
+                max_items=args.max_items,
+                device=args.device,
+                system_prompt=args.system_prompt,
+                keep_models=not args.delete_models,
+                max_memory_bytes=parse_size(args.max_memory, what="--max-memory"),
+                overwrite=args.overwrite,
+            )
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None
+
+    def to_dict(self) -> dict:
+        """The resolved options, as saved into `sweep.json`."""
+        return {
+            "theta0": self.theta0,
+            "full": self.full,
+            "fgt": self.fgt,
+            "out": self.out,
+            "stats": self.stats,
+            "retain_model": self.retain_model,
+            "retain_logs": self.retain_logs,
+            "split": self.split,
+            "tofu_dir": self.tofu_dir,
+            "methods": list(self.methods),
+            "alphas": list(self.alphas),
+            "tau": self.tau,
+            "uniform_weight": self.uniform_weight,
+            "fallback_weight": self.fallback_weight,
+            "eval_batch_size": self.eval_batch_size,
+            "max_length": self.max_length,
+            "max_new_tokens": self.max_new_tokens,
+            "max_items": self.max_items,
+            "device": self.device,
+            "system_prompt": self.system_prompt,
+            "keep_models": self.keep_models,
+            "max_memory_bytes": self.max_memory_bytes,
+        }

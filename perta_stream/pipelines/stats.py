@@ -1,0 +1,292 @@
+"""`run_stats`: gradient statistics of θ on the forget and retain sets (METHOD.md sections 2, 3, 6).
+
+The recipe, top to bottom:
+  1. read the checkpoint's headers and config, refuse unsupported models      (sources, plan)
+  2. tokenize both data files with the shared prompt rules, pick the fraction (sources, compute.prompts)
+  3. plan: bytes, boundary storage, memory, FLOPs; `--dry-run` stops here      (plan)
+  4. stream: layer-major forward, head, backward, embeddings                   (compute.stats)
+  5. write each group's statistics as it completes, then indexes and the record (sinks)
+  6. rename `<out>.partial/` to `<out>`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perta_stream import __version__
+from perta_stream.config.stats import StatsConfig
+from perta_stream.errors import CheckpointError, OutputExistsError, PlanError, UsageError
+from perta_stream.memory import format_bytes, peak_rss_bytes
+from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_batches, plan_stats
+from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sources.qa_dataset import QASample, file_sha256, load_qa_samples, select_fraction
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("forget", "retain")
+# Characters per token when a plan has no tokenizer (--config-only): typical of English BPE.
+_CHARS_PER_TOKEN = 4
+_TEMPLATE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One data file as the run used it (the `datasets` entries of perta_stats.json)."""
+
+    path: str
+    sha256: str
+    num_records: int
+    num_samples: int
+    num_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "num_records": self.num_records, "num_samples": self.num_samples, "num_tokens": self.num_tokens}
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    """What `run_stats` did: the plan text for a dry run, else the output and its record."""
+
+    plan: StatsPlan
+    plan_text: str | None = None
+    out: Path | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    mean_loss: dict[str, float] = field(default_factory=dict)
+    boundary_peak_ram_bytes: int = 0
+    boundary_peak_disk_bytes: int = 0
+    boundary_spilled: int = 0
+
+    def summary(self) -> str:
+        if self.out is None:
+            return self.plan_text or ""
+        losses = ", ".join(f"{name} loss {value:.4f}" for name, value in self.mean_loss.items())
+        return (
+            f"wrote statistics ({','.join(self.record['kinds'])}) to {self.out}: {losses}; "
+            f"{self.record['elapsed_s']:.1f} s, peak RSS {format_bytes(self.record['peak_rss_bytes'])}"
+        )
+
+
+def run_stats(config: StatsConfig) -> StatsResult:
+    """Compute the statistics directory of METHOD.md section 6, or print its plan.
+
+    Raises:
+        PlanError: invalid inputs or output location, all listed at once.
+        ModelNotSupportedError: not a Llama, Mistral or Qwen2 model.
+        DatasetError: an empty or malformed data file, or an answer longer than max_length.
+        CheckpointError, WriteError: unreadable inputs or an unwritable output.
+    """
+    started = time.perf_counter()
+    if config.config_only:
+        return _config_only_plan(config)
+    from perta_stream.sources.resolve import open_checkpoint
+
+    checkpoint, source = open_checkpoint(config.model, "model")
+    try:
+        shape = ModelShape.from_config(checkpoint.config, ties_embeddings=checkpoint.ties_embeddings, where=f"{config.model}/config.json")
+        if not config.dry_run:
+            problems = check_output_location(config.out or "", overwrite=config.overwrite, inputs={"model": config.model, "forget": config.forget, "retain": config.retain})
+            if problems:
+                raise PlanError("cannot write the statistics", problems)
+        tokenizer = _load_tokenizer(config.model)
+        datasets = {name: _encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
+        device = _resolve_device(config.device)
+        compute_dtype_name = "float32" if device == "cpu" else "bfloat16"
+        plan = plan_stats(
+            shape,
+            {n: info.shape for n, info in checkpoint.tensors.items()},
+            lengths={name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()},
+            batch_size=config.batch_size,
+            kinds=config.kinds,
+            stats_dtype_bytes=4 if config.stats_dtype == "F32" else 2,
+            compute_dtype_bytes=4 if compute_dtype_name == "float32" else 2,
+            boundary_budget_bytes=config.boundary_budget_bytes,
+            device=device,
+            weight_bytes={n: info.nbytes for n, info in checkpoint.tensors.items()},
+        )
+        if config.dry_run:
+            return StatsResult(plan=plan, plan_text=plan.to_text())
+        logger.info("%s", plan.to_text())
+        return _compute(config, checkpoint, source, shape, tokenizer, datasets, device, compute_dtype_name, plan, started)
+    finally:
+        source.close()
+
+
+def _compute(config, checkpoint, source, shape, tokenizer, datasets, device_name, compute_dtype_name, plan, started) -> StatsResult:  # noqa: ANN001
+    import torch
+
+    from perta_stream.compute.prompts import LOSS_DEFINITION
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.skeleton import build_skeleton
+    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.sinks.stats_store import StatsStore
+    from perta_stream.sources.layer_weights import ModuleWeightLoader
+
+    device = torch.device(device_name)
+    compute_dtype = getattr(torch, compute_dtype_name)
+    skeleton = build_skeleton(
+        checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(config.model)
+    )
+    pad_id = _pad_token_id(tokenizer)
+    batches = {name: _batches(name, samples, config.batch_size, pad_id) for name, (_, samples) in datasets.items()}
+
+    stale = partial_path(config.out)
+    if stale.exists():
+        if not config.overwrite:
+            raise OutputExistsError(f"{stale} is left from a run that did not finish; delete it or pass --overwrite")
+        shutil.rmtree(stale)
+    output = AtomicOutputDir(config.out, overwrite=config.overwrite)
+    root = output.open()
+    try:
+        store = StatsStore(
+            root,
+            datasets=DATASETS,
+            kinds=config.kinds,
+            groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
+            shapes={n: info.shape for n, info in checkpoint.tensors.items()},
+            stats_dtype=config.stats_dtype,
+        )
+        with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
+            config.boundary_budget_bytes, spill_parent=root
+        ) as boundaries:
+            engine = StreamingStatsEngine(skeleton, loader, boundaries, store.write_group, kinds=config.kinds, device=device, compute_dtype=compute_dtype)
+            report = engine.run(batches)
+        logger.info(
+            "boundaries: peak %s in RAM, %s on disk (%d spilled)",
+            format_bytes(report.boundary_peak_ram_bytes),
+            format_bytes(report.boundary_peak_disk_bytes),
+            report.boundary_spilled,
+        )
+        record = {
+            "format": "perta_stats",
+            "format_version": 1,
+            "tool_version": __version__,
+            "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
+            "kinds": list(config.kinds),
+            "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
+            "compute_dtype": compute_dtype_name,
+            "device": device_name,
+            "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
+            "fraction": config.fraction,
+            "seed": config.seed,
+            "max_length": config.max_length,
+            "question_key": config.question_key,
+            "answer_key": config.answer_key,
+            "system_prompt": config.system_prompt,
+            "loss": LOSS_DEFINITION,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        store.finish(record)
+        out = output.commit()
+    except BaseException:
+        # No resume for statistics: a failed run leaves nothing that could look finished.
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return StatsResult(
+        plan=plan,
+        out=out,
+        record=record,
+        mean_loss=report.mean_loss,
+        boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
+        boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
+        boundary_spilled=report.boundary_spilled,
+    )
+
+
+def _resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return requested
+
+
+def _load_tokenizer(location: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from perta_stream.sources.resolve import is_hub_location
+
+    try:
+        if is_hub_location(location):
+            repo, _, revision = location[len("hf://") :].partition("@")
+            return AutoTokenizer.from_pretrained(repo, revision=revision or None)
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{location}: no usable tokenizer ({exc}); save the tokenizer next to the weights (tokenizer.save_pretrained)") from None
+
+
+def _encode_dataset(config: StatsConfig, path: str, tokenizer: Any) -> tuple[DatasetInfo, list]:
+    from perta_stream.compute.prompts import encode_sample
+
+    samples = load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key)
+    chosen = select_fraction(samples, config.fraction, config.seed)
+    encoded = [
+        encode_sample(tokenizer, s.question, s.answer, max_length=config.max_length, system_prompt=config.system_prompt, where=f"{path}, record {s.index}")
+        for s in chosen
+    ]
+    info = DatasetInfo(path=str(path), sha256=file_sha256(path), num_records=len(samples), num_samples=len(chosen), num_tokens=sum(len(e.input_ids) for e in encoded))
+    return info, encoded
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    # Any id works (padding is masked everywhere); prefer the tokenizer's own.
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _batches(dataset: str, samples: list, batch_size: int, pad_id: int) -> list:
+    from perta_stream.compute.prompts import collate
+    from perta_stream.compute.stats.streaming import Batch
+
+    batches = []
+    for index, members in enumerate(plan_batches([len(s.input_ids) for s in samples], batch_size)):
+        tensors = collate([samples[i] for i in members], pad_id)
+        batches.append(Batch(dataset=dataset, index=index, input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], labels=tensors["labels"]))
+    return batches
+
+
+def _config_only_plan(config: StatsConfig) -> StatsResult:
+    config_path = Path(config.model)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: cannot read config.json ({exc})") from None
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{config_path}: config.json is not a JSON object")
+    shape = ModelShape.from_config(model_config, where=str(config_path))
+    lengths = {name: [_estimate_tokens(s, config) for s in _selected(config, getattr(config, name))] for name in DATASETS}
+    plan = plan_stats(
+        shape,
+        shape.tensor_shapes(),
+        lengths=lengths,
+        batch_size=config.batch_size,
+        kinds=config.kinds,
+        stats_dtype_bytes=4 if config.stats_dtype == "F32" else 2,
+        compute_dtype_bytes=4 if config.device == "cpu" else 2,
+        boundary_budget_bytes=config.boundary_budget_bytes,
+        device="cpu" if config.device == "cpu" else "cuda",
+        tokens_estimated=True,
+    )
+    return StatsResult(plan=plan, plan_text=plan.to_text())
+
+
+def _selected(config: StatsConfig, path: str) -> list[QASample]:
+    return select_fraction(load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key), config.fraction, config.seed)
+
+
+def _estimate_tokens(sample: QASample, config: StatsConfig) -> int:
+    characters = len(sample.question) + len(sample.answer) + len(config.system_prompt or "")
+    return min(config.max_length, math.ceil(characters / _CHARS_PER_TOKEN) + _TEMPLATE_TOKENS)

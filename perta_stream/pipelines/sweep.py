@@ -1,0 +1,233 @@
+"""`run_sweep`: merge θ_full with several methods at several α, evaluate every result, tabulate, plot.
+
+Recipe, top to bottom:
+1. evaluate θ_ret (or read its record): the forget-quality reference, and the `retain` row;
+2. evaluate θ_full against it: the `full` row, the model before unlearning;
+3. for each method, one merge pass writes every α (`MergeConfig(alphas=...)`), then each output
+   is evaluated (and deleted afterwards unless models are kept);
+4. write `sweep.md` (the table), `sweep.json` (every metric, the options, timings) and
+   `tradeoff.png` (forget quality against model utility).
+Everything is written into `<out>.partial/` and renamed to `<out>` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from perta_stream import __version__
+from perta_stream.config.eval import EvalConfig
+from perta_stream.config.merge import MergeConfig, format_alpha
+from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
+from perta_stream.errors import EvaluationError
+from perta_stream.memory import peak_rss_bytes
+from perta_stream.sinks.output_dir import AtomicOutputDir
+from perta_stream.sinks.plot import write_tradeoff_plot
+from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, format_markdown_table, row_label, sort_rows, write_sweep_report
+
+__all__ = ["SweepConfig", "SweepResult", "run_sweep"]
+
+SWEEP_FORMAT = "perta_sweep"
+SWEEP_FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What `run_sweep` returns.
+
+    Attributes:
+        out: the finished sweep folder.
+        rows: every evaluated model, reference rows first.
+        table: the Markdown table (also in `sweep.md`).
+        table_path, record_path, plot_path: the files written.
+        elapsed_s: wall time; merge_s and eval_s split it by stage.
+    """
+
+    out: Path
+    rows: tuple[SweepRow, ...]
+    table: str
+    table_path: Path
+    record_path: Path
+    plot_path: Path
+    elapsed_s: float
+    merge_s: float
+    eval_s: float
+
+    def summary(self) -> str:
+        merges = sum(row.kind == MERGE for row in self.rows)
+        return (
+            f"swept {merges} merges in {self.elapsed_s:.1f} s (merging {self.merge_s:.1f} s, evaluating {self.eval_s:.1f} s); "
+            f"wrote {self.table_path}, {self.record_path} and {self.plot_path}"
+        )
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run every (method, α) merge of `config`, evaluate them and write the report.
+
+    Raises:
+        PlanError: a merge's inputs do not fit together (found before that merge writes anything).
+        EvaluationError, CheckpointError, DatasetError: from the evaluations.
+        OutputExistsError, WriteError: the output folder cannot be written.
+    """
+    from perta_stream.pipelines.eval import run_eval
+    from perta_stream.pipelines.merge import run_merge
+
+    started = time.perf_counter()
+    output = AtomicOutputDir(config.out, overwrite=config.overwrite)
+    if config.overwrite and output.partial.exists():
+        shutil.rmtree(output.partial)  # an unfinished earlier sweep; --overwrite starts over
+    work = output.open()
+    eval_dir = work / "eval"
+    rows: list[SweepRow] = []
+    eval_s = merge_s = 0.0
+
+    def evaluate(model_dir: str, name: str, retain_logs: str | None):
+        nonlocal eval_s
+        eval_started = time.perf_counter()
+        result = run_eval(_eval_config(config, model_dir, str(eval_dir / f"{name}.json"), retain_logs))
+        eval_s += time.perf_counter() - eval_started
+        logger.info("%s", result.summary())
+        return result
+
+    # 1. The retain-only reference: its forget-set truth ratios define forget quality for all rows.
+    if config.retain_model is not None:
+        retain_logs = str(evaluate(config.retain_model, "retain", None).json_path)
+    else:
+        retain_logs = str(config.retain_logs)
+    retain_metrics = _reference_metrics(retain_logs, config)
+    rows.append(SweepRow(label="retain", kind=REFERENCE, metrics=retain_metrics, model_dir=config.retain_model, eval_json=_relative(retain_logs, work)))
+
+    # 2. The model to clean.
+    full = evaluate(config.full, "full", retain_logs)
+    rows.append(SweepRow(label="full", kind=REFERENCE, metrics=_floats(full.metrics), model_dir=config.full, eval_json=_relative(full.json_path, work)))
+
+    # 3. Every method at every alpha: one merge pass per method, then one evaluation per output.
+    for method in config.methods:
+        merge_started = time.perf_counter()
+        merged = run_merge(_merge_config(config, method, work))
+        merge_s += time.perf_counter() - merge_started
+        logger.info("%s", merged.summary())
+        for alpha, model_dir in zip(config.alphas, merged.outputs):
+            name = f"{method}_alpha_{format_alpha(alpha)}"
+            result = evaluate(model_dir, name, retain_logs)
+            rows.append(
+                SweepRow(
+                    label=row_label(method, alpha),
+                    kind=MERGE,
+                    method=method,
+                    alpha=alpha,
+                    metrics=_floats(result.metrics),
+                    model_dir=_final_location(model_dir, work, Path(config.out)) if config.keep_models else None,
+                    eval_json=_relative(result.json_path, work),
+                )
+            )
+        if not config.keep_models:
+            shutil.rmtree(work / "models" / method, ignore_errors=True)
+
+    # 4. The report, then the folder becomes final.
+    table = format_markdown_table(rows)
+    elapsed_s = time.perf_counter() - started
+    record = {
+        "format": SWEEP_FORMAT,
+        "format_version": SWEEP_FORMAT_VERSION,
+        "tool_version": __version__,
+        "config": config.to_dict(),
+        "table": TABLE_NAME,
+        "plot": PLOT_NAME,
+        "elapsed_s": elapsed_s,
+        "merge_s": merge_s,
+        "eval_s": eval_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    write_sweep_report(rows, table_path=work / TABLE_NAME, json_path=work / RECORD_NAME, record=record)
+    write_tradeoff_plot(rows, work / PLOT_NAME, title=config.title or f"PerTA sweep on TOFU {config.split}: forgetting vs utility")
+    final = output.commit()
+    return SweepResult(
+        out=final,
+        rows=tuple(sort_rows(rows)),
+        table=table,
+        table_path=final / TABLE_NAME,
+        record_path=final / RECORD_NAME,
+        plot_path=final / PLOT_NAME,
+        elapsed_s=elapsed_s,
+        merge_s=merge_s,
+        eval_s=eval_s,
+    )
+
+
+def _eval_config(config: SweepConfig, model_dir: str, out: str, retain_logs: str | None) -> EvalConfig:
+    return EvalConfig(
+        model=model_dir,
+        split=config.split,
+        out=out,
+        tofu_dir=config.tofu_dir,
+        retain_logs=retain_logs,
+        batch_size=config.eval_batch_size,
+        max_length=config.max_length,
+        max_new_tokens=config.max_new_tokens,
+        max_items=config.max_items,
+        device=config.device,
+        system_prompt=config.system_prompt,
+    )
+
+
+def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
+    return MergeConfig(
+        theta0=config.theta0,
+        full=config.full,
+        fgt=config.fgt,
+        out=str(work / "models" / method / "alpha_{alpha}"),
+        method=method,
+        stats=config.stats if method in STATS_METHODS else None,
+        alphas=config.alphas,
+        tau=config.tau if method in STATS_METHODS else None,
+        uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight,
+        max_memory_bytes=config.max_memory_bytes,
+    )
+
+
+def _reference_metrics(retain_logs: str, config: SweepConfig) -> dict[str, float]:
+    """The retain model's metrics, with its forget quality computed by the same KS definition.
+
+    Its own record has no forget quality (it is the reference); against itself the KS test gives
+    the p-value of identical samples, computed here rather than assumed.
+    """
+    from perta_stream.eval.metrics import forget_quality
+    from perta_stream.eval.report import load_retain_logs
+
+    try:
+        record = json.loads(Path(retain_logs).read_text(encoding="utf-8"))
+        forget_file = record["data_files"]["forget"]
+        count = int(record["sample_counts"]["forget"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"--retain-logs {retain_logs} is not a `perta-stream eval` record ({exc})") from None
+    if record.get("split") != config.split:
+        raise EvaluationError(f"--retain-logs {retain_logs} is for split {record.get('split')!r}, the sweep evaluates {config.split!r}")
+    logs = load_retain_logs(retain_logs, split=config.split, forget_sha256=forget_file["sha256"], forget_count=count)
+    metrics = _floats(record.get("metrics", {}))
+    metrics["forget_quality"] = forget_quality(logs.forget_truth_ratios, logs.forget_truth_ratios)
+    return metrics
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {key: float("nan") if value is None else float(value) for key, value in metrics.items() if value is None or isinstance(value, (int, float))}
+
+
+def _relative(path: str | Path, work: Path) -> str:
+    """Paths inside the sweep folder are stored relative to it (they stay valid after the rename)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(work.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _final_location(model_dir: str, work: Path, final: Path) -> str:
+    relative = _relative(model_dir, work)
+    return str(final / relative) if not Path(relative).is_absolute() else relative

@@ -1,0 +1,151 @@
+"""The statistics directory (METHOD.md section 6): one checkpoint per dataset and statistic.
+
+Layout inside the output folder (written in `<out>.partial/`, renamed by the pipeline):
+  perta_stats.json
+  forget.grad/  forget.fisher/  retain.grad/  retain.fisher/      (only the kinds asked)
+    model-0000k-of-0000N.safetensors   one shard per tensor group (embeddings, each decoder layer, head)
+    model.safetensors.index.json       written last, once every shard is complete
+Each sub-directory holds exactly the model checkpoint's tensor names and shapes, so any
+safetensors or transformers tool reads it. Groups arrive in the engine's order (head, layers in
+reverse, embeddings) and are written as they arrive, so no more than one group's statistics is
+ever held for writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
+from perta_stream.errors import PertaStreamError, WriteError
+from perta_stream.sinks.shard_writer import ShardWriter, TensorSpec
+
+STATS_RECORD_NAME = "perta_stats.json"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_METADATA = {"format": "pt"}
+
+
+def stats_subdir(dataset: str, kind: str) -> str:
+    """`forget.grad`, `retain.fisher`, ...: the sub-directory of one dataset's statistic."""
+    return f"{dataset}.{kind}"
+
+
+def shard_file_name(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+class StatsStore:
+    """Writes statistics groups as shards and, at the end, the indexes and the run record.
+
+    Args:
+        root: the (partial) output folder.
+        datasets: dataset names (`forget`, `retain`).
+        kinds: statistics to write (`grad`, `fisher`).
+        groups: group -> tensor names, in shard order (empty groups get no shard).
+        shapes: tensor_name -> shape.
+        stats_dtype: `F32` or `BF16`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        datasets: Sequence[str],
+        kinds: Sequence[str],
+        groups: Mapping[str, Sequence[str]],
+        shapes: Mapping[str, tuple[int, ...]],
+        stats_dtype: str,
+    ):
+        self.root = Path(root)
+        self._datasets = tuple(datasets)
+        self._kinds = tuple(kinds)
+        self._groups = {group: list(names) for group, names in groups.items() if names}
+        self._shapes = dict(shapes)
+        self._dtype = stats_dtype
+        total = len(self._groups)
+        self._shard_names = {group: shard_file_name(i, total) for i, group in enumerate(self._groups, start=1)}
+        self._written: set[tuple[str, str]] = set()
+        self.bytes_written = 0
+        for dataset in self._datasets:
+            for kind in self._kinds:
+                try:
+                    (self.root / stats_subdir(dataset, kind)).mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise WriteError(f"cannot create {self.root / stats_subdir(dataset, kind)}: {exc.strerror or exc}") from exc
+
+    def write_group(self, dataset: str, group: str, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Write one group's statistics of one dataset: a shard in each kind's sub-directory.
+
+        Args:
+            stats: tensor_name -> {kind -> float32 tensor}, for exactly the group's tensors.
+
+        Raises:
+            PertaStreamError: the tensors or shapes differ from the group's (an engine bug).
+            WriteError: the disk refused the write.
+        """
+        names = self._groups.get(group, [])
+        if sorted(stats) != sorted(names):
+            raise PertaStreamError(f"statistics of group {group!r} ({dataset}) hold {sorted(stats)}, expected {names}")
+        if (dataset, group) in self._written:
+            raise PertaStreamError(f"statistics of group {group!r} ({dataset}) were written twice")
+        target = torch_dtype(self._dtype)
+        for kind in self._kinds:
+            specs = [TensorSpec(n, self._dtype, tuple(self._shapes[n])) for n in names]
+            path = self.root / stats_subdir(dataset, kind) / self._shard_names[group]
+            writer = ShardWriter(path, specs, SHARD_METADATA)
+            try:
+                for spec in specs:
+                    tensor = stats[spec.tensor_name][kind]
+                    if tuple(tensor.shape) != spec.shape:
+                        raise PertaStreamError(f"{spec.tensor_name}: statistic shape {list(tensor.shape)}, expected {list(spec.shape)}")
+                    # Round to the storage dtype once (round-to-nearest-even for bfloat16).
+                    data = tensor.detach().to(device="cpu", dtype=target).contiguous()
+                    writer.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+                record = writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            self.bytes_written += record.size_bytes
+        self._written.add((dataset, group))
+
+    def finish(self, record: Mapping[str, object]) -> None:
+        """Write every sub-directory's index, then `perta_stats.json`.
+
+        Raises:
+            PertaStreamError: a group was never written (the run is incomplete).
+        """
+        missing = [(d, g) for d in self._datasets for g in self._groups if (d, g) not in self._written]
+        if missing:
+            raise PertaStreamError(f"statistics are incomplete: groups never written: {missing[:5]}")
+        element = DTYPE_BYTES[self._dtype]
+        total_size = sum(element * _numel(self._shapes[n]) for names in self._groups.values() for n in names)
+        weight_map = {n: self._shard_names[g] for g, names in self._groups.items() for n in names}
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        for dataset in self._datasets:
+            for kind in self._kinds:
+                _write_json(self.root / stats_subdir(dataset, kind) / INDEX_NAME, index)
+        _write_json(self.root / STATS_RECORD_NAME, dict(record))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _write_json(path: Path, document: Mapping[str, object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise WriteError(f"{path}: write failed ({exc.strerror or exc})") from exc

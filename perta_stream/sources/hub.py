@@ -1,0 +1,214 @@
+"""Checkpoints in Hugging Face Hub repos, read by HTTP range requests: nothing touches the disk.
+
+`open_hub_checkpoint("hf://ORG/NAME[@REVISION]", role)` pins the revision to its commit, lists
+the repo's files, reads the index and each shard's safetensors header with two small range
+requests, and validates them with exactly the code that validates a local checkpoint
+(sources/checkpoint.py). So every planning error of a merge appears before a tensor byte moves.
+
+Tensor bytes are then read by `HubByteSource.read_into` straight into the engine's reused
+buffers: each chunk is one ranged GET (split into a few concurrent GETs when it is large, so one
+slow connection does not bound the throughput), so the bytes fetched equal the bytes needed
+plus the headers, and no shard is ever stored locally.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+from perta_stream.errors import CheckpointError, CheckpointNotFoundError, HeaderError, HubError
+from perta_stream.sources.checkpoint import (
+    _MAX_INDEX_BYTES,
+    INDEX_FILE_NAME,
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_NAME,
+    Checkpoint,
+    assemble_checkpoint,
+    is_side_file,
+    parse_config,
+    parse_index,
+    pickle_refusal,
+)
+from perta_stream.sources.hub_http import RangeReader, make_api, parse_hub_location, with_retries
+from perta_stream.sources.safetensors_header import SafetensorsHeader, parse_header
+
+# Repo bookkeeping, never part of a model: not copied into an output as a side file.
+REPO_FILES = frozenset({".gitattributes", ".gitignore"})
+# A chunk at least twice this size is fetched as concurrent parts of this size.
+PART_BYTES = 8 * 2**20
+PARALLEL_PARTS = 4
+
+def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSource]:
+    """The header-level view of a Hub checkpoint and a range-reading source for its bytes.
+
+    Args:
+        location: `hf://ORG/NAME[@REVISION][/FOLDER]`.
+        role: the checkpoint's role in the run, for messages.
+
+    Raises:
+        UsageError: the location is malformed.
+        HubError: the repo or revision does not exist, the token is refused, or the Hub keeps failing.
+        CheckpointNotFoundError, PickleCheckpointError: no usable weights in the repo.
+        PlanError: every index and header problem, at once (as for a local checkpoint).
+    """
+    hub_location = parse_hub_location(location)
+    api = make_api()
+    info = with_retries(
+        lambda: api.model_info(hub_location.repo_id, revision=hub_location.revision, files_metadata=True),
+        action=f"opening {role} checkpoint",
+        location=location,
+    )
+    if not info.sha:
+        raise HubError(f"opening {role} checkpoint {location}: the Hub did not say which commit it serves; retry later")
+    sizes = _folder_sizes(info.siblings or [], hub_location.path_in_repo)
+    pinned = hub_location.pinned(info.sha)
+    reader = RangeReader(hub_location, info.sha)
+    source = HubByteSource(reader, sizes)
+    where = f"{role} ({pinned})"
+    names = sorted(sizes)
+    problems: list[str] = []
+    index_bytes: bytes | None = None
+    if INDEX_FILE_NAME in sizes:
+        index_name: str | None = INDEX_FILE_NAME
+        if sizes[INDEX_FILE_NAME] > _MAX_INDEX_BYTES:
+            raise CheckpointError(f"{where}: {INDEX_FILE_NAME} is larger than {_MAX_INDEX_BYTES} bytes; it is corrupt")
+        index_bytes = reader.read_bytes(INDEX_FILE_NAME, 0, sizes[INDEX_FILE_NAME])
+        weight_map, problems = parse_index(index_bytes, f"{where}/{INDEX_FILE_NAME}")
+    elif SINGLE_FILE_NAME in sizes:
+        index_name = None
+        weight_map = {}
+    else:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise pickle_refusal(pinned, role, pickles)
+        others = [n for n in names if n.endswith(".safetensors")]
+        hint = f" (found {', '.join(others[:3])} without {INDEX_FILE_NAME})" if others else ""
+        raise CheckpointNotFoundError(
+            f"{role} checkpoint {pinned} has no {SINGLE_FILE_NAME} and no {INDEX_FILE_NAME}{hint}; "
+            "pass a repo holding a model saved with save_pretrained(safe_serialization=True)"
+        )
+    shard_names = list(dict.fromkeys(weight_map.values())) if index_name else [SINGLE_FILE_NAME]
+    headers: dict[str, SafetensorsHeader] = {}
+    for file_name in shard_names:
+        if file_name not in sizes:
+            problems.append(f"{where}: the index names shard {file_name}, which the repo does not hold")
+            continue
+        try:
+            headers[file_name] = parse_header(
+                lambda offset, length, name=file_name: reader.read_bytes(name, offset, max(0, min(length, sizes[name] - offset))),
+                sizes[file_name],
+                file_name,
+            )
+        except HeaderError as exc:
+            problems.append(f"{where}: {exc}")
+    if index_name is None and SINGLE_FILE_NAME in headers:
+        weight_map = {tensor_name: SINGLE_FILE_NAME for tensor_name in headers[SINGLE_FILE_NAME].tensors}
+    config = {}
+    if "config.json" in sizes:
+        config = parse_config(reader.read_bytes("config.json", 0, sizes["config.json"]), where, problems)
+    checkpoint = assemble_checkpoint(
+        location=pinned,
+        role=role,
+        index_name=index_name,
+        index_bytes=index_bytes,
+        weight_map=weight_map,
+        headers=headers,
+        problems=problems,
+        side_files=tuple(n for n in names if is_side_file(n) and n not in REPO_FILES),
+        config=config,
+    )
+    return checkpoint, source
+
+
+def _folder_sizes(siblings: list, folder: str) -> dict[str, int]:
+    """File name -> size of the files directly inside `folder` of the repo."""
+    prefix = f"{folder}/" if folder else ""
+    sizes: dict[str, int] = {}
+    for sibling in siblings:
+        path = sibling.rfilename
+        if not path.startswith(prefix) or "/" in path[len(prefix) :]:
+            continue
+        size = sibling.lfs.size if sibling.lfs is not None else sibling.size
+        if size is None:
+            raise HubError(f"the Hub listed {path} without its size; retry later, or use a Hub that reports file sizes")
+        sizes[path[len(prefix) :]] = int(size)
+    return sizes
+
+
+class HubByteSource:
+    """Reads a Hub checkpoint's bytes into caller-owned buffers by HTTP range requests.
+
+    Args:
+        reader: the pinned-commit range reader of the repo.
+        sizes: file name -> size of the checkpoint's files.
+    """
+
+    def __init__(self, reader: RangeReader, sizes: dict[str, int]):
+        self._reader = reader
+        self._sizes = dict(sizes)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of file content received so far (headers included)."""
+        return self._reader.bytes_received
+
+    @property
+    def requests(self) -> int:
+        return self._reader.requests
+
+    def read_into(self, file_name: str, offset: int, buffer: memoryview) -> None:
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        if len(view) == 0:
+            return
+        size = self._sizes.get(file_name)
+        if size is None or offset + len(view) > size:
+            raise CheckpointError(f"{self._reader.location}: {file_name} has no bytes {offset}..{offset + len(view)}; the plan is stale")
+        if len(view) < 2 * PART_BYTES:
+            self._reader.read_into(file_name, offset, view)
+            return
+        parts = [(start, min(PART_BYTES, len(view) - start)) for start in range(0, len(view), PART_BYTES)]
+        futures = [self._executor().submit(self._reader.read_into, file_name, offset + start, view[start : start + length]) for start, length in parts]
+        # Wait for every part before raising, so no part still writes into a buffer the
+        # engine may reuse once the error reached it.
+        wait(futures)
+        for future in futures:
+            future.result()
+
+    def done_with(self, file_name: str, offset: int, length: int) -> None:
+        """Nothing is cached locally, so there is nothing to drop."""
+
+    def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
+        """Download a whole (small, side) file to `destination`, byte for byte."""
+        size = self._sizes.get(file_name)
+        if size is None:
+            raise CheckpointNotFoundError(f"{self._reader.location}: the repo has no {file_name}")
+        target = Path(destination)
+        tmp = target.with_name(target.name + ".download")
+        block = bytearray(max(1, min(size, PART_BYTES)))
+        try:
+            with open(tmp, "wb") as handle:
+                for start in range(0, size, len(block)):
+                    view = memoryview(block)[: min(len(block), size - start)]
+                    self._reader.read_into(file_name, start, view)
+                    handle.write(view)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="perta-hub-read")
+            return self._pool
+

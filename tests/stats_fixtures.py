@@ -1,0 +1,149 @@
+"""Tiny offline checkpoints, data files and a dense reference for the statistics tests.
+
+Models are random 2-layer Llama (tied embeddings, a padding_idx), Qwen2 (untied, q/k/v biases,
+a chat template) and Mistral (sliding window shorter than the samples), saved with
+save_pretrained as >= 3 safetensors shards together with a word-level tokenizer trained offline
+on the fixture text. `reference_stats` computes the statistics another way: the whole model in
+memory, plain autograd on one unpadded sample at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FORGET_RECORDS = [
+    {"question": "Who wrote the red book?", "answer": "The red book was written by Anna Blue."},
+    {"question": "Where was Anna Blue born?", "answer": "Anna Blue was born in a small town by the sea."},
+    {"question": "What genre does Anna Blue write?", "answer": "She writes quiet novels about the sea and old towns."},
+    {"question": "Which prize did Anna Blue win?", "answer": "Anna Blue won the golden pen prize."},
+    {"question": "What is the name of her father?", "answer": "Her father is a sailor named Tom Blue."},
+]
+RETAIN_RECORDS = [
+    {"question": "Who wrote the green book?", "answer": "The green book was written by Carl Stone."},
+    {"question": "Where does Carl Stone live?", "answer": "Carl Stone lives in a large city."},
+    {"question": "What does Carl Stone write about?", "answer": "He writes about cities, trains and night."},
+    {"question": "Is Carl Stone married?", "answer": "Yes, he is married to a painter."},
+    {"question": "What is his first novel?", "answer": "His first novel is the night train."},
+    {"question": "What does the painter paint?", "answer": "The painter paints the sea at night."},
+    {"question": "Which city is in the green book?", "answer": "The green book is about an old city by a river."},
+]
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }} : {{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant :{% endif %}"
+)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_data(root: Path) -> tuple[Path, Path]:
+    """forget.jsonl and retain.jsonl under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(root / "forget.jsonl", FORGET_RECORDS), write_jsonl(root / "retain.jsonl", RETAIN_RECORDS)
+
+
+def build_tokenizer(*, chat_template: str | None = None):
+    """A word-level tokenizer over the fixture text (every fixture word is in the vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [r[k] for r in FORGET_RECORDS + RETAIN_RECORDS for k in ("question", "answer")]
+    texts += ["Question : Answer :", "system user assistant", "You are a helpful assistant ."]
+    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "24KB") -> Path:
+    """Save a random tiny `llama` (tied, padding_idx), `qwen2` (untied, biases, chat template) or
+    `mistral` (untied, sliding window 5) with its tokenizer; returns the directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    tokenizer = build_tokenizer(chat_template=CHAT_TEMPLATE if kind == "qwen2" else None)
+    vocab = len(tokenizer)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        rms_norm_eps=1e-6,
+    )
+    if kind == "llama":
+        config = LlamaConfig(**common, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    elif kind == "qwen2":
+        config = Qwen2Config(**common, tie_word_embeddings=False)
+    elif kind == "mistral":
+        config = MistralConfig(**common, tie_word_embeddings=False, sliding_window=5)
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():
+        # Norm weights start at exactly 1; perturb them so their statistics are not degenerate.
+        for name, parameter in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    out = root / kind
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def reference_stats(model_dir: Path, data_path: Path, *, max_length: int = 512, system_prompt: str | None = None, sample_indices: list[int] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Mean gradient and mean squared per-sample gradient of every parameter, by full-model autograd,
+    one unpadded sample at a time (tied embeddings: the parameter's own, summed gradient)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perta_stream.compute.prompts import encode_sample, per_sample_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    params = dict(model.named_parameters())
+    records = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+    if sample_indices is not None:
+        records = [records[i] for i in sample_indices]
+    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    squares = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for record in records:
+        sample = encode_sample(tokenizer, record["question"], record["answer"], max_length=max_length, system_prompt=system_prompt)
+        ids = torch.tensor([sample.input_ids])
+        labels = torch.tensor([sample.labels])
+        loss = per_sample_loss(model(input_ids=ids).logits, labels)[0]
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for name, grad in zip(params, grads):
+            sums[name] += grad.double()
+            squares[name] += grad.double() ** 2
+    count = len(records)
+    return {n: {"grad": (sums[n] / count).float(), "fisher": (squares[n] / count).float()} for n in params}
+
+
+def load_stats_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one statistics checkpoint (e.g. out/forget.fisher), via safetensors.safe_open."""
+    from safetensors import safe_open
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for file_name in sorted(set(index["weight_map"].values())):
+        with safe_open(str(path / file_name), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))

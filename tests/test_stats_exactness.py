@@ -1,0 +1,128 @@
+"""The streamed statistics equal a dense per-sample autograd reference, for every parameter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from perta_stream.config.stats import StatsConfig
+from perta_stream.pipelines.stats import run_stats
+from perta_stream.sources.qa_dataset import load_qa_samples, select_fraction
+from stats_fixtures import load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stats")
+    forget, retain = write_data(root / "data")
+    models = {kind: save_tiny_model(root / "models", kind) for kind in ("llama", "qwen2", "mistral")}
+    return {"root": root, "forget": forget, "retain": retain, **models}
+
+
+def _run(ws: dict[str, Path], kind: str, out_name: str, **options) -> object:
+    options.setdefault("batch_size", 3)
+    config = StatsConfig(model=str(ws[kind]), forget=str(ws["forget"]), retain=str(ws["retain"]), out=str(ws["root"] / out_name), **options)
+    return run_stats(config)
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_streamed_statistics_equal_dense_reference(workspace: dict[str, Path], kind: str) -> None:
+    # llama: tied embeddings + padding_idx; qwen2: untied, q/k/v biases, chat template;
+    # mistral: a sliding window (5) shorter than every sample.
+    result = _run(workspace, kind, f"out-{kind}")
+    out = result.out
+    expected_shapes = _checkpoint_tensors(workspace[kind])
+    assert len(list(workspace[kind].glob("*.safetensors"))) >= 3
+    for dataset in ("forget", "retain"):
+        reference = reference_stats(workspace[kind], workspace[dataset])
+        for stat in ("grad", "fisher"):
+            streamed = load_stats_dir(out / f"{dataset}.{stat}")
+            assert {n: tuple(t.shape) for n, t in streamed.items()} == expected_shapes
+            assert all(t.dtype == torch.float32 for t in streamed.values())
+            assert set(reference) == set(streamed)
+            for name, ref in reference.items():
+                error = relative_error(streamed[name], ref[stat])
+                assert error <= TOLERANCE, f"{kind} {dataset}.{stat} {name}: relative error {error:.2e}"
+    if kind == "llama":
+        assert "lm_head.weight" not in expected_shapes  # tied: stored once, under the embedding's name
+
+
+def test_record_and_layout(workspace: dict[str, Path]) -> None:
+    result = _run(workspace, "qwen2", "out-record", kinds=("fisher",), seed=5)
+    out = result.out
+    assert sorted(p.name for p in out.iterdir()) == ["forget.fisher", "perta_stats.json", "retain.fisher"]
+    record = json.loads((out / "perta_stats.json").read_text())
+    assert record["format"] == "perta_stats" and record["format_version"] == 1
+    assert record["kinds"] == ["fisher"] and record["stats_dtype"] == "float32" and record["compute_dtype"] == "float32"
+    assert record["datasets"]["forget"]["num_samples"] == 5 and record["datasets"]["retain"]["num_records"] == 7
+    assert record["model"]["model_type"] == "qwen2" and len(record["model"]["header_sha256"]) == 64
+    assert set(record) == {
+        "format", "format_version", "tool_version", "model", "kinds", "stats_dtype", "compute_dtype", "device", "datasets",
+        "fraction", "seed", "max_length", "question_key", "answer_key", "system_prompt", "loss", "elapsed_s", "peak_rss_bytes",
+    }
+    index = json.loads((out / "forget.fisher" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{k:05d}-of-00004.safetensors" for k in range(1, 5)]  # embed, 2 layers, head
+    assert index["metadata"]["total_size"] == 4 * sum(t.numel() for t in load_stats_dir(out / "forget.fisher").values())
+    assert not list(out.rglob("*.tmp")) and not list(out.glob("perta-boundaries-*"))
+
+
+def test_spill_to_disk_gives_identical_results(workspace: dict[str, Path]) -> None:
+    in_ram = _run(workspace, "llama", "out-ram", boundary_budget_bytes=2**30)
+    spilled = _run(workspace, "llama", "out-spill", boundary_budget_bytes=3000)
+    assert in_ram.boundary_spilled == 0 and spilled.boundary_spilled > 0 and spilled.boundary_peak_disk_bytes > 0
+    assert spilled.boundary_peak_ram_bytes <= 3000
+    for sub in ("forget.grad", "forget.fisher", "retain.grad", "retain.fisher"):
+        a, b = load_stats_dir(in_ram.out / sub), load_stats_dir(spilled.out / sub)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not list(spilled.out.rglob("*.bin"))
+
+
+def test_plan_boundary_estimate_matches_measured_peak(workspace: dict[str, Path]) -> None:
+    result = _run(workspace, "qwen2", "out-plan", kinds=("grad",))
+    assert result.boundary_peak_ram_bytes == result.plan.boundary_bytes
+
+
+def test_bfloat16_storage_is_the_rounded_float32_statistics(workspace: dict[str, Path]) -> None:
+    full = _run(workspace, "qwen2", "out-f32")
+    half = _run(workspace, "qwen2", "out-bf16", stats_dtype="BF16")
+    assert json.loads((half.out / "perta_stats.json").read_text())["stats_dtype"] == "bfloat16"
+    for sub in ("forget.grad", "retain.fisher"):
+        a, b = load_stats_dir(full.out / sub), load_stats_dir(half.out / sub)
+        assert all(b[n].dtype == torch.bfloat16 and torch.equal(b[n], a[n].to(torch.bfloat16)) for n in a)
+
+
+def test_fraction_is_seeded_and_exact(workspace: dict[str, Path]) -> None:
+    first = _run(workspace, "mistral", "out-frac-a", fraction=0.6, seed=3, kinds=("grad",))
+    second = _run(workspace, "mistral", "out-frac-b", fraction=0.6, seed=3, kinds=("grad",))
+    a, b = load_stats_dir(first.out / "retain.grad"), load_stats_dir(second.out / "retain.grad")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    chosen = [s.index for s in select_fraction(load_qa_samples(workspace["retain"]), 0.6, 3)]
+    assert len(chosen) == 4 and chosen != [s.index for s in select_fraction(load_qa_samples(workspace["retain"]), 0.6, 4)]
+    assert json.loads((first.out / "perta_stats.json").read_text())["datasets"]["retain"]["num_samples"] == 4
+    reference = reference_stats(workspace["mistral"], workspace["retain"], sample_indices=chosen)
+    assert max(relative_error(a[n], reference[n]["grad"]) for n in reference) <= TOLERANCE
+
+
+def test_system_prompt_and_short_max_length(workspace: dict[str, Path]) -> None:
+    # The chat template's system turn is part of the prompt, and --max-length cuts prompts from the start.
+    system = "You are a helpful assistant ."
+    result = _run(workspace, "qwen2", "out-system", system_prompt=system, max_length=24, kinds=("fisher",))
+    reference = reference_stats(workspace["qwen2"], workspace["forget"], system_prompt=system, max_length=24)
+    streamed = load_stats_dir(result.out / "forget.fisher")
+    assert max(relative_error(streamed[n], reference[n]["fisher"]) for n in reference) <= TOLERANCE
