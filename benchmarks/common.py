@@ -14,20 +14,22 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def run_measured(command: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None) -> dict:
-    """Run a command as a child process; return its wall time, peak RSS and exit code.
+    """Run a command as a child process; return its wall time, peak RSS and output.
 
-    The peak RSS is the child's own high-water mark from wait4 (not the maximum over all children).
+    The command runs under GNU time, whose %M is the peak RSS of the command's own process. The
+    ru_maxrss that wait4 would report here is not used: Linux carries a process's pre-exec RSS
+    into it, which for a child forked from this (large) benchmark process is this process's RSS.
     """
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    completed = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *command], env=env, cwd=cwd, capture_output=True)
     wall_s = time.perf_counter() - started
-    stdout = process.stdout.read().decode(errors="replace")
-    stderr = process.stderr.read().decode(errors="replace")
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    return {"wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024, "stdout": stdout, "stderr": stderr}
+    stdout = completed.stdout.decode(errors="replace")
+    stderr_lines = completed.stderr.decode(errors="replace").rstrip("\n").split("\n")
+    peak_line = stderr_lines.pop() if stderr_lines and stderr_lines[-1].startswith("PEAK_RSS_KB=") else "PEAK_RSS_KB=0"
+    stderr = "\n".join(stderr_lines)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{stderr[-3000:]}")
+    return {"wall_s": wall_s, "peak_rss_bytes": int(peak_line.split("=")[1]) * 1024, "stdout": stdout, "stderr": stderr}
 
 
 def machine_info() -> dict:

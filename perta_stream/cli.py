@@ -63,7 +63,23 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else",
     )
+    _add_hub_output_flags(parser)
     _add_common(parser)
+
+
+def _add_hub_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Options of an `--out hf://ORG/NAME[@BRANCH]` push (the token comes from HF_TOKEN or `hf auth login`)."""
+    hub = parser.add_argument_group("pushing to the Hub (--out hf://ORG/NAME)")
+    hub.add_argument("--private", action="store_true", help="create the repo private; refuse to push to an existing public repo")
+    hub.add_argument("--revision", help="branch to commit to (created from the default branch when missing)")
+    hub.add_argument("--commit-message", help="title of the single commit that adds the model")
+    hub.add_argument("--create-repo", action="store_true", help="create the repo when it does not exist")
+    hub.add_argument(
+        "--max-local-shards",
+        type=int,
+        default=2,
+        help="output shards kept on local disk at once while they wait for upload (default 2)",
+    )
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -212,12 +228,142 @@ def _run_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- unlearn
+def _add_unlearn(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "unlearn",
+        help="statistics (reused when already computed for the same inputs) + merge, from flags or --config YAML",
+        description="Compute or reuse gradient statistics, then merge theta_full - alpha * W * (theta_fgt - theta0). "
+        "Flags override the keys of --config.",
+    )
+    # Defaults are None here so that only flags given on the command line override the YAML.
+    parser.add_argument("--config", help="a YAML file of options (keys are the flag names); see configs/")
+    parser.add_argument("--theta0", help="the original model (directory or hf://org/name[@rev])")
+    parser.add_argument("--full", help="the model to clean (fine-tuned on forget + retain)")
+    parser.add_argument("--fgt", help="the model fine-tuned on the forget set only")
+    parser.add_argument("--out", help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
+    parser.add_argument("--method", choices=["tv", "uniform", "grad", "fisher"], help="default fisher")
+    parser.add_argument("--alpha", type=_float_list, help="scale(s) of the task vector, e.g. 0.5,1,2 (default 1)")
+    parser.add_argument("--forget", help="forget data file (.jsonl/.json) for the statistics")
+    parser.add_argument("--retain", help="retain data file (.jsonl/.json) for the statistics")
+    parser.add_argument("--stats-dir", help="statistics directory to reuse or create (default: perta_stats/ next to --out)")
+    parser.add_argument("--stats-model", help="checkpoint the statistics are taken at (default: --theta0)")
+    parser.add_argument("--kinds", help="statistics to compute when missing (default grad,fisher)")
+    parser.add_argument("--fraction", type=float, help="seeded share of each data file for the statistics (default 1)")
+    parser.add_argument("--seed", type=int, help="seed of --fraction (default 0)")
+    parser.add_argument("--max-length", type=int, help="tokens per sample (default 512)")
+    parser.add_argument("--batch-size", type=int, help="samples per statistics batch (default 8)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="statistics device (default auto)")
+    parser.add_argument("--stats-dtype", help="storage dtype of the statistics: float32 or bfloat16")
+    parser.add_argument("--question-key", help="question field of the records (default question)")
+    parser.add_argument("--answer-key", help="answer field of the records (default answer)")
+    parser.add_argument("--system-prompt", help="optional system prompt for chat-template models")
+    parser.add_argument("--recompute-stats", action="store_true", help="replace a statistics directory computed from other inputs")
+    parser.add_argument("--tau", type=float, help="weight exponent (default 1 for grad, 2 for fisher)")
+    parser.add_argument("--uniform-weight", type=float, help="W for --method uniform (default 0.5)")
+    parser.add_argument("--fallback-weight", type=float, help="W where both statistics are exactly 0 (default 0.5)")
+    parser.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
+    parser.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB)")
+    parser.add_argument("--max-memory", help="memory the merge may add to this process (default 512MiB)")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be reused or computed, print the plan, write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_unlearn(args: argparse.Namespace) -> int:
+    from perta_stream.config.unlearn import UnlearnConfig
+    from perta_stream.pipelines.unlearn import run_unlearn
+
+    result = run_unlearn(UnlearnConfig.from_cli(args))
+    if result.plan_text is not None:
+        print(result.plan_text)
+    elif not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- sweep
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "sweep",
+        help="several methods x alphas from one statistics directory -> table, JSON and trade-off plot",
+        description="Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
+        "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
+    )
+    parser.add_argument("--theta0", required=True, help="the original model")
+    parser.add_argument("--full", required=True, help="the model to clean")
+    parser.add_argument("--fgt", required=True, help="the model fine-tuned on the forget set only")
+    parser.add_argument("--out", required=True, help="the sweep's output folder")
+    parser.add_argument("--stats", help="statistics directory (needed by grad and fisher)")
+    parser.add_argument("--retain-model", help="theta_ret, evaluated first (forget-quality reference and a table row)")
+    parser.add_argument("--retain-logs", help="instead of --retain-model: its `perta-stream eval` JSON")
+    parser.add_argument("--split", default="forget01", help="TOFU forget split (default forget01)")
+    parser.add_argument("--tofu", help="TOFU data folder (default: the copy bundled with perta_stream)")
+    parser.add_argument("--methods", default="tv,uniform,grad,fisher", help="comma-separated (default tv,uniform,grad,fisher)")
+    parser.add_argument("--alphas", type=_float_list, default=(0.5, 1.0, 2.0), help="comma-separated (default 0.5,1,2)")
+    parser.add_argument("--tau", type=float, help="weight exponent for grad and fisher (default: each method's)")
+    parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for uniform (default 0.5)")
+    parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are 0 (default 0.5)")
+    parser.add_argument("--eval-batch-size", type=int, default=8, help="samples per evaluation forward pass")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per evaluated sample")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L")
+    parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--system-prompt", help="optional system prompt for chat-template models")
+    parser.add_argument("--delete-models", action="store_true", help="delete each merged model once evaluated")
+    parser.add_argument("--max-memory", default="512MiB", help="memory the merge may add to this process (default 512MiB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from perta_stream.config.sweep import SweepConfig
+    from perta_stream.pipelines.sweep import run_sweep
+
+    result = run_sweep(SweepConfig.from_cli(args))
+    print(result.table, end="")
+    print(f"plot: {result.plot_path}")
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="the built-in end-to-end run on a tiny Llama and the bundled TOFU data (CPU, offline, cached)",
+        description="Build a tokenizer and a tiny Llama, theta0/full/fgt/ret by fine-tuning, statistics, and sweep "
+        "tv, uniform, grad and fisher over alphas; print the table and the plot's path.",
+    )
+    parser.add_argument("--cache-dir", default=".perta_cache/demo", help="where built models and results are kept")
+    parser.add_argument("--rebuild", action="store_true", help="ignore and replace this recipe's cached results")
+    parser.add_argument("--split", choices=["forget01", "forget10"], help="TOFU forget split (default forget01)")
+    parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
+    parser.add_argument("--alphas", type=_float_list, help="the sweep's alphas (default 0.5,1,1.5,2)")
+    parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
+    _add_common(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from perta_stream.config.demo import DemoConfig
+    from perta_stream.pipelines.demo import run_demo
+
+    result = run_demo(DemoConfig.from_cli(args))
+    print(result.report())
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge, _run_merge),
     "eval": (_add_eval, _run_eval),
     "finetune": (_add_finetune, _run_finetune),
     "verify": (_add_verify, _run_verify),
     "stats": (_add_stats, _run_stats),
+    "unlearn": (_add_unlearn, _run_unlearn),
+    "sweep": (_add_sweep, _run_sweep),
+    "demo": (_add_demo, _run_demo),
 }
 
 
@@ -242,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from perta_stream.progress import set_progress_enabled
 
         set_progress_enabled(False)
+        _quiet_huggingface_hub()
     try:
         return _COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
@@ -254,6 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
+def _quiet_huggingface_hub() -> None:
+    """`-q` also silences huggingface_hub's own bars (per-file upload progress of an hf:// push)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def _one_line(text: str) -> str:

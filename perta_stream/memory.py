@@ -21,7 +21,19 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's lifetime peak RSS as the kernel records it."""
+    """The process's peak RSS as the kernel records it.
+
+    On Linux this is VmHWM of /proc/self/status, the high-water mark of this process's own
+    address space. getrusage's ru_maxrss is not used there: it also carries the RSS the process
+    had before exec, i.e. a copy of its parent's, which can dwarf a small tool started by a big one.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return peak if sys.platform == "darwin" else peak * 1024

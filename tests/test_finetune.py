@@ -184,3 +184,12 @@ def test_cuda_finetune_lowers_the_loss(workdir, tmp_path):
     result = run_finetune(_config(workdir, tmp_path / "cuda", device="cuda"))
     assert result.epoch_losses[-1] < result.epoch_losses[0]
     assert _mean_reference_loss(result.out, workdir / "data.jsonl") < _mean_reference_loss(workdir / "base", workdir / "data.jsonl")
+
+
+def test_partial_folder_of_an_interrupted_run_is_discarded(workdir, tmp_path):
+    stale = tmp_path / "out.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"truncated")
+    result = run_finetune(_config(workdir, tmp_path / "out", epochs=1))
+    assert not stale.exists()
+    assert (result.out / "model.safetensors").stat().st_size > len(b"truncated")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import tracemalloc
 
@@ -22,10 +23,16 @@ from perta_stream.dtypes import DTYPE_BYTES
 from perta_stream.errors import HeaderError
 from perta_stream.sources.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, parse_header
 
-# Bounded per property so the whole file runs in well under 30 s on two cores; the deadline
-# turns a hang (or a quadratic blow-up) into a failure.
-FUZZ = settings(max_examples=1500, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-FUZZ_SMALL = settings(max_examples=400, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+# Bounded per property so the whole file runs in well under 30 s on two cores (about 5,000
+# cases, the same ones every run); the deadline turns a hang or a quadratic blow-up into a
+# failure. PERTA_FUZZ_EXAMPLES=20000 runs a longer, randomly seeded campaign by hand.
+_LONG_RUN = int(os.environ.get("PERTA_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(
+    max_examples=_LONG_RUN or 700, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=not _LONG_RUN
+)
+FUZZ_SMALL = settings(
+    max_examples=_LONG_RUN // 4 or 250, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=not _LONG_RUN
+)
 
 DTYPES = sorted(DTYPE_BYTES)
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
@@ -133,9 +140,7 @@ def test_valid_headers_are_accepted_exactly(specs, pad, with_metadata):
     document, data_bytes = valid_document(specs, {"format": "pt"} if with_metadata else None)
     header = parse(encode(document, data_bytes=data_bytes, pad=pad))
     assert header is not None
-    assert [(i.tensor_name, i.dtype, list(i.shape)) for i in header.tensors.values()] == [tuple(s) for s in specs] or (
-        sorted((i.tensor_name, i.dtype, list(i.shape)) for i in header.tensors.values()) == sorted(map(tuple, specs))
-    )
+    assert [(i.tensor_name, i.dtype, list(i.shape)) for i in header.tensors.values()] == [tuple(s) for s in specs]
     assert header.metadata == ({"format": "pt"} if with_metadata else {})
 
 
@@ -253,8 +258,7 @@ def test_length_within_a_file_that_claims_more_than_it_has_reads_little():
 @pytest.mark.parametrize("opener,closer", [("[", "]"), ('{"a":', "}")])
 def test_deep_nesting(depth, opener, closer):
     body = (opener * depth + "0" + closer * depth).encode()
-    with pytest.raises(HeaderError):
-        parse(struct.pack("<Q", len(body)) + body) or (_ for _ in ()).throw(HeaderError("accepted"))
+    assert parse(struct.pack("<Q", len(body)) + body) is None
     nested_entry = {"t": {"dtype": "U8", "shape": json.loads("[" * 50 + "]" * 50), "data_offsets": [0, 0]}}
     assert parse(encode(nested_entry, data_bytes=0)) is None
 

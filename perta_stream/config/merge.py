@@ -56,6 +56,7 @@ class MergeConfig:
         resume: continue from `<out>.partial/` of an interrupted identical run.
         drop_page_cache: advise the kernel to drop input pages once read.
         hub_private, hub_revision, hub_commit_message, hub_create_repo: options for an `hf://` output.
+        hub_max_local_shards: output shards an `hf://` output keeps on local disk at once (>= 1).
     """
 
     theta0: str
@@ -80,6 +81,7 @@ class MergeConfig:
     hub_revision: str | None = None
     hub_commit_message: str | None = None
     hub_create_repo: bool = False
+    hub_max_local_shards: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,8 +124,33 @@ class MergeConfig:
             found.append("--max-memory below 64MiB cannot hold the Python runtime; raise it")
         if self.chunk_bytes is not None and self.chunk_bytes < 4096:
             found.append("--chunk-size must be at least 4KiB")
+        found += self._hub_problems()
         if len(self.out_dirs) != len(set(self.out_dirs)):
             found.append("--out gives the same folder to two alphas; use a {alpha} placeholder")
+        return found
+
+    def _hub_problems(self) -> list[str]:
+        """Malformed `hf://` locations, and Hub options given without a Hub output."""
+        from perta_stream.sources.hub_http import HUB_PREFIX, hub_location_problem
+
+        found = []
+        for flag, location in (("--theta0", self.theta0), ("--full", self.full), ("--fgt", self.fgt), ("--out", self.out)):
+            problem = hub_location_problem(location.replace("{alpha}", "1"), flag)
+            if problem:
+                found.append(problem)
+        if not str(self.out).startswith(HUB_PREFIX):
+            options = {
+                "--private": self.hub_private,
+                "--revision": self.hub_revision is not None,
+                "--commit-message": self.hub_commit_message is not None,
+                "--create-repo": self.hub_create_repo,
+            }
+            for flag in (flag for flag, given in options.items() if given):
+                found.append(f"{flag} only applies to an hf:// --out; drop it or push with --out hf://ORG/NAME")
+        elif self.resume:
+            found.append("--resume applies to local outputs; a Hub push reruns and skips uploads the Hub already holds")
+        if self.hub_max_local_shards < 1:
+            found.append(f"--max-local-shards {self.hub_max_local_shards} must be at least 1")
         return found
 
     @classmethod
@@ -153,6 +180,7 @@ class MergeConfig:
                 hub_revision=getattr(args, "revision", None),
                 hub_commit_message=getattr(args, "commit_message", None),
                 hub_create_repo=getattr(args, "create_repo", False),
+                hub_max_local_shards=getattr(args, "max_local_shards", 2),
             )
         except PlanError as exc:
             raise UsageError(str(exc)) from None

@@ -41,7 +41,8 @@ class SweepConfig:
         uniform_weight, fallback_weight: as in `perta-stream merge`.
         eval_batch_size, max_length, max_new_tokens, max_items, device, system_prompt: evaluation options.
         keep_models: keep the merged checkpoints under `models/` (else each is deleted once evaluated).
-        max_memory_bytes: the merge's peak RSS budget.
+        max_memory_bytes: what each merge may add to the process's resident memory (the sweep
+            process already holds torch and the evaluations' allocations when a merge starts).
         overwrite: replace an existing `out`.
         title: the plot's title (a default when empty).
     """

@@ -46,7 +46,9 @@ class UnlearnConfig:
         max_length, batch_size, device, stats_dtype, question_key, answer_key, system_prompt:
             statistics options, as for `stats`.
         recompute_stats: replace a statistics directory that exists but does not match the inputs.
-        tau, uniform_weight, fallback_weight, out_dtype, max_shard_bytes, max_memory_bytes: merge options.
+        tau, uniform_weight, fallback_weight, out_dtype, max_shard_bytes: merge options.
+        max_memory_bytes: what the merge may add to the process's resident memory when it starts
+            (statistics may have run in the same process before it).
         dry_run: report what would be reused or computed and the merge plan; write nothing.
         overwrite: replace an existing output.
     """

@@ -1,15 +1,18 @@
 """`run_finetune`: full fine-tuning of a small causal LM on question-answer pairs.
 
-Recipe: read and tokenize the data (every answer must fit, before the model is loaded), load the
-model in float32, train with the answer-only loss, AdamW and a linear warmup/decay schedule,
-cast each tensor back to the dtype the input checkpoint stored it in, and write a normal
-checkpoint (safetensors + tokenizer + `perta_finetune.json`) into `<out>.partial/`, renamed to
-`<out>` at the end. It is how the demo makes θ_full, θ_fgt and θ_ret from θ_0.
+Recipe: read the data, load the model in float32 and tokenize every sample (an answer that does
+not fit --max-length stops the run before training and before any output exists), train with the
+answer-only loss, AdamW and a linear warmup/decay schedule, cast each tensor back to the dtype
+the input checkpoint stored it in, and write a normal checkpoint (safetensors + tokenizer +
+`perta_finetune.json`) into `<out>.partial/`, renamed to `<out>` at the end. A run cannot be
+resumed, so the `.partial` folder of an interrupted run is discarded. It is how the demo makes
+θ_full, θ_fgt and θ_ret from θ_0.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -114,6 +117,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     cast_to_dtypes(model, stored_dtypes, main_dtype)
     model.config.dtype = main_dtype
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
+    if output.partial.exists():
+        logger.warning("discarding %s left by an interrupted fine-tuning run", output.partial)
+        shutil.rmtree(output.partial)
     partial = output.open()
     with transformers_progress_bars(progress_enabled()):
         model.save_pretrained(partial)

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
@@ -89,7 +90,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
     )
     try:
         if problems or plan is None:
-            raise PlanError("cannot merge", problems)
+            # Two statistics roles of one directory can report the same thing; say it once.
+            raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
             return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), ())
         return _execute(config, plan, sources, started)
@@ -117,19 +119,37 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
 
 
 def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
-    """Identifies what the output bytes depend on: inputs' headers and the arithmetic options."""
+    """Identifies what the output bytes depend on: the inputs, the arithmetic options, the layout.
+
+    Header digests alone cannot tell two fine-tunes of one base model apart (their headers are
+    identical), so each input also contributes its location and, for local files, every shard's
+    size and modification time: a resume with another --fgt, or after an input was rewritten in
+    place, is refused instead of mixing shards of two different merges.
+    """
     identity = {
         "tool_version": __version__,
         "inputs": {role: checkpoint.header_sha256 for role, checkpoint in sorted(plan.inputs.items())},
+        "input_files": {role: _input_identity(checkpoint) for role, checkpoint in sorted(plan.inputs.items())},
         "method": config.method,
         "alphas": list(config.alphas),
         "tau": config.effective_tau,
         "uniform_weight": config.uniform_weight,
         "fallback_weight": config.fallback_weight,
         "out_dtype": config.out_dtype,
-        "shards": [shard.file_name for shard in plan.shards],
+        "shards": [[shard.file_name, [task.tensor_name for task in shard.tasks]] for shard in plan.shards],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _input_identity(checkpoint: Checkpoint) -> list:
+    if is_hub_location(checkpoint.location):
+        return [checkpoint.location]  # hf://org/name@revision; the header digests cover the layout
+    root = Path(checkpoint.location).resolve()
+    files = []
+    for shard in checkpoint.shards:
+        stat = (root / shard.file_name).stat()
+        files.append([shard.file_name, stat.st_size, stat.st_mtime_ns])
+    return [str(root), files]
 
 
 def _make_outputs(config: MergeConfig) -> list[ModelOutput]:

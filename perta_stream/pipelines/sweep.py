@@ -24,7 +24,7 @@ from perta_stream.config.eval import EvalConfig
 from perta_stream.config.merge import MergeConfig, format_alpha
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
 from perta_stream.errors import EvaluationError
-from perta_stream.memory import peak_rss_bytes
+from perta_stream.memory import current_rss_bytes, peak_rss_bytes
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
 from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, format_markdown_table, row_label, sort_rows, write_sweep_report
@@ -188,7 +188,9 @@ def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
         tau=config.tau if method in STATS_METHODS else None,
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,
-        max_memory_bytes=config.max_memory_bytes,
+        # The sweep process already holds torch and the evaluation's allocations; the budget is
+        # what the merge may add on top of them.
+        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
     )
 
 

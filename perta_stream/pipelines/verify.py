@@ -17,11 +17,12 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from perta_stream.config.verify import VerifyConfig
-from perta_stream.dtypes import FLOATING_DTYPES
+from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES, torch_dtype
 from perta_stream.errors import CheckpointError, HeaderError, VerificationError
 from perta_stream.progress import progress
 from perta_stream.sinks.output_dir import partial_path
@@ -87,6 +88,7 @@ def run_verify(config: VerifyConfig) -> VerifyResult:
         with progress(total=sum(s.size_bytes for s in recorded), desc="verify") as bar:
             for shard in recorded:
                 headers[shard.file_name] = _check_shard(root, shard, source, buffer, config.finite, bar.update)
+                logger.info("%s: size, header and sha256 match%s", shard.file_name, ", all values finite" if config.finite else "")
     finally:
         source.close()
     _check_index(root, recorded, headers)
@@ -153,7 +155,15 @@ def _recorded_shards(root: Path, record: dict) -> list[_RecordedShard]:
     return shards
 
 
-def _check_shard(root: Path, shard: _RecordedShard, source: LocalByteSource, buffer: bytearray, finite: bool, on_bytes) -> SafetensorsHeader:
+def _check_shard(
+    root: Path,
+    shard: _RecordedShard,
+    source: LocalByteSource,
+    buffer: bytearray,
+    finite: bool,
+    on_bytes: Callable[[int], object],
+) -> SafetensorsHeader:
+    """Size, header, sha256 and (optionally) finiteness of one shard, in one sequential read."""
     path = root / shard.file_name
     if not path.is_file():
         raise _fail(root, f"shard {shard.file_name} listed in {MERGE_RECORD_NAME} is missing; {_RERUN}")
@@ -205,8 +215,6 @@ def _first_non_finite(view: memoryview, dtype: str) -> int | None:
     """Index of the first NaN/inf element in `view` (whole elements of `dtype`), or None."""
     import torch
 
-    from perta_stream.dtypes import torch_dtype
-
     values = torch.frombuffer(view, dtype=torch.uint8).view(torch_dtype(dtype))
     if dtype.startswith("F8"):
         # float8 kernels are sparse on CPU; the widening copy is bounded by the chunk size.
@@ -218,8 +226,6 @@ def _first_non_finite(view: memoryview, dtype: str) -> int | None:
 
 
 def _locate(header: SafetensorsHeader, chunk_offset: int, element: int, dtype: str) -> str:
-    from perta_stream.dtypes import DTYPE_BYTES
-
     byte = chunk_offset + element * DTYPE_BYTES[dtype]
     for info in header.tensors.values():
         if info.begin <= byte < info.end:

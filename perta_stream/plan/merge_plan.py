@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
-from perta_stream.sources.checkpoint import Checkpoint, describe_tying
+from perta_stream.sources.checkpoint import OUTPUT_EMBEDDING_NAMES, Checkpoint, describe_tying
 from perta_stream.sources.safetensors_header import TensorInfo
 from perta_stream.sinks.shard_writer import TensorSpec
 
@@ -140,15 +140,30 @@ def plan_merge(
     theta0, fgt = inputs.get("theta0"), inputs.get("fgt")
     if full is None or theta0 is None or fgt is None:
         return None, problems
-    _check_tying(inputs, problems)
+    tying_differs = _check_tying(inputs, problems)
     stat_roles = STAT_ROLES.get(method, ())
+    if any(role not in inputs for role in stat_roles):
+        # The statistics could not be opened; why was already reported. Check the models alone
+        # so their problems are still listed in the same error.
+        stat_roles = ()
     tasks_by_name: dict[str, TensorTask] = {}
+    stat_mismatches: dict[str, list[str]] = {role: [] for role in stat_roles}
     for tensor_name, full_info in full.tensors.items():
-        task = _plan_tensor(tensor_name, full_info, inputs, stat_roles, out_dtype, problems)
+        task = _plan_tensor(tensor_name, full_info, inputs, stat_roles, out_dtype, problems, stat_mismatches)
         if task is not None:
             tasks_by_name[tensor_name] = task
+    for role, mismatches in stat_mismatches.items():
+        # One line per statistics checkpoint: statistics of another model differ in every tensor.
+        if mismatches:
+            more = f" (and {len(mismatches) - 1} more tensor(s))" if len(mismatches) > 1 else ""
+            problems.append(
+                f"statistics {role} ({inputs[role].location}) do not match the model: {mismatches[0]}{more}; "
+                "recompute them for this model with `perta-stream stats` on theta0"
+            )
     for checkpoint in (theta0, fgt):
         for tensor_name in checkpoint.tensors:
+            if tying_differs and tensor_name in OUTPUT_EMBEDDING_NAMES:
+                continue  # already explained by the tying mismatch
             if tensor_name not in full.tensors:
                 problems.append(
                     f"tensor {tensor_name!r} of {checkpoint.role} ({checkpoint.location}) is missing from full "
@@ -198,11 +213,14 @@ def plan_merge(
     return plan, problems
 
 
-def _check_tying(inputs: dict[str, Checkpoint], problems: list[str]) -> None:
+def _check_tying(inputs: dict[str, Checkpoint], problems: list[str]) -> bool:
+    """Report (and return) whether the three models disagree on tying lm_head to the embedding."""
     models = [inputs[role] for role in MODEL_ROLES]
     if len({m.ties_embeddings for m in models}) > 1:
         described = "; ".join(f"{m.role} ({m.location}) {describe_tying(m)}" for m in models)
         problems.append(f"tying mismatch: {described}; all three must come from the same architecture")
+        return True
+    return False
 
 
 def _plan_tensor(
@@ -212,6 +230,7 @@ def _plan_tensor(
     stat_roles: tuple[str, ...],
     out_dtype: str | None,
     problems: list[str],
+    stat_mismatches: dict[str, list[str]],
 ) -> TensorTask | None:
     present = {role: inputs[role].tensors.get(tensor_name) for role in ("theta0", "fgt")}
     if all(info is None for info in present.values()):
@@ -235,17 +254,13 @@ def _plan_tensor(
     for role in stat_roles:
         info = inputs[role].tensors.get(tensor_name)
         if info is None:
-            problems.append(
-                f"statistics {role} ({inputs[role].location}) lack tensor {tensor_name!r}; "
-                "they were computed for another model: recompute them with `perta-stream stats` on theta0"
-            )
+            stat_mismatches[role].append(f"they lack tensor {tensor_name!r}")
         elif info.shape != full_info.shape:
-            problems.append(
-                f"statistics {role}: tensor {tensor_name!r} has shape {list(info.shape)}, the model {list(full_info.shape)}; "
-                "recompute the statistics for this model"
+            stat_mismatches[role].append(
+                f"tensor {tensor_name!r} has shape {list(info.shape)}, the model {list(full_info.shape)}"
             )
         elif info.dtype not in STAT_DTYPES:
-            problems.append(f"statistics {role}: tensor {tensor_name!r} is {info.dtype}; statistics must be F32 or BF16")
+            stat_mismatches[role].append(f"tensor {tensor_name!r} is {info.dtype}, not F32 or BF16")
         else:
             sources[role] = info
     if len(sources) != 3 + len(stat_roles):

@@ -263,7 +263,8 @@ def plan_stats(
     )
     peak_device = max(layer_device, head_device)
     staging = 2 * max(max(group_bytes.values()), head_bytes)
-    flush_buffers = max(group_numel.values()) * stats_dtype_bytes
+    # A finished group's float32 statistics move to the host, then one tensor at a time is rounded.
+    flush_buffers = max(group_numel.values()) * 4 * len(kinds) + max(numel.values()) * stats_dtype_bytes
     tied_accumulators = head_matrix * accumulator_factor * len(lengths) if shape.ties_embeddings else 0
     if device == "cpu":
         peak_host = BASELINE_HOST_BYTES + boundary_ram + peak_device + flush_buffers + tied_accumulators

@@ -161,3 +161,57 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(item) for item in value]
     return value
+
+
+def compare_at_matched_forgetting(rows: Sequence[SweepRow], *, baseline: str = "tv") -> list[str]:
+    """Each non-baseline merge's utility against the baseline's utility at the same forget quality.
+
+    The baseline's curve is its rows in α order; on every segment whose forget-quality range
+    (log scale) holds the point's forget quality, the baseline's utility is interpolated linearly in
+    log forget quality. When several segments match (forget quality is not monotonic in α), the
+    highest baseline utility is used, so the comparison never favours the non-baseline method.
+
+    Returns:
+        One line per compared row and a final count line; a row whose forget quality is outside
+        the baseline's range says so instead of being compared.
+    """
+    def usable(row: SweepRow) -> bool:
+        quality, utility = row.metrics.get("forget_quality"), row.metrics.get("model_utility")
+        return quality is not None and utility is not None and math.isfinite(quality) and math.isfinite(utility)
+
+    def log_quality(row: SweepRow) -> float:
+        return math.log10(max(row.metrics["forget_quality"], 1e-300))
+
+    curve = [row for row in sort_rows(rows) if row.kind != REFERENCE and row.method == baseline and usable(row)]
+    if not curve:
+        return [f"no {baseline} rows with forget quality and model utility to compare with"]
+    lines: list[str] = []
+    ahead = compared = 0
+    for row in sort_rows(rows):
+        if row.kind == REFERENCE or row.method == baseline or not usable(row):
+            continue
+        target = log_quality(row)
+        matches = []
+        segments = list(zip(curve, curve[1:])) or [(curve[0], curve[0])]
+        for left, right in segments:
+            low, high = sorted((log_quality(left), log_quality(right)))
+            if low <= target <= high:
+                span = log_quality(right) - log_quality(left)
+                share = 0.0 if span == 0 else (target - log_quality(left)) / span
+                matches.append(left.metrics["model_utility"] + share * (right.metrics["model_utility"] - left.metrics["model_utility"]))
+        quality_text = format_metric(row.metrics["forget_quality"], "sci")
+        utility = row.metrics["model_utility"]
+        if not matches:
+            lowest = min(c.metrics["forget_quality"] for c in curve)
+            highest = max(c.metrics["forget_quality"] for c in curve)
+            lines.append(
+                f"{row.label}: forget quality {quality_text} is outside {baseline}'s range "
+                f"[{format_metric(lowest, 'sci')}, {format_metric(highest, 'sci')}]; not compared"
+            )
+            continue
+        reference = max(matches)
+        compared += 1
+        ahead += utility > reference
+        lines.append(f"{row.label}: forget quality {quality_text}, utility {utility:.3f} vs {baseline} {reference:.3f} ({utility - reference:+.3f})")
+    lines.append(f"{ahead} of {compared} compared points keep more utility than {baseline} at the same forget quality")
+    return lines

@@ -180,8 +180,9 @@ def pickle_refusal(location: str, role: str, pickles: list[str]) -> PickleCheckp
     listed = ", ".join(sorted(pickles)[:3])
     return PickleCheckpointError(
         f"{role} checkpoint {location} has only pickle weights ({listed}); pickles can run code when loaded, "
-        f"so they are refused: convert once with `perta-stream convert --allow-pickle {location} --out DIR` "
-        "(or `model.save_pretrained(DIR, safe_serialization=True)`) and pass DIR instead"
+        "so they are refused: if you trust the file, convert it once with transformers "
+        f"(`AutoModelForCausalLM.from_pretrained('{location}').save_pretrained('DIR')` writes safetensors; "
+        "copy the tokenizer files too) and pass DIR instead"
     )
 
 

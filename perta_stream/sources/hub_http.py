@@ -138,8 +138,13 @@ def hub_error(exc: BaseException, *, action: str, location: str) -> HubError:
     from huggingface_hub import errors as hf_errors
 
     endpoint = hub_endpoint()
+    exc = _root_cause(exc)
     if isinstance(exc, HubError):
         return exc
+    if isinstance(exc, _TransientStatus):
+        return HubError(f"{action} {location}: the Hub answered HTTP {exc.status}; retry later")
+    if isinstance(exc, _ShortBody):
+        return HubError(f"{action} {location}: the connection kept ending early ({exc}); check the network and retry")
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return HubError(f"{action} {location}: HF_HUB_OFFLINE is set; unset it to read or write hf:// locations")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
@@ -172,6 +177,23 @@ def hub_error(exc: BaseException, *, action: str, location: str) -> HubError:
     if isinstance(exc, httpx2.TransportError):
         return HubError(f"{action} {location}: cannot reach {endpoint} ({type(exc).__name__}: {_first_line(exc)}); check the network")
     return HubError(f"{action} {location}: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """huggingface_hub wraps some failures (`RuntimeError("Error while uploading ...")` from an
+    HTTP error); the HTTP error underneath says what went wrong."""
+    seen = {id(exc)}
+    while not _is_known(exc) and exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _is_known(exc: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub import errors as hf_errors
+
+    return isinstance(exc, HubError | _TransientStatus | _ShortBody | hf_errors.HfHubHTTPError | httpx2.TransportError)
 
 
 def is_transient(exc: BaseException) -> bool:

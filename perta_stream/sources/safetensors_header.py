@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from perta_stream.errors import HeaderError
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _LENGTH_PREFIX_BYTES = 8
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlong = 160, 80, 8, 4, 40
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def parse_header(read_at: Callable[[int, int], bytes], file_size: int, file_name
     if len(raw) != header_len:
         raise HeaderError(f"{where}: header shorter than its length field says; the file is truncated")
     entries, metadata = _decode_json(raw, where)
-    tensors = _validate_entries(entries, where, file_name, data_start)
+    tensors = _validate_entries(entries, where, file_name, data_start, file_size - data_start)
     _check_tiling(tensors, where, data_area_bytes=file_size - data_start, data_start=data_start)
     return SafetensorsHeader(
         file_name=file_name,
@@ -175,29 +178,36 @@ def _decode_json(raw: bytes, where: str) -> tuple[dict[str, object], dict[str, s
     return document, dict(metadata_raw)
 
 
-def _validate_entries(entries: dict[str, object], where: str, file_name: str, data_start: int) -> list[TensorInfo]:
+def _validate_entries(
+    entries: dict[str, object], where: str, file_name: str, data_start: int, data_area_bytes: int
+) -> list[TensorInfo]:
     tensors: list[TensorInfo] = []
     for tensor_name, entry in entries.items():
-        at = f"{where}: tensor {tensor_name!r}"
+        at = f"{where}: tensor {_brief(tensor_name)}"
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
             raise HeaderError(f"{at}: entry must have exactly the keys dtype, shape, data_offsets")
         dtype = entry["dtype"]
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             known = ", ".join(sorted(DTYPE_BYTES))
-            raise HeaderError(f"{at}: unknown dtype {dtype!r} (known: {known})")
+            raise HeaderError(f"{at}: unknown dtype {_brief(dtype)} (known: {known})")
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise HeaderError(f"{at}: shape {shape!r} is not a list of non-negative integers")
+            raise HeaderError(f"{at}: shape {_brief(shape)} is not a list of non-negative integers")
         offsets = entry["data_offsets"]
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-            raise HeaderError(f"{at}: data_offsets {offsets!r} is not a pair of non-negative integers")
+            raise HeaderError(f"{at}: data_offsets {_brief(offsets)} is not a pair of non-negative integers")
         begin, end = offsets
         if end < begin:
             raise HeaderError(f"{at}: data_offsets end {end} is before begin {begin}")
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
+        expected = _byte_count(shape, DTYPE_BYTES[dtype], limit=data_area_bytes)
+        if expected is None:
+            raise HeaderError(
+                f"{at}: shape {_brief(shape)} of {dtype} needs more bytes than the file's {data_area_bytes}-byte "
+                "data area; the file is corrupt or truncated"
+            )
         if end - begin != expected:
             raise HeaderError(
-                f"{at}: byte range holds {end - begin} bytes but shape {shape} of {dtype} needs {expected}"
+                f"{at}: byte range holds {end - begin} bytes but shape {_brief(shape)} of {dtype} needs {expected}"
             )
         tensors.append(TensorInfo(tensor_name, dtype, tuple(shape), file_name, data_start + begin, data_start + end))
     return tensors
@@ -210,7 +220,7 @@ def _check_tiling(tensors: list[TensorInfo], where: str, *, data_area_bytes: int
         if info.begin != position:
             kind = "overlaps the previous tensor" if info.begin < position else "leaves a gap before it"
             raise HeaderError(
-                f"{where}: tensor {info.tensor_name!r} at data offset {info.begin - data_start} {kind}; "
+                f"{where}: tensor {_brief(info.tensor_name)} at data offset {info.begin - data_start} {kind}; "
                 "data offsets must tile the data area, the file is corrupt"
             )
         position = info.end
@@ -224,6 +234,27 @@ def _check_tiling(tensors: list[TensorInfo], where: str, *, data_area_bytes: int
             f"{where}: {data_area_bytes - (position - data_start)} bytes after the last tensor belong to no tensor; "
             "the file is corrupt"
         )
+
+
+def _byte_count(shape: list[int], itemsize: int, *, limit: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None once the count passes `limit`.
+
+    Stopping early matters: a hostile header may list millions of huge dimensions, whose exact
+    product would take unbounded time and memory to compute (and could not even be printed).
+    """
+    if 0 in shape:
+        return 0
+    count = itemsize
+    for dim in shape:
+        count *= dim
+        if count > limit:
+            return None
+    return count
+
+
+def _brief(value: object) -> str:
+    """A short repr for messages: a header may hold megabytes of junk in one field."""
+    return _REPR.repr(value)
 
 
 def _is_count(value: object) -> bool:

@@ -1,0 +1,266 @@
+"""`run_unlearn`: statistics (reused when already computed for the same inputs), then the merge.
+
+Recipe, top to bottom:
+1. grad and fisher need statistics: work out what they must have been computed from (the stats
+   model's header hash, the data files' sha256, fraction, seed, max_length, record keys, system
+   prompt, kinds) and compare with the `perta_stats.json` of the statistics directory;
+2. reuse it when everything matches, compute it when it is missing, and refuse (saying what
+   differs) when it exists but does not match, unless `recompute_stats` asks to replace it;
+3. merge every α in one pass.
+tv and uniform need no statistics and go straight to the merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perta_stream.config.merge import MergeConfig
+from perta_stream.config.unlearn import UnlearnConfig
+from perta_stream.errors import StatisticsError
+from perta_stream.memory import current_rss_bytes
+
+__all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatsIdentity:
+    """What a statistics directory must have been computed from to be reused.
+
+    Attributes:
+        model_header_sha256: `Checkpoint.header_sha256` of the model the statistics are taken at.
+        forget_sha256, retain_sha256: sha256 of the data files.
+        fraction, seed, max_length, question_key, answer_key, system_prompt: the sampling and encoding.
+        kinds: the statistics the merge needs (the directory may hold more).
+    """
+
+    model_header_sha256: str
+    forget_sha256: str
+    retain_sha256: str
+    fraction: float
+    seed: int
+    max_length: int
+    question_key: str
+    answer_key: str
+    system_prompt: str | None
+    kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    """What `run_unlearn` did.
+
+    Attributes:
+        outputs: the merged checkpoints, one per α (empty for a dry run).
+        stats_dir: the statistics directory used (None for tv and uniform).
+        stats_reused: True when an existing statistics directory matched, False when computed,
+            None when the method needs none.
+        plan_text: what a dry run would do, else None.
+        stats_s, merge_s, elapsed_s: wall time per stage and in total.
+        peak_rss_bytes: the merge's peak resident memory.
+    """
+
+    outputs: tuple[str, ...]
+    stats_dir: str | None
+    stats_reused: bool | None
+    plan_text: str | None
+    stats_s: float
+    merge_s: float
+    elapsed_s: float
+    peak_rss_bytes: int
+
+    def summary(self) -> str:
+        if self.stats_reused is None:
+            stats_text = "no statistics needed"
+        elif self.stats_reused:
+            stats_text = f"reused statistics {self.stats_dir}"
+        else:
+            stats_text = f"computed statistics into {self.stats_dir} in {self.stats_s:.1f} s"
+        return f"{stats_text}; merged {', '.join(self.outputs)} in {self.merge_s:.1f} s (total {self.elapsed_s:.1f} s)"
+
+
+def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
+    """The identity the statistics of `config` must have (reads the model's headers and hashes the data).
+
+    Raises:
+        CheckpointError: the stats model cannot be opened. DatasetError: a data file is missing.
+    """
+    from perta_stream.errors import DatasetError
+    from perta_stream.sources.qa_dataset import file_sha256
+    from perta_stream.sources.resolve import open_checkpoint
+
+    checkpoint, source = open_checkpoint(config.effective_stats_model, "stats model")
+    source.close()
+    hashes = {}
+    for flag, path in (("--forget", config.forget), ("--retain", config.retain)):
+        if not path or not Path(path).is_file():
+            raise DatasetError(f"{flag} {path} does not exist; give the data file the statistics are computed on")
+        hashes[flag] = file_sha256(path)
+    return StatsIdentity(
+        model_header_sha256=checkpoint.header_sha256,
+        forget_sha256=hashes["--forget"],
+        retain_sha256=hashes["--retain"],
+        fraction=config.fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        question_key=config.question_key,
+        answer_key=config.answer_key,
+        system_prompt=config.system_prompt,
+        kinds=(config.method,),
+    )
+
+
+def stats_mismatches(record: dict[str, Any], expected: StatsIdentity) -> list[str]:
+    """Every way a `perta_stats.json` record differs from what `expected` needs (empty: reusable).
+
+    The statistics may hold more kinds than needed; everything else must be equal.
+    """
+    found: list[str] = []
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    if model.get("header_sha256") != expected.model_header_sha256:
+        found.append(f"computed at another model ({model.get('location')!r}, header sha256 {str(model.get('header_sha256'))[:12]}…)")
+    datasets = record.get("datasets") if isinstance(record.get("datasets"), dict) else {}
+    for name, sha256 in (("forget", expected.forget_sha256), ("retain", expected.retain_sha256)):
+        entry = datasets.get(name) if isinstance(datasets.get(name), dict) else {}
+        if entry.get("sha256") != sha256:
+            found.append(f"computed on another {name} file ({entry.get('path')!r})")
+    fraction = record.get("fraction")
+    if not isinstance(fraction, (int, float)) or not math.isclose(float(fraction), expected.fraction, rel_tol=0, abs_tol=1e-12):
+        found.append(f"fraction {fraction} instead of {expected.fraction}")
+    for key in ("seed", "max_length", "question_key", "answer_key", "system_prompt"):
+        if record.get(key) != getattr(expected, key):
+            found.append(f"{key} {record.get(key)!r} instead of {getattr(expected, key)!r}")
+    kinds = record.get("kinds") if isinstance(record.get("kinds"), list) else []
+    missing = [kind for kind in expected.kinds if kind not in kinds]
+    if missing:
+        found.append(f"holds {', '.join(kinds) or 'no kinds'}, not {', '.join(missing)}")
+    return found
+
+
+def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
+    """Make sure matching statistics exist (grad, fisher), then merge every α.
+
+    Raises:
+        StatisticsError: the statistics directory exists but was computed from other inputs
+            (and recompute_stats is off); the message lists every difference.
+        PlanError, CheckpointError, DatasetError, WriteError: from the stats and merge stages.
+    """
+    from perta_stream.pipelines.merge import run_merge
+
+    started = time.perf_counter()
+    stats_dir: str | None = None
+    reused: bool | None = None
+    stats_s = 0.0
+    plans: list[str] = []
+    if config.needs_stats:
+        stats_dir = config.effective_stats_dir
+        stats_started = time.perf_counter()
+        reused, stats_plan = _ensure_stats(config, stats_dir)
+        stats_s = time.perf_counter() - stats_started
+        if stats_plan is not None:
+            plans.append(stats_plan)
+
+    if config.dry_run and config.needs_stats and not reused:
+        plans.append(f"merge: {config.method} at alpha {', '.join(f'{a:g}' for a in config.alphas)} once the statistics exist")
+        return UnlearnResult((), stats_dir, reused, "\n".join(plans), stats_s, 0.0, time.perf_counter() - started, 0)
+
+    merge_started = time.perf_counter()
+    merged = run_merge(_merge_config(config, stats_dir))
+    merge_s = time.perf_counter() - merge_started
+    if merged.plan_text is not None:
+        plans.append(merged.plan_text)
+    return UnlearnResult(
+        outputs=merged.outputs,
+        stats_dir=stats_dir,
+        stats_reused=reused,
+        plan_text="\n".join(plans) if config.dry_run else None,
+        stats_s=stats_s,
+        merge_s=merge_s,
+        elapsed_s=time.perf_counter() - started,
+        peak_rss_bytes=merged.peak_rss_bytes,
+    )
+
+
+def _ensure_stats(config: UnlearnConfig, stats_dir: str) -> tuple[bool, str | None]:
+    """(reused, dry-run plan text): reuse, compute, or refuse the statistics directory."""
+    from perta_stream.sources.stats_dir import read_stats_record
+
+    expected = expected_stats_identity(config)
+    exists = Path(stats_dir).exists()
+    if exists:
+        try:
+            differences = stats_mismatches(read_stats_record(stats_dir), expected)
+        except StatisticsError as exc:
+            differences = [str(exc)]
+        if not differences:
+            logger.info("reusing statistics %s (same model, data and options)", stats_dir)
+            return True, (f"stats: reuse {stats_dir} (same model, data and options)" if config.dry_run else None)
+        if not config.recompute_stats:
+            raise StatisticsError(
+                f"statistics directory {stats_dir} does not match this run: {'; '.join(differences)}; "
+                "pass --recompute-stats to replace it, or --stats-dir with another folder"
+            )
+        logger.info("statistics %s differ (%s); recomputing", stats_dir, "; ".join(differences))
+    result = _run_stats(config, stats_dir, overwrite=exists)
+    if config.dry_run:
+        return False, f"stats: compute into {stats_dir}\n{result.plan_text or ''}".rstrip()
+    return False, None
+
+
+def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any:
+    from perta_stream.config.stats import StatsConfig
+    from perta_stream.pipelines.stats import run_stats
+
+    options: dict[str, Any] = {}
+    if config.stats_dtype is not None:
+        options["stats_dtype"] = config.stats_dtype
+    stats_config = StatsConfig(
+        model=config.effective_stats_model,
+        forget=str(config.forget),
+        retain=str(config.retain),
+        out=stats_dir,
+        kinds=config.kinds,
+        fraction=config.fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        device=config.device,
+        question_key=config.question_key,
+        answer_key=config.answer_key,
+        system_prompt=config.system_prompt,
+        dry_run=config.dry_run,
+        overwrite=overwrite,
+        **options,
+    )
+    result = run_stats(stats_config)
+    if not config.dry_run:
+        logger.info("%s", result.summary())
+    return result
+
+
+def _merge_config(config: UnlearnConfig, stats_dir: str | None) -> MergeConfig:
+    return MergeConfig(
+        theta0=config.theta0,
+        full=config.full,
+        fgt=config.fgt,
+        out=config.out,
+        method=config.method,
+        stats=stats_dir,
+        alphas=config.alphas,
+        tau=config.tau,
+        uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight,
+        out_dtype=config.out_dtype,
+        max_shard_bytes=config.max_shard_bytes,
+        # Statistics may have run in this process (torch, the tokenizer); the budget is what the
+        # merge may add on top of what the process holds when it starts.
+        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        dry_run=config.dry_run,
+        overwrite=config.overwrite,
+    )
