@@ -355,6 +355,29 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- convert
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "convert",
+        help="convert a pickle checkpoint (.bin/.pt) to safetensors (needs --allow-pickle)",
+        description="Unpickling can run code: only convert checkpoints whose source you trust.",
+    )
+    parser.add_argument("model", help="directory holding pytorch_model*.bin or *.pt weights")
+    parser.add_argument("--out", required=True, help="output directory (safetensors)")
+    parser.add_argument("--allow-pickle", action="store_true", help="opt in to unpickling (torch.load weights_only=True)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_common(parser)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from perta_stream.pipelines.convert import ConvertConfig, run_convert
+
+    out = run_convert(ConvertConfig(model=args.model, out=args.out, allow_pickle=args.allow_pickle, overwrite=args.overwrite))
+    if not args.quiet:
+        print(f"converted {args.model} into {out}", file=sys.stderr)
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge, _run_merge),
     "eval": (_add_eval, _run_eval),
@@ -364,6 +387,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
     "unlearn": (_add_unlearn, _run_unlearn),
     "sweep": (_add_sweep, _run_sweep),
     "demo": (_add_demo, _run_demo),
+    "convert": (_add_convert, _run_convert),
 }
 
 

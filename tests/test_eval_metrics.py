@@ -97,3 +97,13 @@ def test_rouge_l_recall_uses_stemming():
 def test_mean_of_no_values_is_an_error():
     with pytest.raises(EvaluationError):
         m.mean([])
+
+
+def test_forget_quality_where_scipy_falls_back_to_the_asymptotic_p_value():
+    # D = 1/5 between two interleaved samples of 5: the exact recursion gives up, scipy's
+    # asymptotic value is 1, and no warning escapes to the caller.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert m.forget_quality([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.5, 3.5, 4.5, 5.5]) == pytest.approx(1.0)

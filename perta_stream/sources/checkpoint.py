@@ -180,9 +180,8 @@ def pickle_refusal(location: str, role: str, pickles: list[str]) -> PickleCheckp
     listed = ", ".join(sorted(pickles)[:3])
     return PickleCheckpointError(
         f"{role} checkpoint {location} has only pickle weights ({listed}); pickles can run code when loaded, "
-        "so they are refused: if you trust the file, convert it once with transformers "
-        f"(`AutoModelForCausalLM.from_pretrained('{location}').save_pretrained('DIR')` writes safetensors; "
-        "copy the tokenizer files too) and pass DIR instead"
+        "so they are refused: if you trust the file, convert it once with "
+        f"`perta-stream convert --allow-pickle {location} --out DIR` and pass DIR instead"
     )
 
 

@@ -1,0 +1,273 @@
+"""GPU benchmark of the statistics engine, with a Llama-70B extrapolation (one prepared script).
+
+    .venv/bin/python benchmarks/gpu_stats.py                 # on a CUDA machine (about 3-5 minutes)
+    .venv/bin/python benchmarks/gpu_stats.py --smoke         # tiny shapes on CPU: checks the script runs
+
+Three measurements, all in this process, bfloat16 compute with float32 accumulation:
+  1. end to end: `run_stats` on a random Llama-shaped checkpoint (hidden 2048, 16 layers) with
+     64 + 64 TOFU samples: wall time, tokens/s, peak GPU memory, peak RSS.
+  2. one decoder layer of Llama-70B's shape (hidden 8192, 64 heads, 8 KV heads, intermediate
+     28672) with random bf16 weights: the engine's forward (no grad) and its backward (recompute,
+     autograd, exact per-sample grad + fisher statistics) on batches of TOFU-like length, timed
+     per token, with the peak GPU memory.
+  3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way, and the
+     speed of reading a 70B layer's bytes (1.7 GB) from local disk with the page cache dropped.
+Extrapolation to a 70B run on `--tokens` tokens (default: TOFU forget10 + retain90 at fraction
+0.2, about 62 k tokens with padding, the figure `--dry-run --config-only` prints):
+  compute_s = tokens * (80 * (forward_s + backward_s) + head_s) per token
+  io_s      = 2 * 80 * layer_bytes / read_bytes_per_s   (overlapped with compute by the prefetch)
+  total_s   = max(compute_s, io_s) + boundary spill traffic / disk bytes_per_s
+The assumptions (per-token cost independent of batch composition, prefetch hiding the smaller of
+compute and reads) are stated in the result. Writes benchmarks/results/stats_gpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_info, write_results  # noqa: E402
+
+LLAMA_70B = {"hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "num_hidden_layers": 80}
+SMOKE_70B = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1024, "num_hidden_layers": 80}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_device_bytes(device) -> int:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def end_to_end(args: argparse.Namespace, device) -> dict:
+    """`run_stats` on a random Llama-shaped checkpoint and 64 + 64 TOFU samples."""
+    import bench_stats
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perta_stream.config.stats import StatsConfig
+    from perta_stream.pipelines.stats import run_stats
+
+    work = Path(tempfile.mkdtemp(prefix="perta-gpu-bench-"))
+    bench_stats.WORK = work
+    tokenizer = bench_stats.build_tokenizer()
+    hidden, layers = (256, 4) if args.smoke else (2048, 16)
+    config = LlamaConfig(vocab_size=max(len(tokenizer), 16384), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(work / "model", max_shard_size="1GB")
+    tokenizer.save_pretrained(work / "model")
+    parameters = sum(p.numel() for p in model.parameters())
+    del model
+    samples = 8 if args.smoke else 64
+    forget, retain = bench_stats.tofu_subset("forget10", samples), bench_stats.tofu_subset("retain90", samples)
+    _reset_peak(device)
+    started = time.perf_counter()
+    result = run_stats(StatsConfig(model=str(work / "model"), forget=str(forget), retain=str(retain), out=str(work / "out"), device=device.type, batch_size=args.batch_size))
+    wall_s = time.perf_counter() - started
+    tokens = sum(d["num_tokens"] for d in result.record["datasets"].values())
+    return {"hidden": hidden, "layers": layers, "parameters": parameters, "samples_per_set": samples, "tokens": tokens, "wall_s": wall_s,
+            "tokens_per_s": tokens / wall_s, "peak_device_bytes": _peak_device_bytes(device), "peak_rss_bytes": result.record["peak_rss_bytes"]}
+
+
+def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
+    """Forward and backward (with exact per-sample statistics) of one 70B-shaped decoder layer."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator
+    from perta_stream.compute.stats.skeleton import attention_mask
+
+    config = LlamaConfig(**{**shape, "num_hidden_layers": 1}, attn_implementation="sdpa")
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0).to(device=device, dtype=torch.bfloat16).eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    names = {}
+    for path, module in layer.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            names.setdefault(path, {})[attr] = f"{path}.{attr}"
+    shapes = {n: tuple(layer.get_submodule(path).get_parameter(attr).shape) for path, attrs in names.items() for attr, n in attrs.items()}
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    batch, width = args.batch_size, args.seq_len
+    hidden = torch.randn(batch, width, shape["hidden_size"], device=device, dtype=torch.bfloat16)
+    valid = torch.ones(batch, width, dtype=torch.bool, device=device)
+    valid[batch // 2 :, width * 3 // 4 :] = False  # some padding, as in real batches
+    positions = torch.arange(width, device=device)[None]
+    context = {"attention_mask": attention_mask(valid, None), "position_ids": positions, "position_embeddings": rotary(hidden, positions)}
+    acc = StatsAccumulator(shapes, ("grad", "fisher"), device)
+    _reset_peak(device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            layer(hidden, **context)
+
+    def backward() -> None:
+        h = hidden.clone().requires_grad_(True)
+        with torch.enable_grad(), PerSampleHooks(layer, names, acc, valid):
+            out = layer(h, **context)
+            torch.autograd.backward(out, torch.randn_like(out) * 1e-3)
+
+    timings = {}
+    for name, step in (("forward", forward), ("backward", backward)):
+        step()  # warm-up
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(args.repeats):
+            step()
+        _sync(device)
+        timings[name] = (time.perf_counter() - started) / args.repeats
+    tokens = int(valid.sum())
+    layer_bytes = sum(p.numel() for p in layer.parameters()) * 2
+    return {"batch": batch, "seq_len": width, "tokens_per_batch": tokens, "forward_s_per_batch": timings["forward"], "backward_s_per_batch": timings["backward"],
+            "forward_s_per_token": timings["forward"] / tokens, "backward_s_per_token": timings["backward"] / tokens,
+            "layer_bf16_bytes": layer_bytes, "accumulator_bytes": sum(t.numel() * 4 for t in list(acc.sums.values()) + list(acc.squares.values())),
+            "peak_device_bytes": _peak_device_bytes(device)}
+
+
+def head(args: argparse.Namespace, device, shape: dict) -> dict:
+    """Final norm + lm_head + per-sample loss + per-sample statistics, for one batch."""
+    import torch
+
+    from perta_stream.compute.prompts import per_sample_loss
+    from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator
+
+    hidden_size, vocab = shape["hidden_size"], shape["vocab_size"]
+    norm = torch.nn.RMSNorm(hidden_size, eps=1e-5).to(device=device, dtype=torch.bfloat16)
+    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device=device, dtype=torch.bfloat16)
+    for p in list(norm.parameters()) + list(lm_head.parameters()):
+        p.requires_grad_(False)
+    module = torch.nn.ModuleDict({"norm": norm, "lm_head": lm_head})
+    names = {"norm": {"weight": "norm"}, "lm_head": {"weight": "lm_head"}}
+    acc = StatsAccumulator({"norm": (hidden_size,), "lm_head": (vocab, hidden_size)}, ("grad", "fisher"), device)
+    batch, width = args.batch_size, args.seq_len
+    valid = torch.ones(batch, width, dtype=torch.bool, device=device)
+    labels = torch.randint(0, vocab, (batch, width), device=device)
+    labels[:, : width // 2] = -100  # the prompt half is masked, as in the answer-only loss
+    hidden = torch.randn(batch, width, hidden_size, device=device, dtype=torch.bfloat16)
+    _reset_peak(device)
+
+    def step() -> None:
+        h = hidden.clone().requires_grad_(True)
+        with torch.enable_grad(), PerSampleHooks(module, names, acc, valid):
+            per_sample_loss(lm_head(norm(h)), labels).sum().backward()
+
+    step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(args.repeats):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - started) / args.repeats
+    return {"s_per_batch": seconds, "s_per_token": seconds / (batch * width), "peak_device_bytes": _peak_device_bytes(device)}
+
+
+def read_speed(layer_bytes: int, directory: Path) -> float:
+    """Bytes per second reading a layer-sized file with ModuleWeightLoader-style preadv, cold cache."""
+    path = directory / "layer.bin"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as handle:
+        for _ in range(layer_bytes >> 20):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buffer = bytearray(64 << 20)
+        view = memoryview(buffer)
+        started = time.perf_counter()
+        offset = 0
+        while True:
+            count = os.preadv(fd, [view], offset)
+            if count == 0:
+                break
+            offset += count
+        seconds = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+    return offset / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=96, help="tokens per sample in the per-layer timing (TOFU samples are 60-150)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=61976, help="padded tokens of the 70B run to extrapolate (see --dry-run)")
+    args = parser.parse_args()
+
+    import torch
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device; run with --smoke to check the script on CPU")
+    shape = SMOKE_70B if args.smoke else LLAMA_70B
+    if args.smoke:
+        args.seq_len, args.repeats = min(args.seq_len, 32), 1
+    e2e = end_to_end(args, device)
+    layer = one_layer(args, device, shape)
+    head_numbers = head(args, device, shape)
+    with tempfile.TemporaryDirectory(prefix="perta-read-") as tmp:
+        read_bytes_per_s = read_speed(min(layer["layer_bf16_bytes"], 2 << 30), Path(tmp))
+    layers = shape["num_hidden_layers"]
+    compute_s = args.tokens * (layers * (layer["forward_s_per_token"] + layer["backward_s_per_token"]) + head_numbers["s_per_token"])
+    io_s = 2 * layers * layer["layer_bf16_bytes"] / read_bytes_per_s
+    boundary_bytes = (layers + 1) * args.tokens * shape["hidden_size"] * 2
+    spill_s = 2 * boundary_bytes / read_bytes_per_s  # written once, read once; write speed assumed equal to read speed
+    total_s = max(compute_s, io_s) + spill_s
+    extrapolation = {
+        "tokens": args.tokens,
+        "compute_s": compute_s,
+        "weight_read_s": io_s,
+        "boundary_spill_s": spill_s,
+        "total_s": total_s,
+        "peak_device_bytes_estimate": max(layer["peak_device_bytes"] + layer["layer_bf16_bytes"], head_numbers["peak_device_bytes"] + layer["layer_bf16_bytes"]),
+        "method": "per-token layer/head times measured on one 70B-shaped layer and the 70B head, times 80 layers and the token count; "
+        "weight reads (each layer twice) overlap compute through the prefetch, so max(compute, reads); boundary spill written and read once "
+        "at the measured read speed",
+    }
+    record = {"benchmark": "stats_gpu", "machine": machine_info(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+              "settings": vars(args), "end_to_end": e2e, "llama70b_layer": layer, "llama70b_head": head_numbers,
+              "read_bytes_per_s": read_bytes_per_s, "extrapolation_70b": extrapolation}
+    rows = [
+        {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30},
+        {"what": "70B layer forward (per batch)", "seconds": layer["forward_s_per_batch"], "tokens/s": 1 / layer["forward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
+        {"what": "70B layer backward + per-sample stats (per batch)", "seconds": layer["backward_s_per_batch"], "tokens/s": 1 / layer["backward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
+        {"what": "70B head + per-sample stats (per batch)", "seconds": head_numbers["s_per_batch"], "tokens/s": 1 / head_numbers["s_per_token"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30},
+        {"what": f"70B run extrapolated ({args.tokens} tokens)", "seconds": total_s, "tokens/s": args.tokens / total_s, "peak device (GiB)": extrapolation["peak_device_bytes_estimate"] / 2**30},
+    ]
+    notes = [extrapolation["method"], f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache)"]
+    name = "stats_gpu_smoke" if args.smoke else "stats_gpu"
+    _, md_path = write_results(name, record, rows, title=f"perta-stream stats on {record['device']}", notes=notes)
+    print(md_path.read_text())
+    print(json.dumps(extrapolation, indent=2))
+
+
+if __name__ == "__main__":
+    main()
