@@ -79,6 +79,11 @@ class EvaluationError(PertaStreamError, ValueError):
     """Evaluation inputs that do not fit together (model and tokenizer, split, retain logs)."""
 
 
+class DistributedError(PertaStreamError, RuntimeError):
+    """A multi-process run (torchrun, accelerate launch) whose launcher settings are inconsistent,
+    or in which another rank failed."""
+
+
 class PlanError(PertaStreamError, ValueError):
     """Several problems found while planning, reported all at once.
 

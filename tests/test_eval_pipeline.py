@@ -231,3 +231,29 @@ def test_cuda_evaluation_matches_cpu(workdir, result_a):
     for set_name in cpu_items:
         assert cuda_items[set_name]["probability"] == pytest.approx(cpu_items[set_name]["probability"], rel=1e-3)
         assert cuda_items[set_name]["truth_ratio"] == pytest.approx(cpu_items[set_name]["truth_ratio"], rel=1e-3)
+
+
+def test_bundled_tofu_data_is_complete_and_attributed():
+    from perta_stream.sources.tofu import available_splits, tofu_file
+
+    directory = bundled_tofu_dir()
+    assert available_splits(directory) == ["forget01", "forget10"]
+    counts = {name: len(load_eval_sets(directory, name)["forget"].items) for name in ("forget01", "forget10")}
+    assert counts == {"forget01": 40, "forget10": 400}
+    sets = load_eval_sets(directory, "forget01")
+    assert {name: len(s.items) for name, s in sets.items()} == {"forget": 40, "retain": 400, "real_authors": 100, "world_facts": 117}
+    assert sum(1 for _ in tofu_file(directory, "retain90.jsonl").open()) == 3600
+    assert "MIT License" in (directory / "LICENSE").read_text() and "locuslab/TOFU" in (directory / "README.md").read_text()
+    with pytest.raises(EvaluationError, match="lacks retain99.jsonl; files found there: forget01.jsonl"):
+        tofu_file(directory, "retain99.jsonl")
+
+
+def test_record_without_a_needed_field_names_file_and_record(workdir, tmp_path):
+    broken = shutil.copytree(workdir / "tofu", tmp_path / "tofu")
+    lines = (broken / "retain_perturbed.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    del record["paraphrased_answer"]
+    lines[1] = json.dumps(record)
+    (broken / "retain_perturbed.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"retain_perturbed.jsonl, record 1: field 'paraphrased_answer'"):
+        load_eval_sets(broken, "forget01")

@@ -9,6 +9,7 @@ names the problem, nothing at --out or <out>.partial, and every input byte-ident
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import struct
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from merge_fixtures import load_checkpoint, write_stats
-from perta_stream.cli import main
+from perta_stream.cli import build_parser, main
 from reliability_fixtures import (
     merge_args,
     run_cli,
@@ -236,7 +237,11 @@ def test_pickle_only_checkpoint_is_refused_with_conversion_hint(capsys, triplet,
     (fgt / "pytorch_model.bin").write_bytes(b"not a pickle, and never opened")
     message = merge_fails(capsys, triplet, tmp_path)
     assert "has only pickle weights (pytorch_model.bin)" in message
-    assert f"perta-stream convert --allow-pickle {fgt} --out DIR" in message
+    hint = f"perta-stream convert --allow-pickle {fgt} --out DIR"
+    assert hint in message
+    # The hint is a command this tool really has, with flags it really takes.
+    parsed = build_parser().parse_args(shlex.split(hint)[1:])
+    assert parsed.command == "convert" and parsed.allow_pickle and parsed.model == str(fgt)
 
 
 # ---------------------------------------------------------------- statistics

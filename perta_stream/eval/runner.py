@@ -58,17 +58,20 @@ def score_set(loaded: LoadedModel, tofu_set: TofuSet, *, batch_size: int, max_le
     """
     items = tofu_set.items
     options = {"batch_size": batch_size, "max_length": max_length, "system_prompt": system_prompt}
-    answer_loss = answer_losses(loaded, [(it.question, it.answer) for it in items], desc=f"{tofu_set.name}: answers", **options)
-    if all(it.correct_answer == it.answer for it in items):
-        correct_loss = list(answer_loss)
-    else:
-        correct_loss = answer_losses(loaded, [(it.question, it.correct_answer) for it in items], desc=f"{tofu_set.name}: paraphrased", **options)
-    flat_perturbed = [(it.question, wrong) for it in items for wrong in it.perturbed_answers]
-    flat_loss = answer_losses(loaded, flat_perturbed, desc=f"{tofu_set.name}: perturbed", **options)
+    # One scoring call for every answer of the set: length-sorted batches then mix answers,
+    # paraphrases and perturbations, so fewer forward passes run on short, padded batches.
+    separate_correct = any(it.correct_answer != it.answer for it in items)
+    pairs = [(it.question, it.answer) for it in items]
+    if separate_correct:
+        pairs += [(it.question, it.correct_answer) for it in items]
+    pairs += [(it.question, wrong) for it in items for wrong in it.perturbed_answers]
+    losses = answer_losses(loaded, pairs, desc=f"{tofu_set.name}: likelihoods", **options)
+    answer_loss = losses[: len(items)]
+    correct_loss = losses[len(items) : 2 * len(items)] if separate_correct else list(answer_loss)
+    position = 2 * len(items) if separate_correct else len(items)
     perturbed_loss: list[tuple[float, ...]] = []
-    position = 0
     for it in items:
-        perturbed_loss.append(tuple(flat_loss[position : position + len(it.perturbed_answers)]))
+        perturbed_loss.append(tuple(losses[position : position + len(it.perturbed_answers)]))
         position += len(it.perturbed_answers)
     generation = greedy_generations(
         loaded,

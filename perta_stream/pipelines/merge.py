@@ -11,7 +11,8 @@ from pathlib import Path
 
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
-from perta_stream.errors import PertaStreamError, PlanError, WriteError
+from perta_stream.distributed import DistContext, distributed, partition_by_size
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
@@ -94,7 +95,10 @@ def run_merge(config: MergeConfig) -> MergeResult:
             raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
             return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), ())
-        return _execute(config, plan, sources, started)
+        # Under torchrun / accelerate launch every rank planned the same thing from the headers;
+        # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
+        with distributed(device_type="cpu") as dist:
+            return _execute(config, plan, sources, started, dist)
     finally:
         for source in sources.values():
             source.close()
@@ -152,7 +156,7 @@ def _input_identity(checkpoint: Checkpoint) -> list:
     return [str(root), files]
 
 
-def _make_outputs(config: MergeConfig) -> list[ModelOutput]:
+def _make_outputs(config: MergeConfig, rank: int) -> list[ModelOutput]:
     outputs: list[ModelOutput] = []
     for out_dir in config.out_dirs:
         if is_hub_location(out_dir):
@@ -160,19 +164,31 @@ def _make_outputs(config: MergeConfig) -> list[ModelOutput]:
 
             outputs.append(HubModelOutput.from_config(out_dir, config))
         else:
-            outputs.append(LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume))
+            outputs.append(LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume, rank=rank))
     return outputs
 
 
-def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float) -> MergeResult:
+def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -> set[str]:
+    """Shards still to write that other ranks own: balanced by the bytes each shard reads."""
+    remaining = [shard for shard in plan.shards if shard.file_name not in done]
+    sizes = [sum(info.nbytes for task in shard.tasks for info in task.sources.values()) for shard in remaining]
+    owners = partition_by_size(sizes, dist.world_size)
+    return {shard.file_name for shard, owner in zip(remaining, owners) if owner != dist.rank}
+
+
+def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext) -> MergeResult:
     from perta_stream.compute.merge_kernel import MergeKernel
     from perta_stream.pipelines.streaming import run_stream
 
-    outputs = _make_outputs(config)
+    if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
+        raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
+    outputs = _make_outputs(config, dist.rank)
     run_fingerprint = fingerprint(config, plan)
-    finished_per_output = [output.open(run_fingerprint) for output in outputs]
+    finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
+    failure = _join_outputs(outputs, run_fingerprint, dist)
     # A shard counts as done only when every output has it; the others are rewritten identically.
     done = set.intersection(*(set(finished) for finished in finished_per_output))
+    skip_shards = done | _shards_of_other_ranks(plan, done, dist)
     kernel = MergeKernel(
         method=config.method,
         alphas=config.alphas,
@@ -182,31 +198,49 @@ def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource
         stat_roles=STAT_ROLES.get(config.method, ()),
     )
     remaining_bytes = sum(
-        info.nbytes for shard in plan.shards if shard.file_name not in done for task in shard.tasks for info in task.sources.values()
+        info.nbytes for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks for info in task.sources.values()
     )
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
-    with progress(total=remaining_bytes, desc="merge") as bar, RssWatchdog(config.max_memory_bytes) as watchdog:
-        try:
-            run_stream(
-                plan,
-                sources=sources,
-                kernel=kernel,
-                outputs=outputs,
-                skip_shards=done,
-                watchdog=watchdog,
-                on_progress=bar.update,
-            )
-        except BaseException:
-            for output in outputs:
-                output.abort()
-            raise
+    if dist.is_distributed:
+        logger.info("rank %d of %d writes %d of %d shards", dist.rank, dist.world_size, len(plan.shards) - len(skip_shards), len(plan.shards))
+    desc = f"merge [rank {dist.rank}]" if dist.is_distributed else "merge"
+    if failure is None:
+        with progress(total=remaining_bytes, desc=desc) as bar, RssWatchdog(config.max_memory_bytes) as watchdog:
+            try:
+                run_stream(
+                    plan,
+                    sources=sources,
+                    kernel=kernel,
+                    outputs=outputs,
+                    skip_shards=skip_shards,
+                    watchdog=watchdog,
+                    on_progress=bar.update,
+                )
+            except BaseException as exc:
+                for output in outputs:
+                    output.abort()
+                if not dist.is_distributed or not isinstance(exc, Exception):
+                    raise
+                failure = exc
+    _collect_shards(outputs, failure, dist)
     elapsed_s = time.perf_counter() - started
-    locations = []
-    for alpha, output in zip(config.alphas, outputs):
-        finished = output.finished_shards()
-        records = [finished[shard.file_name] for shard in plan.shards]
-        locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s))
+    locations: list[str] | str = []
+    if dist.is_main:
+        try:
+            for alpha, output in zip(config.alphas, outputs):
+                finished = output.finished_shards()
+                records = [finished[shard.file_name] for shard in plan.shards]
+                locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s))
+        except Exception as exc:
+            if not dist.is_distributed:
+                raise
+            # Tell the waiting ranks, then fail here with the real error.
+            dist.broadcast_object(f"rank 0 failed to finish the output: {exc}")
+            raise
+    locations = dist.broadcast_object(locations)
+    if isinstance(locations, str):
+        raise DistributedError(locations)
     return MergeResult(
         outputs=tuple(locations),
         plan_text=None,
@@ -216,6 +250,60 @@ def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
     )
+
+
+def _open_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistContext) -> list[dict[str, ShardRecord]]:
+    """Rank 0 prepares (or resumes) each output folder and tells the others what is finished."""
+    finished_per_output: list[dict[str, ShardRecord]] | str = []
+    if dist.is_main:
+        try:
+            finished_per_output = [output.open(run_fingerprint) for output in outputs]
+        except Exception as exc:
+            if dist.is_distributed:
+                dist.broadcast_object(f"rank 0 could not open the output: {exc}")
+            raise
+    finished_per_output = dist.broadcast_object(finished_per_output)
+    if isinstance(finished_per_output, str):
+        raise DistributedError(finished_per_output)
+    return finished_per_output
+
+
+def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistContext) -> Exception | None:
+    """Ranks > 0 join the folders rank 0 opened; a failure is kept to be reported to every rank."""
+    if dist.is_main:
+        return None
+    try:
+        for output in outputs:
+            output.open(run_fingerprint)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext) -> None:
+    """Every rank reports how it fared; rank 0 adopts the others' shard records.
+
+    Every rank takes part even after its own failure, so no rank is left waiting in a collective:
+    all of them raise, the failing one with its own error.
+
+    Raises:
+        the rank's own failure, or DistributedError naming the rank that failed.
+    """
+    if not dist.is_distributed:
+        return
+    reports = dist.all_gather_objects(
+        {"error": None if failure is None else f"{type(failure).__name__}: {failure}", "shards": [list(o.finished_shards().values()) for o in outputs]}
+    )
+    if failure is not None:
+        raise failure
+    failed = [(rank, report["error"]) for rank, report in enumerate(reports) if report["error"]]
+    if failed:
+        rank, message = failed[0]
+        raise DistributedError(f"rank {rank} of {dist.world_size} failed ({message}); the other ranks stopped too, rerun with --resume")
+    if dist.is_main:
+        for k, output in enumerate(outputs):
+            assert isinstance(output, LocalModelOutput)  # Hub outputs are refused under a launcher
+            output.add_finished([record for report in reports[1:] for record in report["shards"][k]])
 
 
 def _finalize(

@@ -4,6 +4,12 @@
 resume record there (`.perta_resume.json`: the run's fingerprint and each finished shard's
 sha256), rewritten atomically after every shard, so an interrupted run can continue where it
 stopped. The Hub output (sinks/hub_output.py) implements the same methods and uploads instead.
+
+Under a launcher several ranks write shards into one `<out>.partial/`. Rank 0 prepares the
+folder (`open`), the others join it; each rank > 0 keeps its own resume record
+(`.perta_resume.rank-<r>.json`), so no two processes ever write one file. Rank 0 adopts the
+other ranks' shards (`add_finished`) before it writes the index and commits; a resumed run, with
+any number of ranks, reads every rank's record.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.shard_writer import TMP_SUFFIX, ShardRecord, ShardWriter, TensorSpec
 
 RESUME_RECORD_NAME = ".perta_resume.json"
+RANK_RECORD_GLOB = ".perta_resume.rank-*.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
 
@@ -53,13 +60,27 @@ class ModelOutput(Protocol):
         """Drop what is unfinished; finished shards stay for a resume."""
 
 
-class LocalModelOutput:
-    """A merged checkpoint written to a local directory, atomically."""
+def rank_record_name(rank: int) -> str:
+    """The resume record of rank `rank` (rank 0 keeps the main one)."""
+    return RESUME_RECORD_NAME if rank == 0 else f".perta_resume.rank-{rank}.json"
 
-    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool, resume: bool):
+
+class LocalModelOutput:
+    """A merged checkpoint written to a local directory, atomically.
+
+    Args:
+        out_dir: the final directory.
+        overwrite: replace an existing `out_dir` at commit.
+        resume: continue from an existing `<out>.partial/`.
+        rank: this process's rank in a launched run; ranks > 0 only write shards into the folder
+            rank 0 opened (on a file system every node sees), never commit.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, overwrite: bool, resume: bool, rank: int = 0):
         self.location = str(out_dir)
         self._atomic = AtomicOutputDir(out_dir, overwrite=overwrite, keep_partial=resume)
         self._resume = resume
+        self._rank = rank
         self._finished: dict[str, ShardRecord] = {}
         self._fingerprint = ""
         self._writer: ShardWriter | None = None
@@ -70,14 +91,40 @@ class LocalModelOutput:
 
     def open(self, fingerprint: str) -> dict[str, ShardRecord]:
         self._fingerprint = fingerprint
+        if self._rank != 0:
+            return self._join()
         existed = self.partial.exists()
         self._atomic.open()
         if self._resume and existed:
             self._finished = _load_resume_record(self.partial, fingerprint)
+            for path in sorted(self.partial.glob(RANK_RECORD_GLOB)):
+                self._finished.update(_verified_shards(self.partial, path, fingerprint))
         for leftover in self.partial.glob(f"*{TMP_SUFFIX}"):
             leftover.unlink()
         self._save_resume_record()
+        self._drop_rank_records()
         return dict(self._finished)
+
+    def _join(self) -> dict[str, ShardRecord]:
+        # Rank 0 has created (or resumed) the folder and cleaned it; touching leftovers here
+        # could delete another rank's shard in progress. The finished shards are rank 0's to tell.
+        if not self.partial.is_dir():
+            raise WriteError(
+                f"rank {self._rank} cannot see {self.partial}, which rank 0 created; with several nodes, "
+                "--out must be on a file system every node mounts at the same path"
+            )
+        return {}
+
+    def add_finished(self, records: Sequence[ShardRecord]) -> None:
+        """Rank 0 adopts shards the other ranks finished (their records then become redundant)."""
+        for record in records:
+            self._finished[record.file_name] = record
+        self._save_resume_record()
+        self._drop_rank_records()
+
+    def _drop_rank_records(self) -> None:
+        for path in self.partial.glob(RANK_RECORD_GLOB):
+            path.unlink(missing_ok=True)
 
     def begin_shard(self, file_name: str, tensors: Sequence[TensorSpec]) -> ShardWriter:
         self._writer = ShardWriter(self.partial / file_name, tensors, SAFETENSORS_METADATA)
@@ -98,6 +145,8 @@ class LocalModelOutput:
         return self.partial / file_name
 
     def commit(self) -> str:
+        if self._rank != 0:
+            raise WriteError(f"rank {self._rank} tried to commit {self.location}; only rank 0 commits")
         # Rename first, then drop the resume record: a crash in between leaves a complete output
         # with a stray hidden file, never a partial folder that can no longer be resumed.
         out = self._atomic.commit()
@@ -114,7 +163,7 @@ class LocalModelOutput:
             "fingerprint": self._fingerprint,
             "finished_shards": {name: {"size_bytes": r.size_bytes, "sha256": r.sha256} for name, r in self._finished.items()},
         }
-        _write_atomically(self.partial / RESUME_RECORD_NAME, json.dumps(record, indent=1).encode())
+        _write_atomically(self.partial / rank_record_name(self._rank), json.dumps(record, indent=1).encode())
 
 
 def _load_resume_record(partial: Path, fingerprint: str) -> dict[str, ShardRecord]:
@@ -125,6 +174,11 @@ def _load_resume_record(partial: Path, fingerprint: str) -> dict[str, ShardRecor
             # Killed between creating the folder and writing the first record: nothing was finished.
             return {}
         raise ResumeError(f"{partial} has no {RESUME_RECORD_NAME}; it was not written by this tool: delete it and rerun")
+    return _verified_shards(partial, path, fingerprint)
+
+
+def _verified_shards(partial: Path, path: Path, fingerprint: str) -> dict[str, ShardRecord]:
+    """The shards a resume record lists that are still intact (others are deleted)."""
     try:
         record = json.loads(path.read_text())
         finished = record["finished_shards"]

@@ -1,0 +1,209 @@
+"""Several processes: torchrun (gloo, CPU) must give exactly the single-process results.
+
+The end-to-end tests start two ranks with torch's own launcher, the way a user does
+(`python -m torch.distributed.run --nproc-per-node 2 -m perta_stream.cli ...`), and compare the
+outputs with a single-process run of the same command and with the dense reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merge_fixtures import make_triplet, output_bits, reference_merge, write_stats
+from perta_stream.distributed import SINGLE_PROCESS, DistContext, LaunchInfo, distributed, partition_by_size
+from perta_stream.errors import DistributedError, WriteError
+from perta_stream.sinks.model_output import RESUME_RECORD_NAME, LocalModelOutput, rank_record_name
+from perta_stream.sinks.shard_writer import TensorSpec
+
+# Fields of perta_merge.json that describe one run's timing and memory, not its result.
+VOLATILE_RECORD_KEYS = {"elapsed_s", "read_gb_per_s", "peak_rss_bytes"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _cli(args: list[str], *, nproc: int, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PERTA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        command = [sys.executable, "-m", "perta_stream.cli", *args]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+        command = [*launcher, "-m", "perta_stream.cli", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def _assert_same_output(single: Path, launched: Path) -> None:
+    one, two = _files(single), _files(launched)
+    assert sorted(one) == sorted(two)
+    for name in one:
+        if name == "perta_merge.json":
+            record_one, record_two = json.loads(one[name]), json.loads(two[name])
+            for key in VOLATILE_RECORD_KEYS:
+                record_one.pop(key), record_two.pop(key)
+            assert record_one == record_two
+        else:
+            assert one[name] == two[name], f"{name} differs between one process and two"
+
+
+# ------------------------------------------------------------------ end to end, two ranks
+@pytest.fixture(scope="module")
+def triplet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_models")
+    theta0, full, fgt = make_triplet(root, tied=True)
+    stats = write_stats(root / "stats", theta0, kinds=("fisher",))
+    return theta0, full, fgt, stats
+
+
+def test_merge_under_torchrun_is_byte_identical_to_one_process(triplet, tmp_path):
+    theta0, full, fgt, stats = triplet
+    common = ["merge", "--theta0", str(theta0), "--full", str(full), "--fgt", str(fgt), "--method", "fisher", "--stats", str(stats)]
+    # Two alphas: two outputs written in one pass, each partitioned the same way.
+    args = [*common, "--alpha", "0.5,1", "--max-shard-size", "12KB", "-q"]
+    _cli([*args, "--out", str(tmp_path / "one-{alpha}")], nproc=1)
+    _cli([*args, "--out", str(tmp_path / "two-{alpha}")], nproc=2)
+    for alpha in ("0.5", "1"):
+        single, launched = tmp_path / f"one-{alpha}", tmp_path / f"two-{alpha}"
+        assert len(list(launched.glob("*.safetensors"))) >= 4  # enough shards for both ranks
+        _assert_same_output(single, launched)
+        assert not list(launched.glob(".perta_resume*")) and not (tmp_path / f"two-{alpha}.partial").exists()
+        # And both equal the dense reference (a test of the numbers, not only of the agreement).
+        expected = reference_merge(theta0, full, fgt, method="fisher", alpha=float(alpha), stats=stats)
+        merged = output_bits(launched)
+        assert sorted(merged) == sorted(expected)
+        for tensor_name, bits in expected.items():
+            np.testing.assert_array_equal(merged[tensor_name], bits, err_msg=tensor_name)
+
+
+# ------------------------------------------------------------------ pieces, in one process
+def test_launch_info_from_env():
+    assert LaunchInfo.from_env({}) is None
+    assert LaunchInfo.from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    env = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+    assert LaunchInfo.from_env(env) == LaunchInfo(world_size=4, rank=2, local_rank=0, master_addr="node0", master_port=29500)
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        LaunchInfo.from_env({**env, "MASTER_ADDR": ""})
+    with pytest.raises(DistributedError, match="RANK=4"):
+        LaunchInfo.from_env({**env, "RANK": "4"})
+    with pytest.raises(DistributedError, match="not an integer"):
+        LaunchInfo.from_env({**env, "MASTER_PORT": "http"})
+
+
+def test_single_process_context_without_launcher():
+    import torch
+
+    with distributed(environ={}) as dist:
+        assert dist is SINGLE_PROCESS and dist.is_main and not dist.is_distributed
+        tensor = torch.ones(3)
+        assert dist.all_reduce_(tensor) is tensor and tensor.tolist() == [1.0, 1.0, 1.0]
+        assert dist.all_gather_objects("x") == ["x"] and dist.gather_objects(1) == [1] and dist.broadcast_object(5) == 5
+        dist.barrier()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10**9), max_size=40), st.integers(min_value=1, max_value=9))
+def test_partition_by_size_is_balanced_and_deterministic(sizes, world_size):
+    owners = partition_by_size(sizes, world_size)
+    assert len(owners) == len(sizes) and all(0 <= owner < world_size for owner in owners)
+    assert owners == partition_by_size(list(sizes), world_size)
+    loads = [sum(size for size, owner in zip(sizes, owners) if owner == rank) for rank in range(world_size)]
+    # Greedy largest-first: no rank carries more than the even share plus one item.
+    assert max(loads) <= sum(sizes) / world_size + max(sizes, default=0)
+
+
+def test_partition_by_size_example():
+    # 9+1 / 5+4 / 3+2+... : the largest item first, each to the least loaded rank.
+    assert partition_by_size([5, 9, 1, 4, 3, 2], 2) == [1, 0, 1, 1, 0, 0]
+    assert partition_by_size([], 3) == []
+    with pytest.raises(DistributedError):
+        partition_by_size([1], 0)
+
+
+def _write_shard(output: LocalModelOutput, file_name: str, payload: bytes) -> None:
+    writer = output.begin_shard(file_name, [TensorSpec("w", "U8", (len(payload),))])
+    writer.write(memoryview(payload))
+    output.shard_finished(writer.finish())
+
+
+def test_ranks_share_one_partial_folder_and_resume_with_any_world_size(tmp_path):
+    out = tmp_path / "out"
+    rank0 = LocalModelOutput(out, overwrite=False, resume=False, rank=0)
+    rank1 = LocalModelOutput(out, overwrite=False, resume=False, rank=1)
+    assert rank0.open("fp") == {}
+    assert rank1.open("fp") == {}
+    _write_shard(rank0, "a.safetensors", b"aaaa")
+    _write_shard(rank1, "b.safetensors", b"bbbbbbbb")
+    # Each rank keeps its own record: no file has two writers.
+    assert (rank0.partial / RESUME_RECORD_NAME).is_file() and (rank1.partial / rank_record_name(1)).is_file()
+    with pytest.raises(WriteError, match="only rank 0"):
+        rank1.commit()
+    # Interrupted here. A resume (in one process) finds both ranks' shards, re-hashed.
+    resumed = LocalModelOutput(out, overwrite=False, resume=True)
+    finished = resumed.open("fp")
+    assert sorted(finished) == ["a.safetensors", "b.safetensors"]
+    assert finished["b.safetensors"].sha256 == rank1.finished_shards()["b.safetensors"].sha256
+    assert not (resumed.partial / rank_record_name(1)).exists()
+
+
+def test_rank_records_are_adopted_by_rank_zero(tmp_path):
+    out = tmp_path / "out"
+    rank0 = LocalModelOutput(out, overwrite=False, resume=False, rank=0)
+    rank2 = LocalModelOutput(out, overwrite=False, resume=False, rank=2)
+    rank0.open("fp"), rank2.open("fp")
+    _write_shard(rank2, "c.safetensors", b"cc")
+    rank0.add_finished(list(rank2.finished_shards().values()))
+    assert sorted(rank0.finished_shards()) == ["c.safetensors"]
+    assert not (rank0.partial / rank_record_name(2)).exists()
+    record = json.loads((rank0.partial / RESUME_RECORD_NAME).read_text())
+    assert list(record["finished_shards"]) == ["c.safetensors"]
+    assert Path(rank0.commit()) == out and not list(out.glob(".perta_resume*"))
+
+
+def test_joining_rank_needs_the_folder_rank_zero_created(tmp_path):
+    with pytest.raises(WriteError, match="every node mounts"):
+        LocalModelOutput(tmp_path / "out", overwrite=False, resume=False, rank=1).open("fp")
+
+
+class _FakeGroup(DistContext):
+    """Rank 0 of two, with the other rank's reports given by the test."""
+
+    def __init__(self, other_report: dict):
+        super().__init__(rank=0, world_size=2)
+        self._other = other_report
+
+    def all_gather_objects(self, obj):
+        return [obj, self._other]
+
+
+def test_a_failed_rank_is_reported_by_every_rank(tmp_path):
+    from perta_stream.pipelines.merge import _collect_shards
+
+    output = LocalModelOutput(tmp_path / "out", overwrite=False, resume=False)
+    output.open("fp")
+    group = _FakeGroup({"error": "WriteError: disk full", "shards": [[]]})
+    with pytest.raises(DistributedError, match="rank 1 of 2 failed.*disk full.*--resume"):
+        _collect_shards([output], None, group)
+    # The failing rank itself raises its own error after reporting it.
+    own = WriteError("no space")
+    with pytest.raises(WriteError, match="no space"):
+        _collect_shards([output], own, _FakeGroup({"error": None, "shards": [[]]}))
