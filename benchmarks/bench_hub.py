@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(__file__).parent / "work" / "merge"), help="input cache (shared with bench_merge.py)")
     parser.add_argument("--scratch", default=str(Path(__file__).parent / "work" / "hub"))
     parser.add_argument("--max-local-shards", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2, help="rounds; the runs of a round are interleaved and the median is kept")
     args = parser.parse_args()
     paths = make_inputs(Path(args.work), args.size_gb)
     inputs = [paths[r] for r in ("theta0", "full", "fgt")]
@@ -137,26 +139,39 @@ def main() -> None:
             "hub -> local": (remote, str(scratch / "out-from-hub"), []),
             "hub -> hub": (remote, "hf://bench/merged", ["--create-repo", "--max-local-shards", str(args.max_local_shards)]),
         }
+        measured: dict[str, list[dict]] = {name: [] for name in runs}
+        # Interleaved rounds: a load change on this shared machine hits every run alike.
+        for _ in range(args.repeat):
+            for name, (sources, out, extra) in runs.items():
+                hub.call("/reset", {})
+                with DiskSampler(staging) as disk:
+                    result = merge(sources, out, env=env, extra=extra)
+                served = hub.call("/stats")["file_bytes_by_path"]
+                result["shard_bytes_served"] = sum(n for label, n in served.items() if label.startswith("blobs/"))
+                result["peak_staging_bytes"] = disk.peak_bytes
+                measured[name].append(result)
         rows, records = [], []
-        baseline_s = None
-        for name, (sources, out, extra) in runs.items():
-            hub.call("/reset", {})
-            with DiskSampler(staging) as disk:
-                result = merge(sources, out, env=env, extra=extra)
-            served = hub.call("/stats")["file_bytes_by_path"]
-            shard_bytes_served = sum(n for label, n in served.items() if label.startswith("blobs/"))
-            baseline_s = baseline_s or result["wall_s"]
+        baseline_s = statistics.median(r["wall_s"] for r in measured["local -> local"])
+        for name, results in measured.items():
+            sources = runs[name][0]
+            wall_s = statistics.median(r["wall_s"] for r in results)
             row = {
                 "run": name,
-                "wall (s)": result["wall_s"],
-                "vs local": result["wall_s"] / baseline_s,
-                "read GB/s": needed / 1e9 / result["wall_s"],
-                "over-fetch": shard_bytes_served / needed if sources is remote else float("nan"),
-                "peak RSS (MiB)": result["peak_rss_bytes"] / 2**20,
-                "peak local staging (MB)": disk.peak_bytes / 1e6,
+                "wall (s, median)": wall_s,
+                "vs local": wall_s / baseline_s,
+                "read GB/s": needed / 1e9 / wall_s,
+                "over-fetch": f"{max(r['shard_bytes_served'] for r in results) / needed:.6f}" if sources is remote else "-",
+                "peak RSS (MiB)": max(r["peak_rss_bytes"] for r in results) / 2**20,
+                "peak local staging (MB)": max(r["peak_staging_bytes"] for r in results) / 1e6,
             }
             rows.append(row)
-            records.append({**row, "shard_bytes_served": shard_bytes_served, "tensor_bytes_needed": needed, "stderr_tail": result["stderr"][-400:]})
+            records.append({
+                **row,
+                "wall_s_all": [r["wall_s"] for r in results],
+                "shard_bytes_served": [r["shard_bytes_served"] for r in results],
+                "tensor_bytes_needed": needed,
+                "stderr_tail": results[-1]["stderr"][-400:],
+            })
         local_record = json.loads((scratch / "out-local" / "perta_merge.json").read_text())
         pushed = hub.call("/listing", {"repo_id": "bench/merged"})
         identical = all(pushed[s["file_name"]]["sha256"] == s["sha256"] for s in local_record["shards"])
@@ -172,6 +187,8 @@ def main() -> None:
         "checkpoint_bytes": needed // 3,
         "largest_output_shard_bytes": largest_shard,
         "max_local_shards": args.max_local_shards,
+        "repeat": args.repeat,
+        "load_average_after": os.getloadavg(),
         "disk_bound_bytes": args.max_local_shards * largest_shard,
         "outputs_identical_to_local": identical,
         "rows": records,
@@ -186,6 +203,8 @@ def main() -> None:
             f"peak local staging: the push's temporary folder; bound = --max-local-shards {args.max_local_shards} x "
             f"largest shard ({largest_shard / 1e6:.0f} MB) = {args.max_local_shards * largest_shard / 1e6:.0f} MB",
             "every output's shards have the local merge's sha256 (checked)",
+            f"median of {args.repeat} interleaved rounds; load average after the runs {os.getloadavg()[0]:.1f} "
+            "(the 2-core machine is shared, so absolute times are noisy; compare the ratios)",
             f"machine: {machine_info()['cpu_count']} cores; loopback server in its own process",
         ],
     )

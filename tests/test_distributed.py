@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,8 +26,9 @@ from perta_stream.errors import DistributedError, WriteError
 from perta_stream.sinks.model_output import RESUME_RECORD_NAME, LocalModelOutput, rank_record_name
 from perta_stream.sinks.shard_writer import TensorSpec
 
-# Fields of perta_merge.json that describe one run's timing and memory, not its result.
-VOLATILE_RECORD_KEYS = {"elapsed_s", "read_gb_per_s", "peak_rss_bytes"}
+# Fields of perta_merge.json that describe one run's timing and memory, not its result (the chunk
+# size follows the memory budget left over the process's measured baseline RSS).
+VOLATILE_RECORD_KEYS = {"elapsed_s", "read_gb_per_s", "peak_rss_bytes", "chunk_elements"}
 
 
 def _free_port() -> int:
@@ -35,15 +37,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _cli(args: list[str], *, nproc: int, timeout_s: float = 120) -> subprocess.CompletedProcess:
+def _cli(args: list[str], *, nproc: int, launcher: str = "torchrun", timeout_s: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PERTA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if nproc == 1:
         command = [sys.executable, "-m", "perta_stream.cli", *args]
+    elif launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+        command = [*start, "-m", "perta_stream.cli", *args]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
-        command = [*launcher, "-m", "perta_stream.cli", *args]
+        # accelerate launch runs torch's launcher underneath; --multi_gpu selects it (on CPUs too).
+        start = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1"]
+        start += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+        command = [*start, "-m", "perta_stream.cli", *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -79,9 +86,12 @@ def test_merge_under_torchrun_is_byte_identical_to_one_process(triplet, tmp_path
     theta0, full, fgt, stats = triplet
     common = ["merge", "--theta0", str(theta0), "--full", str(full), "--fgt", str(fgt), "--method", "fisher", "--stats", str(stats)]
     # Two alphas: two outputs written in one pass, each partitioned the same way.
-    args = [*common, "--alpha", "0.5,1", "--max-shard-size", "12KB", "-q"]
-    _cli([*args, "--out", str(tmp_path / "one-{alpha}")], nproc=1)
-    _cli([*args, "--out", str(tmp_path / "two-{alpha}")], nproc=2)
+    args = [*common, "--alpha", "0.5,1", "--max-shard-size", "12KB"]
+    _cli([*args, "-q", "--out", str(tmp_path / "one-{alpha}")], nproc=1)
+    launched_run = _cli([*args, "-v", "--out", str(tmp_path / "two-{alpha}")], nproc=2)
+    # Both ranks wrote a share of the shards (-v logs each rank's share).
+    shares = [int(n) for n in re.findall(r"rank [01] of 2 writes (\d+) of \d+ shards", launched_run.stderr)]
+    assert len(shares) == 2 and min(shares) > 0, launched_run.stderr
     for alpha in ("0.5", "1"):
         single, launched = tmp_path / f"one-{alpha}", tmp_path / f"two-{alpha}"
         assert len(list(launched.glob("*.safetensors"))) >= 4  # enough shards for both ranks
@@ -93,6 +103,53 @@ def test_merge_under_torchrun_is_byte_identical_to_one_process(triplet, tmp_path
         assert sorted(merged) == sorted(expected)
         for tensor_name, bits in expected.items():
             np.testing.assert_array_equal(merged[tensor_name], bits, err_msg=tensor_name)
+
+
+def test_merge_under_accelerate_launch_is_byte_identical_to_one_process(triplet, tmp_path):
+    theta0, full, fgt, _ = triplet
+    args = ["merge", "--theta0", str(theta0), "--full", str(full), "--fgt", str(fgt), "--method", "uniform", "--alpha", "2"]
+    _cli([*args, "-q", "--out", str(tmp_path / "one")], nproc=1)
+    launched_run = _cli([*args, "-v", "--out", str(tmp_path / "two")], nproc=2, launcher="accelerate")
+    assert len(re.findall(r"rank [01] of 2 writes [1-9]\d* of \d+ shards", launched_run.stderr)) == 2, launched_run.stderr
+    _assert_same_output(tmp_path / "one", tmp_path / "two")
+    expected = reference_merge(theta0, full, fgt, method="uniform", alpha=2.0)
+    merged = output_bits(tmp_path / "two")
+    for tensor_name, bits in expected.items():
+        np.testing.assert_array_equal(merged[tensor_name], bits, err_msg=tensor_name)
+
+
+def test_two_ranks_resume_a_partial_output_left_by_several_ranks(triplet, tmp_path, monkeypatch):
+    from perta_stream.cli import main
+    from perta_stream.sinks import output_dir
+
+    theta0, full, fgt, _ = triplet
+    args = ["merge", "--theta0", str(theta0), "--full", str(full), "--fgt", str(fgt), "--method", "tv", "-q"]
+    _cli([*args, "--out", str(tmp_path / "reference")], nproc=1)
+    # A run that got as far as the commit, in this process: every shard and a valid resume record.
+    out = tmp_path / "out"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(output_dir.AtomicOutputDir, "commit", interrupted)
+        assert main([*args, "--out", str(out)]) == 130
+    partial = tmp_path / "out.partial"
+    record = json.loads((partial / RESUME_RECORD_NAME).read_text())
+    shards = sorted(record["finished_shards"])
+    assert len(shards) >= 6
+    # Make it the state of a 3-rank run stopped mid-way: rank 0 finished shards[0], rank 2
+    # finished shards[1] (in its own record), the rest were never finished.
+    for name in shards[2:]:
+        (partial / name).unlink()
+    entries = record["finished_shards"]
+    (partial / RESUME_RECORD_NAME).write_text(json.dumps({"fingerprint": record["fingerprint"], "finished_shards": {shards[0]: entries[shards[0]]}}))
+    (partial / rank_record_name(2)).write_text(json.dumps({"fingerprint": record["fingerprint"], "finished_shards": {shards[1]: entries[shards[1]]}}))
+    kept = {name: (partial / name).stat().st_ino for name in shards[:2]}
+    _cli([*args, "--out", str(out), "--resume"], nproc=2)
+    assert not partial.exists() and not list(out.glob(".perta_resume*"))
+    _assert_same_output(tmp_path / "reference", out)
+    assert {name: (out / name).stat().st_ino for name in kept} == kept  # verified and kept, not redone
 
 
 # ------------------------------------------------------------------ pieces, in one process
@@ -132,8 +189,9 @@ def test_partition_by_size_is_balanced_and_deterministic(sizes, world_size):
 
 
 def test_partition_by_size_example():
-    # 9+1 / 5+4 / 3+2+... : the largest item first, each to the least loaded rank.
-    assert partition_by_size([5, 9, 1, 4, 3, 2], 2) == [1, 0, 1, 1, 0, 0]
+    # Largest first, each to the least loaded rank (ties to rank 0): 9 -> 0, 5 -> 1, 4 -> 1,
+    # 3 -> 0, 2 -> 1, 1 -> 1, giving 9+3 and 5+4+2+1: 12 each.
+    assert partition_by_size([5, 9, 1, 4, 3, 2], 2) == [1, 0, 1, 1, 0, 1]
     assert partition_by_size([], 3) == []
     with pytest.raises(DistributedError):
         partition_by_size([1], 0)
@@ -182,6 +240,24 @@ def test_rank_records_are_adopted_by_rank_zero(tmp_path):
 def test_joining_rank_needs_the_folder_rank_zero_created(tmp_path):
     with pytest.raises(WriteError, match="every node mounts"):
         LocalModelOutput(tmp_path / "out", overwrite=False, resume=False, rank=1).open("fp")
+
+
+def test_hub_output_under_a_launcher_is_refused_before_anything_is_written(triplet, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from perta_stream.config.merge import MergeConfig
+    from perta_stream.errors import UsageError
+    from perta_stream.pipelines import merge as merge_pipeline
+
+    @contextmanager
+    def two_ranks(**_):
+        yield DistContext(rank=0, world_size=2)
+
+    monkeypatch.setattr(merge_pipeline, "distributed", two_ranks)
+    theta0, full, fgt, _ = triplet
+    config = MergeConfig(theta0=str(theta0), full=str(full), fgt=str(fgt), out="hf://org/merged")
+    with pytest.raises(UsageError, match="pushed by one process"):
+        merge_pipeline.run_merge(config)
 
 
 class _FakeGroup(DistContext):

@@ -388,3 +388,41 @@ def test_pickle_only_repo_is_refused(hub, tmp_path):
     with pytest.raises(PlanError, match="only pickle weights"):
         run_merge(_config(str(Path(tempfile.tempdir) / "out"), fgt="hf://org/pickled"))
 
+
+
+def test_large_chunks_are_fetched_as_concurrent_parts(hub, local_merge, monkeypatch):
+    from perta_stream.sources import hub as hub_source
+
+    monkeypatch.setattr(hub_source, "PART_BYTES", 1024)  # a 4 KiB chunk becomes four concurrent 1 KiB GETs
+    run_merge(_config(str(Path(tempfile.tempdir) / "out"), alphas=(1.5,)))
+    ranges = [r for method, path, r in hub.requests if method == "GET" and path.startswith("/blobs/") and r]
+    sizes = {int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1 for r in ranges}
+    assert max(sizes) == 1024
+    for shard in (p for p in local_merge.iterdir() if p.suffix == ".safetensors"):
+        assert (Path(tempfile.tempdir) / "out" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_single_file_checkpoint_is_read(hub, models, tmp_path):
+    from merge_fixtures import load_checkpoint, write_checkpoint
+    from perta_stream.sources.checkpoint import open_local_checkpoint
+    from perta_stream.sources.resolve import open_checkpoint
+
+    _, theta0, _, _ = models
+    single = tmp_path / "single"
+    write_checkpoint(single, load_checkpoint(theta0), shards=1)
+    hub.publish_folder("org/single", single)
+    checkpoint, source = open_checkpoint("hf://org/single", "theta0")
+    assert checkpoint.index_name is None
+    assert checkpoint.header_sha256 == open_local_checkpoint(single, "theta0").header_sha256
+    info = checkpoint.tensors["model.norm.weight"]
+    buffer = bytearray(info.nbytes)
+    source.read_into(info.file_name, info.begin, memoryview(buffer))
+    assert bytes(buffer) == (single / "model.safetensors").read_bytes()[info.begin : info.end]
+
+
+def test_offline_mode_is_a_clear_error(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PlanError, match="HF_HUB_OFFLINE is set; unset it"):
+        run_merge(_config(str(Path(tempfile.tempdir) / "out")))

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perta_stream import __version__
 from perta_stream.compute.prompts import LOSS_DEFINITION, encode_sample
@@ -36,6 +37,9 @@ from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sources.checkpoint import open_local_checkpoint
 from perta_stream.sources.hf_model import load_model_and_tokenizer, transformers_progress_bars
 from perta_stream.sources.qa_dataset import file_sha256, load_qa_samples
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune"]
 
@@ -151,7 +155,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     )
 
 
-def _most_common_float_dtype(dtypes: dict) -> object:
+def _most_common_float_dtype(dtypes: dict[str, "torch.dtype"]) -> "torch.dtype":
+    """The dtype most floating tensors of the checkpoint have (what config.json's dtype should say)."""
     import torch
 
     floating = Counter(dtype for dtype in dtypes.values() if dtype.is_floating_point)

@@ -246,7 +246,8 @@ def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource
         plan_text=None,
         elapsed_s=time.perf_counter() - started,
         bytes_read=remaining_bytes,
-        bytes_written=plan.bytes_to_write,
+        # Under a launcher, this rank's share (every rank reports its own reads and writes).
+        bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
     )

@@ -226,6 +226,7 @@ class HubModelOutput:
             self.abort()
             raise
         self._cleanup()
+        logger.info("committed %s to %s; peak local staging %d bytes", info.oid, self.location, self.peak_staged_bytes)
         return target.pinned(info.oid)
 
     def abort(self) -> None:
@@ -252,8 +253,9 @@ class HubModelOutput:
             if self._aborted.is_set() or self._failure is not None:
                 return
             operation = CommitOperationAdd(path_in_repo=self._target.file_path(record.file_name), path_or_fileobj=str(path))
-            # The writer hashed the shard while writing it; reuse that instead of reading it again.
-            operation.upload_info.sha256 = bytes.fromhex(record.sha256)
+            if record.sha256:
+                # The writer hashed the shard while writing it; reuse that instead of reading it again.
+                operation.upload_info.sha256 = bytes.fromhex(record.sha256)
             try:
                 self._api.preupload_lfs_files(self._target.repo_id, additions=[operation], revision=self._target.revision, num_threads=1)
             except Exception as exc:  # noqa: BLE001  (huggingface_hub already retried transient failures)

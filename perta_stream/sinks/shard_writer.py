@@ -76,16 +76,25 @@ class ShardWriter:
         final_path: where the finished shard will be; bytes go to `final_path + ".tmp"` first.
         tensors: the shard's tensors in data order.
         metadata: the `__metadata__` map (e.g. {"format": "pt"} so transformers loads it).
+        compute_sha256: hash the bytes while writing (ShardRecord.sha256 is "" when False).
 
     Raises:
         WriteError: on any OSError (disk full, permissions), naming the file.
     """
 
-    def __init__(self, final_path: str | os.PathLike, tensors: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        final_path: str | os.PathLike,
+        tensors: Sequence[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        *,
+        compute_sha256: bool = True,
+    ):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + TMP_SUFFIX)
         self._tensors = list(tensors)
-        self._hash = hashlib.sha256()
+        # Outputs whose record lists no digest (statistics) skip the hashing cost.
+        self._hash = hashlib.sha256() if compute_sha256 else None
         header = encode_header(self._tensors, metadata)
         self._expected_bytes = len(header) + sum(spec.nbytes for spec in self._tensors)
         self._written_bytes = 0
@@ -104,7 +113,8 @@ class ShardWriter:
         view = memoryview(data).cast("B")
         if len(view) > self.remaining_bytes:
             raise PertaStreamError(f"{self.tmp_path}: writing {len(view)} bytes past the planned shard size")
-        self._hash.update(view)
+        if self._hash is not None:
+            self._hash.update(view)
         try:
             while view:
                 count = os.write(self._fd, view)
@@ -128,7 +138,7 @@ class ShardWriter:
             os.replace(self.tmp_path, self.final_path)
         except OSError as exc:
             raise _write_error(self.final_path, exc) from exc
-        return ShardRecord(self.final_path.name, self._expected_bytes, self._hash.hexdigest())
+        return ShardRecord(self.final_path.name, self._expected_bytes, self._hash.hexdigest() if self._hash is not None else "")
 
     def abort(self) -> None:
         """Close and delete the temporary file (used on failure)."""

@@ -96,7 +96,7 @@ class StatsStore:
         for kind in self._kinds:
             specs = [TensorSpec(n, self._dtype, tuple(self._shapes[n])) for n in names]
             path = self.root / stats_subdir(dataset, kind) / self._shard_names[group]
-            writer = ShardWriter(path, specs, SHARD_METADATA)
+            writer = ShardWriter(path, specs, SHARD_METADATA, compute_sha256=False)
             try:
                 for spec in specs:
                     tensor = stats[spec.tensor_name][kind]

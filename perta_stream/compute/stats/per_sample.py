@@ -22,6 +22,31 @@ from perta_stream.plan.stats_plan import PER_SAMPLE_CHUNK_BYTES
 GRAD, FISHER = "grad", "fisher"
 
 
+class BufferPool:
+    """Float32 buffers handed back and forth between the accumulators of successive layers.
+
+    Every decoder layer has the same shapes, so its accumulators can reuse the previous layer's
+    memory: zeroing reused pages runs at memory speed, while fresh pages from the OS fault one by
+    one (on CPU that doubled the cost of the accumulation).
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], torch.device], list[torch.Tensor]] = {}
+
+    def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        free = self._free.get((tuple(shape), torch.device(device)))
+        if free:
+            return free.pop().zero_()
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    def give_back(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self._free.setdefault((tuple(tensor.shape), tensor.device), []).append(tensor)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
 class StatsAccumulator:
     """Σ_n g_n and Σ_n g_n² in float32 for a fixed set of tensors (one layer, the head, ...).
 
@@ -29,17 +54,24 @@ class StatsAccumulator:
         shapes: tensor_name -> parameter shape.
         kinds: which sums to keep (`grad` -> Σ g, `fisher` -> Σ g²).
         device: where the sums live.
+        pool: where the sums' memory comes from and goes back to on `release()`.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], kinds: Iterable[str], device: torch.device):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], kinds: Iterable[str], device: torch.device, *, pool: BufferPool | None = None):
         self.kinds = frozenset(kinds)
+        self._pool = pool if pool is not None else BufferPool()
         self.sums: dict[str, torch.Tensor] = {}
         self.squares: dict[str, torch.Tensor] = {}
         for tensor_name, shape in shapes.items():
             if GRAD in self.kinds:
-                self.sums[tensor_name] = torch.zeros(shape, dtype=torch.float32, device=device)
+                self.sums[tensor_name] = self._pool.zeros(shape, device)
             if FISHER in self.kinds:
-                self.squares[tensor_name] = torch.zeros(shape, dtype=torch.float32, device=device)
+                self.squares[tensor_name] = self._pool.zeros(shape, device)
+
+    def release(self) -> None:
+        """Give the sums' memory back to the pool (results taken earlier must not be used after)."""
+        self._pool.give_back(list(self.sums.values()) + list(self.squares.values()))
+        self.sums, self.squares = {}, {}
 
     @property
     def wants_squares(self) -> bool:
@@ -69,12 +101,35 @@ class StatsAccumulator:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for tensor_name in names:
             entry: dict[str, torch.Tensor] = {}
+            # In place: an accumulator is finished once its results are taken.
             if self.wants_sums:
-                entry[GRAD] = (self.sums[tensor_name] / num_samples).cpu()
+                entry[GRAD] = self.sums[tensor_name].div_(num_samples).cpu()
             if self.wants_squares:
-                entry[FISHER] = (self.squares[tensor_name] / num_samples).cpu()
+                entry[FISHER] = self.squares[tensor_name].div_(num_samples).cpu()
             out[tensor_name] = entry
         return out
+
+
+class Scratch:
+    """Reusable flat float32 buffers, so per-sample gradients do not allocate (and page-fault)
+    hundreds of megabytes for every chunk: on CPU, fresh memory costs as much as the matmul."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        key = (role, torch.device(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 def linear_stats(
@@ -85,6 +140,7 @@ def linear_stats(
     delta: torch.Tensor,
     *,
     keep_rows: list[torch.Tensor] | None = None,
+    scratch: Scratch | None = None,
     chunk_bytes: int = PER_SAMPLE_CHUNK_BYTES,
 ) -> list[torch.Tensor] | None:
     """Accumulate the per-sample gradients of y = x Wᵀ + b.
@@ -94,6 +150,7 @@ def linear_stats(
         delta: the gradient of the summed loss at the output [samples, tokens, out], zero on padding.
         keep_rows: per sample, weight rows (output indices) whose per-sample gradient is returned;
             the tied lm_head keeps the rows at the sample's token ids for the embedding step.
+        scratch: reusable buffers (a fresh one when None).
         chunk_bytes: how many bytes of per-sample weight gradients to form at once.
 
     Returns:
@@ -102,25 +159,29 @@ def linear_stats(
     samples = x.shape[0]
     x = x.reshape(samples, -1, x.shape[-1]).float()
     delta = delta.reshape(samples, -1, delta.shape[-1]).float()
+    scratch = scratch if scratch is not None else Scratch()
     if bias_name is not None:
         acc.add_per_sample(bias_name, delta.sum(dim=1))
-    if acc.wants_sums and not acc.wants_squares and keep_rows is None:
+    kept = [delta[n][:, keep_rows[n]].T @ x[n] for n in range(samples)] if keep_rows is not None else None
+    if not acc.wants_squares:
         # The mean alone needs no per-sample matrices: one matmul over every token.
-        acc.sums[weight_name] += delta.flatten(0, 1).T @ x.flatten(0, 1)
-        return None
-    kept: list[torch.Tensor] = []
-    matrix_bytes = 4 * delta.shape[-1] * x.shape[-1]
-    step = max(1, chunk_bytes // max(1, matrix_bytes))
+        acc.sums[weight_name].addmm_(delta.flatten(0, 1).T, x.flatten(0, 1))
+        return kept
+    out_features, in_features = delta.shape[-1], x.shape[-1]
+    step = max(1, min(samples, chunk_bytes // (4 * out_features * in_features)))
+    reduced = scratch.take("reduced", (out_features, in_features), x.device)
+    delta_t = delta.transpose(1, 2)
     for start in range(0, samples, step):
-        # G[n] = δ_nᵀ x_n for a chunk of samples; squared in place once its rows are kept.
-        grads = torch.bmm(delta[start : start + step].transpose(1, 2), x[start : start + step])
-        if keep_rows is not None:
-            kept.extend(grads[n].index_select(0, keep_rows[start + n]) for n in range(grads.shape[0]))
+        count = min(step, samples - start)
+        # G[n] = δ_nᵀ x_n for a chunk of samples, into a reused buffer.
+        grads = scratch.take("per_sample", (count, out_features, in_features), x.device)
+        torch.bmm(delta_t[start : start + count], x[start : start + count], out=grads)
         if acc.wants_sums:
-            acc.sums[weight_name] += grads.sum(dim=0)
-        if acc.wants_squares:
-            acc.squares[weight_name] += grads.square_().sum(dim=0)
-    return kept if keep_rows is not None else None
+            torch.sum(grads, dim=0, out=reduced)
+            acc.sums[weight_name] += reduced
+        torch.sum(grads.square_(), dim=0, out=reduced)
+        acc.squares[weight_name] += reduced
+    return kept
 
 
 def sample_token_rows(input_ids: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -196,6 +257,7 @@ class PerSampleHooks:
         valid: [samples, tokens] bool; δ is zeroed where False (padding).
         lm_head_path: the module path of a tied lm_head, whose per-sample rows are kept.
         keep_rows: with lm_head_path, per sample the rows to keep (`sample_token_rows`).
+        scratch: reusable buffers for the per-sample matrices.
     """
 
     def __init__(
@@ -207,8 +269,10 @@ class PerSampleHooks:
         *,
         lm_head_path: str | None = None,
         keep_rows: list[torch.Tensor] | None = None,
+        scratch: Scratch | None = None,
     ):
         self._acc = acc
+        self._scratch = scratch
         self._valid = valid
         self._lm_head_path = lm_head_path
         self._keep_rows = keep_rows
@@ -250,7 +314,7 @@ class PerSampleHooks:
             with torch.no_grad():
                 if isinstance(module, torch.nn.Linear):
                     keep = self._keep_rows if path == self._lm_head_path else None
-                    kept = linear_stats(self._acc, names["weight"], names.get("bias"), x, delta, keep_rows=keep)
+                    kept = linear_stats(self._acc, names["weight"], names.get("bias"), x, delta, keep_rows=keep, scratch=self._scratch)
                     if keep is not None:
                         self.kept_rows = kept
             if not isinstance(module, torch.nn.Linear):

@@ -22,13 +22,14 @@ import torch
 
 from perta_stream.compute.prompts import per_sample_loss
 from perta_stream.compute.stats.boundaries import BoundaryStore
-from perta_stream.compute.stats.per_sample import FISHER, PerSampleHooks, StatsAccumulator, embedding_stats, sample_token_rows
+from perta_stream.compute.stats.per_sample import FISHER, BufferPool, PerSampleHooks, Scratch, StatsAccumulator, embedding_stats, sample_token_rows
 from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, ModelSkeleton, attention_mask, materialize, release
 from perta_stream.plan.stats_plan import EMBED_GROUP, EMBED_TENSOR_NAME, HEAD_GROUP, layer_group
 from perta_stream.progress import progress
 
 StatsSink = Callable[[str, str, dict[str, dict[str, torch.Tensor]]], None]
-"""Receives (dataset, group, tensor_name -> {kind -> float32 tensor}) when a group is complete."""
+"""Receives (dataset, group, tensor_name -> {kind -> float32 tensor}) when a group is complete; it must
+be done with the tensors when it returns (their memory is reused for the next layer)."""
 
 
 class WeightLoader(Protocol):
@@ -95,6 +96,8 @@ class StreamingStatsEngine:
         self._device = device
         self._dtype = compute_dtype
         self._rotary = skeleton.rotary(device)
+        self._scratch = Scratch()
+        self._pool = BufferPool()
 
     def run(self, batches: Mapping[str, Sequence[Batch]]) -> EngineReport:
         """Run the whole sweep over the batches of every dataset; returns what it saw."""
@@ -107,6 +110,8 @@ class StreamingStatsEngine:
         tied = self._head(batches, counts, tokens, num_layers, report)
         self._backward(batches, counts, tokens, num_layers)
         self._embedding(batches, counts, tied)
+        self._scratch.clear()
+        self._pool.clear()
         report.boundary_peak_ram_bytes = self._store.peak_ram_bytes
         report.boundary_peak_disk_bytes = self._store.peak_disk_bytes
         report.boundary_spilled = self._store.spilled_count
@@ -185,7 +190,7 @@ class StreamingStatsEngine:
                     hidden = self._store.pop(("h", num_layers, dataset, batch.index), self._device).requires_grad_(True)
                     valid = batch.attention_mask.to(self._device).bool()
                     keep = [r.to(self._device) for r in sample_token_rows(batch.input_ids, self._embed_valid(batch))] if keep_tied_rows else None
-                    with torch.enable_grad(), PerSampleHooks(head, names, acc, valid, lm_head_path="lm_head" if keep else None, keep_rows=keep) as hooks:
+                    with torch.enable_grad(), PerSampleHooks(head, names, acc, valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
                         losses = per_sample_loss(lm_head(norm(hidden)), batch.labels.to(self._device))
                         losses.sum().backward()
                     loss_sum += float(losses.detach().sum())
@@ -218,17 +223,18 @@ class StreamingStatsEngine:
                 shapes = {n: self._skeleton.tensor_shapes[n] for attrs in names.values() for n in attrs.values()}
                 window = self._skeleton.sliding_window(index)
                 for dataset, dataset_batches in batches.items():
-                    acc = StatsAccumulator(shapes, self._kinds, self._device)
+                    acc = StatsAccumulator(shapes, self._kinds, self._device, pool=self._pool)
                     for batch in dataset_batches:
                         hidden = self._store.pop(("h", index, dataset, batch.index), self._device).requires_grad_(True)
                         grad_out = self._store.pop(("g", dataset, batch.index), self._device)
                         valid = batch.attention_mask.to(self._device).bool()
-                        with torch.enable_grad(), PerSampleHooks(layer, names, acc, valid):
+                        with torch.enable_grad(), PerSampleHooks(layer, names, acc, valid, scratch=self._scratch):
                             output = layer(hidden, **self._context(batch, window))
                             torch.autograd.backward(output, grad_out)
                         self._store.put(("g", dataset, batch.index), hidden.grad)
                         bar.update(batch.num_tokens)
                     self._sink(dataset, layer_group(index), acc.results(counts[dataset]))
+                    acc.release()  # the sink has written the results; the next layer reuses the memory
                 release(layer)
 
     def _embedding(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tied: Mapping[str, StatsAccumulator]) -> None:
