@@ -340,9 +340,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rebuild", action="store_true", help="ignore and replace this recipe's cached results")
     parser.add_argument("--split", choices=["forget01", "forget10"], help="TOFU forget split (default forget01)")
     parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
-    parser.add_argument("--alphas", type=_float_list, help="the sweep's alphas (default 0.5,1,1.5,2)")
+    parser.add_argument("--alphas", type=_float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
     parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
     _add_common(parser)
 
 

@@ -192,3 +192,85 @@ def test_tradeoff_plot_writes_a_png_with_one_curve_per_method(tmp_path, monkeypa
     assert annotations.count("α=1") == 3
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert "full model (reference)" in legend and "retain model (reference)" in legend
+
+
+# ---------------------------------------------------------------- demo recipe, data and the whole run
+def test_recipe_keys_change_only_for_the_stages_an_option_affects():
+    from dataclasses import replace
+
+    from perta_stream.demo.recipe import DemoRecipe
+
+    base = DemoRecipe()
+    models = base.models_key("data")
+    assert models == DemoRecipe().models_key("data")  # stable across instances
+    assert base.models_key("other data") != models
+    wider = replace(base, shape=DemoModelShape(hidden_size=256))
+    assert wider.models_key("data") != models
+    more_alphas = replace(base, alphas=(0.5, 1.0, 3.0))
+    assert more_alphas.models_key("data") == models
+    assert more_alphas.stats_key(models) == base.stats_key(models)
+    assert more_alphas.sweep_key(base.stats_key(models)) != base.sweep_key(base.stats_key(models))
+    assert replace(base, stats_fraction=0.5).stats_key(models) != base.stats_key(models)
+
+
+def test_demo_config_collects_problems():
+    from dataclasses import replace
+
+    from perta_stream.config.demo import DemoConfig
+    from perta_stream.demo.recipe import DemoRecipe
+    from perta_stream.errors import PlanError
+
+    recipe = replace(DemoRecipe(), split="forget05", retain_count=0, alphas=(), shape=DemoModelShape(hidden_size=30))
+    with pytest.raises(PlanError) as caught:
+        DemoConfig(recipe=recipe, threads=0, device="tpu")
+    assert len(caught.value.problems) == 6
+
+
+def test_demo_data_keeps_theta0_text_off_the_fictitious_authors(tmp_path):
+    from perta_stream.demo.data import tokenizer_corpus, write_demo_data
+    from perta_stream.sources.qa_dataset import load_qa_samples, load_records
+    from perta_stream.sources.tofu import bundled_tofu_dir
+
+    tofu = bundled_tofu_dir()
+    files = write_demo_data(tofu, "forget01", 30, tmp_path)
+    pretrain, forget, retain, full = (load_qa_samples(path) for path in (files.pretrain, files.forget, files.retain, files.full))
+    assert len(pretrain) == 100 + 117 and len(forget) == 40 and len(retain) == 30 and len(full) == 70
+    # θ_0's text shares no question with anything about the TOFU authors.
+    tofu_questions = {record["question"] for name in ("forget10.jsonl", "retain90.jsonl") for record in load_records(tofu / name)}
+    assert not {sample.question for sample in pretrain} & tofu_questions
+    # The retain part is the head of retain_perturbed, the set the evaluation scores.
+    evaluated = [record["question"] for record in load_records(tofu / "retain_perturbed.jsonl")[:30]]
+    assert [sample.question for sample in retain] == evaluated
+    assert [s.question for s in full] == [s.question for s in forget + retain]
+    with pytest.raises(UsageError, match="retain_count"):
+        write_demo_data(tofu, "forget01", 10**6, tmp_path / "again")
+    first = list(tokenizer_corpus(tofu))
+    assert first == list(tokenizer_corpus(tofu)) and len(first) > 10_000
+
+
+@pytest.mark.slow
+def test_tiny_demo_runs_end_to_end_and_second_run_is_cached(tmp_path):
+    from perta_stream.config.demo import DemoConfig
+    from perta_stream.demo.recipe import DemoRecipe
+    from perta_stream.pipelines.demo import run_demo
+
+    recipe = DemoRecipe(
+        retain_count=4, vocab_size=300,
+        shape=DemoModelShape(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
+        pretrain_epochs=1, finetune_epochs=1, max_length=512, methods=("tv", "fisher"), alphas=(1.0,),
+        eval_max_items=2, max_new_tokens=2,
+    )
+    config = DemoConfig(cache_dir=str(tmp_path / "cache"), recipe=recipe)
+    first = run_demo(config)
+    assert first.cached == ()
+    assert [row.label for row in first.rows] == ["retain", "full", "tv α=1", "fisher α=1"]
+    assert first.plot_path.is_file() and (first.sweep_dir / "sweep.json").is_file()
+    for name in ("theta0", "full", "fgt", "ret"):
+        assert (first.build_dir / name / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "current").resolve() == first.build_dir.resolve()
+    report = first.report()
+    assert first.table.strip() in report and str(first.plot_path) in report
+
+    second = run_demo(config)
+    assert len(second.cached) == len(first.stage_s) and all(seconds == 0.0 for seconds in second.stage_s.values())
+    assert second.table == first.table

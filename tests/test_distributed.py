@@ -152,6 +152,37 @@ def test_two_ranks_resume_a_partial_output_left_by_several_ranks(triplet, tmp_pa
     assert {name: (out / name).stat().st_ino for name in kept} == kept  # verified and kept, not redone
 
 
+COLLECTIVES_SCRIPT = """
+import json, sys, torch
+from perta_stream.distributed import distributed
+with distributed(device_type="cpu") as dist:
+    total = dist.all_reduce_(torch.tensor([dist.rank + 1.0, 10.0 * dist.rank]))
+    everyone = dist.all_gather_objects({"rank": dist.rank})
+    at_zero = dist.gather_objects(dist.rank * 100)
+    told = dist.broadcast_object("from rank 0" if dist.is_main else "ignored")
+    dist.barrier()
+    print(json.dumps({"rank": dist.rank, "world": dist.world_size, "backend": dist.backend, "total": total.tolist(),
+                      "everyone": everyone, "at_zero": at_zero, "told": told}))
+"""
+
+
+def test_collectives_of_two_gloo_ranks(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()), str(script)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    reports = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1]
+    for report in reports:
+        assert report["world"] == 2 and report["backend"] == "gloo"
+        assert report["total"] == [3.0, 10.0]
+        assert report["everyone"] == [{"rank": 0}, {"rank": 1}]
+        assert report["told"] == "from rank 0"
+    assert reports[0]["at_zero"] == [0, 100] and reports[1]["at_zero"] is None
+
+
 # ------------------------------------------------------------------ pieces, in one process
 def test_launch_info_from_env():
     assert LaunchInfo.from_env({}) is None
@@ -175,6 +206,18 @@ def test_single_process_context_without_launcher():
         assert dist.all_reduce_(tensor) is tensor and tensor.tolist() == [1.0, 1.0, 1.0]
         assert dist.all_gather_objects("x") == ["x"] and dist.gather_objects(1) == [1] and dist.broadcast_object(5) == 5
         dist.barrier()
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
+    import torch
+
+    from perta_stream import distributed as distributed_module
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(DistributedError, match="LOCAL_RANK=1 but this node has 1 visible CUDA device"):
+        with distributed_module.distributed(device_type="cuda", environ=env):
+            pass
 
 
 @settings(max_examples=200, deadline=None)

@@ -122,6 +122,19 @@ def test_sweep_cli_prints_table_and_plot_path(tiny_setup, capsys):
     assert main(["sweep", "--theta0", "a", "--full", "b", "--fgt", "c", "--out", str(root / "x"), "--methods", "grad"]) == 2
 
 
+def test_sweep_refuses_a_leftover_partial_folder_unless_overwrite(tiny_setup):
+    from perta_stream.errors import OutputExistsError
+    from perta_stream.pipelines.sweep import run_sweep
+
+    root = tiny_setup
+    (root / "sweep_left.partial" / "eval").mkdir(parents=True)
+    config = _config(root, "sweep_left", methods=("tv",), alphas=(1.0,), max_items=2, max_new_tokens=2)
+    with pytest.raises(OutputExistsError, match="did not finish"):
+        run_sweep(config)
+    result = run_sweep(_config(root, "sweep_left", methods=("tv",), alphas=(1.0,), max_items=2, max_new_tokens=2, overwrite=True))
+    assert result.out.is_dir() and not (root / "sweep_left.partial").exists()
+
+
 def _row(method: str, alpha: float, quality: float, utility: float) -> SweepRow:
     return SweepRow(label=f"{method} α={alpha:g}", kind=MERGE, method=method, alpha=alpha, metrics={"forget_quality": quality, "model_utility": utility})
 

@@ -21,12 +21,16 @@ class DemoConfig:
         cache_dir: where built models, statistics and sweeps are kept, one folder per recipe key.
         rebuild: ignore (and replace) cached results of this recipe.
         device: where training, statistics and evaluation run (`cpu` keeps the demo reproducible).
+        threads: torch intra-op threads on CPU. 1 by default: the demo's matrices are too small
+            to gain much from more, and on cores shared with other work OpenMP threads that
+            spin-wait made training 10x slower in our measurements (2 threads vs 1, load 5 on 2 cores).
         recipe: every number of the demo.
     """
 
     cache_dir: str = DEFAULT_CACHE_DIR
     rebuild: bool = False
     device: str = "cpu"
+    threads: int = 1
     recipe: DemoRecipe = field(default_factory=DemoRecipe)
 
     def __post_init__(self) -> None:
@@ -41,6 +45,8 @@ class DemoConfig:
             found.append(f"--split {recipe.split!r}: the bundled TOFU data has {', '.join(DEMO_SPLITS)}")
         if self.device not in DEVICES:
             found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.threads < 1:
+            found.append(f"--threads must be at least 1, got {self.threads}")
         if recipe.retain_count < 1:
             found.append(f"--retain-count must be at least 1, got {recipe.retain_count}")
         for name in ("pretrain_epochs", "finetune_epochs", "batch_size", "max_length", "max_new_tokens", "eval_batch_size"):
@@ -68,6 +74,6 @@ class DemoConfig:
             if value is not None
         }
         try:
-            return cls(cache_dir=args.cache_dir, rebuild=args.rebuild, device=args.device, recipe=replace(recipe, **changes))
+            return cls(cache_dir=args.cache_dir, rebuild=args.rebuild, device=args.device, threads=args.threads, recipe=replace(recipe, **changes))
         except PlanError as exc:
             raise UsageError(str(exc)) from None

@@ -15,7 +15,7 @@ from perta_stream import __version__
 from perta_stream.demo.model import DemoModelShape
 
 DEMO_METHODS = ("tv", "uniform", "grad", "fisher")
-DEMO_ALPHAS = (0.5, 1.0, 1.5, 2.0)
+DEMO_ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass(frozen=True)

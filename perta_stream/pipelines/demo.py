@@ -85,6 +85,17 @@ def run_demo(config: DemoConfig) -> DemoResult:
     Raises:
         PertaStreamError subclasses from the stages (a broken bundled file, an unwritable cache).
     """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run_demo(config)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(config: DemoConfig) -> DemoResult:
     from perta_stream.sources.tofu import bundled_tofu_dir
 
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.merge import MergeConfig, format_alpha
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
-from perta_stream.errors import EvaluationError
+from perta_stream.errors import EvaluationError, OutputExistsError
 from perta_stream.memory import current_rss_bytes, peak_rss_bytes
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
@@ -79,8 +79,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
     started = time.perf_counter()
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
-    if config.overwrite and output.partial.exists():
-        shutil.rmtree(output.partial)  # an unfinished earlier sweep; --overwrite starts over
+    if output.partial.exists():
+        if not config.overwrite:
+            raise OutputExistsError(f"{output.partial} is left from a sweep that did not finish; pass --overwrite to start over, or delete it")
+        shutil.rmtree(output.partial)
     work = output.open()
     eval_dir = work / "eval"
     rows: list[SweepRow] = []

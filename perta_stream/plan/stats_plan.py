@@ -25,7 +25,7 @@ LAYER_PREFIX = "model.layers."
 # CPU image (about 0.5 GiB); the estimate adds it so "peak host memory" means the whole process.
 BASELINE_HOST_BYTES = 550 * 2**20
 # Per-sample gradients of a linear layer are formed for as many samples at once as fit here.
-PER_SAMPLE_CHUNK_BYTES = 256 * 2**20
+PER_SAMPLE_CHUNK_BYTES = 64 * 2**20
 _WEIGHT_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 

@@ -40,6 +40,7 @@ REPO_FILES = frozenset({".gitattributes", ".gitignore"})
 PART_BYTES = 8 * 2**20
 PARALLEL_PARTS = 4
 
+
 def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSource]:
     """The header-level view of a Hub checkpoint and a range-reading source for its bytes.
 

@@ -169,11 +169,20 @@ def linear_stats(
         return kept
     out_features, in_features = delta.shape[-1], x.shape[-1]
     step = max(1, min(samples, chunk_bytes // (4 * out_features * in_features)))
-    reduced = scratch.take("reduced", (out_features, in_features), x.device)
     delta_t = delta.transpose(1, 2)
+    if step == 1:
+        # A large matrix, one sample at a time: G stays in cache for both updates.
+        grad = scratch.take("per_sample", (out_features, in_features), x.device)
+        for n in range(samples):
+            torch.mm(delta_t[n], x[n], out=grad)
+            if acc.wants_sums:
+                acc.sums[weight_name] += grad
+            acc.squares[weight_name].addcmul_(grad, grad)
+        return kept
+    reduced = scratch.take("reduced", (out_features, in_features), x.device)
     for start in range(0, samples, step):
         count = min(step, samples - start)
-        # G[n] = δ_nᵀ x_n for a chunk of samples, into a reused buffer.
+        # G[n] = δ_nᵀ x_n for a chunk of samples, into a reused buffer, reduced over samples.
         grads = scratch.take("per_sample", (count, out_features, in_features), x.device)
         torch.bmm(delta_t[start : start + count], x[start : start + count], out=grads)
         if acc.wants_sums:

@@ -24,6 +24,7 @@ from perta_stream.compute.prompts import per_sample_loss
 from perta_stream.compute.stats.boundaries import BoundaryStore
 from perta_stream.compute.stats.per_sample import FISHER, BufferPool, PerSampleHooks, Scratch, StatsAccumulator, embedding_stats, sample_token_rows
 from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, ModelSkeleton, attention_mask, materialize, release
+from perta_stream.memory import release_free_heap
 from perta_stream.plan.stats_plan import EMBED_GROUP, EMBED_TENSOR_NAME, HEAD_GROUP, layer_group
 from perta_stream.progress import progress
 
@@ -164,6 +165,7 @@ class StreamingStatsEngine:
                     self._store.put(("h", index + 1, batch.dataset, batch.index), output)
                     bar.update(batch.num_tokens)
                 release(layer)
+                release_free_heap()
 
     def _head(
         self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tokens: int, num_layers: int, report: EngineReport
@@ -208,6 +210,7 @@ class StreamingStatsEngine:
                     tied[dataset] = acc.to(torch.device("cpu"))
         release(norm)
         release(lm_head)
+        release_free_heap()
         return tied
 
     def _backward(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tokens: int, num_layers: int) -> None:
@@ -236,6 +239,7 @@ class StreamingStatsEngine:
                     self._sink(dataset, layer_group(index), acc.results(counts[dataset]))
                     acc.release()  # the sink has written the results; the next layer reuses the memory
                 release(layer)
+                release_free_heap()
 
     def _embedding(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tied: Mapping[str, StatsAccumulator]) -> None:
         shape = self._skeleton.tensor_shapes[EMBED_TENSOR_NAME]
