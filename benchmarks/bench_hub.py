@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_merge import make_inputs, warm  # noqa: E402
-from common import machine_info, run_measured, write_results  # noqa: E402
+from common import machine_info, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_PYTHON = Path(sys.executable)
@@ -57,6 +57,12 @@ class LoopbackHub:
         request = urllib.request.Request(self.control + route, data=data, method="POST" if data is not None else "GET")
         with urllib.request.urlopen(request, timeout=600) as response:
             return json.loads(response.read())
+
+    def cpu_s(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
 
     def stop(self) -> None:
         self.process.terminate()
@@ -98,11 +104,25 @@ def tensor_bytes(paths: list[Path]) -> int:
 
 
 def merge(sources: dict[str, str], out: str, *, env: dict[str, str], extra: list[str] = ()) -> dict:
+    """One `perta-stream merge` in its own process: wall time, peak RSS and CPU seconds (GNU time)."""
     command = [
         str(VENV_PYTHON), "-m", "perta_stream.cli", "merge", "-q", "--theta0", sources["theta0"], "--full", sources["full"],
         "--fgt", sources["fgt"], "--out", out, "--overwrite", *extra,
     ]
-    return run_measured(command, env=env)
+    started = time.perf_counter()
+    completed = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M CPU_S=%U %S", *command], env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - started
+    lines = completed.stderr.rstrip("\n").split("\n")
+    if completed.returncode != 0 or not lines[-1].startswith("PEAK_RSS_KB="):
+        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    rss_field, cpu_field = lines[-1].split(" CPU_S=")
+    user_s, system_s = (float(x) for x in cpu_field.split())
+    return {
+        "wall_s": wall_s,
+        "peak_rss_bytes": int(rss_field.split("=")[1]) * 1024,
+        "cpu_s": user_s + system_s,
+        "stderr": "\n".join(lines[:-1]),
+    }
 
 
 def main() -> None:
@@ -144,8 +164,10 @@ def main() -> None:
         for _ in range(args.repeat):
             for name, (sources, out, extra) in runs.items():
                 hub.call("/reset", {})
+                server_cpu_before = hub.cpu_s()
                 with DiskSampler(staging) as disk:
                     result = merge(sources, out, env=env, extra=extra)
+                result["server_cpu_s"] = hub.cpu_s() - server_cpu_before
                 served = hub.call("/stats")["file_bytes_by_path"]
                 result["shard_bytes_served"] = sum(n for label, n in served.items() if label.startswith("blobs/"))
                 result["peak_staging_bytes"] = disk.peak_bytes
@@ -163,6 +185,8 @@ def main() -> None:
                 "wall (s, best)": min(r["wall_s"] for r in results),
                 "best vs local best": min(r["wall_s"] for r in results) / baseline_min_s,
                 "read GB/s": needed / 1e9 / wall_s,
+                "CPU s (merge)": statistics.median(r["cpu_s"] for r in results),
+                "CPU s (server)": statistics.median(r["server_cpu_s"] for r in results),
                 "over-fetch": f"{max(r['shard_bytes_served'] for r in results) / needed:.6f}" if sources is remote else "-",
                 "peak RSS (MiB)": max(r["peak_rss_bytes"] for r in results) / 2**20,
                 "peak local staging (MB)": max(r["peak_staging_bytes"] for r in results) / 1e6,
@@ -171,6 +195,8 @@ def main() -> None:
             records.append({
                 **row,
                 "wall_s_all": [r["wall_s"] for r in results],
+                "cpu_s_all": [r["cpu_s"] for r in results],
+                "server_cpu_s_all": [r["server_cpu_s"] for r in results],
                 "shard_bytes_served": [r["shard_bytes_served"] for r in results],
                 "tensor_bytes_needed": needed,
                 "stderr_tail": results[-1]["stderr"][-400:],
@@ -202,6 +228,8 @@ def main() -> None:
         rows,
         title=f"Hub merges on loopback ({needed / 3e9:.2f} GB bf16 checkpoints, page cache warm)",
         notes=[
+            "CPU s: user + system seconds of the merge process, and of the loopback server process during the run "
+            "(steadier than wall time on a shared machine)",
             "over-fetch = shard bytes the server sent / tensor bytes the merge needed (headers are the only extra)",
             f"peak local staging: the push's temporary folder; bound = --max-local-shards {args.max_local_shards} x "
             f"largest shard ({largest_shard / 1e6:.0f} MB) = {args.max_local_shards * largest_shard / 1e6:.0f} MB",

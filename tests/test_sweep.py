@@ -10,7 +10,7 @@ import pytest
 from perta_stream.cli import main
 from perta_stream.config.sweep import SweepConfig
 from perta_stream.errors import PlanError
-from perta_stream.sinks.report import REFERENCE, compare_at_matched_forgetting, SweepRow, MERGE
+from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, best_forget_quality, compare_at_matched_forgetting
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,17 @@ def test_matched_forgetting_interpolates_tv_in_log_forget_quality():
     assert lines[1] == "grad α=1: forget quality 1.00e-08 is outside tv's range [1.00e-06, 0.010]; not compared"
     assert lines[-1] == "1 of 1 compared points keep more utility than tv at the same forget quality"
     assert compare_at_matched_forgetting([_row("fisher", 1.0, 0.1, 0.3)]) == ["no tv rows with forget quality and model utility to compare with"]
+
+
+def test_best_forget_quality_per_method():
+    rows = [
+        SweepRow(label="full", kind=REFERENCE, metrics={"forget_quality": 0.9, "model_utility": 0.5}),
+        _row("tv", 0.5, 1e-6, 0.50),
+        _row("tv", 1.0, 1e-2, 0.30),
+        _row("fisher", 1.0, 0.4, 0.45),
+        _row("fisher", 2.0, float("nan"), 0.45),
+    ]
+    assert best_forget_quality(rows) == [
+        "tv: forget quality 0.010 at α=1, utility 0.300",
+        "fisher: forget quality 0.400 at α=1, utility 0.450",
+    ]

@@ -26,7 +26,7 @@ from pathlib import Path
 from perta_stream.config.demo import DemoConfig
 from perta_stream.demo.recipe import DemoRecipe
 from perta_stream.sinks.output_dir import partial_path
-from perta_stream.sinks.report import SweepRow, compare_at_matched_forgetting, format_markdown_table
+from perta_stream.sinks.report import SweepRow, best_forget_quality, compare_at_matched_forgetting, format_markdown_table
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -69,6 +69,8 @@ class DemoResult:
             "At matched forgetting (tv's utility interpolated at each point's forget quality; positive = keeps more utility than tv):",
         ]
         lines += [f"  {line}" for line in compare_at_matched_forgetting(list(self.rows))]
+        lines += ["", "Highest forget quality each method reaches (1 = indistinguishable from the retain model):"]
+        lines += [f"  {line}" for line in best_forget_quality(list(self.rows))]
         lines += [
             "",
             f"plot:  {self.plot_path}",

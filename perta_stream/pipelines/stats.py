@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
 from perta_stream.config.stats import StatsConfig
@@ -26,7 +26,13 @@ from perta_stream.errors import CheckpointError, OutputExistsError, PlanError, U
 from perta_stream.memory import format_bytes, peak_rss_bytes
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_batches, plan_stats
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.qa_dataset import QASample, file_sha256, load_qa_samples, select_fraction
+
+if TYPE_CHECKING:
+    from perta_stream.compute.prompts import EncodedSample
+    from perta_stream.compute.stats.streaming import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +124,19 @@ def run_stats(config: StatsConfig) -> StatsResult:
         source.close()
 
 
-def _compute(config, checkpoint, source, shape, tokenizer, datasets, device_name, compute_dtype_name, plan, started) -> StatsResult:  # noqa: ANN001
+def _compute(
+    config: StatsConfig,
+    checkpoint: Checkpoint,
+    source: ByteSource,
+    shape: ModelShape,
+    tokenizer: Any,
+    datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]],
+    device_name: str,
+    compute_dtype_name: str,
+    plan: StatsPlan,
+    started: float,
+) -> StatsResult:
+    """Stream the statistics into `<out>.partial/` and rename it; on any failure, remove it."""
     import torch
 
     from perta_stream.compute.prompts import LOSS_DEFINITION
@@ -224,7 +242,7 @@ def _load_tokenizer(location: str) -> Any:
         raise CheckpointError(f"{location}: no usable tokenizer ({exc}); save the tokenizer next to the weights (tokenizer.save_pretrained)") from None
 
 
-def _encode_dataset(config: StatsConfig, path: str, tokenizer: Any) -> tuple[DatasetInfo, list]:
+def _encode_dataset(config: StatsConfig, path: str, tokenizer: Any) -> tuple[DatasetInfo, list[EncodedSample]]:
     from perta_stream.compute.prompts import encode_sample
 
     samples = load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key)
@@ -245,7 +263,7 @@ def _pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def _batches(dataset: str, samples: list, batch_size: int, pad_id: int) -> list:
+def _batches(dataset: str, samples: list[EncodedSample], batch_size: int, pad_id: int) -> list[Batch]:
     from perta_stream.compute.prompts import collate
     from perta_stream.compute.stats.streaming import Batch
 

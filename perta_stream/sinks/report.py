@@ -215,3 +215,20 @@ def compare_at_matched_forgetting(rows: Sequence[SweepRow], *, baseline: str = "
         lines.append(f"{row.label}: forget quality {quality_text}, utility {utility:.3f} vs {baseline} {reference:.3f} ({utility - reference:+.3f})")
     lines.append(f"{ahead} of {compared} compared points keep more utility than {baseline} at the same forget quality")
     return lines
+
+
+def best_forget_quality(rows: Sequence[SweepRow]) -> list[str]:
+    """Per method (table order), the row with the highest forget quality and the utility it keeps."""
+    best: dict[str, SweepRow] = {}
+    for row in sort_rows(rows):
+        quality = row.metrics.get("forget_quality")
+        if row.kind == REFERENCE or quality is None or not math.isfinite(quality):
+            continue
+        key = row.method or row.label
+        if key not in best or quality > best[key].metrics["forget_quality"]:
+            best[key] = row
+    return [
+        f"{method}: forget quality {format_metric(row.metrics['forget_quality'], 'sci')} at α={row.alpha:g}, "
+        f"utility {format_metric(row.metrics.get('model_utility'), 'fixed')}"
+        for method, row in best.items()
+    ]

@@ -1,0 +1,101 @@
+"""The per-sample rules and the boundary store, against explicit per-sample autograd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from perta_stream.compute.stats.boundaries import BoundaryStore
+from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator, embedding_stats, generic_stats, linear_stats
+
+
+def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Σ g and Σ g² of each parameter for the per-sample loss ℓ_n = Σ_t w_t · out_{n,t} (padding excluded)."""
+    torch.manual_seed(1)
+    weights = torch.randn(module(x[:1]).shape[1:])
+    sums = {n: torch.zeros_like(p) for n, p in module.named_parameters()}
+    squares = {n: torch.zeros_like(p) for n, p in module.named_parameters()}
+    for n in range(x.shape[0]):
+        keep = valid[n]
+        loss = (module(x[n : n + 1])[0][keep] * weights[keep]).sum()
+        for (name, _), grad in zip(module.named_parameters(), torch.autograd.grad(loss, list(module.parameters()))):
+            sums[name] += grad
+            squares[name] += grad**2
+    return {n: (sums[n], squares[n]) for n in sums}, weights
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 12 * 6, 2**30])
+def test_linear_rule_matches_autograd_for_every_chunking(chunk_bytes: int) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 12, bias=True)
+    x = torch.randn(5, 7, 6)
+    valid = torch.rand(5, 7) > 0.3
+    expected, weights = _explicit(layer, x, valid)
+    acc = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad", "fisher"), torch.device("cpu"))
+    delta = weights.expand(5, 7, 12) * valid[..., None]
+    linear_stats(acc, "w", "b", x, delta, chunk_bytes=chunk_bytes)
+    for name, key in (("w", "weight"), ("b", "bias")):
+        torch.testing.assert_close(acc.sums[name], expected[key][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(acc.squares[name], expected[key][1], rtol=1e-5, atol=1e-6)
+    grad_only = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad",), torch.device("cpu"))
+    rows = [torch.tensor([0, 5]), torch.tensor([11]), torch.tensor([2, 3, 4]), torch.tensor([1]), torch.tensor([7])]
+    kept = linear_stats(grad_only, "w", "b", x, delta, keep_rows=rows, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(grad_only.sums["w"], expected["weight"][0], rtol=1e-5, atol=1e-6)
+    for n, r in enumerate(rows):
+        torch.testing.assert_close(kept[n], (delta[n].T @ x[n])[r], rtol=1e-5, atol=1e-6)
+
+
+def test_generic_rule_on_rmsnorm_and_hooks_zero_padding() -> None:
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(8) * 0.1)
+    x = torch.randn(4, 5, 8)
+    valid = torch.rand(4, 5) > 0.4
+    expected, weights = _explicit(norm, x, valid)
+    acc = StatsAccumulator({"norm.weight": (8,)}, ("grad", "fisher"), torch.device("cpu"))
+    generic_stats(acc, norm, {"weight": "norm.weight"}, x, weights.expand(4, 5, 8) * valid[..., None])
+    torch.testing.assert_close(acc.squares["norm.weight"], expected["weight"][1], rtol=1e-5, atol=1e-6)
+    # Through the hooks, with autograd delivering an unmasked gradient: padding must be dropped.
+    hooked = StatsAccumulator({"norm.weight": (8,)}, ("grad", "fisher"), torch.device("cpu"))
+    root = torch.nn.ModuleDict({"norm": norm})
+    for parameter in norm.parameters():
+        parameter.requires_grad_(False)
+    h = x.clone().requires_grad_(True)
+    with PerSampleHooks(root, {"norm": {"weight": "norm.weight"}}, hooked, valid):
+        (norm(h) * weights).sum().backward()
+    torch.testing.assert_close(hooked.sums["norm.weight"], expected["weight"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked.squares["norm.weight"], expected["weight"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_rule_sums_repeated_tokens_before_squaring() -> None:
+    ids = torch.tensor([[3, 1, 3, 0], [2, 2, 2, 4]])
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    delta = torch.randn(2, 4, 5)
+    acc = StatsAccumulator({"e": (6, 5)}, ("grad", "fisher"), torch.device("cpu"))
+    embedding_stats(acc, "e", ids, delta, valid)
+    sums, squares = torch.zeros(6, 5), torch.zeros(6, 5)
+    for n in range(2):
+        g = torch.zeros(6, 5)
+        for t in range(4):
+            if valid[n, t]:
+                g[ids[n, t]] += delta[n, t]
+        sums += g
+        squares += g**2
+    torch.testing.assert_close(acc.sums["e"], sums)
+    torch.testing.assert_close(acc.squares["e"], squares)
+
+
+def test_boundary_store_spills_past_budget_and_cleans_up(tmp_path: Path) -> None:
+    tensors = {k: torch.randn(3, 4, 5).to(dtype) for k, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float32))}
+    with BoundaryStore(3 * 4 * 5 * 4 + 10, spill_parent=tmp_path) as store:
+        for key, tensor in tensors.items():
+            store.put(key, tensor.clone())
+        assert store.spilled_count == 2 and store.ram_bytes == 240 and store.disk_bytes == 120 + 240
+        assert torch.equal(store.get(1), tensors[1]) and store.get(1).dtype == torch.bfloat16
+        assert torch.equal(store.pop(2), tensors[2]) and 2 not in store
+        spill_dirs = list(tmp_path.iterdir())
+        assert len(spill_dirs) == 1 and len(list(spill_dirs[0].iterdir())) == 1
+    assert list(tmp_path.iterdir()) == []
