@@ -296,7 +296,7 @@ def test_refused_token_is_a_clear_error_and_never_shown(hub, monkeypatch, caplog
 
 def test_private_repo_needs_a_token(hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
-    with pytest.raises(PlanError, match=r"full \(hf://org/full\).*private and the token cannot see it|hf://org/full: the repo does not exist"):
+    with pytest.raises(PlanError, match=r"opening full checkpoint hf://org/full: the repo does not exist .* private and the token cannot see it"):
         run_merge(_config(str(Path(tempfile.tempdir) / "out")))
 
 

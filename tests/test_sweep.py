@@ -9,7 +9,7 @@ import pytest
 
 from perta_stream.cli import main
 from perta_stream.config.sweep import SweepConfig
-from perta_stream.errors import PlanError
+from perta_stream.errors import EvaluationError, PlanError
 from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, best_forget_quality, compare_at_matched_forgetting
 
 
@@ -106,6 +106,16 @@ def test_tiny_sweep_end_to_end(tiny_setup):
     tv_first = next(row for row in result.rows if row.label == "tv α=2")
     assert tv_again.metrics["forget_quality"] == pytest.approx(tv_first.metrics["forget_quality"])
     assert tv_again.model_dir is None
+
+    # Retain logs of another split, or of another number of items, fail before anything is written.
+    other_split = json.loads((out / "eval" / "retain.json").read_text())
+    other_split["split"] = "forget10"
+    (root / "retain_forget10.json").write_text(json.dumps(other_split))
+    with pytest.raises(EvaluationError, match="split 'forget10'"):
+        run_sweep(_config(root, "sweep_bad", retain_model=None, retain_logs=str(root / "retain_forget10.json"), methods=("tv",), alphas=(1.0,)))
+    with pytest.raises(EvaluationError, match="3 forget items"):
+        run_sweep(_config(root, "sweep_bad", retain_model=None, retain_logs=str(out / "eval" / "retain.json"), methods=("tv",), alphas=(1.0,), max_items=2))
+    assert not (root / "sweep_bad").exists() and not (root / "sweep_bad.partial").exists()
 
 
 def test_sweep_cli_prints_table_and_plot_path(tiny_setup, capsys):

@@ -73,6 +73,10 @@ class SweepConfig:
     title: str = ""
 
     def __post_init__(self) -> None:
+        if not self.tofu_dir:
+            from perta_stream.sources.tofu import bundled_tofu_dir
+
+            object.__setattr__(self, "tofu_dir", str(bundled_tofu_dir()))
         problems = self.problems()
         if problems:
             raise PlanError("invalid sweep options", problems)

@@ -88,13 +88,20 @@ def run_demo(config: DemoConfig) -> DemoResult:
         PertaStreamError subclasses from the stages (a broken bundled file, an unwritable cache).
     """
     import torch
+    from transformers.utils import logging as transformers_logging
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    # The demo loads and saves dozens of tiny checkpoints; transformers' per-file bars would bury
+    # the stage lines and perta_stream's own bars, so they are off for the run and restored after.
+    hub_bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
     try:
         return _run_demo(config)
     finally:
         torch.set_num_threads(previous_threads)
+        if hub_bars:
+            transformers_logging.enable_progress_bar()
 
 
 def _run_demo(config: DemoConfig) -> DemoResult:

@@ -23,7 +23,7 @@ from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.merge import MergeConfig, format_alpha
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
-from perta_stream.errors import EvaluationError, OutputExistsError
+from perta_stream.errors import OutputExistsError
 from perta_stream.memory import current_rss_bytes, peak_rss_bytes
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
@@ -78,6 +78,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from perta_stream.pipelines.merge import run_merge
 
     started = time.perf_counter()
+    # Given retain logs are checked before anything is written: a wrong file fails in seconds.
+    given_reference = _reference_metrics(str(config.retain_logs), config) if config.retain_logs is not None else None
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
     if output.partial.exists():
         if not config.overwrite:
@@ -97,11 +99,11 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         return result
 
     # 1. The retain-only reference: its forget-set truth ratios define forget quality for all rows.
-    if config.retain_model is not None:
-        retain_logs = str(evaluate(config.retain_model, "retain", None).json_path)
+    if given_reference is None:
+        retain_logs = str(evaluate(str(config.retain_model), "retain", None).json_path)
+        retain_metrics = _reference_metrics(retain_logs, config)
     else:
-        retain_logs = str(config.retain_logs)
-    retain_metrics = _reference_metrics(retain_logs, config)
+        retain_logs, retain_metrics = str(config.retain_logs), given_reference
     rows.append(SweepRow(label="retain", kind=REFERENCE, metrics=retain_metrics, model_dir=config.retain_model, eval_json=_relative(retain_logs, work)))
 
     # 2. The model to clean.
@@ -197,23 +199,22 @@ def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
 
 
 def _reference_metrics(retain_logs: str, config: SweepConfig) -> dict[str, float]:
-    """The retain model's metrics, with its forget quality computed by the same KS definition.
+    """The retain model's metrics, checked against this sweep's data, with its forget quality.
 
     Its own record has no forget quality (it is the reference); against itself the KS test gives
-    the p-value of identical samples, computed here rather than assumed.
+    the p-value of identical samples, computed here by the same definition rather than assumed.
+
+    Raises:
+        EvaluationError: the record is not an eval record, or is for another split, other forget
+            data or another number of items.
     """
     from perta_stream.eval.metrics import forget_quality
     from perta_stream.eval.report import load_retain_logs
+    from perta_stream.sources.tofu import load_eval_sets
 
-    try:
-        record = json.loads(Path(retain_logs).read_text(encoding="utf-8"))
-        forget_file = record["data_files"]["forget"]
-        count = int(record["sample_counts"]["forget"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EvaluationError(f"--retain-logs {retain_logs} is not a `perta-stream eval` record ({exc})") from None
-    if record.get("split") != config.split:
-        raise EvaluationError(f"--retain-logs {retain_logs} is for split {record.get('split')!r}, the sweep evaluates {config.split!r}")
-    logs = load_retain_logs(retain_logs, split=config.split, forget_sha256=forget_file["sha256"], forget_count=count)
+    forget = load_eval_sets(config.tofu_dir, config.split, max_items=config.max_items)["forget"]
+    logs = load_retain_logs(retain_logs, split=config.split, forget_sha256=forget.sha256, forget_count=len(forget.items))
+    record = json.loads(Path(retain_logs).read_text(encoding="utf-8"))
     metrics = _floats(record.get("metrics", {}))
     metrics["forget_quality"] = forget_quality(logs.forget_truth_ratios, logs.forget_truth_ratios)
     return metrics
