@@ -64,7 +64,7 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    result = run_demo(DemoConfig(cache_dir=str(WORK_DIR), rebuild=args.rebuild, device=args.device, recipe=RECIPE))
+    result = run_demo(DemoConfig(cache_dir=str(WORK_DIR), rebuild=args.rebuild, device=args.device, recipe=RECIPE), on_stage=lambda line: print(line, file=sys.stderr, flush=True))
     wall_s = time.perf_counter() - started
     print(result.report())
 

@@ -351,7 +351,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     from perta_stream.config.demo import DemoConfig
     from perta_stream.pipelines.demo import run_demo
 
-    result = run_demo(DemoConfig.from_cli(args))
+    def on_stage(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    result = run_demo(DemoConfig.from_cli(args), on_stage=on_stage)
     print(result.report())
     return EXIT_OK
 

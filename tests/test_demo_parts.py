@@ -274,3 +274,20 @@ def test_tiny_demo_runs_end_to_end_and_second_run_is_cached(tmp_path):
     second = run_demo(config)
     assert len(second.cached) == len(first.stage_s) and all(seconds == 0.0 for seconds in second.stage_s.values())
     assert second.table == first.table
+
+
+def test_demo_cli_options_reach_the_recipe(capsys):
+    from perta_stream.cli import build_parser, main
+    from perta_stream.config.demo import DemoConfig
+    from perta_stream.demo.recipe import DemoRecipe
+
+    args = build_parser().parse_args(
+        ["demo", "--split", "forget10", "--alphas", "1,2", "--max-items", "5", "--retain-count", "50", "--threads", "2", "--cache-dir", "somewhere"]
+    )
+    config = DemoConfig.from_cli(args)
+    assert (config.recipe.split, config.recipe.alphas, config.recipe.eval_max_items, config.recipe.retain_count) == ("forget10", (1.0, 2.0), 5, 50)
+    assert (config.threads, config.cache_dir, config.device) == (2, "somewhere", "cpu")
+    assert config.recipe.shape == DemoRecipe().shape
+    assert main(["demo", "--retain-count", "0", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--retain-count must be at least 1" in err and "--threads must be at least 1" in err

@@ -22,7 +22,8 @@ def test_there_are_example_configs():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_example_config_starts_with_the_command_that_runs_it_and_parses(path):
+def test_example_config_starts_with_the_command_that_runs_it_and_parses(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the command on the first line is run from the repository root
     first_line = path.read_text(encoding="utf-8").splitlines()[0]
     assert first_line == config_command(f"configs/{path.name}")
     # The command on that line must parse, and the file must give a valid config.

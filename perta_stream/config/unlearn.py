@@ -266,6 +266,8 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if value is not None and not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
+    if key == "system_prompt" and value == "":
+        return None  # as `stats` records it, so an empty prompt still reuses the statistics
     return value
 
 

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,8 +80,12 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def run_demo(config: DemoConfig) -> DemoResult:
+def run_demo(config: DemoConfig, *, on_stage: Callable[[str], None] | None = None) -> DemoResult:
     """Build (or reuse) everything of `config.recipe` and run the sweep.
+
+    Args:
+        config: the demo's options and recipe.
+        on_stage: called with a line when a stage starts and when it ends (the CLI prints them).
 
     Raises:
         PertaStreamError subclasses from the stages (a broken bundled file, an unwritable cache).
@@ -97,14 +100,14 @@ def run_demo(config: DemoConfig) -> DemoResult:
     hub_bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
-        return _run_demo(config)
+        return _run_demo(config, on_stage or (lambda line: None))
     finally:
         torch.set_num_threads(previous_threads)
         if hub_bars:
             transformers_logging.enable_progress_bar()
 
 
-def _run_demo(config: DemoConfig) -> DemoResult:
+def _run_demo(config: DemoConfig, on_stage: Callable[[str], None]) -> DemoResult:
     from perta_stream.sources.tofu import bundled_tofu_dir
 
     started = time.perf_counter()
@@ -127,10 +130,10 @@ def _run_demo(config: DemoConfig) -> DemoResult:
             return
         shutil.rmtree(partial_path(target), ignore_errors=True)  # left by an interrupted run
         stage_started = time.perf_counter()
-        print(f"[demo] {name} ...", file=sys.stderr, flush=True)
+        on_stage(f"[demo] {name} ...")
         make()
         stage_s[name] = time.perf_counter() - stage_started
-        print(f"[demo] {name}: {stage_s[name]:.1f} s", file=sys.stderr, flush=True)
+        on_stage(f"[demo] {name}: {stage_s[name]:.1f} s")
 
     data_dir, init_dir = build / "data", build / "init"
     stage("data + tokenizer + init", init_dir, lambda: _make_base(recipe, tofu_dir, data_dir, init_dir))
