@@ -69,7 +69,7 @@ def build_model(path: Path, layers: int, args: argparse.Namespace, tokenizer) ->
         intermediate_size=args.intermediate,
         num_hidden_layers=layers,
         num_attention_heads=args.hidden // 128,
-        num_key_value_heads=args.hidden // 512,
+        num_key_value_heads=max(1, args.hidden // 512),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--boundary-budget", default="256MiB")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating streamed/naive runs; the fastest of each counts")
     parser.add_argument("--naive-worker", nargs=4, metavar=("MODEL", "FORGET", "RETAIN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_worker:
@@ -168,19 +169,21 @@ def main() -> None:
 
     tokens = sum(len(encode_sample(tokenizer, s.question, s.answer, max_length=512).input_ids) for p in (forget, retain) for s in load_qa_samples(p))
     runs: dict[str, dict] = {}
-    for layers, model in models.items():
-        out = WORK / f"out-l{layers}"
-        measured = run_measured(streamed_command(model, forget, retain, out, args))
-        record = json.loads((out / "perta_stats.json").read_text())
-        runs[f"streamed-l{layers}"] = {"layers": layers, "parameters": parameters[layers], **_numbers(measured, tokens), "engine_elapsed_s": record["elapsed_s"]}
-        if layers != args.layers:
-            shutil.rmtree(out)
+    # The machine is shared: streamed and naive runs alternate, and each method's fastest run counts
+    # (peak RSS: the largest seen), so a burst of load from elsewhere does not decide the comparison.
+    out = WORK / f"out-l{args.layers}"
+    naive_file = WORK / "naive-verify.safetensors"
+    for _ in range(args.repeats):
+        _record(runs, f"streamed-l{args.layers}", args.layers, parameters[args.layers], run_measured(streamed_command(models[args.layers], forget, retain, out, args)), tokens)
+        if not args.skip_naive:
+            command = [sys.executable, __file__, "--naive-worker", str(models[args.layers]), str(forget), str(retain), str(naive_file)]
+            _record(runs, f"naive-l{args.layers}", args.layers, parameters[args.layers], run_measured(command), tokens)
     if not args.skip_naive:
-        naive_file = WORK / "naive-verify.safetensors"
-        measured = run_measured([sys.executable, __file__, "--naive-worker", str(models[args.layers]), str(forget), str(retain), str(naive_file)])
-        runs[f"naive-l{args.layers}"] = {"layers": args.layers, "parameters": parameters[args.layers], **_numbers(measured, tokens)}
-        runs[f"naive-l{args.layers}"]["max_relative_error_vs_streamed"] = compare(WORK / f"out-l{args.layers}", naive_file)
-    shutil.rmtree(WORK / f"out-l{args.layers}", ignore_errors=True)
+        runs[f"naive-l{args.layers}"]["max_relative_error_vs_streamed"] = compare(out, naive_file)
+    shutil.rmtree(out, ignore_errors=True)
+    double_out = WORK / f"out-l{2 * args.layers}"
+    _record(runs, f"streamed-l{2 * args.layers}", 2 * args.layers, parameters[2 * args.layers], run_measured(streamed_command(models[2 * args.layers], forget, retain, double_out, args)), tokens)
+    shutil.rmtree(double_out, ignore_errors=True)
 
     base, double = runs[f"streamed-l{args.layers}"], runs[f"streamed-l{2 * args.layers}"]
     summary = {"rss_growth_at_2x_layers": double["peak_rss_bytes"] / base["peak_rss_bytes"] - 1}
@@ -203,7 +206,11 @@ def main() -> None:
         {"run": name, "layers": r["layers"], "params (M)": r["parameters"] / 1e6, "wall (s)": r["wall_s"], "tokens/s": r["tokens_per_s"], "peak RSS (MiB)": r["peak_rss_bytes"] / 2**20}
         for name, r in runs.items()
     ]
-    notes = [f"{args.samples} + {args.samples} TOFU samples (forget10, retain90), {tokens} tokens, batch {args.batch_size}, boundary budget {args.boundary_budget}"]
+    notes = [
+        f"{args.samples} + {args.samples} TOFU samples (forget10, retain90), {tokens} tokens, batch {args.batch_size}, boundary budget {args.boundary_budget}",
+        f"wall: fastest of {args.repeats} alternating runs at {args.layers} layers (all runs in the JSON); each run is its own process; "
+        f"{machine_info()['cpu_count']} CPU cores shared with other work",
+    ]
     notes += [f"{key}: {value:.3f} (target {targets[key]})" for key, value in summary.items()]
     if not args.skip_naive:
         notes.append(f"naive vs streamed statistics, largest relative error: {runs[f'naive-l{args.layers}']['max_relative_error_vs_streamed']:.2e}")
@@ -211,8 +218,14 @@ def main() -> None:
     print(md_path.read_text())
 
 
-def _numbers(measured: dict, tokens: int) -> dict:
-    return {"wall_s": measured["wall_s"], "tokens_per_s": tokens / measured["wall_s"], "peak_rss_bytes": measured["peak_rss_bytes"]}
+def _record(runs: dict[str, dict], name: str, layers: int, parameters: int, measured: dict, tokens: int) -> None:
+    """Add one measured run: the fastest wall time and the largest peak RSS over repeats."""
+    run = runs.setdefault(name, {"layers": layers, "parameters": parameters, "wall_s_all": [], "peak_rss_bytes_all": []})
+    run["wall_s_all"].append(measured["wall_s"])
+    run["peak_rss_bytes_all"].append(measured["peak_rss_bytes"])
+    run["wall_s"] = min(run["wall_s_all"])
+    run["tokens_per_s"] = tokens / run["wall_s"]
+    run["peak_rss_bytes"] = max(run["peak_rss_bytes_all"])
 
 
 if __name__ == "__main__":

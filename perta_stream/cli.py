@@ -49,7 +49,9 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are exactly 0")
     parser.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
     parser.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB); default: theta_full's layout")
-    parser.add_argument("--max-memory", default="512MiB", help="peak RSS budget for the whole process (default 512MiB)")
+    parser.add_argument(
+        "--max-memory", help="peak RSS budget for the whole process (default 512MiB, or $PERTA_MAX_MEMORY)"
+    )
     parser.add_argument("--chunk-size", help="bytes per input chunk (default: derived from --max-memory)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -16,6 +16,16 @@ DEFAULT_TAU = {"grad": 1.0, "fisher": 2.0}
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
 
 
+def default_max_memory_bytes() -> int:
+    """The merge's peak-RSS budget when none is given: PERTA_MAX_MEMORY (e.g. `2GiB`), else 512 MiB.
+
+    The budget covers the whole process, so a program that merges after loading other things
+    (or a test session) sets a larger one through this variable; this is the one place it is read.
+    """
+    text = os.environ.get("PERTA_MAX_MEMORY", "").strip()
+    return parse_size(text, what="PERTA_MAX_MEMORY") if text else DEFAULT_MAX_MEMORY_BYTES
+
+
 def format_alpha(alpha: float) -> str:
     """`1.0` -> `1`, `0.5` -> `0.5`: the spelling used in per-alpha output folder names."""
     return f"{alpha:g}"
@@ -71,7 +81,7 @@ class MergeConfig:
     fallback_weight: float = 0.5
     out_dtype: str | None = None
     max_shard_bytes: int | None = None
-    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
+    max_memory_bytes: int = field(default_factory=default_max_memory_bytes)
     chunk_bytes: int | None = None
     dry_run: bool = False
     overwrite: bool = False
@@ -170,7 +180,9 @@ class MergeConfig:
                 fallback_weight=args.fallback_weight,
                 out_dtype=parse_user_dtype(args.out_dtype) if args.out_dtype else None,
                 max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size") if args.max_shard_size else None,
-                max_memory_bytes=parse_size(args.max_memory, what="--max-memory"),
+                max_memory_bytes=(
+                    parse_size(args.max_memory, what="--max-memory") if args.max_memory else default_max_memory_bytes()
+                ),
                 chunk_bytes=parse_size(args.chunk_size, what="--chunk-size") if args.chunk_size else None,
                 dry_run=args.dry_run,
                 overwrite=args.overwrite,

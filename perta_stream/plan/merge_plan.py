@@ -24,7 +24,7 @@ PIPELINE_DEPTH = 3
 # beyond the baseline RSS measured after importing torch.
 RUNTIME_MARGIN_BYTES = 48 * 2**20
 MIN_CHUNK_ELEMENTS = 1 << 16
-MAX_CHUNK_ELEMENTS = 1 << 26
+MAX_CHUNK_ELEMENTS = 1 << 24
 SINGLE_SHARD_NAME = "model.safetensors"
 
 
