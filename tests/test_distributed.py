@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -181,6 +182,79 @@ def test_collectives_of_two_gloo_ranks(tmp_path):
         assert report["everyone"] == [{"rank": 0}, {"rank": 1}]
         assert report["told"] == "from rank 0"
     assert reports[0]["at_zero"] == [0, 100] and reports[1]["at_zero"] is None
+
+
+# ------------------------------------------------------------------ statistics, two ranks
+STATS_VOLATILE_KEYS = {"elapsed_s", "peak_rss_bytes"}
+
+
+@pytest.fixture(scope="module")
+def stats_inputs(tmp_path_factory):
+    from stats_fixtures import save_tiny_model, write_data
+
+    root = tmp_path_factory.mktemp("dist_stats")
+    forget, retain = write_data(root / "data")
+    return save_tiny_model(root / "models", "llama"), forget, retain
+
+
+def _stats_args(stats_inputs, device: str) -> list[str]:
+    model, forget, retain = stats_inputs
+    return ["stats", "--model", str(model), "--forget", str(forget), "--retain", str(retain), "--device", device, "--batch-size", "2"]
+
+
+def _assert_shares(run: subprocess.CompletedProcess) -> None:
+    """Both ranks swept a part of each dataset, and the parts add up to it (-v logs them)."""
+    shares = re.findall(r"rank [01] of 2 sweeps (\d+) forget samples, (\d+) retain samples", run.stderr)
+    assert len(shares) == 2 and all(int(f) > 0 and int(r) > 0 for f, r in shares), run.stderr
+    assert sum(int(f) for f, _ in shares) == 5 and sum(int(r) for _, r in shares) == 7
+
+
+def _same_record(one: Path, two: Path) -> None:
+    record_one, record_two = (json.loads((d / "perta_stats.json").read_text()) for d in (one, two))
+    for key in STATS_VOLATILE_KEYS:
+        record_one.pop(key), record_two.pop(key)
+    assert record_one == record_two  # sample counts are the whole datasets', not a rank's share
+
+
+def test_stats_under_torchrun_equal_one_process(stats_inputs, tmp_path):
+    from stats_fixtures import load_stats_dir, reference_stats, relative_error
+
+    model, forget, retain = stats_inputs
+    # Tied embeddings and a padding_idx (the tied head's sums are summed over the ranks exactly
+    # once); 5 forget and 7 retain samples, so the ranks get unequal shares.
+    args = _stats_args(stats_inputs, "cpu")
+    _cli([*args, "-q", "--out", str(tmp_path / "one")], nproc=1)
+    _assert_shares(_cli([*args, "-v", "--out", str(tmp_path / "two")], nproc=2))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    _same_record(one, two)
+    for dataset, data in (("forget", forget), ("retain", retain)):
+        reference = reference_stats(model, data)
+        for kind in ("grad", "fisher"):
+            single, launched = load_stats_dir(one / f"{dataset}.{kind}"), load_stats_dir(two / f"{dataset}.{kind}")
+            assert sorted(single) == sorted(launched)
+            for tensor_name, tensor in single.items():
+                # Equal up to the order of float32 additions; and both equal the dense reference.
+                torch.testing.assert_close(launched[tensor_name], tensor, rtol=1e-5, atol=1e-7 * float(tensor.abs().max()))
+                assert relative_error(launched[tensor_name], reference[tensor_name][kind]) <= 1e-5, (dataset, kind, tensor_name)
+
+
+@pytest.mark.gpu
+def test_stats_under_torchrun_on_two_gpus_equal_one_gpu(stats_inputs, tmp_path):
+    from stats_fixtures import load_stats_dir, relative_error
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices (NCCL between them)")
+    args = _stats_args(stats_inputs, "cuda")
+    _cli([*args, "-q", "--out", str(tmp_path / "one")], nproc=1)
+    _assert_shares(_cli([*args, "-v", "--out", str(tmp_path / "two")], nproc=2))
+    _same_record(tmp_path / "one", tmp_path / "two")
+    for stat in ("forget.grad", "forget.fisher", "retain.grad", "retain.fisher"):
+        single, launched = load_stats_dir(tmp_path / "one" / stat), load_stats_dir(tmp_path / "two" / stat)
+        for tensor_name, tensor in single.items():
+            # bfloat16 layers on the GPU: the ranks' batches pad differently, so per-sample
+            # gradients agree to bfloat16 precision, not bit for bit.
+            assert relative_error(launched[tensor_name], tensor) <= 2e-2, (stat, tensor_name)
 
 
 # ------------------------------------------------------------------ pieces, in one process

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
 from perta_stream.config.stats import StatsConfig
+from perta_stream.distributed import DistContext, distributed
 from perta_stream.errors import CheckpointError, OutputExistsError, PlanError, UsageError
 from perta_stream.memory import format_bytes, peak_rss_bytes
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_batches, plan_stats
@@ -119,7 +120,9 @@ def run_stats(config: StatsConfig) -> StatsResult:
         if config.dry_run:
             return StatsResult(plan=plan, plan_text=plan.to_text())
         logger.info("%s", plan.to_text())
-        return _compute(config, checkpoint, source, shape, tokenizer, datasets, device, compute_dtype_name, plan, started)
+        # Under torchrun / accelerate launch: one process per GPU, the samples split across them.
+        with distributed(device_type=device) as dist:
+            return _compute(config, checkpoint, source, shape, tokenizer, datasets, device, compute_dtype_name, plan, started, dist)
     finally:
         source.close()
 
@@ -135,8 +138,13 @@ def _compute(
     compute_dtype_name: str,
     plan: StatsPlan,
     started: float,
+    dist: DistContext,
 ) -> StatsResult:
-    """Stream the statistics into `<out>.partial/` and rename it; on any failure, remove it."""
+    """Stream the statistics into `<out>.partial/` and rename it; on any failure, remove it.
+
+    Under a launcher every rank sweeps its share of the samples; rank 0 writes (its engine sums
+    each group over the ranks first), the other ranks run `_compute_rank`.
+    """
     import torch
 
     from perta_stream.compute.prompts import LOSS_DEFINITION
@@ -152,7 +160,12 @@ def _compute(
         checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(config.model)
     )
     pad_id = _pad_token_id(tokenizer)
-    batches = {name: _batches(name, samples, config.batch_size, pad_id) for name, (_, samples) in datasets.items()}
+    shares = {name: _rank_share(samples, dist) for name, (_, samples) in datasets.items()}
+    if dist.is_distributed:
+        logger.info("rank %d of %d sweeps %s", dist.rank, dist.world_size, ", ".join(f"{len(share)} {name} samples" for name, share in shares.items()))
+    batches = {name: _batches(name, share, config.batch_size, pad_id) for name, share in shares.items()}
+    if not dist.is_main:
+        return _compute_rank(config, checkpoint, source, skeleton, batches, device, compute_dtype, plan, dist)
 
     stale = partial_path(config.out)
     if stale.exists():
@@ -173,7 +186,9 @@ def _compute(
         with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
             config.boundary_budget_bytes, spill_parent=root
         ) as boundaries:
-            engine = StreamingStatsEngine(skeleton, loader, boundaries, store.write_group, kinds=config.kinds, device=device, compute_dtype=compute_dtype)
+            engine = StreamingStatsEngine(
+                skeleton, loader, boundaries, store.write_group, kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist
+            )
             report = engine.run(batches)
         logger.info(
             "boundaries: peak %s in RAM, %s on disk (%d spilled)",
@@ -207,6 +222,7 @@ def _compute(
         # No resume for statistics: a failed run leaves nothing that could look finished.
         shutil.rmtree(root, ignore_errors=True)
         raise
+    dist.broadcast_object((str(out), record))  # the other ranks return the same result
     return StatsResult(
         plan=plan,
         out=out,
@@ -216,6 +232,54 @@ def _compute(
         boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
         boundary_spilled=report.boundary_spilled,
     )
+
+
+def _rank_share(samples: list[EncodedSample], dist: DistContext) -> list[EncodedSample]:
+    """This rank's samples: every world_size-th one in order of length, so that each rank gets
+    a similar number of samples and of tokens."""
+    if not dist.is_distributed:
+        return samples
+    by_length = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+    return [samples[i] for i in sorted(by_length[dist.rank :: dist.world_size])]
+
+
+def _compute_rank(
+    config: StatsConfig,
+    checkpoint: Checkpoint,
+    source: ByteSource,
+    skeleton: Any,
+    batches: dict[str, list[Batch]],
+    device: Any,
+    compute_dtype: Any,
+    plan: StatsPlan,
+    dist: DistContext,
+) -> StatsResult:
+    """A rank > 0 of a launched run: the same sweep over its own share of the samples.
+
+    Its engine sums every group with the other ranks' and leaves the writing to rank 0; this rank
+    touches no output and spills boundaries to the system temp folder.
+    """
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.sources.layer_weights import ModuleWeightLoader
+
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(config.boundary_budget_bytes) as boundaries:
+        engine = StreamingStatsEngine(skeleton, loader, boundaries, _rank_zero_writes, kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist)
+        report = engine.run(batches)
+    out, record = dist.broadcast_object(None)
+    return StatsResult(
+        plan=plan,
+        out=Path(out),
+        record=record,
+        mean_loss=report.mean_loss,
+        boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
+        boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
+        boundary_spilled=report.boundary_spilled,
+    )
+
+
+def _rank_zero_writes(dataset: str, group: str, stats: dict[str, dict[str, Any]]) -> None:
+    raise AssertionError(f"rank > 0 was asked to write {dataset} {group}; only rank 0 writes statistics")
 
 
 def _resolve_device(requested: str) -> str:

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from perta_stream.compute.prompts import per_sample_loss
+from perta_stream.distributed import SINGLE_PROCESS, DistContext
 from perta_stream.compute.stats.boundaries import BoundaryStore
 from perta_stream.compute.stats.per_sample import FISHER, BufferPool, PerSampleHooks, Scratch, StatsAccumulator, embedding_stats, sample_token_rows
 from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, ModelSkeleton, attention_mask, materialize, release
@@ -76,6 +77,9 @@ class StreamingStatsEngine:
         sink: receives each finished group's statistics.
         kinds: `grad` and/or `fisher`.
         device: the compute device; compute_dtype: the dtype layers run in.
+        dist: under a launcher, this rank's context: each rank sweeps its own share of the
+            samples, a group's sums and the sample counts are summed over all ranks before the
+            group is finished, and only rank 0 calls `sink`.
     """
 
     def __init__(
@@ -88,7 +92,9 @@ class StreamingStatsEngine:
         kinds: Sequence[str],
         device: torch.device,
         compute_dtype: torch.dtype,
+        dist: DistContext = SINGLE_PROCESS,
     ):
+        self._dist = dist
         self._skeleton = skeleton
         self._loader = loader
         self._store = boundaries
@@ -103,7 +109,7 @@ class StreamingStatsEngine:
     def run(self, batches: Mapping[str, Sequence[Batch]]) -> EngineReport:
         """Run the whole sweep over the batches of every dataset; returns what it saw."""
         all_batches = [batch for dataset_batches in batches.values() for batch in dataset_batches]
-        counts = {name: sum(b.input_ids.shape[0] for b in dataset_batches) for name, dataset_batches in batches.items()}
+        counts = self._global_counts({name: sum(b.input_ids.shape[0] for b in dataset_batches) for name, dataset_batches in batches.items()})
         tokens = sum(batch.num_tokens for batch in all_batches)
         num_layers = self._skeleton.num_layers
         report = EngineReport()
@@ -119,6 +125,28 @@ class StreamingStatsEngine:
         return report
 
     # ------------------------------------------------------------------ helpers
+    def _global_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Samples per dataset over all ranks (each rank holds a share)."""
+        if not self._dist.is_distributed:
+            return counts
+        totals = self._dist.all_reduce_(torch.tensor([counts[name] for name in counts], dtype=torch.int64))
+        return dict(zip(counts, (int(total) for total in totals)))
+
+    def _finish_group(self, dataset: str, group: str, acc: StatsAccumulator, count: int, tensor_names: Sequence[str] | None = None) -> None:
+        """Sum the group's accumulators over the ranks, then hand the means to the sink (rank 0).
+
+        Only the tensors finished here are summed: a tied head's sums wait for the embedding
+        step and are summed there, once, together with the embedding's own.
+        """
+        names = list(tensor_names) if tensor_names is not None else list(acc.sums or acc.squares)
+        if self._dist.is_distributed:
+            for sums in (acc.sums, acc.squares):
+                for tensor_name in names:
+                    if tensor_name in sums:
+                        self._dist.all_reduce_(sums[tensor_name])
+        if self._dist.is_main:
+            self._sink(dataset, group, acc.results(count, names))
+
     def _layer_names(self, index: int) -> list[str]:
         return [n for names in self._skeleton.layer_tensor_names(index).values() for n in names.values()]
 
@@ -200,9 +228,11 @@ class StreamingStatsEngine:
                     if keep:
                         self._store.put(("rows", dataset, batch.index), torch.cat(hooks.kept_rows or []))
                     bar.update(batch.num_tokens)
+                if self._dist.is_distributed:
+                    loss_sum = float(self._dist.all_reduce_(torch.tensor([loss_sum], dtype=torch.float64)))
                 report.mean_loss[dataset] = loss_sum / counts[dataset]
                 head_names = [NORM_TENSOR_NAME] + ([] if skeleton.ties_embeddings else [skeleton.head_weight_name])
-                self._sink(dataset, HEAD_GROUP, acc.results(counts[dataset], head_names))
+                self._finish_group(dataset, HEAD_GROUP, acc, counts[dataset], head_names)
                 if skeleton.ties_embeddings:
                     # The tied parameter's sums wait for the embedding step; keep them off the GPU.
                     acc.sums.pop(NORM_TENSOR_NAME, None)
@@ -236,7 +266,7 @@ class StreamingStatsEngine:
                             torch.autograd.backward(output, grad_out)
                         self._store.put(("g", dataset, batch.index), hidden.grad)
                         bar.update(batch.num_tokens)
-                    self._sink(dataset, layer_group(index), acc.results(counts[dataset]))
+                    self._finish_group(dataset, layer_group(index), acc, counts[dataset])
                     acc.release()  # the sink has written the results; the next layer reuses the memory
                 release(layer)
                 release_free_heap()
@@ -254,4 +284,4 @@ class StreamingStatsEngine:
                     sizes = [r.numel() for r in sample_token_rows(batch.input_ids, valid)]
                     tied_rows = list(torch.split(rows, sizes))
                 embedding_stats(acc, EMBED_TENSOR_NAME, batch.input_ids.to(self._device), grad, valid.to(self._device), tied_rows=tied_rows)
-            self._sink(dataset, EMBED_GROUP, acc.results(counts[dataset], [EMBED_TENSOR_NAME]))
+            self._finish_group(dataset, EMBED_GROUP, acc, counts[dataset], [EMBED_TENSOR_NAME])
