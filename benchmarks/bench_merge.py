@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -186,11 +187,21 @@ def mergekit_merge(paths: dict[str, Path], out: Path, work: Path) -> dict:
     return result
 
 
+def _median_record(records: list[dict]) -> dict:
+    """Median of every numeric field over repeated measurements (strings from the last one)."""
+    merged = dict(records[-1])
+    for key, value in records[-1].items():
+        if isinstance(value, (int, float)):
+            merged[key] = statistics.median(record[key] for record in records)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-gb", default="0.8,1.7")
     parser.add_argument("--work", default=str(Path(__file__).parent / "work" / "merge"))
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -200,21 +211,26 @@ def main() -> None:
         model_bytes = dir_bytes(paths["full"])
         stats_bytes = dir_bytes(paths["stats"])
         warm([paths["theta0"], paths["full"], paths["fgt"], paths["stats"] / "forget.fisher", paths["stats"] / "retain.fisher"])
-        floors = {
-            "tv": io_floor([paths["theta0"], paths["full"], paths["fgt"]], model_bytes, work / "dd.out"),
-            "fisher": io_floor(
-                [paths["theta0"], paths["full"], paths["fgt"], paths["stats"] / "forget.fisher", paths["stats"] / "retain.fisher"],
-                model_bytes,
-                work / "dd.out",
-            ),
-        }
+        # Rounds interleave the runs so that a noisy moment on the shared machine hits all of them;
+        # each figure is the median over the rounds.
+        rounds = []
+        for _ in range(args.repeats):
+            model_inputs = [paths["theta0"], paths["full"], paths["fgt"]]
+            fisher_inputs = model_inputs + [paths["stats"] / "forget.fisher", paths["stats"] / "retain.fisher"]
+            measured_round = {
+                "floor tv": io_floor(model_inputs, model_bytes, work / "dd.out"),
+                "floor fisher": io_floor(fisher_inputs, model_bytes, work / "dd.out"),
+                "tv": perta_merge(paths, work / "out", method="tv", alphas="1"),
+                "fisher": perta_merge(paths, work / "out", method="fisher", alphas="1"),
+                "tv x3 alphas (one pass)": perta_merge(paths, work / "out", method="tv", alphas="0.5,1,2"),
+            }
+            if not args.skip_mergekit and mergekit_available():
+                measured_round["mergekit task_arithmetic"] = mergekit_merge(paths, work / "out", work)
+            rounds.append(measured_round)
+        floors = {kind: _median_record([r[f"floor {kind}"] for r in rounds]) for kind in ("tv", "fisher")}
         measured = {
-            "tv": perta_merge(paths, work / "out", method="tv", alphas="1"),
-            "fisher": perta_merge(paths, work / "out", method="fisher", alphas="1"),
-            "tv x3 alphas (one pass)": perta_merge(paths, work / "out", method="tv", alphas="0.5,1,2"),
+            name: _median_record([r[name] for r in rounds]) for name in rounds[0] if not name.startswith("floor")
         }
-        if not args.skip_mergekit and mergekit_available():
-            measured["mergekit task_arithmetic"] = mergekit_merge(paths, work / "out", work)
         for name, result in measured.items():
             floor = floors["fisher" if name == "fisher" else "tv"]
             read_bytes = 3 * model_bytes + (stats_bytes if name == "fisher" else 0)
@@ -243,6 +259,7 @@ def main() -> None:
         title="Merge benchmark (synthetic bf16 Llama-shaped checkpoints, page cache warm)",
         notes=[
             "IO floor = cat of every input + dd of the output size with fsync + `python -c 'import torch'`",
+            f"medians of {args.repeats} interleaved rounds; command: python benchmarks/bench_merge.py --repeats {args.repeats}",
             "fisher reads two float32 statistics checkpoints besides the three bf16 models",
             f"machine: {machine_info()['cpu_count']} cores",
         ],

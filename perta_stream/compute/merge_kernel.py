@@ -94,6 +94,6 @@ class MergeKernel:
         scaled = self._weights[:count]
         operand.copy_(inputs["full"])
         for alpha, output in zip(self.alphas, outputs):
-            torch.mul(task_vector, alpha, out=scaled)
-            torch.sub(operand, scaled, out=result)
+            # 1.0 * x == x exactly in IEEE arithmetic, so the multiply is skipped, not approximated.
+            torch.sub(operand, task_vector if alpha == 1.0 else torch.mul(task_vector, alpha, out=scaled), out=result)
             output.copy_(result)

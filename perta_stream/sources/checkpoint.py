@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,44 @@ def pickle_refusal(location: str, role: str, pickles: list[str]) -> PickleCheckp
     )
 
 
+def resolve_layout(
+    file_sizes: dict[str, int], read_file: Callable[[str], bytes], *, location: str, role: str
+) -> tuple[str | None, bytes | None, dict[str, str], list[str]]:
+    """Which weight files a checkpoint (a directory or a Hub repo folder) holds.
+
+    Args:
+        file_sizes: file name -> size of every file in the checkpoint.
+        read_file: reads a whole (small) file of the checkpoint.
+
+    Returns:
+        (index name or None for a single file, index bytes, weight map, problems found in the index).
+
+    Raises:
+        CheckpointError: an index too large to be real.
+        PickleCheckpointError: only pickle weights are present.
+        CheckpointNotFoundError: no weights at all.
+    """
+    where = f"{role} ({location})"
+    if INDEX_FILE_NAME in file_sizes:
+        if file_sizes[INDEX_FILE_NAME] > _MAX_INDEX_BYTES:
+            raise CheckpointError(f"{where}: {INDEX_FILE_NAME} is larger than {_MAX_INDEX_BYTES} bytes; it is corrupt")
+        index_bytes = read_file(INDEX_FILE_NAME)
+        weight_map, problems = parse_index(index_bytes, f"{where}/{INDEX_FILE_NAME}")
+        return INDEX_FILE_NAME, index_bytes, weight_map, problems
+    if SINGLE_FILE_NAME in file_sizes:
+        return None, None, {}, []
+    names = sorted(file_sizes)
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise pickle_refusal(location, role, pickles)
+    others = [n for n in names if n.endswith(".safetensors")]
+    hint = f" (found {', '.join(others[:3])} without {INDEX_FILE_NAME})" if others else ""
+    raise CheckpointNotFoundError(
+        f"{role} checkpoint {location} has no {SINGLE_FILE_NAME} and no {INDEX_FILE_NAME}{hint}; "
+        "pass a model saved with save_pretrained (safetensors)"
+    )
+
+
 def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
     """Read the index and every shard header of a local checkpoint directory.
 
@@ -201,29 +240,11 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
     location = str(path)
     if not root.is_dir():
         raise CheckpointNotFoundError(f"{role} checkpoint {location} is not a directory; pass a Hugging Face model directory")
-    names = sorted(entry.name for entry in root.iterdir() if entry.is_file())
-    problems: list[str] = []
-    index_bytes: bytes | None = None
-    if INDEX_FILE_NAME in names:
-        index_name: str | None = INDEX_FILE_NAME
-        index_path = root / INDEX_FILE_NAME
-        if index_path.stat().st_size > _MAX_INDEX_BYTES:
-            raise CheckpointError(f"{role} ({location}): {INDEX_FILE_NAME} is larger than {_MAX_INDEX_BYTES} bytes; it is corrupt")
-        index_bytes = index_path.read_bytes()
-        weight_map, problems = parse_index(index_bytes, f"{role} ({location})/{INDEX_FILE_NAME}")
-    elif SINGLE_FILE_NAME in names:
-        index_name = None
-        weight_map = {}
-    else:
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise pickle_refusal(location, role, pickles)
-        others = [n for n in names if n.endswith(".safetensors")]
-        hint = f" (found {', '.join(others[:3])} without {INDEX_FILE_NAME})" if others else ""
-        raise CheckpointNotFoundError(
-            f"{role} checkpoint {location} has no {SINGLE_FILE_NAME} and no {INDEX_FILE_NAME}{hint}; "
-            "pass a directory saved with save_pretrained(safe_serialization=True)"
-        )
+    file_sizes = {entry.name: entry.stat().st_size for entry in root.iterdir() if entry.is_file()}
+    names = sorted(file_sizes)
+    index_name, index_bytes, weight_map, problems = resolve_layout(
+        file_sizes, lambda name: (root / name).read_bytes(), location=location, role=role
+    )
     shard_names = list(dict.fromkeys(weight_map.values())) if index_name else [SINGLE_FILE_NAME]
     headers: dict[str, SafetensorsHeader] = {}
     for file_name in shard_names:

@@ -20,16 +20,12 @@ from pathlib import Path
 
 from perta_stream.errors import CheckpointError, CheckpointNotFoundError, HeaderError, HubError
 from perta_stream.sources.checkpoint import (
-    _MAX_INDEX_BYTES,
-    INDEX_FILE_NAME,
-    PICKLE_SUFFIXES,
     SINGLE_FILE_NAME,
     Checkpoint,
     assemble_checkpoint,
     is_side_file,
     parse_config,
-    parse_index,
-    pickle_refusal,
+    resolve_layout,
 )
 from perta_stream.sources.hub_http import RangeReader, make_api, parse_hub_location, with_retries
 from perta_stream.sources.safetensors_header import SafetensorsHeader, parse_header
@@ -69,27 +65,9 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
     source = HubByteSource(reader, sizes)
     where = f"{role} ({pinned})"
     names = sorted(sizes)
-    problems: list[str] = []
-    index_bytes: bytes | None = None
-    if INDEX_FILE_NAME in sizes:
-        index_name: str | None = INDEX_FILE_NAME
-        if sizes[INDEX_FILE_NAME] > _MAX_INDEX_BYTES:
-            raise CheckpointError(f"{where}: {INDEX_FILE_NAME} is larger than {_MAX_INDEX_BYTES} bytes; it is corrupt")
-        index_bytes = reader.read_bytes(INDEX_FILE_NAME, 0, sizes[INDEX_FILE_NAME])
-        weight_map, problems = parse_index(index_bytes, f"{where}/{INDEX_FILE_NAME}")
-    elif SINGLE_FILE_NAME in sizes:
-        index_name = None
-        weight_map = {}
-    else:
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise pickle_refusal(pinned, role, pickles)
-        others = [n for n in names if n.endswith(".safetensors")]
-        hint = f" (found {', '.join(others[:3])} without {INDEX_FILE_NAME})" if others else ""
-        raise CheckpointNotFoundError(
-            f"{role} checkpoint {pinned} has no {SINGLE_FILE_NAME} and no {INDEX_FILE_NAME}{hint}; "
-            "pass a repo holding a model saved with save_pretrained(safe_serialization=True)"
-        )
+    index_name, index_bytes, weight_map, problems = resolve_layout(
+        sizes, lambda name: reader.read_bytes(name, 0, sizes[name]), location=pinned, role=role
+    )
     shard_names = list(dict.fromkeys(weight_map.values())) if index_name else [SINGLE_FILE_NAME]
     headers: dict[str, SafetensorsHeader] = {}
     for file_name in shard_names:
