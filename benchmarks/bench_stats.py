@@ -119,7 +119,6 @@ def naive_worker(model_dir: str, forget: str, retain: str, out: str) -> None:
 
 def compare(streamed_out: Path, naive_file: Path) -> float:
     """The largest relative error (Frobenius) between the naive statistics and the streamed ones."""
-    import torch
     from safetensors import safe_open
 
     worst = 0.0

@@ -190,7 +190,7 @@ def test_header_that_is_not_json(capsys, triplet, tmp_path):
 def test_overlapping_data_offsets(capsys, triplet, tmp_path):
     def overlap(document):
         names = sorted((n for n in document if n != "__metadata__"), key=lambda n: document[n]["data_offsets"][0])
-        first, second = document[names[0]], document[names[1]]
+        second = document[names[1]]
         # Move the second tensor one element back so it overlaps the first (sizes unchanged).
         begin, end = second["data_offsets"]
         second["data_offsets"] = [begin - 2, end - 2]

@@ -44,6 +44,26 @@ def output_dirs(out: str, alphas: tuple[float, ...]) -> tuple[str, ...]:
     return tuple(os.path.join(out, f"alpha_{format_alpha(a)}") for a in alphas)
 
 
+def arithmetic_problems(
+    alphas: tuple[float, ...], tau: float | None, uniform_weight: float, fallback_weight: float, *, alpha_flag: str
+) -> list[str]:
+    """Problems with the arithmetic options that merge, unlearn and sweep share."""
+    found: list[str] = []
+    if not alphas:
+        found.append(f"{alpha_flag} needs at least one value")
+    for alpha in alphas:
+        if not math.isfinite(alpha) or alpha <= 0:
+            found.append(f"{alpha_flag} {alpha} must be a positive finite number")
+    if len(set(alphas)) != len(alphas):
+        found.append(f"{alpha_flag} lists the same value twice")
+    if tau is not None and (not math.isfinite(tau) or tau <= 0):
+        found.append(f"--tau {tau} must be a positive finite number")
+    for flag, value in (("--uniform-weight", uniform_weight), ("--fallback-weight", fallback_weight)):
+        if not (0.0 <= value <= 1.0):
+            found.append(f"{flag} {value} must be within [0, 1]")
+    return found
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """What `run_merge` does.
@@ -116,20 +136,11 @@ class MergeConfig:
             found.append(f"--method {self.method} needs --stats DIR (compute it with `perta-stream stats`)")
         if self.method in ("tv", "uniform") and self.stats:
             found.append(f"--stats is not used by --method {self.method}; drop it or use --method grad/fisher")
-        if not self.alphas:
-            found.append("--alpha needs at least one value")
-        for alpha in self.alphas:
-            if not math.isfinite(alpha) or alpha <= 0:
-                found.append(f"--alpha {alpha} must be a positive finite number")
-        if len(set(self.alphas)) != len(self.alphas):
-            found.append("--alpha lists the same value twice")
-        if self.tau is not None and (not math.isfinite(self.tau) or self.tau <= 0):
-            found.append(f"--tau {self.tau} must be a positive finite number")
+        found += arithmetic_problems(
+            self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha"
+        )
         if self.tau is not None and self.method in ("tv", "uniform"):
             found.append(f"--tau is not used by --method {self.method}")
-        for flag, value in (("--uniform-weight", self.uniform_weight), ("--fallback-weight", self.fallback_weight)):
-            if not (0.0 <= value <= 1.0):
-                found.append(f"{flag} {value} must be within [0, 1]")
         if self.max_memory_bytes < 64 * 2**20:
             found.append("--max-memory below 64MiB cannot hold the Python runtime; raise it")
         if self.chunk_bytes is not None and self.chunk_bytes < 4096:

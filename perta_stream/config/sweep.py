@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from perta_stream.config.eval import DEVICES, TOFU_SPLITS
-from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS
+from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
@@ -97,18 +96,9 @@ class SweepConfig:
             found.append("--methods grad/fisher need --stats DIR (compute it with `perta-stream stats`)")
         if self.stats and not str(self.stats).startswith("hf://") and not Path(self.stats).is_dir():
             found.append(f"--stats {self.stats} is not a directory")
-        if not self.alphas:
-            found.append("--alphas needs at least one value")
-        for alpha in self.alphas:
-            if not math.isfinite(alpha) or alpha <= 0:
-                found.append(f"--alphas: {alpha} must be a positive finite number")
-        if len(set(self.alphas)) != len(self.alphas):
-            found.append("--alphas lists the same value twice")
-        if self.tau is not None and (not math.isfinite(self.tau) or self.tau <= 0):
-            found.append(f"--tau {self.tau} must be a positive finite number")
-        for flag, value in (("--uniform-weight", self.uniform_weight), ("--fallback-weight", self.fallback_weight)):
-            if not 0.0 <= value <= 1.0:
-                found.append(f"{flag} {value} must be within [0, 1]")
+        found += arithmetic_problems(
+            self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alphas"
+        )
         if (self.retain_model is None) == (self.retain_logs is None):
             found.append("give exactly one of --retain-model DIR (θ_ret, evaluated first) or --retain-logs FILE (its eval JSON): forget quality needs it")
         if self.retain_model is not None and not Path(self.retain_model).is_dir():

@@ -10,13 +10,19 @@ convention an example config's first line is the exact command that runs it, e.g
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, DEFAULT_TAU, METHODS, format_alpha, output_dirs
+from perta_stream.config.merge import (
+    DEFAULT_MAX_MEMORY_BYTES,
+    DEFAULT_TAU,
+    METHODS,
+    arithmetic_problems,
+    format_alpha,
+    output_dirs,
+)
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -116,13 +122,9 @@ class UnlearnConfig:
                 found.append(f"--{name} is required")
         if self.method not in METHODS:
             found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        if not self.alphas:
-            found.append("--alpha needs at least one value")
-        for alpha in self.alphas:
-            if not math.isfinite(alpha) or alpha <= 0:
-                found.append(f"--alpha {alpha} must be a positive finite number")
-        if len(set(self.alphas)) != len(self.alphas):
-            found.append("--alpha lists the same value twice")
+        found += arithmetic_problems(
+            self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha"
+        )
         if self.needs_stats:
             for flag, value in (("--forget", self.forget), ("--retain", self.retain)):
                 if not value:
@@ -140,13 +142,8 @@ class UnlearnConfig:
             found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         if not self.question_key or not self.answer_key:
             found.append("--question-key and --answer-key must not be empty")
-        if self.tau is not None and (not math.isfinite(self.tau) or self.tau <= 0):
-            found.append(f"--tau {self.tau} must be a positive finite number")
         if self.tau is not None and not self.needs_stats:
             found.append(f"--tau is not used by --method {self.method}")
-        for flag, value in (("--uniform-weight", self.uniform_weight), ("--fallback-weight", self.fallback_weight)):
-            if not 0.0 <= value <= 1.0:
-                found.append(f"{flag} {value} must be within [0, 1]")
         if len(self.alphas) > 1 and "{alpha}" not in self.out and self.out.startswith("hf://"):
             found.append("several alphas pushed to the Hub need a {alpha} placeholder in --out")
         return found
