@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-BUDGET_MIB = 320
+# The budget covers the whole process, and importing torch alone takes 220-280 MiB of RSS here
+# (more right after installation, when its libraries are still in the page cache), so the budget
+# leaves ~120 MiB for buffers.
+BUDGET_MIB = 400
 SHARD_ELEMENTS = 100 * 2**20  # 200 MiB of bf16 per shard
-SHARDS = 3  # 600 MiB per checkpoint: each input alone is nearly twice the budget, all three 5.6 times
+SHARDS = 4  # 800 MiB per checkpoint: each input alone is twice the budget, all three six times
 
 
 def _write_big_checkpoint(path: Path, seed: int) -> None:
@@ -65,7 +68,7 @@ def test_peak_rss_stays_under_budget_on_inputs_larger_than_it(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.returncode == 0, stderr
     input_bytes = 3 * SHARDS * SHARD_ELEMENTS * 2
-    assert input_bytes > 5 * BUDGET_MIB * 2**20
+    assert input_bytes >= 6 * BUDGET_MIB * 2**20
     assert peak_rss_bytes <= BUDGET_MIB * 2**20, f"peak RSS {peak_rss_bytes / 2**20:.0f} MiB"
     record = json.loads((tmp_path / "out" / "perta_merge.json").read_text())
     assert record["max_memory_bytes"] == BUDGET_MIB * 2**20
