@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from perta_stream.errors import EvaluationError, WriteError
+from perta_stream.errors import EvaluationError
+from perta_stream.sinks.atomic_file import write_text_atomically
 
 RECORD_FORMAT = "perta_stream.eval/1"
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
@@ -107,26 +108,7 @@ def load_retain_logs(path: str | os.PathLike, *, split: str, forget_sha256: str,
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
     """Write `record` as indented JSON through a temporary file renamed over `path`."""
-    return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` through a temporary file renamed over `path`."""
-    target = Path(path)
-    # A per-process temporary name in the same folder (so the rename is atomic), created with
-    # open() so that it gets the user's umask permissions like any other output file.
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    return target
+    return write_text_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 def format_markdown(record: dict) -> str:

@@ -12,13 +12,13 @@ import time
 
 from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
+from perta_stream.sinks.atomic_file import write_text_atomically
 from perta_stream.eval.report import (
     RECORD_FORMAT,
     EvalResult,
     format_markdown,
     load_retain_logs,
     write_json_atomic,
-    write_text_atomic,
 )
 from perta_stream.eval.runner import score_set, summarize_metrics
 from perta_stream.sources.hf_model import load_model_and_tokenizer
@@ -81,7 +81,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         "per_item": {name: set_scores.per_item() for name, set_scores in scores.items()},
     }
     json_path = write_json_atomic(config.out, record)
-    markdown_path = write_text_atomic(config.markdown_path, format_markdown(record))
+    markdown_path = write_text_atomically(config.markdown_path, format_markdown(record))
     logger.info("wrote %s and %s", json_path, markdown_path)
     return EvalResult(
         metrics=metrics,

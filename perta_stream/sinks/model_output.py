@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Protocol
 
 from perta_stream.errors import ResumeError, WriteError
+from perta_stream.sinks.atomic_file import write_bytes_atomically
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.shard_writer import TMP_SUFFIX, ShardRecord, ShardWriter, TensorSpec
 
 RESUME_RECORD_NAME = ".perta_resume.json"
+_RESUME_HINT = "fix the cause and rerun with --resume"
 RANK_RECORD_GLOB = ".perta_resume.rank-*.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -139,7 +141,7 @@ class LocalModelOutput:
         return dict(self._finished)
 
     def write_file(self, file_name: str, data: bytes) -> None:
-        _write_atomically(self.partial / file_name, data)
+        write_bytes_atomically(self.partial / file_name, data, hint=_RESUME_HINT)
 
     def staging_path(self, file_name: str) -> Path:
         return self.partial / file_name
@@ -163,7 +165,7 @@ class LocalModelOutput:
             "fingerprint": self._fingerprint,
             "finished_shards": {name: {"size_bytes": r.size_bytes, "sha256": r.sha256} for name, r in self._finished.items()},
         }
-        _write_atomically(self.partial / rank_record_name(self._rank), json.dumps(record, indent=1).encode())
+        write_bytes_atomically(self.partial / rank_record_name(self._rank), json.dumps(record, indent=1).encode(), hint=_RESUME_HINT)
 
 
 def _load_resume_record(partial: Path, fingerprint: str) -> dict[str, ShardRecord]:
@@ -206,16 +208,3 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: write failed ({exc.strerror or exc}); fix the cause and rerun with --resume") from exc

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perta_stream.errors import WriteError
+from perta_stream.sinks.atomic_file import write_text_atomically
 
 REFERENCE = "reference"
 MERGE = "merge"
@@ -117,28 +117,14 @@ def sort_rows(rows: Sequence[SweepRow]) -> list[SweepRow]:
     return references + merges
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file in the same folder, then rename."""
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    return target
-
-
 def write_json_atomic(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write a JSON record (indented, NaN written as null) atomically."""
-    return write_text_atomic(path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
+    return write_text_atomically(path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
 
 
 def write_sweep_report(rows: Sequence[SweepRow], *, table_path: str | os.PathLike, json_path: str | os.PathLike, record: dict[str, Any]) -> None:
     """The Markdown table and the JSON record (`record` plus a `rows` list) of a sweep."""
-    write_text_atomic(table_path, format_markdown_table(rows))
+    write_text_atomically(table_path, format_markdown_table(rows))
     write_json_atomic(json_path, {**record, "rows": [row.to_dict() for row in sort_rows(rows)]})
 
 
