@@ -11,8 +11,9 @@ process):
   naive     the whole model in float32 memory, one sample at a time, plain autograd, accumulating
             Σ g and Σ g² per dataset for every parameter
   streamed at 2x the layers, for the growth of the peak RSS
-The naive run also saves a few of its statistics, which are compared with the streamed ones so the
-two runs are known to compute the same thing. Writes benchmarks/results/stats.json and stats.md.
+Both write the same statistics directory (every parameter, grad and fisher, forget and retain),
+and every tensor of the two is compared, so the runs are known to compute the same thing.
+Writes benchmarks/results/stats.json and stats.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).parent / "work" / "stats"
 TOFU = Path("/work/shared/data/tofu")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
-VERIFY_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight")
 
 
 def tofu_subset(name: str, count: int) -> Path:
@@ -84,19 +84,26 @@ def build_model(path: Path, layers: int, args: argparse.Namespace, tokenizer) ->
 
 
 def naive_worker(model_dir: str, forget: str, retain: str, out: str) -> None:
-    """The naive loop (run in its own process): whole model in memory, one sample at a time."""
+    """The naive loop (run in its own process): whole model in memory, one sample at a time.
+
+    It delivers what the streamed run delivers: every statistic of every parameter, written to
+    `out` in the statistics layout (one shard per dataset and kind, float32).
+    """
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from perta_stream.compute.prompts import encode_sample, per_sample_loss
+    from perta_stream.sinks.stats_store import StatsStore
     from perta_stream.sources.qa_dataset import load_qa_samples
 
     torch.set_grad_enabled(True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     params = dict(model.named_parameters())
-    verify: dict[str, torch.Tensor] = {}
+    store = StatsStore(
+        out, datasets=("forget", "retain"), kinds=("grad", "fisher"), groups={"all": list(params)},
+        shapes={n: tuple(p.shape) for n, p in params.items()}, stats_dtype="F32",
+    )
     for dataset, path in (("forget", forget), ("retain", retain)):
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         squares = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -110,24 +117,27 @@ def naive_worker(model_dir: str, forget: str, retain: str, out: str) -> None:
                 sums[name] += grad
                 squares[name].addcmul_(grad, grad)
             del grads, logits, loss
-        for name in VERIFY_TENSORS:
-            verify[f"{dataset}.grad/{name}"] = sums[name] / len(samples)
-            verify[f"{dataset}.fisher/{name}"] = squares[name] / len(samples)
+        store.write_group(dataset, "all", {n: {"grad": sums[n].div_(len(samples)), "fisher": squares[n].div_(len(samples))} for n in params})
         del sums, squares
-    save_file({k: v.contiguous() for k, v in verify.items()}, out)
+    store.finish({"format": "perta_stats", "producer": "naive benchmark loop"})
 
 
-def compare(streamed_out: Path, naive_file: Path) -> float:
-    """The largest relative error (Frobenius) between the naive statistics and the streamed ones."""
+def compare(streamed_out: Path, naive_out: Path) -> float:
+    """The largest relative error (Frobenius) between the naive statistics and the streamed ones,
+    over every tensor of every dataset and kind."""
     from safetensors import safe_open
 
     worst = 0.0
-    with safe_open(str(naive_file), framework="pt") as naive:
-        for key in naive.keys():
-            sub, tensor_name = key.split("/", 1)
-            index = json.loads((streamed_out / sub / "model.safetensors.index.json").read_text())
-            with safe_open(str(streamed_out / sub / index["weight_map"][tensor_name]), framework="pt") as streamed:
-                a, b = streamed.get_tensor(tensor_name).double(), naive.get_tensor(key).double()
+    for sub in ("forget.grad", "forget.fisher", "retain.grad", "retain.fisher"):
+        streamed_index = json.loads((streamed_out / sub / "model.safetensors.index.json").read_text())["weight_map"]
+        naive_index = json.loads((naive_out / sub / "model.safetensors.index.json").read_text())["weight_map"]
+        if set(streamed_index) != set(naive_index):
+            raise SystemExit(f"{sub}: the streamed and naive statistics hold different tensors")
+        for tensor_name in sorted(naive_index):
+            with safe_open(str(naive_out / sub / naive_index[tensor_name]), framework="pt") as naive, safe_open(
+                str(streamed_out / sub / streamed_index[tensor_name]), framework="pt"
+            ) as streamed:
+                a, b = streamed.get_tensor(tensor_name).double(), naive.get_tensor(tensor_name).double()
             worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
     return worst
 
@@ -171,14 +181,18 @@ def main() -> None:
     # The machine is shared: streamed and naive runs alternate, and each method's fastest run counts
     # (peak RSS: the largest seen), so a burst of load from elsewhere does not decide the comparison.
     out = WORK / f"out-l{args.layers}"
-    naive_file = WORK / "naive-verify.safetensors"
+    for leftover in WORK.glob("out-*.partial"):
+        shutil.rmtree(leftover)  # from an interrupted benchmark; a stats run refuses to overwrite it
+    naive_out = WORK / "naive-out"
     for _ in range(args.repeats):
         _record(runs, f"streamed-l{args.layers}", args.layers, parameters[args.layers], run_measured(streamed_command(models[args.layers], forget, retain, out, args)), tokens)
         if not args.skip_naive:
-            command = [sys.executable, __file__, "--naive-worker", str(models[args.layers]), str(forget), str(retain), str(naive_file)]
+            shutil.rmtree(naive_out, ignore_errors=True)
+            command = [sys.executable, __file__, "--naive-worker", str(models[args.layers]), str(forget), str(retain), str(naive_out)]
             _record(runs, f"naive-l{args.layers}", args.layers, parameters[args.layers], run_measured(command), tokens)
     if not args.skip_naive:
-        runs[f"naive-l{args.layers}"]["max_relative_error_vs_streamed"] = compare(out, naive_file)
+        runs[f"naive-l{args.layers}"]["max_relative_error_vs_streamed"] = compare(out, naive_out)
+        shutil.rmtree(naive_out, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     double_out = WORK / f"out-l{2 * args.layers}"
     _record(runs, f"streamed-l{2 * args.layers}", 2 * args.layers, parameters[2 * args.layers], run_measured(streamed_command(models[2 * args.layers], forget, retain, double_out, args)), tokens)
@@ -212,7 +226,7 @@ def main() -> None:
     ]
     notes += [f"{key}: {value:.3f} (target {targets[key]})" for key, value in summary.items()]
     if not args.skip_naive:
-        notes.append(f"naive vs streamed statistics, largest relative error: {runs[f'naive-l{args.layers}']['max_relative_error_vs_streamed']:.2e}")
+        notes.append(f"naive vs streamed statistics, every tensor, largest relative error: {runs[f'naive-l{args.layers}']['max_relative_error_vs_streamed']:.2e}")
     json_path, md_path = write_results("stats", record, rows, title="perta-stream stats: layer-streamed vs naive (CPU)", notes=notes)
     print(md_path.read_text())
 

@@ -214,6 +214,18 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (bytes, boundary storage, memory, FLOPs) and exit")
     parser.add_argument("--config-only", action="store_true", help="with --dry-run: plan from config.json alone, no weights needed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same command from <out>.partial/ (finished shards are re-hashed and kept)",
+    )
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="save the sweep's state for --resume at most this often, after the head or a backward layer (default 300; 0: after each)",
+    )
     _add_common(parser)
 
 
@@ -269,6 +281,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-memory", help="memory the merge may add to this process (default 512MiB)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be reused or computed, print the plan, write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
     _add_common(parser)
 
 
@@ -425,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if verbose:
             raise
-        print("error: interrupted; the output was left unfinished (rerun to complete it)", file=sys.stderr)
+        print("error: interrupted; the output was left unfinished (rerun to complete it; stats and merge continue with --resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PertaStreamError as exc:
         if verbose:

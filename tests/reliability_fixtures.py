@@ -101,11 +101,29 @@ def tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): file_sha256(p) for p in sorted(Path(path).rglob("*")) if p.is_file()}
 
 
-def output_digest(out: Path) -> dict[str, str]:
-    """Every output file's sha256, perta_merge.json with its timing fields removed."""
+def partial_of(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def refused(capsys, args: list[str], out: Path) -> str:  # noqa: ANN001
+    """Run the CLI, expect one `error:` line and an untouched partial folder; return the line."""
+    from perta_stream.cli import main
+
+    before = tree_digest(partial_of(out))
+    assert main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1
+    assert tree_digest(partial_of(out)) == before, "the partial folder was changed"
+    assert not out.exists()
+    return lines[-1]
+
+
+def output_digest(out: Path, record_name: str = "perta_merge.json") -> dict[str, str]:
+    """Every output file's sha256, the run record (`perta_merge.json` or `perta_stats.json`) with
+    its timing fields removed."""
     digest = tree_digest(out)
-    record = json.loads((out / "perta_merge.json").read_text())
+    record = json.loads((out / record_name).read_text())
     for name in TIMING_FIELDS:
         record.pop(name, None)
-    digest["perta_merge.json"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    digest[record_name] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return digest

@@ -22,7 +22,7 @@ from perta_stream.cli import main
 from perta_stream.sinks import shard_writer
 from perta_stream.sinks.model_output import RESUME_RECORD_NAME
 from perta_stream.sources import byte_source
-from reliability_fixtures import merge_args, output_digest, synthetic_triplet, tree_digest
+from reliability_fixtures import merge_args, output_digest, partial_of, synthetic_triplet, tree_digest
 
 OPTIONS = ("--chunk-size", "16KiB")
 
@@ -37,10 +37,6 @@ def reference(inputs, tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(merge_args(*inputs, out, *OPTIONS)) == 0
     return output_digest(out)
-
-
-def partial_of(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
 
 
 def fails_with_write_error(capsys, args: list[str], out: Path) -> str:

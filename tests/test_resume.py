@@ -29,7 +29,7 @@ from perta_stream.cli import main
 from perta_stream.config.verify import VerifyConfig
 from perta_stream.pipelines.verify import run_verify
 from perta_stream.sinks.model_output import RESUME_RECORD_NAME
-from reliability_fixtures import cli_command, cli_env, merge_args, output_digest, synthetic_triplet, tree_digest
+from reliability_fixtures import cli_command, cli_env, merge_args, output_digest, partial_of, refused, synthetic_triplet, tree_digest
 
 SHARDS = 4
 # 4 KiB chunks make the run slow enough (thousands of chunks per shard) to stop it where we want.
@@ -59,10 +59,6 @@ def reference(inputs, tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(merge_args(*inputs, out, *OPTIONS)) == 0
     return output_digest(out)
-
-
-def partial_of(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
 
 
 def snapshot(folder: Path) -> dict[str, int] | None:
@@ -213,16 +209,6 @@ def copy_partial(interrupted: Path, tmp_path: Path) -> Path:
     out = tmp_path / "out"
     shutil.copytree(interrupted, partial_of(out))
     return out
-
-
-def refused(capsys, args: list[str], out: Path) -> str:
-    before = tree_digest(partial_of(out))
-    assert main(args) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1
-    assert tree_digest(partial_of(out)) == before, "the partial folder was changed"
-    assert not out.exists()
-    return lines[-1]
 
 
 def test_without_resume_the_partial_folder_is_reported(capsys, inputs, interrupted, tmp_path):

@@ -1,4 +1,4 @@
-"""Bad inputs get typed errors with clear messages, and a failed run leaves no output behind."""
+"""Bad inputs get typed errors with clear messages; a failed run leaves nothing that looks finished."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from perta_stream.config.stats import StatsConfig
 from perta_stream.errors import DatasetError, ModelNotSupportedError, OutputExistsError, PlanError, UsageError
 from perta_stream.pipelines.stats import run_stats
 from perta_stream.sinks import stats_store
+from perta_stream.sinks.resume_record import RESUME_RECORD_NAME
 from stats_fixtures import FORGET_RECORDS, save_tiny_model, write_data, write_jsonl
 
 
@@ -83,7 +84,7 @@ def test_cuda_requested_without_cuda(workspace: dict[str, Path]) -> None:
     _assert_no_output(workspace, "out-cuda")
 
 
-def test_failure_midway_leaves_no_complete_looking_output(workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_midway_leaves_only_a_resumable_partial_folder(workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = stats_store.StatsStore.write_group
 
@@ -96,7 +97,13 @@ def test_failure_midway_leaves_no_complete_looking_output(workspace: dict[str, P
     monkeypatch.setattr(stats_store.StatsStore, "write_group", failing)
     with pytest.raises(OSError, match="simulated"):
         run_stats(_config(workspace, "out-fail"))
-    _assert_no_output(workspace, "out-fail")
+    # No `<out>`, no index or record that could pass for finished statistics; the partial folder
+    # stays for --resume (tests/test_stats_resume.py resumes such folders).
+    partial = workspace["root"] / "out-fail.partial"
+    assert not (workspace["root"] / "out-fail").exists()
+    assert (partial / RESUME_RECORD_NAME).is_file() and not (partial / "perta_stats.json").exists()
+    assert not list(partial.rglob("model.safetensors.index.json")) and not list(partial.rglob("*.tmp"))
+    assert not list(partial.glob("perta-boundaries-*"))
 
 
 def test_existing_output_needs_overwrite(workspace: dict[str, Path]) -> None:
@@ -104,9 +111,10 @@ def test_existing_output_needs_overwrite(workspace: dict[str, Path]) -> None:
     with pytest.raises(PlanError, match="already exists; pass --overwrite"):
         run_stats(_config(workspace, "out-exists"))
     (workspace["root"] / "out-stale.partial").mkdir()
-    with pytest.raises(OutputExistsError, match="did not finish"):
-        run_stats(_config(workspace, "out-stale"))
-    result = run_stats(_config(workspace, "out-stale", overwrite=True, kinds=("grad",)))
+    for overwrite in (False, True):  # --overwrite replaces a finished output, never a resumable one
+        with pytest.raises(OutputExistsError, match="did not finish; rerun the same command with --resume"):
+            run_stats(_config(workspace, "out-stale", overwrite=overwrite))
+    result = run_stats(_config(workspace, "out-stale", resume=True, kinds=("grad",)))
     assert (result.out / "forget.grad" / "model.safetensors.index.json").is_file()
     assert not (workspace["root"] / "out-stale.partial").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from perta_stream.compute.stats.boundaries import BoundaryStore
-from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator, embedding_stats, generic_stats, linear_stats
+from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator, embedding_stats, generic_stats, linear_stats, valid_extents
 
 
 def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
@@ -26,8 +26,8 @@ def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> 
     return {n: (sums[n], squares[n]) for n in sums}, weights
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 12 * 6, 2**30])
-def test_linear_rule_matches_autograd_for_every_chunking(chunk_bytes: int) -> None:
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_linear_rule_matches_autograd(skip_padding: bool) -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 12, bias=True)
     x = torch.randn(5, 7, 6)
@@ -35,16 +35,22 @@ def test_linear_rule_matches_autograd_for_every_chunking(chunk_bytes: int) -> No
     expected, weights = _explicit(layer, x, valid)
     acc = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad", "fisher"), torch.device("cpu"))
     delta = weights.expand(5, 7, 12) * valid[..., None]
-    linear_stats(acc, "w", "b", x, delta, chunk_bytes=chunk_bytes)
+    extents = valid_extents(valid) if skip_padding else None
+    linear_stats(acc, "w", "b", x, delta, extents=extents)
     for name, key in (("w", "weight"), ("b", "bias")):
         torch.testing.assert_close(acc.sums[name], expected[key][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(acc.squares[name], expected[key][1], rtol=1e-5, atol=1e-6)
     grad_only = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad",), torch.device("cpu"))
     rows = [torch.tensor([0, 5]), torch.tensor([11]), torch.tensor([2, 3, 4]), torch.tensor([1]), torch.tensor([7])]
-    kept = linear_stats(grad_only, "w", "b", x, delta, keep_rows=rows, chunk_bytes=chunk_bytes)
+    kept = linear_stats(grad_only, "w", "b", x, delta, extents=extents, keep_rows=rows)
     torch.testing.assert_close(grad_only.sums["w"], expected["weight"][0], rtol=1e-5, atol=1e-6)
     for n, r in enumerate(rows):
         torch.testing.assert_close(kept[n], (delta[n].T @ x[n])[r], rtol=1e-5, atol=1e-6)
+
+
+def test_valid_extents_end_after_the_last_valid_position() -> None:
+    valid = torch.tensor([[True, True, False, False], [True, False, True, False], [False] * 4, [True] * 4])
+    assert valid_extents(valid) == [2, 3, 0, 4]
 
 
 def test_generic_rule_on_rmsnorm_and_hooks_zero_padding() -> None:

@@ -7,6 +7,7 @@ user fixes a command line in one round.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ STATS_KINDS = ("grad", "fisher")
 DEVICES = ("auto", "cpu", "cuda")
 STATS_DTYPES = ("F32", "BF16")
 DEFAULT_BOUNDARY_BUDGET_BYTES = 2 * 2**30
+# A saved resume state costs about as much disk I/O as one layer boundary (tokens × hidden);
+# every 5 minutes keeps that cost small and bounds the work a crash loses.
+DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,10 @@ class StatsConfig:
         dry_run: print the plan only; config_only: plan from config.json, without weights.
         boundary_budget_bytes: host RAM for layer-boundary states before spilling to disk.
         overwrite: replace an existing `out`.
+        resume: continue an interrupted identical run from `<out>.partial/` (finished shards are
+            re-hashed and kept, the sweep restarts from its latest saved state).
+        checkpoint_interval_s: the least time between two saved resume states (at the resume
+            points after the head and after each backward layer); 0 saves at every one.
     """
 
     model: str
@@ -61,6 +69,8 @@ class StatsConfig:
     config_only: bool = False
     boundary_budget_bytes: int = DEFAULT_BOUNDARY_BUDGET_BYTES
     overwrite: bool = False
+    resume: bool = False
+    checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
     extra_problems: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +101,8 @@ class StatsConfig:
             problems.append(f"--stats-dtype {self.stats_dtype!r} unsupported; choose float32 or bfloat16")
         if self.boundary_budget_bytes < 0:
             problems.append(f"--boundary-budget must be >= 0, got {self.boundary_budget_bytes}")
+        if not (math.isfinite(self.checkpoint_interval_s) and self.checkpoint_interval_s >= 0):
+            problems.append(f"--checkpoint-interval must be a number of seconds >= 0 (0: at every resume point), got {self.checkpoint_interval_s}")
         for flag, key in (("--question-key", self.question_key), ("--answer-key", self.answer_key)):
             if not key:
                 problems.append(f"{flag} is empty")
@@ -152,5 +164,7 @@ class StatsConfig:
             config_only=args.config_only,
             boundary_budget_bytes=budget,
             overwrite=args.overwrite,
+            resume=args.resume,
+            checkpoint_interval_s=args.checkpoint_interval,
             extra_problems=tuple(problems),
         )

@@ -57,6 +57,8 @@ class UnlearnConfig:
             (statistics may have run in the same process before it).
         dry_run: report what would be reused or computed and the merge plan; write nothing.
         overwrite: replace an existing output.
+        resume: continue an interrupted run: the statistics from `<stats_dir>.partial/` and a
+            local merge output from `<out>.partial/` (a Hub push skips what the Hub holds anyway).
     """
 
     theta0: str
@@ -88,6 +90,7 @@ class UnlearnConfig:
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
     dry_run: bool = False
     overwrite: bool = False
+    resume: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -257,7 +260,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, got {value!r}")
         return value
-    if key in ("recompute_stats", "dry_run", "overwrite"):
+    if key in ("recompute_stats", "dry_run", "overwrite", "resume"):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")
         return value

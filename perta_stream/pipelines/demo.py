@@ -245,7 +245,7 @@ def _sweep(config: DemoConfig, build: Path, stats_dir: Path, out: Path) -> None:
 
 def _data_digest(tofu_dir: Path) -> str:
     """One hash over the bundled TOFU files (a changed file invalidates the cache)."""
-    from perta_stream.sources.qa_dataset import file_sha256
+    from perta_stream.hashing import file_sha256
 
     digest = hashlib.sha256()
     for path in sorted(tofu_dir.glob("*.jsonl")):

@@ -36,7 +36,8 @@ from perta_stream.progress import progress, progress_enabled
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sources.checkpoint import open_local_checkpoint
 from perta_stream.sources.hf_model import load_model_and_tokenizer, transformers_progress_bars
-from perta_stream.sources.qa_dataset import file_sha256, load_qa_samples
+from perta_stream.hashing import file_sha256
+from perta_stream.sources.qa_dataset import load_qa_samples
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
@@ -133,7 +132,7 @@ def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
     identity = {
         "tool_version": __version__,
         "inputs": {role: checkpoint.header_sha256 for role, checkpoint in sorted(plan.inputs.items())},
-        "input_files": {role: _input_identity(checkpoint) for role, checkpoint in sorted(plan.inputs.items())},
+        "input_files": {role: checkpoint.file_identity() for role, checkpoint in sorted(plan.inputs.items())},
         "method": config.method,
         "alphas": list(config.alphas),
         "tau": config.effective_tau,
@@ -143,17 +142,6 @@ def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
         "shards": [[shard.file_name, [task.tensor_name for task in shard.tasks]] for shard in plan.shards],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _input_identity(checkpoint: Checkpoint) -> list:
-    if is_hub_location(checkpoint.location):
-        return [checkpoint.location]  # hf://org/name@revision; the header digests cover the layout
-    root = Path(checkpoint.location).resolve()
-    files = []
-    for shard in checkpoint.shards:
-        stat = (root / shard.file_name).stat()
-        files.append([shard.file_name, stat.st_size, stat.st_mtime_ns])
-    return [str(root), files]
 
 
 def _make_outputs(config: MergeConfig, rank: int) -> list[ModelOutput]:

@@ -7,15 +7,22 @@ The recipe, top to bottom:
   4. stream: layer-major forward, head, backward, embeddings                   (compute.stats)
   5. write each group's statistics as it completes, then indexes and the record (sinks)
   6. rename `<out>.partial/` to `<out>`
+
+A failed or killed run leaves `<out>.partial/` resumable: every finished shard is listed with its
+sha256 in a resume record, and the sweep's state is saved at resume points (after the head and
+after backward layers, at most once per --checkpoint-interval). `resume=True` verifies and keeps
+the finished shards, loads the latest state, recomputes only the layer inputs it needs, and
+continues; with deterministic (CPU) kernels the output is byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,13 +30,15 @@ from typing import TYPE_CHECKING, Any
 from perta_stream import __version__
 from perta_stream.config.stats import StatsConfig
 from perta_stream.distributed import DistContext, distributed
-from perta_stream.errors import CheckpointError, OutputExistsError, PlanError, UsageError
+from perta_stream.errors import CheckpointError, PlanError, UsageError
 from perta_stream.memory import format_bytes, peak_rss_bytes
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_batches, plan_stats
-from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sinks.background_writer import BackgroundWriter
+from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.qa_dataset import QASample, file_sha256, load_qa_samples, select_fraction
+from perta_stream.hashing import file_sha256
+from perta_stream.sources.qa_dataset import QASample, load_qa_samples, select_fraction
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
@@ -73,9 +82,9 @@ class StatsResult:
     def summary(self) -> str:
         if self.out is None:
             return self.plan_text or ""
-        losses = ", ".join(f"{name} loss {value:.4f}" for name, value in self.mean_loss.items())
+        losses = "".join(f", {name} loss {value:.4f}" for name, value in self.mean_loss.items()).removeprefix(", ")
         return (
-            f"wrote statistics ({','.join(self.record['kinds'])}) to {self.out}: {losses}; "
+            f"wrote statistics ({','.join(self.record['kinds'])}) to {self.out}{': ' if losses else ''}{losses}; "
             f"{self.record['elapsed_s']:.1f} s, peak RSS {format_bytes(self.record['peak_rss_bytes'])}"
         )
 
@@ -87,7 +96,11 @@ def run_stats(config: StatsConfig) -> StatsResult:
         PlanError: invalid inputs or output location, all listed at once.
         ModelNotSupportedError: not a Llama, Mistral or Qwen2 model.
         DatasetError: an empty or malformed data file, or an answer longer than max_length.
-        CheckpointError, WriteError: unreadable inputs or an unwritable output.
+        CheckpointError, WriteError: unreadable inputs or an unwritable output; `<out>.partial/`
+            is left for `resume=True`.
+        OutputExistsError: `<out>.partial/` exists and `resume` is off.
+        ResumeError: `<out>.partial/` was started with other inputs or options.
+        UsageError: `resume` under a launcher (torchrun, accelerate launch).
     """
     started = time.perf_counter()
     if config.config_only:
@@ -101,6 +114,8 @@ def run_stats(config: StatsConfig) -> StatsResult:
             problems = check_output_location(config.out or "", overwrite=config.overwrite, inputs={"model": config.model, "forget": config.forget, "retain": config.retain})
             if problems:
                 raise PlanError("cannot write the statistics", problems)
+            # Checked here, by every rank, before minutes of tokenizing and loading.
+            AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         tokenizer = _load_tokenizer(config.model)
         datasets = {name: _encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
         device = _resolve_device(config.device)
@@ -122,6 +137,12 @@ def run_stats(config: StatsConfig) -> StatsResult:
         logger.info("%s", plan.to_text())
         # Under torchrun / accelerate launch: one process per GPU, the samples split across them.
         with distributed(device_type=device) as dist:
+            if dist.is_distributed and config.resume:
+                raise UsageError(
+                    "--resume runs in one process (under a launcher each rank's saved gradients would be only its share "
+                    f"of the samples); rerun the command without the launcher to resume {config.out}.partial, keeping its "
+                    "finished shards, or delete that folder to start over"
+                )
             return _compute(config, checkpoint, source, shape, tokenizer, datasets, device, compute_dtype_name, plan, started, dist)
     finally:
         source.close()
@@ -140,7 +161,7 @@ def _compute(
     started: float,
     dist: DistContext,
 ) -> StatsResult:
-    """Stream the statistics into `<out>.partial/` and rename it; on any failure, remove it.
+    """Stream the statistics into `<out>.partial/` (continuing an interrupted run when resuming) and rename it.
 
     Under a launcher every rank sweeps its share of the samples; rank 0 writes (its engine sums
     each group over the ranks first), the other ranks run `_compute_rank`.
@@ -149,8 +170,10 @@ def _compute(
 
     from perta_stream.compute.prompts import LOSS_DEFINITION
     from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.resume_state import ResumeState, SavedTensor, groups_before
     from perta_stream.compute.stats.skeleton import build_skeleton
-    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.compute.stats.streaming import EngineReport, StreamingStatsEngine
+    from perta_stream.sinks.stats_output import StatsOutput
     from perta_stream.sinks.stats_store import StatsStore
     from perta_stream.sources.layer_weights import ModuleWeightLoader
 
@@ -167,61 +190,93 @@ def _compute(
     if not dist.is_main:
         return _compute_rank(config, checkpoint, source, skeleton, batches, device, compute_dtype, plan, dist)
 
-    stale = partial_path(config.out)
-    if stale.exists():
-        if not config.overwrite:
-            raise OutputExistsError(f"{stale} is left from a run that did not finish; delete it or pass --overwrite")
-        shutil.rmtree(stale)
-    output = AtomicOutputDir(config.out, overwrite=config.overwrite)
-    root = output.open()
-    try:
-        store = StatsStore(
-            root,
-            datasets=DATASETS,
-            kinds=config.kinds,
-            groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
-            shapes={n: info.shape for n, info in checkpoint.tensors.items()},
-            stats_dtype=config.stats_dtype,
-        )
+    output = StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s)
+    resumed = output.open(_run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
+    root = output.partial
+    # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
+    # resume state stay for --resume (the boundary spill directory is deleted on the way out).
+    store = StatsStore(
+        root,
+        datasets=DATASETS,
+        kinds=config.kinds,
+        groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
+        shapes={n: info.shape for n, info in checkpoint.tensors.items()},
+        stats_dtype=config.stats_dtype,
+        finished=resumed.finished,
+        on_shard_finished=output.shard_finished,
+    )
+    report = EngineReport(mean_loss=dict(resumed.mean_loss))
+    start = None
+    if resumed.next_layer is not None:
+        passed = groups_before(resumed.next_layer, shape.num_layers)
+        if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
+            tensors = tuple(SavedTensor(t.name, t.dtype, t.shape, t.read) for t in resumed.tensors)
+            start = ResumeState(resumed.next_layer, resumed.mean_loss, tensors)
+        else:
+            # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
+            logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", _position(resumed.next_layer))
+    if resumed.finished:
+        where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {_position(start.next_layer)}")
+        logger.info("resuming %s: %d shards kept, %s", root, len(resumed.finished), where)
+    BoundaryStore.remove_leftovers(root)  # a killed run's spill files; never part of an output
+    if not store.complete:
         with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
             config.boundary_budget_bytes, spill_parent=root
-        ) as boundaries:
+        ) as boundaries, BackgroundWriter() as writer:
+
+            def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
+                def job() -> None:
+                    try:
+                        store.write_group(dataset, group, stats)
+                    finally:
+                        give_back()
+
+                writer.submit(job)
+
+            def offer_state(state: ResumeState) -> None:
+                # A saved state claims every group before it; those must be on disk first.
+                output.offer_state(state, before_save=writer.flush)
+
             engine = StreamingStatsEngine(
-                skeleton, loader, boundaries, store.write_group, kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist
+                skeleton,
+                loader,
+                boundaries,
+                write_group,
+                kinds=config.kinds,
+                device=device,
+                compute_dtype=compute_dtype,
+                dist=dist,
+                on_resume_point=None if dist.is_distributed else offer_state,
             )
-            report = engine.run(batches)
+            report = engine.run(batches, start=start)
         logger.info(
             "boundaries: peak %s in RAM, %s on disk (%d spilled)",
             format_bytes(report.boundary_peak_ram_bytes),
             format_bytes(report.boundary_peak_disk_bytes),
             report.boundary_spilled,
         )
-        record = {
-            "format": "perta_stats",
-            "format_version": 1,
-            "tool_version": __version__,
-            "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
-            "kinds": list(config.kinds),
-            "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
-            "compute_dtype": compute_dtype_name,
-            "device": device_name,
-            "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
-            "fraction": config.fraction,
-            "seed": config.seed,
-            "max_length": config.max_length,
-            "question_key": config.question_key,
-            "answer_key": config.answer_key,
-            "system_prompt": config.system_prompt,
-            "loss": LOSS_DEFINITION,
-            "elapsed_s": round(time.perf_counter() - started, 3),
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
-        store.finish(record)
-        out = output.commit()
-    except BaseException:
-        # No resume for statistics: a failed run leaves nothing that could look finished.
-        shutil.rmtree(root, ignore_errors=True)
-        raise
+    record = {
+        "format": "perta_stats",
+        "format_version": 1,
+        "tool_version": __version__,
+        "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
+        "kinds": list(config.kinds),
+        "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
+        "compute_dtype": compute_dtype_name,
+        "device": device_name,
+        "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
+        "fraction": config.fraction,
+        "seed": config.seed,
+        "max_length": config.max_length,
+        "question_key": config.question_key,
+        "answer_key": config.answer_key,
+        "system_prompt": config.system_prompt,
+        "loss": LOSS_DEFINITION,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    store.finish(record)
+    out = output.commit()
     dist.broadcast_object((str(out), record))  # the other ranks return the same result
     return StatsResult(
         plan=plan,
@@ -232,6 +287,43 @@ def _compute(
         boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
         boundary_spilled=report.boundary_spilled,
     )
+
+
+def _run_identity(
+    config: StatsConfig, checkpoint: Checkpoint, datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]], device_name: str, compute_dtype_name: str
+) -> dict[str, Any]:
+    """Everything the statistics' bytes depend on; its digest is the fingerprint a resume must match.
+
+    The options are listed one by one so that a refused resume can name what changed; the
+    digest of the token ids also covers what no option shows (a tokenizer or chat template
+    changed in place). --out, --overwrite, --boundary-budget and --checkpoint-interval change
+    where and how the work is done, not the result, and are left out.
+    """
+    tokens = hashlib.sha256()
+    for name, (_, samples) in datasets.items():
+        tokens.update(json.dumps([name, [[s.input_ids, s.labels] for s in samples]]).encode())
+    return {
+        "tool_version": __version__,
+        "model_header_sha256": checkpoint.header_sha256,
+        "model_files": checkpoint.file_identity(),
+        **{f"{name}_sha256": info.sha256 for name, (info, _) in datasets.items()},
+        "kinds": list(config.kinds),
+        "fraction": config.fraction,
+        "seed": config.seed,
+        "max_length": config.max_length,
+        "batch_size": config.batch_size,
+        "question_key": config.question_key,
+        "answer_key": config.answer_key,
+        "system_prompt": config.system_prompt,
+        "stats_dtype": config.stats_dtype,
+        "device": device_name,
+        "compute_dtype": compute_dtype_name,
+        "token_ids_sha256": tokens.hexdigest(),
+    }
+
+
+def _position(next_layer: int) -> str:
+    return "the embedding step" if next_layer < 0 else f"layer {next_layer}"
 
 
 def _rank_share(samples: list[EncodedSample], dist: DistContext) -> list[EncodedSample]:
@@ -278,7 +370,7 @@ def _compute_rank(
     )
 
 
-def _rank_zero_writes(dataset: str, group: str, stats: dict[str, dict[str, Any]]) -> None:
+def _rank_zero_writes(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
     raise AssertionError(f"rank > 0 was asked to write {dataset} {group}; only rank 0 writes statistics")
 
 

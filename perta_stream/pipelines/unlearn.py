@@ -92,7 +92,7 @@ def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
         CheckpointError: the stats model cannot be opened. DatasetError: a data file is missing.
     """
     from perta_stream.errors import DatasetError
-    from perta_stream.sources.qa_dataset import file_sha256
+    from perta_stream.hashing import file_sha256
     from perta_stream.sources.resolve import open_checkpoint
 
     checkpoint, source = open_checkpoint(config.effective_stats_model, "stats model")
@@ -236,6 +236,7 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
         system_prompt=config.system_prompt,
         dry_run=config.dry_run,
         overwrite=overwrite,
+        resume=config.resume,
         **options,
     )
     result = run_stats(stats_config)
@@ -263,4 +264,5 @@ def _merge_config(config: UnlearnConfig, stats_dir: str | None) -> MergeConfig:
         max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
         dry_run=config.dry_run,
         overwrite=config.overwrite,
+        resume=config.resume and not config.out.startswith("hf://"),
     )

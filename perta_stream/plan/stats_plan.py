@@ -24,8 +24,6 @@ LAYER_PREFIX = "model.layers."
 # RSS of a Python process that has imported torch and transformers, measured on this project's
 # CPU image (about 0.5 GiB); the estimate adds it so "peak host memory" means the whole process.
 BASELINE_HOST_BYTES = 550 * 2**20
-# Per-sample gradients of a linear layer are formed for as many samples at once as fit here.
-PER_SAMPLE_CHUNK_BYTES = 64 * 2**20
 _WEIGHT_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -251,7 +249,7 @@ def plan_stats(
     layer_device = (
         2 * largest_layer * compute_dtype_bytes
         + largest_layer * accumulator_factor
-        + max(PER_SAMPLE_CHUNK_BYTES, per_sample_matrix)
+        + per_sample_matrix
         + layer_activations
     )
     head_device = (
@@ -263,8 +261,9 @@ def plan_stats(
     )
     peak_device = max(layer_device, head_device)
     staging = 2 * max(max(group_bytes.values()), head_bytes)
-    # A finished group's float32 statistics move to the host, then one tensor at a time is rounded.
-    flush_buffers = max(group_numel.values()) * 4 * len(kinds) + max(numel.values()) * stats_dtype_bytes
+    # A finished group's float32 statistics move to the host and are written on a background
+    # thread while the next group is computed (two groups at most), one tensor at a time rounded.
+    flush_buffers = 2 * max(group_numel.values()) * 4 * len(kinds) + max(numel.values()) * stats_dtype_bytes
     tied_accumulators = head_matrix * accumulator_factor * len(lengths) if shape.ties_embeddings else 0
     if device == "cpu":
         peak_host = BASELINE_HOST_BYTES + boundary_ram + peak_device + flush_buffers + tied_accumulators

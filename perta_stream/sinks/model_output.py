@@ -14,20 +14,18 @@ any number of ranks, reads every rank's record.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from perta_stream.errors import ResumeError, WriteError
+from perta_stream.errors import WriteError
 from perta_stream.sinks.atomic_file import write_bytes_atomically
 from perta_stream.sinks.output_dir import AtomicOutputDir
+from perta_stream.sinks.resume_record import RESUME_HINT, RESUME_RECORD_NAME, read_resume_record, verified_shards, write_resume_record
 from perta_stream.sinks.shard_writer import TMP_SUFFIX, ShardRecord, ShardWriter, TensorSpec
 
-RESUME_RECORD_NAME = ".perta_resume.json"
-_RESUME_HINT = "fix the cause and rerun with --resume"
+__all__ = ["RESUME_RECORD_NAME", "LocalModelOutput", "ModelOutput", "rank_record_name"]
 RANK_RECORD_GLOB = ".perta_resume.rank-*.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -98,9 +96,9 @@ class LocalModelOutput:
         existed = self.partial.exists()
         self._atomic.open()
         if self._resume and existed:
-            self._finished = _load_resume_record(self.partial, fingerprint)
+            self._finished = _load_resume_record(self.partial, self.partial / RESUME_RECORD_NAME, fingerprint)
             for path in sorted(self.partial.glob(RANK_RECORD_GLOB)):
-                self._finished.update(_verified_shards(self.partial, path, fingerprint))
+                self._finished.update(_load_resume_record(self.partial, path, fingerprint))
         for leftover in self.partial.glob(f"*{TMP_SUFFIX}"):
             leftover.unlink()
         self._save_resume_record()
@@ -141,7 +139,7 @@ class LocalModelOutput:
         return dict(self._finished)
 
     def write_file(self, file_name: str, data: bytes) -> None:
-        write_bytes_atomically(self.partial / file_name, data, hint=_RESUME_HINT)
+        write_bytes_atomically(self.partial / file_name, data, hint=RESUME_HINT)
 
     def staging_path(self, file_name: str) -> Path:
         return self.partial / file_name
@@ -161,50 +159,10 @@ class LocalModelOutput:
             self._writer = None
 
     def _save_resume_record(self) -> None:
-        record = {
-            "fingerprint": self._fingerprint,
-            "finished_shards": {name: {"size_bytes": r.size_bytes, "sha256": r.sha256} for name, r in self._finished.items()},
-        }
-        write_bytes_atomically(self.partial / rank_record_name(self._rank), json.dumps(record, indent=1).encode(), hint=_RESUME_HINT)
+        write_resume_record(self.partial / rank_record_name(self._rank), self._fingerprint, self._finished)
 
 
-def _load_resume_record(partial: Path, fingerprint: str) -> dict[str, ShardRecord]:
+def _load_resume_record(partial: Path, path: Path, fingerprint: str) -> dict[str, ShardRecord]:
     """Finished shards of an earlier identical run, each re-hashed before it is trusted."""
-    path = partial / RESUME_RECORD_NAME
-    if not path.is_file():
-        if all(entry.name.endswith(TMP_SUFFIX) for entry in partial.iterdir()):
-            # Killed between creating the folder and writing the first record: nothing was finished.
-            return {}
-        raise ResumeError(f"{partial} has no {RESUME_RECORD_NAME}; it was not written by this tool: delete it and rerun")
-    return _verified_shards(partial, path, fingerprint)
-
-
-def _verified_shards(partial: Path, path: Path, fingerprint: str) -> dict[str, ShardRecord]:
-    """The shards a resume record lists that are still intact (others are deleted)."""
-    try:
-        record = json.loads(path.read_text())
-        finished = record["finished_shards"]
-        recorded_fingerprint = record["fingerprint"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResumeError(f"{path} is unreadable ({exc}); delete {partial} and rerun without --resume") from None
-    if recorded_fingerprint != fingerprint:
-        raise ResumeError(
-            f"{partial} was started with other inputs or options; rerun the original command with --resume, "
-            f"or delete {partial} to start over"
-        )
-    kept: dict[str, ShardRecord] = {}
-    for file_name, entry in finished.items():
-        shard_path = partial / file_name
-        if shard_path.is_file() and shard_path.stat().st_size == entry["size_bytes"] and file_sha256(shard_path) == entry["sha256"]:
-            kept[file_name] = ShardRecord(file_name, entry["size_bytes"], entry["sha256"])
-        else:
-            shard_path.unlink(missing_ok=True)
-    return kept
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    record = read_resume_record(partial, path, fingerprint)
+    return {} if record is None else verified_shards(partial, record)

@@ -58,13 +58,21 @@ class AtomicOutputDir:
         self._overwrite = overwrite
         self._keep_partial = keep_partial
 
-    def open(self) -> Path:
-        """Create (or, when resuming, reuse) the partial folder and return its path."""
+    def check_partial(self) -> None:
+        """Refuse an existing partial folder unless it is to be resumed (nothing is touched).
+
+        Raises:
+            OutputExistsError: naming the folder, --resume and how to start over.
+        """
         if self.partial.exists() and not self._keep_partial:
             raise OutputExistsError(
                 f"{self.partial} exists from an earlier run that did not finish; rerun the same command with --resume "
                 "to continue it, or delete that folder to start over"
             )
+
+    def open(self) -> Path:
+        """Create (or, when resuming, reuse) the partial folder and return its path."""
+        self.check_partial()
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -8,21 +8,22 @@ Layout inside the output folder (written in `<out>.partial/`, renamed by the pip
 Each sub-directory holds exactly the model checkpoint's tensor names and shapes, so any
 safetensors or transformers tool reads it. Groups arrive in the engine's order (head, layers in
 reverse, embeddings) and are written as they arrive, so no more than one group's statistics is
-ever held for writing.
+ever held for writing. Each shard is hashed while it is written and reported to
+`on_shard_finished` (the resume record); shards a resumed run already holds are not rewritten.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.errors import PertaStreamError, WriteError
-from perta_stream.sinks.shard_writer import ShardWriter, TensorSpec
+from perta_stream.sinks.shard_writer import ShardRecord, ShardWriter, TensorSpec
 
 STATS_RECORD_NAME = "perta_stats.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,6 +49,12 @@ class StatsStore:
         groups: group -> tensor names, in shard order (empty groups get no shard).
         shapes: tensor_name -> shape.
         stats_dtype: `F32` or `BF16`.
+        finished: shards already complete and verified (paths relative to `root`, as
+            `shard_path` gives them): an interrupted run's, kept by a resume. Their groups are
+            still handed over by the engine (it must recompute them to go on); they are not
+            written again.
+        on_shard_finished: called with each shard written (its name relative to `root`), once it
+            is complete under its final name.
     """
 
     def __init__(
@@ -59,8 +66,12 @@ class StatsStore:
         groups: Mapping[str, Sequence[str]],
         shapes: Mapping[str, tuple[int, ...]],
         stats_dtype: str,
+        finished: Collection[str] = (),
+        on_shard_finished: Callable[[ShardRecord], None] | None = None,
     ):
         self.root = Path(root)
+        self._finished = set(finished)
+        self._on_shard_finished = on_shard_finished
         self._datasets = tuple(datasets)
         self._kinds = tuple(kinds)
         self._groups = {group: list(names) for group, names in groups.items() if names}
@@ -68,7 +79,14 @@ class StatsStore:
         self._dtype = stats_dtype
         total = len(self._groups)
         self._shard_names = {group: shard_file_name(i, total) for i, group in enumerate(self._groups, start=1)}
-        self._written: set[tuple[str, str]] = set()
+        # Groups whose shards are all on disk: kept by a resume, or written by this run.
+        self._written: set[tuple[str, str]] = {
+            (dataset, group)
+            for dataset in self._datasets
+            for group in self._groups
+            if all(self.shard_path(dataset, kind, group) in self._finished for kind in self._kinds)
+        }
+        self._received: set[tuple[str, str]] = set()
         self.bytes_written = 0
         for dataset in self._datasets:
             for kind in self._kinds:
@@ -76,6 +94,19 @@ class StatsStore:
                     (self.root / stats_subdir(dataset, kind)).mkdir(parents=True, exist_ok=True)
                 except OSError as exc:
                     raise WriteError(f"cannot create {self.root / stats_subdir(dataset, kind)}: {exc.strerror or exc}") from exc
+
+    @property
+    def complete(self) -> bool:
+        """Whether every group of every dataset is written (a resume may find nothing left to compute)."""
+        return all((dataset, group) in self._written for dataset in self._datasets for group in self._groups)
+
+    def has_group(self, dataset: str, group: str) -> bool:
+        """Whether the group's shards of `dataset` are all written (always, for a group without tensors)."""
+        return group not in self._groups or (dataset, group) in self._written
+
+    def shard_path(self, dataset: str, kind: str, group: str) -> str:
+        """The shard of one group of one dataset's statistic, relative to the root (`forget.grad/model-...`)."""
+        return f"{stats_subdir(dataset, kind)}/{self._shard_names[group]}"
 
     def write_group(self, dataset: str, group: str, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Write one group's statistics of one dataset: a shard in each kind's sub-directory.
@@ -90,13 +121,16 @@ class StatsStore:
         names = self._groups.get(group, [])
         if sorted(stats) != sorted(names):
             raise PertaStreamError(f"statistics of group {group!r} ({dataset}) hold {sorted(stats)}, expected {names}")
-        if (dataset, group) in self._written:
+        if (dataset, group) in self._received:
             raise PertaStreamError(f"statistics of group {group!r} ({dataset}) were written twice")
+        self._received.add((dataset, group))
         target = torch_dtype(self._dtype)
         for kind in self._kinds:
+            relative = self.shard_path(dataset, kind, group)
+            if relative in self._finished:
+                continue  # kept from the interrupted run, verified; the same bytes would be written
             specs = [TensorSpec(n, self._dtype, tuple(self._shapes[n])) for n in names]
-            path = self.root / stats_subdir(dataset, kind) / self._shard_names[group]
-            writer = ShardWriter(path, specs, SHARD_METADATA, compute_sha256=False)
+            writer = ShardWriter(self.root / relative, specs, SHARD_METADATA)
             try:
                 for spec in specs:
                     tensor = stats[spec.tensor_name][kind]
@@ -110,6 +144,9 @@ class StatsStore:
                 writer.abort()
                 raise
             self.bytes_written += record.size_bytes
+            self._finished.add(relative)
+            if self._on_shard_finished is not None:
+                self._on_shard_finished(ShardRecord(relative, record.size_bytes, record.sha256))
         self._written.add((dataset, group))
 
     def finish(self, record: Mapping[str, object]) -> None:

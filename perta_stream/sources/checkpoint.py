@@ -68,6 +68,22 @@ class Checkpoint:
     def shard_of(self, tensor_name: str) -> str:
         return self.tensors[tensor_name].file_name
 
+    def file_identity(self) -> list:
+        """The checkpoint's files as they are now, for the fingerprint of a resumable run.
+
+        Header digests alone cannot tell two fine-tunes of one base model apart (their headers are
+        identical); the resolved folder and every shard's size and modification time do, and also
+        notice a shard rewritten in place. A Hub checkpoint is its `hf://org/name@revision`.
+        """
+        if self.location.startswith("hf://"):
+            return [self.location]
+        root = Path(self.location).resolve()
+        files = []
+        for shard in self.shards:
+            stat = (root / shard.file_name).stat()
+            files.append([shard.file_name, stat.st_size, stat.st_mtime_ns])
+        return [str(root), files]
+
 
 def describe_tying(checkpoint: Checkpoint) -> str:
     return "ties lm_head to the input embedding" if checkpoint.ties_embeddings else "stores a separate lm_head"

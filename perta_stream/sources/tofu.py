@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perta_stream.errors import DatasetError, EvaluationError
-from perta_stream.sources.qa_dataset import file_sha256, load_records
+from perta_stream.hashing import file_sha256
+from perta_stream.sources.qa_dataset import load_records
 
 # The evaluation sets in the order they are reported, with the file each is read from. The
 # forget set's file depends on the split ("forget01" -> forget01_perturbed.jsonl).

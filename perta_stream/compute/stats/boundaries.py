@@ -23,6 +23,8 @@ from perta_stream.errors import WriteError
 
 logger = logging.getLogger(__name__)
 
+SPILL_DIR_PREFIX = "perta-boundaries-"
+
 
 @dataclass(frozen=True)
 class _Spilled:
@@ -89,6 +91,14 @@ class BoundaryStore:
             handle.readinto(memoryview(raw.numpy()))
         return raw.view(spilled.dtype).reshape(spilled.shape).to(device)
 
+    def spec(self, key: Hashable) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The dtype and shape of the tensor under `key`, without reading it back from disk."""
+        if key in self._in_ram:
+            stored = self._in_ram[key]
+            return stored.dtype, tuple(stored.shape)
+        spilled = self._on_disk[key]
+        return spilled.dtype, spilled.shape
+
     def pop(self, key: Hashable, device: torch.device | str = "cpu") -> torch.Tensor:
         """Remove `key` and return its tensor on `device`."""
         tensor = self.get(key, device)
@@ -113,10 +123,17 @@ class BoundaryStore:
             parent = Path(self._spill_parent) if self._spill_parent is not None else None
             if parent is not None:
                 parent.mkdir(parents=True, exist_ok=True)
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="perta-boundaries-", dir=parent))
+            self._spill_dir = Path(tempfile.mkdtemp(prefix=SPILL_DIR_PREFIX, dir=parent))
             logger.info("boundary budget of %d bytes reached; spilling to %s", self.budget_bytes, self._spill_dir)
         self._counter += 1
         return self._spill_dir / f"{self._counter:08d}.bin"
+
+    @staticmethod
+    def remove_leftovers(parent: str | os.PathLike) -> None:
+        """Delete spill directories that a killed process left in `parent` (a resumed run's
+        output folder); their contents are never reused."""
+        for leftover in Path(parent).glob(f"{SPILL_DIR_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def close(self) -> None:
         """Forget everything and delete the spill directory."""

@@ -151,3 +151,43 @@ def attention_mask(valid: torch.Tensor, window: int | None) -> torch.Tensor:
         allowed &= positions[:, None] - positions[None, :] < window
     return (allowed[None, :, :] & valid[:, None, :].bool())[:, None, :, :]
 
+
+
+class _GradientOnlyLinear(torch.autograd.Function):
+    """y = x Wᵀ for autograd's sake only: the backward is exact, the forward value is a stand-in.
+
+    Forward returns zeros without memory behind them (a stride-0 view), so the matmul is not
+    done; backward returns the true input gradient δ W. Valid only where nothing reads y's value.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x.new_zeros(()).expand(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight), None
+
+
+class LastProjectionSkipped:
+    """Within the context, a decoder layer's MLP down projection computes no forward value.
+
+    The layer's output is `residual + down_proj(...)` in every supported architecture, and the
+    backward of that sum and of a linear map needs no forward value: recomputing a layer only
+    to backpropagate through it can skip this matmul (a quarter of the MLP's, about a fifth of
+    the layer's) and still produce every input and gradient the statistics use. The module's
+    hooks still run, so its per-sample statistics see the same input and output gradient.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        self._projection = layer.mlp.down_proj
+
+    def __enter__(self) -> "LastProjectionSkipped":
+        projection = self._projection
+        projection.forward = lambda x: _GradientOnlyLinear.apply(x, projection.weight)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self._projection.forward

@@ -10,6 +10,12 @@ Order of work (each decoder layer's weights are loaded twice in all, never once 
 Statistics are per dataset: the datasets share the sweep (one weight load serves both) but have
 separate accumulators, flushed to the sink group by group. The engine opens no files: weights come
 from the loader, boundaries go to the store, statistics go to the sink.
+
+Resume points (compute/stats/resume_state.py): after the head and after each backward layer the
+engine offers its state to `on_resume_point`; a run given such a state as `start` recomputes only
+the layer inputs it still needs (forward over layers 0..j-1) and continues the backward at layer
+j, doing exactly the arithmetic the interrupted run would have done, so its results are the same
+bits.
 """
 
 from __future__ import annotations
@@ -23,15 +29,30 @@ import torch
 from perta_stream.compute.prompts import per_sample_loss
 from perta_stream.distributed import SINGLE_PROCESS, DistContext
 from perta_stream.compute.stats.boundaries import BoundaryStore
+from perta_stream.compute.stats.resume_state import (
+    EMBEDDING_STEP,
+    ResumePointSink,
+    ResumeState,
+    SavedTensor,
+    boundary_name,
+    rows_name,
+    tied_prefix,
+)
 from perta_stream.compute.stats.per_sample import FISHER, BufferPool, PerSampleHooks, Scratch, StatsAccumulator, embedding_stats, sample_token_rows
-from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, ModelSkeleton, attention_mask, materialize, release
+from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, LastProjectionSkipped, ModelSkeleton, attention_mask, materialize, release
+from perta_stream.errors import ResumeError
 from perta_stream.memory import release_free_heap
 from perta_stream.plan.stats_plan import EMBED_GROUP, EMBED_TENSOR_NAME, HEAD_GROUP, layer_group
 from perta_stream.progress import progress
 
-StatsSink = Callable[[str, str, dict[str, dict[str, torch.Tensor]]], None]
-"""Receives (dataset, group, tensor_name -> {kind -> float32 tensor}) when a group is complete; it must
-be done with the tensors when it returns (their memory is reused for the next layer)."""
+StatsSink = Callable[[str, str, dict[str, dict[str, torch.Tensor]], Callable[[], None]], None]
+"""Receives (dataset, group, tensor_name -> {kind -> float32 tensor}, release) when a group is
+complete. It may keep the tensors after it returns (e.g. to write them on another thread), and
+calls `release()` once it is done with them: their memory then goes back to the engine."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class WeightLoader(Protocol):
@@ -80,6 +101,9 @@ class StreamingStatsEngine:
         dist: under a launcher, this rank's context: each rank sweeps its own share of the
             samples, a group's sums and the sample counts are summed over all ranks before the
             group is finished, and only rank 0 calls `sink`.
+        on_resume_point: receives the sweep's state after the head and after each backward
+            layer (None: no resume points, e.g. under a launcher, where each rank's boundary
+            gradients are only a share).
     """
 
     def __init__(
@@ -93,8 +117,10 @@ class StreamingStatsEngine:
         device: torch.device,
         compute_dtype: torch.dtype,
         dist: DistContext = SINGLE_PROCESS,
+        on_resume_point: ResumePointSink | None = None,
     ):
         self._dist = dist
+        self._on_resume_point = on_resume_point
         self._skeleton = skeleton
         self._loader = loader
         self._store = boundaries
@@ -106,16 +132,36 @@ class StreamingStatsEngine:
         self._scratch = Scratch()
         self._pool = BufferPool()
 
-    def run(self, batches: Mapping[str, Sequence[Batch]]) -> EngineReport:
-        """Run the whole sweep over the batches of every dataset; returns what it saw."""
+    def run(self, batches: Mapping[str, Sequence[Batch]], *, start: ResumeState | None = None) -> EngineReport:
+        """Run the sweep over the batches of every dataset; returns what it saw.
+
+        Args:
+            start: a state saved at a resume point of an earlier run over the same batches and
+                weights: the sweep continues from there (the groups finished before it are not
+                handed to the sink again).
+
+        Raises:
+            ResumeError: `start` does not fit the model or the batches.
+        """
         all_batches = [batch for dataset_batches in batches.values() for batch in dataset_batches]
         counts = self._global_counts({name: sum(b.input_ids.shape[0] for b in dataset_batches) for name, dataset_batches in batches.items()})
         tokens = sum(batch.num_tokens for batch in all_batches)
         num_layers = self._skeleton.num_layers
         report = EngineReport()
-        self._forward(all_batches, tokens, num_layers)
-        tied = self._head(batches, counts, tokens, num_layers, report)
-        self._backward(batches, counts, tokens, num_layers)
+        if start is None:
+            self._forward(all_batches, tokens, num_layers)
+            tied = self._head(batches, counts, tokens, num_layers, report)
+            next_layer = num_layers - 1 if num_layers else EMBEDDING_STEP
+            self._offer_resume_point(next_layer, batches, tied, report)
+        else:
+            next_layer = start.next_layer
+            if not EMBEDDING_STEP <= next_layer < num_layers:
+                raise ResumeError(f"the saved state continues at layer {next_layer}, but the model has {num_layers} layers")
+            # Layer j's backward needs its input h_j: recompute h_0..h_j (nothing for the embedding step).
+            if next_layer != EMBEDDING_STEP:
+                self._forward(all_batches, tokens, next_layer)
+            tied = self._restore(start, batches, report)
+        self._backward(batches, counts, tokens, next_layer, tied, report)
         self._embedding(batches, counts, tied)
         self._scratch.clear()
         self._pool.clear()
@@ -132,11 +178,20 @@ class StreamingStatsEngine:
         totals = self._dist.all_reduce_(torch.tensor([counts[name] for name in counts], dtype=torch.int64))
         return dict(zip(counts, (int(total) for total in totals)))
 
-    def _finish_group(self, dataset: str, group: str, acc: StatsAccumulator, count: int, tensor_names: Sequence[str] | None = None) -> None:
+    def _finish_group(
+        self,
+        dataset: str,
+        group: str,
+        acc: StatsAccumulator,
+        count: int,
+        tensor_names: Sequence[str] | None = None,
+        give_back: Callable[[], None] = _nothing,
+    ) -> None:
         """Sum the group's accumulators over the ranks, then hand the means to the sink (rank 0).
 
         Only the tensors finished here are summed: a tied head's sums wait for the embedding
-        step and are summed there, once, together with the embedding's own.
+        step and are summed there, once, together with the embedding's own. `give_back` returns the
+        accumulators' memory; it runs once nothing reads the results any more.
         """
         names = list(tensor_names) if tensor_names is not None else list(acc.sums or acc.squares)
         if self._dist.is_distributed:
@@ -144,8 +199,15 @@ class StreamingStatsEngine:
                 for tensor_name in names:
                     if tensor_name in sums:
                         self._dist.all_reduce_(sums[tensor_name])
-        if self._dist.is_main:
-            self._sink(dataset, group, acc.results(count, names))
+        if not self._dist.is_main:
+            give_back()
+            return
+        results = acc.results(count, names)
+        if acc.device.type != "cpu":
+            # The results are host copies: the device memory can be reused right away.
+            give_back()
+            give_back = _nothing
+        self._sink(dataset, group, results, give_back)
 
     def _layer_names(self, index: int) -> list[str]:
         return [n for names in self._skeleton.layer_tensor_names(index).values() for n in names.values()]
@@ -171,10 +233,60 @@ class StreamingStatsEngine:
             valid = valid & (batch.input_ids != self._skeleton.padding_idx)
         return valid
 
+    # ------------------------------------------------------------------ resume points
+    def _offer_resume_point(
+        self, next_layer: int, batches: Mapping[str, Sequence[Batch]], tied: Mapping[str, StatsAccumulator], report: EngineReport
+    ) -> None:
+        """Hand the state at a resume point to `on_resume_point` (its tensors are read lazily)."""
+        if self._on_resume_point is None:
+            return
+        tensors: list[SavedTensor] = []
+        for dataset, dataset_batches in batches.items():
+            for batch in dataset_batches:
+                stored = {boundary_name(dataset, batch.index): ("g", dataset, batch.index), rows_name(dataset, batch.index): ("rows", dataset, batch.index)}
+                for name, key in stored.items():
+                    if key in self._store:
+                        dtype, shape = self._store.spec(key)
+                        tensors.append(SavedTensor(name, dtype, shape, lambda key=key: self._store.get(key)))
+        for dataset, acc in tied.items():
+            for which, sums in (("sums", acc.sums), ("squares", acc.squares)):
+                for tensor_name, tensor in sums.items():
+                    name = tied_prefix(dataset, which) + tensor_name
+                    tensors.append(SavedTensor(name, tensor.dtype, tuple(tensor.shape), lambda tensor=tensor: tensor.cpu()))
+        self._on_resume_point(ResumeState(next_layer, dict(report.mean_loss), tuple(tensors)))
+
+    def _restore(self, start: ResumeState, batches: Mapping[str, Sequence[Batch]], report: EngineReport) -> dict[str, StatsAccumulator]:
+        """Put a saved state back: boundary gradients and kept rows into the store; returns the tied sums."""
+        saved = {tensor.name: tensor for tensor in start.tensors}
+        for dataset, dataset_batches in batches.items():
+            for batch in dataset_batches:
+                name = boundary_name(dataset, batch.index)
+                if name not in saved:
+                    raise ResumeError(f"the saved state at {start.position} lacks {name}; it does not belong to these batches")
+                self._store.put(("g", dataset, batch.index), saved[name].read())
+                if rows_name(dataset, batch.index) in saved:
+                    self._store.put(("rows", dataset, batch.index), saved[rows_name(dataset, batch.index)].read())
+        tied: dict[str, StatsAccumulator] = {}
+        if self._skeleton.ties_embeddings:
+            for dataset in batches:
+                acc = StatsAccumulator({}, self._kinds, torch.device("cpu"))
+                for which, sums in (("sums", acc.sums), ("squares", acc.squares)):
+                    prefix = tied_prefix(dataset, which)
+                    for name, tensor in saved.items():
+                        if name.startswith(prefix):
+                            sums[name[len(prefix) :]] = tensor.read()
+                if not (acc.sums or acc.squares):
+                    raise ResumeError(f"the saved state at {start.position} lacks the tied embedding sums of {dataset}")
+                tied[dataset] = acc
+        report.mean_loss.update(start.mean_loss)
+        return tied
+
     # ------------------------------------------------------------------ phases
     def _forward(self, batches: Sequence[Batch], tokens: int, num_layers: int) -> None:
+        """Embed every batch and run layers 0..num_layers-1, keeping h_0..h_{num_layers} in the
+        store; prefetch what runs next (the head after the last layer, else that layer's backward)."""
         embed = self._loader.load([EMBED_TENSOR_NAME])[EMBED_TENSOR_NAME]
-        self._loader.prefetch(self._layer_names(0) if num_layers else self._head_load_names())
+        self._loader.prefetch(self._layer_names(0) if self._skeleton.num_layers else self._head_load_names())
         for batch in batches:
             hidden = torch.nn.functional.embedding(batch.input_ids.to(self._device), embed)
             self._store.put(("h", 0, batch.dataset, batch.index), hidden)
@@ -183,7 +295,7 @@ class StreamingStatsEngine:
             for index in range(num_layers):
                 bar.set_description(f"forward layer {index + 1}/{num_layers}")
                 weights = self._loader.load(self._layer_names(index))
-                self._loader.prefetch(self._layer_names(index + 1) if index + 1 < num_layers else self._head_load_names())
+                self._loader.prefetch(self._layer_names(index + 1) if index + 1 < self._skeleton.num_layers else self._head_load_names())
                 layer = materialize(self._skeleton.layer(index), weights, self._skeleton.layer_prefix(index))
                 del weights
                 window = self._skeleton.sliding_window(index)
@@ -243,9 +355,19 @@ class StreamingStatsEngine:
         release_free_heap()
         return tied
 
-    def _backward(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tokens: int, num_layers: int) -> None:
-        with progress(total=num_layers * tokens, desc="backward", unit="tok") as bar:
-            for index in reversed(range(num_layers)):
+    def _backward(
+        self,
+        batches: Mapping[str, Sequence[Batch]],
+        counts: Mapping[str, int],
+        tokens: int,
+        first_layer: int,
+        tied: Mapping[str, StatsAccumulator],
+        report: EngineReport,
+    ) -> None:
+        """Layers first_layer..0; a resume point after each."""
+        num_layers = self._skeleton.num_layers
+        with progress(total=(first_layer + 1) * tokens, desc="backward", unit="tok") as bar:
+            for index in reversed(range(first_layer + 1)):
                 bar.set_description(f"backward layer {index + 1}/{num_layers}")
                 weights = self._loader.load(self._layer_names(index))
                 if index > 0:
@@ -261,15 +383,17 @@ class StreamingStatsEngine:
                         hidden = self._store.pop(("h", index, dataset, batch.index), self._device).requires_grad_(True)
                         grad_out = self._store.pop(("g", dataset, batch.index), self._device)
                         valid = batch.attention_mask.to(self._device).bool()
-                        with torch.enable_grad(), PerSampleHooks(layer, names, acc, valid, scratch=self._scratch):
+                        with torch.enable_grad(), LastProjectionSkipped(layer), PerSampleHooks(layer, names, acc, valid, scratch=self._scratch):
+                            # The output's value is never read: only its graph is backpropagated.
                             output = layer(hidden, **self._context(batch, window))
                             torch.autograd.backward(output, grad_out)
                         self._store.put(("g", dataset, batch.index), hidden.grad)
                         bar.update(batch.num_tokens)
-                    self._finish_group(dataset, layer_group(index), acc, counts[dataset])
-                    acc.release()  # the sink has written the results; the next layer reuses the memory
+                    # The next layer reuses the memory once the sink is done with the results.
+                    self._finish_group(dataset, layer_group(index), acc, counts[dataset], give_back=acc.release)
                 release(layer)
                 release_free_heap()
+                self._offer_resume_point(index - 1 if index > 0 else EMBEDDING_STEP, batches, tied, report)
 
     def _embedding(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tied: Mapping[str, StatsAccumulator]) -> None:
         shape = self._skeleton.tensor_shapes[EMBED_TENSOR_NAME]
