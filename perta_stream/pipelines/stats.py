@@ -170,7 +170,7 @@ def _compute(
 
     from perta_stream.compute.prompts import LOSS_DEFINITION
     from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.resume_state import ResumeState, SavedTensor, groups_before
+    from perta_stream.compute.stats.resume_state import ResumeState, groups_before
     from perta_stream.compute.stats.skeleton import build_skeleton
     from perta_stream.compute.stats.streaming import EngineReport, StreamingStatsEngine
     from perta_stream.sinks.stats_output import StatsOutput
@@ -210,8 +210,7 @@ def _compute(
     if resumed.next_layer is not None:
         passed = groups_before(resumed.next_layer, shape.num_layers)
         if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
-            tensors = tuple(SavedTensor(t.name, t.dtype, t.shape, t.read) for t in resumed.tensors)
-            start = ResumeState(resumed.next_layer, resumed.mean_loss, tensors)
+            start = ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
         else:
             # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
             logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", _position(resumed.next_layer))

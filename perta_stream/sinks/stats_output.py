@@ -26,13 +26,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from perta_stream.compute.stats.resume_state import ResumeState, SavedTensor
 from perta_stream.dtypes import safetensors_dtype, torch_dtype
 from perta_stream.errors import HeaderError, PertaStreamError, ResumeError
 from perta_stream.sinks.output_dir import AtomicOutputDir
@@ -45,31 +46,6 @@ logger = logging.getLogger(__name__)
 
 STATE_PREFIX = ".perta_stats_state."
 STATE_FORMAT = "perta_stats_resume"
-
-
-class _Tensor(Protocol):
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]
-
-
-class _State(Protocol):
-    """What `offer_state` needs of a compute.stats.resume_state.ResumeState."""
-
-    next_layer: int
-    mean_loss: Mapping[str, float]
-    tensors: Sequence[_Tensor]
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor of a saved resume state, read from its file only when `read()` is called."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    read: Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -86,7 +62,7 @@ class ResumedRun:
     finished: dict[str, ShardRecord]
     mean_loss: dict[str, float]
     next_layer: int | None
-    tensors: tuple[StoredTensor, ...]
+    tensors: tuple[SavedTensor, ...]
 
 
 class StatsOutput:
@@ -205,7 +181,7 @@ class StatsOutput:
             return None
         return {"file_name": file_name, "next_layer": next_layer, "size_bytes": size_bytes, "sha256": sha256}
 
-    def _read_state(self, path: Path) -> tuple[StoredTensor, ...]:
+    def _read_state(self, path: Path) -> tuple[SavedTensor, ...]:
         try:
             header = read_local_header(str(path))
         except HeaderError as exc:
@@ -225,7 +201,7 @@ class StatsOutput:
             return read
 
         return tuple(
-            StoredTensor(name, torch_dtype(info.dtype), info.shape, reader(info.begin, info.nbytes, torch_dtype(info.dtype), info.shape))
+            SavedTensor(name, torch_dtype(info.dtype), info.shape, reader(info.begin, info.nbytes, torch_dtype(info.dtype), info.shape))
             for name, info in header.tensors.items()
         )
 
@@ -235,7 +211,7 @@ class StatsOutput:
             self._finished[record.file_name] = record
             self._save_record()
 
-    def offer_state(self, state: _State, *, before_save: Callable[[], None] = lambda: None) -> None:
+    def offer_state(self, state: ResumeState, *, before_save: Callable[[], None] = lambda: None) -> None:
         """A resume point: save `state` when the checkpoint interval has passed, else only the losses.
 
         Args:

@@ -124,8 +124,8 @@ class StatsAccumulator:
 
 
 class Scratch:
-    """Reusable flat float32 buffers, so per-sample gradients do not allocate (and page-fault)
-    hundreds of megabytes for every chunk: on CPU, fresh memory costs as much as the matmul."""
+    """Reusable flat float32 buffers, so a per-sample gradient matrix is not allocated (and
+    page-faulted) for every sample and layer: on CPU, fresh memory costs as much as the matmul."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
