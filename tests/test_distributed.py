@@ -335,7 +335,10 @@ def test_ranks_share_one_partial_folder_and_resume_with_any_world_size(tmp_path)
     assert (rank0.partial / RESUME_RECORD_NAME).is_file() and (rank1.partial / rank_record_name(1)).is_file()
     with pytest.raises(WriteError, match="only rank 0"):
         rank1.commit()
-    # Interrupted here. A resume (in one process) finds both ranks' shards, re-hashed.
+    # Interrupted here: the processes end (and with them rank 0's lock on the folder). A resume
+    # (in one process) finds both ranks' shards, re-hashed.
+    rank0.close()
+    rank1.close()
     resumed = LocalModelOutput(out, overwrite=False, resume=True)
     finished = resumed.open("fp")
     assert sorted(finished) == ["a.safetensors", "b.safetensors"]

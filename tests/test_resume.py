@@ -218,6 +218,23 @@ def test_without_resume_the_partial_folder_is_reported(capsys, inputs, interrupt
     assert "--resume" in message
 
 
+def test_a_resume_while_another_process_writes_is_refused(capsys, inputs, interrupted, tmp_path):
+    out = copy_partial(interrupted, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(partial_of(out))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        message = refused(capsys, merge_args(*inputs, out, *OPTIONS, "--resume"), out)
+        assert "being written by another running process" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(merge_args(*inputs, out, *OPTIONS, "--resume")) == 0
+
+
 @pytest.mark.parametrize(
     "change",
     [("--uniform-weight", "0.4"), ("--alpha", "2"), ("--out-dtype", "float32"), ("--max-shard-size", "4MB")],

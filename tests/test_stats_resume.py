@@ -361,3 +361,18 @@ def test_unreadable_resume_record_is_refused(workspace, interrupted, tmp_path):
     config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, resume=True)
     with pytest.raises(ResumeError, match=r"\.perta_resume\.json is unreadable .*; delete .*\.partial and rerun without --resume"):
         stats_pipeline.run_stats(config)
+
+
+def test_a_resume_while_the_first_run_still_writes_is_refused(capsys, workspace, interrupted, tmp_path):
+    """The running process holds a lock on its partial folder; a second one must not write into it."""
+    from perta_stream.sinks.output_dir import AtomicOutputDir
+
+    out = copy_interrupted(interrupted, "tied-mid-backward", tmp_path)
+    running = AtomicOutputDir(out, overwrite=False, keep_partial=True)
+    running.open()
+    try:
+        message = refused(capsys, stats_args(workspace, "llama", out, "--resume"), out)
+        assert "being written by another running process" in message
+    finally:
+        running.release()
+    assert main(stats_args(workspace, "llama", out, "--resume")) == 0

@@ -165,12 +165,23 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
 
 
 def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext) -> MergeResult:
-    from perta_stream.compute.merge_kernel import MergeKernel
-    from perta_stream.pipelines.streaming import run_stream
-
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
+    try:
+        return _merge_into(config, plan, sources, started, dist, outputs)
+    finally:
+        for output in outputs:
+            output.close()
+
+
+def _merge_into(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, outputs: list[ModelOutput]
+) -> MergeResult:
+    """Open (or resume) the outputs, stream every shard into them, and finalize them."""
+    from perta_stream.compute.merge_kernel import MergeKernel
+    from perta_stream.pipelines.streaming import run_stream
+
     run_fingerprint = fingerprint(config, plan)
     finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
     failure = _join_outputs(outputs, run_fingerprint, dist)

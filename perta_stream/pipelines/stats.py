@@ -191,101 +191,104 @@ def _compute(
         return _compute_rank(config, checkpoint, source, skeleton, batches, device, compute_dtype, plan, dist)
 
     output = StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s)
-    resumed = output.open(_run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
-    root = output.partial
-    # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
-    # resume state stay for --resume (the boundary spill directory is deleted on the way out).
-    store = StatsStore(
-        root,
-        datasets=DATASETS,
-        kinds=config.kinds,
-        groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
-        shapes={n: info.shape for n, info in checkpoint.tensors.items()},
-        stats_dtype=config.stats_dtype,
-        finished=resumed.finished,
-        on_shard_finished=output.shard_finished,
-    )
-    report = EngineReport(mean_loss=dict(resumed.mean_loss))
-    start = None
-    if resumed.next_layer is not None:
-        passed = groups_before(resumed.next_layer, shape.num_layers)
-        if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
-            start = ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
-        else:
-            # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
-            logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", _position(resumed.next_layer))
-    if resumed.finished:
-        where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {_position(start.next_layer)}")
-        logger.info("resuming %s: %d shards kept, %s", root, len(resumed.finished), where)
-    BoundaryStore.remove_leftovers(root)  # a killed run's spill files; never part of an output
-    if not store.complete:
-        with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
-            config.boundary_budget_bytes, spill_parent=root
-        ) as boundaries, BackgroundWriter() as writer:
-
-            def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
-                def job() -> None:
-                    try:
-                        store.write_group(dataset, group, stats)
-                    finally:
-                        give_back()
-
-                writer.submit(job)
-
-            def offer_state(state: ResumeState) -> None:
-                # A saved state claims every group before it; those must be on disk first.
-                output.offer_state(state, before_save=writer.flush)
-
-            engine = StreamingStatsEngine(
-                skeleton,
-                loader,
-                boundaries,
-                write_group,
-                kinds=config.kinds,
-                device=device,
-                compute_dtype=compute_dtype,
-                dist=dist,
-                on_resume_point=None if dist.is_distributed else offer_state,
-            )
-            report = engine.run(batches, start=start)
-        logger.info(
-            "boundaries: peak %s in RAM, %s on disk (%d spilled)",
-            format_bytes(report.boundary_peak_ram_bytes),
-            format_bytes(report.boundary_peak_disk_bytes),
-            report.boundary_spilled,
+    try:
+        resumed = output.open(_run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
+        root = output.partial
+        # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
+        # resume state stay for --resume (the boundary spill directory is deleted on the way out).
+        store = StatsStore(
+            root,
+            datasets=DATASETS,
+            kinds=config.kinds,
+            groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
+            shapes={n: info.shape for n, info in checkpoint.tensors.items()},
+            stats_dtype=config.stats_dtype,
+            finished=resumed.finished,
+            on_shard_finished=output.shard_finished,
         )
-    record = {
-        "format": "perta_stats",
-        "format_version": 1,
-        "tool_version": __version__,
-        "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
-        "kinds": list(config.kinds),
-        "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
-        "compute_dtype": compute_dtype_name,
-        "device": device_name,
-        "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
-        "fraction": config.fraction,
-        "seed": config.seed,
-        "max_length": config.max_length,
-        "question_key": config.question_key,
-        "answer_key": config.answer_key,
-        "system_prompt": config.system_prompt,
-        "loss": LOSS_DEFINITION,
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
-    store.finish(record)
-    out = output.commit()
-    dist.broadcast_object((str(out), record))  # the other ranks return the same result
-    return StatsResult(
-        plan=plan,
-        out=out,
-        record=record,
-        mean_loss=report.mean_loss,
-        boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
-        boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
-        boundary_spilled=report.boundary_spilled,
-    )
+        report = EngineReport(mean_loss=dict(resumed.mean_loss))
+        start = None
+        if resumed.next_layer is not None:
+            passed = groups_before(resumed.next_layer, shape.num_layers)
+            if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
+                start = ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
+            else:
+                # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
+                logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", _position(resumed.next_layer))
+        if resumed.finished:
+            where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {_position(start.next_layer)}")
+            logger.info("resuming %s: %d shards kept, %s", root, len(resumed.finished), where)
+        BoundaryStore.remove_leftovers(root)  # a killed run's spill files; never part of an output
+        if not store.complete:
+            with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
+                config.boundary_budget_bytes, spill_parent=root
+            ) as boundaries, BackgroundWriter() as writer:
+
+                def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
+                    def job() -> None:
+                        try:
+                            store.write_group(dataset, group, stats)
+                        finally:
+                            give_back()
+
+                    writer.submit(job)
+
+                def offer_state(state: ResumeState) -> None:
+                    # A saved state claims every group before it; those must be on disk first.
+                    output.offer_state(state, before_save=writer.flush)
+
+                engine = StreamingStatsEngine(
+                    skeleton,
+                    loader,
+                    boundaries,
+                    write_group,
+                    kinds=config.kinds,
+                    device=device,
+                    compute_dtype=compute_dtype,
+                    dist=dist,
+                    on_resume_point=None if dist.is_distributed else offer_state,
+                )
+                report = engine.run(batches, start=start)
+            logger.info(
+                "boundaries: peak %s in RAM, %s on disk (%d spilled)",
+                format_bytes(report.boundary_peak_ram_bytes),
+                format_bytes(report.boundary_peak_disk_bytes),
+                report.boundary_spilled,
+            )
+        record = {
+            "format": "perta_stats",
+            "format_version": 1,
+            "tool_version": __version__,
+            "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
+            "kinds": list(config.kinds),
+            "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
+            "compute_dtype": compute_dtype_name,
+            "device": device_name,
+            "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
+            "fraction": config.fraction,
+            "seed": config.seed,
+            "max_length": config.max_length,
+            "question_key": config.question_key,
+            "answer_key": config.answer_key,
+            "system_prompt": config.system_prompt,
+            "loss": LOSS_DEFINITION,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+        store.finish(record)
+        out = output.commit()
+        dist.broadcast_object((str(out), record))  # the other ranks return the same result
+        return StatsResult(
+            plan=plan,
+            out=out,
+            record=record,
+            mean_loss=report.mean_loss,
+            boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
+            boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
+            boundary_spilled=report.boundary_spilled,
+        )
+    finally:
+        output.close()  # the partial folder stays locked while this run writes it
 
 
 def _run_identity(

@@ -238,6 +238,9 @@ class HubModelOutput:
         # Do not wait for an upload in flight: it fails harmlessly once its file is gone.
         self._cleanup(wait=False)
 
+    def close(self) -> None:
+        """Nothing is held between runs (a commit or abort has already ended the upload)."""
+
     # ------------------------------------------------------------------ internals
     def _staging_path(self, file_name: str) -> Path:
         if self._staging is None:

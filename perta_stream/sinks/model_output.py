@@ -59,6 +59,9 @@ class ModelOutput(Protocol):
     def abort(self) -> None:
         """Drop what is unfinished; finished shards stay for a resume."""
 
+    def close(self) -> None:
+        """Let go of the output (a local folder's lock) once the run has ended, however it ended."""
+
 
 def rank_record_name(rank: int) -> str:
     """The resume record of rank `rank` (rank 0 keeps the main one)."""
@@ -157,6 +160,9 @@ class LocalModelOutput:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def close(self) -> None:
+        self._atomic.release()
 
     def _save_resume_record(self) -> None:
         write_resume_record(self.partial / rank_record_name(self._rank), self._fingerprint, self._finished)

@@ -6,6 +6,7 @@ renamed to `<out>`. A crash leaves a `.partial` folder, never an `<out>` that lo
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -57,6 +58,7 @@ class AtomicOutputDir:
         self.partial = partial_path(out)
         self._overwrite = overwrite
         self._keep_partial = keep_partial
+        self._lock_fd: int | None = None
 
     def check_partial(self) -> None:
         """Refuse an existing partial folder unless it is to be resumed (nothing is touched).
@@ -71,13 +73,38 @@ class AtomicOutputDir:
             )
 
     def open(self) -> Path:
-        """Create (or, when resuming, reuse) the partial folder and return its path."""
+        """Create (or, when resuming, reuse) the partial folder, lock it, and return its path.
+
+        The lock (flock on the folder, held until `commit` or `release`) keeps a second process,
+        e.g. a `--resume` started while the first run still writes, out of the same folder.
+
+        Raises:
+            OutputExistsError: the partial folder exists and is not to be resumed, or another
+                process holds it.
+            WriteError: the folder cannot be created.
+        """
         self.check_partial()
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.partial, os.O_RDONLY)
         except OSError as exc:
             raise WriteError(f"cannot create {self.partial}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise OutputExistsError(
+                f"{self.partial} is being written by another running process; wait for it to end (or stop it), "
+                "then rerun with --resume"
+            ) from None
+        self._lock_fd = lock_fd
         return self.partial
+
+    def release(self) -> None:
+        """Unlock the folder (a failed run's partial folder stays for a resume); idempotent."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def commit(self) -> Path:
         """Rename the finished partial folder to `out` (replacing it when overwrite was asked)."""
@@ -91,6 +118,7 @@ class AtomicOutputDir:
             os.replace(self.out, trash)
         os.replace(self.partial, self.out)
         _fsync_dir(self.out.parent)
+        self.release()
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out

@@ -252,6 +252,10 @@ class StatsOutput:
         self._last_save = self._clock()
         logger.info("saved the resume state at %s (%d bytes)", position, written.size_bytes)
 
+    def close(self) -> None:
+        """Unlock the partial folder (after a failure it stays for --resume); idempotent."""
+        self._atomic.release()
+
     def commit(self) -> Path:
         """Drop the resume state, rename the folder to `out`, then drop the record; returns `out`."""
         # Record first: a crash after it leaves a folder whose record names no state, which a
