@@ -100,7 +100,7 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator
-    from perta_stream.compute.stats.skeleton import attention_mask
+    from perta_stream.compute.stats.skeleton import LastProjectionSkipped, attention_mask
 
     config = LlamaConfig(**{**shape, "num_hidden_layers": 1}, attn_implementation="sdpa")
     config._attn_implementation = "sdpa"
@@ -129,7 +129,7 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
 
     def backward() -> None:
         h = hidden.clone().requires_grad_(True)
-        with torch.enable_grad(), PerSampleHooks(layer, names, acc, valid):
+        with torch.enable_grad(), LastProjectionSkipped(layer), PerSampleHooks(layer, names, acc, valid):
             out = layer(h, **context)
             torch.autograd.backward(out, torch.randn_like(out) * 1e-3)
 
