@@ -282,3 +282,18 @@ def test_resume_without_a_partial_folder_runs_normally(inputs, reference, tmp_pa
     out = tmp_path / "out"
     assert main(merge_args(*inputs, out, *OPTIONS, "--resume")) == 0
     assert output_digest(out) == reference
+
+
+def test_a_file_system_without_locks_still_gets_its_output(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from perta_stream.sinks.output_dir import AtomicOutputDir
+
+    def no_locks(fd, operation):  # noqa: ANN001
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    output = AtomicOutputDir(tmp_path / "out", overwrite=False)
+    assert output.open().is_dir()
+    assert output.commit() == tmp_path / "out"

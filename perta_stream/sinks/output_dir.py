@@ -91,12 +91,16 @@ class AtomicOutputDir:
             raise WriteError(f"cannot create {self.partial}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(lock_fd)
             raise OutputExistsError(
                 f"{self.partial} is being written by another running process; wait for it to end (or stop it), "
                 "then rerun with --resume"
             ) from None
+        except OSError:
+            # A file system without locks (some network and FUSE mounts): run unguarded rather than not at all.
+            os.close(lock_fd)
+            return self.partial
         self._lock_fd = lock_fd
         return self.partial
 
