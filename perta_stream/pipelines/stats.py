@@ -170,7 +170,7 @@ def _compute(
 
     from perta_stream.compute.prompts import LOSS_DEFINITION
     from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.resume_state import ResumeState, groups_before
+    from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
     from perta_stream.compute.stats.skeleton import build_skeleton
     from perta_stream.compute.stats.streaming import EngineReport, StreamingStatsEngine
     from perta_stream.sinks.stats_output import StatsOutput
@@ -214,9 +214,9 @@ def _compute(
                 start = ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
             else:
                 # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
-                logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", _position(resumed.next_layer))
+                logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", position_name(resumed.next_layer))
         if resumed.finished:
-            where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {_position(start.next_layer)}")
+            where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
             logger.info("resuming %s: %d shards kept, %s", root, len(resumed.finished), where)
         BoundaryStore.remove_leftovers(root)  # a killed run's spill files; never part of an output
         if not store.complete:
@@ -322,10 +322,6 @@ def _run_identity(
         "compute_dtype": compute_dtype_name,
         "token_ids_sha256": tokens.hexdigest(),
     }
-
-
-def _position(next_layer: int) -> str:
-    return "the embedding step" if next_layer < 0 else f"layer {next_layer}"
 
 
 def _rank_share(samples: list[EncodedSample], dist: DistContext) -> list[EncodedSample]:

@@ -63,13 +63,18 @@ class ResumeState:
 
     @property
     def position(self) -> str:
-        """`layer <j>` or `embedding`, for messages and file names."""
-        return "embedding" if self.next_layer == EMBEDDING_STEP else f"layer {self.next_layer}"
+        """`layer <j>` or `embedding`, for messages."""
+        return position_name(self.next_layer)
 
 
 ResumePointSink = Callable[[ResumeState], None]
 """Receives the state at every resume point; it may save it, or ignore it (it must not keep the
 `read` functions past the call)."""
+
+
+def position_name(next_layer: int) -> str:
+    """`layer <j>`, or `embedding` for EMBEDDING_STEP: where a sweep continues, for messages."""
+    return "embedding" if next_layer == EMBEDDING_STEP else f"layer {next_layer}"
 
 
 def groups_before(next_layer: int, num_layers: int) -> list[str]:
