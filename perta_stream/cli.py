@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from perta_stream import __version__
 from perta_stream.errors import PertaStreamError, UsageError
@@ -88,8 +89,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     from perta_stream.config.merge import MergeConfig
     from perta_stream.pipelines.merge import run_merge
 
-    config = MergeConfig.from_cli(args)
-    result = run_merge(config)
+    return _print_result(run_merge(MergeConfig.from_cli(args)), args)
+
+
+def _print_result(result: Any, args: argparse.Namespace) -> int:
+    """A dry run's plan on stdout, else (unless -q) the one-line summary on stderr."""
     if result.plan_text is not None:
         print(result.plan_text)
     elif not args.quiet:
@@ -233,13 +237,7 @@ def _run_stats(args: argparse.Namespace) -> int:
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
 
-    config = StatsConfig.from_cli(args)
-    result = run_stats(config)
-    if result.plan_text is not None:
-        print(result.plan_text)
-    elif not args.quiet:
-        print(result.summary(), file=sys.stderr)
-    return EXIT_OK
+    return _print_result(run_stats(StatsConfig.from_cli(args)), args)
 
 
 # ---------------------------------------------------------------- unlearn
@@ -289,12 +287,7 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     from perta_stream.config.unlearn import UnlearnConfig
     from perta_stream.pipelines.unlearn import run_unlearn
 
-    result = run_unlearn(UnlearnConfig.from_cli(args))
-    if result.plan_text is not None:
-        print(result.plan_text)
-    elif not args.quiet:
-        print(result.summary(), file=sys.stderr)
-    return EXIT_OK
+    return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
 
 
 # ---------------------------------------------------------------- sweep
