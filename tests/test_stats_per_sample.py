@@ -36,6 +36,9 @@ def test_linear_rule_matches_autograd(skip_padding: bool) -> None:
     acc = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad", "fisher"), torch.device("cpu"))
     delta = weights.expand(5, 7, 12) * valid[..., None]
     extents = valid_extents(valid) if skip_padding else None
+    if skip_padding:
+        # Past its extent a sample's δ is never read, whatever it holds.
+        delta = torch.where((torch.arange(7) < torch.tensor(extents)[:, None])[..., None], delta, torch.nan)
     linear_stats(acc, "w", "b", x, delta, extents=extents)
     for name, key in (("w", "weight"), ("b", "bias")):
         torch.testing.assert_close(acc.sums[name], expected[key][0], rtol=1e-5, atol=1e-6)
@@ -45,7 +48,27 @@ def test_linear_rule_matches_autograd(skip_padding: bool) -> None:
     kept = linear_stats(grad_only, "w", "b", x, delta, extents=extents, keep_rows=rows)
     torch.testing.assert_close(grad_only.sums["w"], expected["weight"][0], rtol=1e-5, atol=1e-6)
     for n, r in enumerate(rows):
-        torch.testing.assert_close(kept[n], (delta[n].T @ x[n])[r], rtol=1e-5, atol=1e-6)
+        span = extents[n] if skip_padding else 7
+        torch.testing.assert_close(kept[n], (delta[n, :span].T @ x[n, :span])[r], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("right_padded", [True, False])
+def test_hooks_on_a_linear_layer_drop_padding(right_padded: bool) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 12, bias=True)
+    x = torch.randn(5, 7, 6)
+    lengths = torch.tensor([7, 5, 5, 2, 1])
+    valid = torch.arange(7) < lengths[:, None] if right_padded else torch.rand(5, 7) > 0.3
+    expected, weights = _explicit(layer, x, valid)
+    acc = StatsAccumulator({"w": (12, 6), "b": (12,)}, ("grad", "fisher"), torch.device("cpu"))
+    for parameter in layer.parameters():
+        parameter.requires_grad_(False)
+    # Autograd delivers the gradient of Σ_t w_t·out_t at every position, padding included.
+    with PerSampleHooks(torch.nn.ModuleDict({"proj": layer}), {"proj": {"weight": "w", "bias": "b"}}, acc, valid):
+        (layer(x.clone().requires_grad_(True)) * weights).sum().backward()
+    for name, key in (("w", "weight"), ("b", "bias")):
+        torch.testing.assert_close(acc.sums[name], expected[key][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(acc.squares[name], expected[key][1], rtol=1e-5, atol=1e-6)
 
 
 def test_valid_extents_end_after_the_last_valid_position() -> None:
@@ -105,3 +128,22 @@ def test_boundary_store_spills_past_budget_and_cleans_up(tmp_path: Path) -> None
         spill_dirs = list(tmp_path.iterdir())
         assert len(spill_dirs) == 1 and len(list(spill_dirs[0].iterdir())) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_scored_positions_give_the_per_sample_loss_from_fewer_logits() -> None:
+    from perta_stream.compute.prompts import IGNORE_INDEX, mean_target_nll, per_sample_loss, scored_positions
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 11, (4, 9))
+    labels[0, :4] = IGNORE_INDEX  # a prompt, then the answer
+    labels[1, :] = IGNORE_INDEX  # nothing scored
+    labels[2, 1:] = IGNORE_INDEX  # only position 0 is labelled: no position predicts it
+    labels[3, 2:6] = IGNORE_INDEX  # labelled tokens on both sides of a gap
+    logits = torch.randn(4, 9, 11)
+    positions, targets = scored_positions(labels)
+    assert positions.shape == (4, 5) and positions[0, :5].tolist() == [3, 4, 5, 6, 7]
+    assert (targets != IGNORE_INDEX).sum(dim=1).tolist() == [5, 0, 0, 4]
+    scored_logits = logits[torch.arange(4)[:, None], positions]
+    assert torch.allclose(mean_target_nll(scored_logits, targets), per_sample_loss(logits, labels), rtol=1e-6, atol=0)
+    nothing = torch.full((2, 5), IGNORE_INDEX)
+    assert scored_positions(nothing)[0].shape == (2, 0) and valid_extents(torch.zeros(2, 0, dtype=torch.bool)) == [0, 0]

@@ -130,15 +130,39 @@ def per_sample_loss(logits: "torch.Tensor", labels: "torch.Tensor") -> "torch.Te
 
     Position t predicts token t+1, so logits are shifted against labels.
     """
+    return mean_target_nll(logits[:, :-1, :], labels[:, 1:])
+
+
+def mean_target_nll(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+    """Per row, the mean NLL of `targets` under `logits` ([batch, positions, vocab]) over the
+    targets that are not IGNORE_INDEX, in float32 (0 for a row without any). Shape [batch]."""
     import torch
 
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
     token_nll = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    ).view(shifted_labels.shape)
-    counts = (shifted_labels != IGNORE_INDEX).sum(dim=1)
+    ).view(targets.shape)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
     return token_nll.sum(dim=1) / counts.clamp(min=1)
+
+
+def scored_positions(labels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The positions whose logits the loss reads (those predicting a labelled token), packed.
+
+    `per_sample_loss(logits, labels)` equals `mean_target_nll(logits[rows, positions], targets)`,
+    so the logits elsewhere (the prompt, the padding) need not be computed at all.
+
+    Returns:
+        positions [batch, width] and targets [batch, width] (long): row n's scored positions in
+        order, then unscored ones whose target is IGNORE_INDEX; width is the most any row has.
+    """
+    import torch
+
+    shifted = labels[:, 1:]
+    unscored = (shifted == IGNORE_INDEX).to(torch.int8)
+    width = int((1 - unscored).sum(dim=1).max()) if shifted.numel() else 0
+    # A stable sort on "unscored" moves each row's scored positions to the front, in order.
+    positions = torch.sort(unscored, dim=1, stable=True).indices[:, :width]
+    return positions, shifted.gather(1, positions)

@@ -160,9 +160,10 @@ def linear_stats(
 
     Args:
         x: the layer input [samples, tokens, in].
-        delta: the gradient of the summed loss at the output [samples, tokens, out], zero on padding.
+        delta: the gradient of the summed loss at the output [samples, tokens, out], zero on the
+            padding before each sample's extent (what it holds after the extent is never read).
         extents: per sample, how many leading positions hold all its valid tokens (`valid_extents`);
-            the padding after them is skipped. None: every position.
+            the positions after them are skipped. None: every position.
         keep_rows: per sample, weight rows (output indices) whose per-sample gradient is returned;
             the tied lm_head keeps the rows at the sample's token ids for the embedding step.
         scratch: reusable buffers (a fresh one when None).
@@ -174,20 +175,21 @@ def linear_stats(
     x = x.reshape(samples, -1, x.shape[-1]).float()
     delta = delta.reshape(samples, -1, delta.shape[-1]).float()
     scratch = scratch if scratch is not None else Scratch()
+    spans = [x.shape[1]] * samples if extents is None else extents
     if bias_name is not None:
-        acc.add_per_sample(bias_name, delta.sum(dim=1))
-    kept = [delta[n][:, keep_rows[n]].T @ x[n] for n in range(samples)] if keep_rows is not None else None
+        acc.add_per_sample(bias_name, torch.stack([delta[n, : spans[n]].sum(dim=0) for n in range(samples)]))
+    kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
     if not acc.wants_squares:
         # The mean alone needs no per-sample matrices: one matmul over every token.
-        acc.sums[weight_name].addmm_(delta.flatten(0, 1).T, x.flatten(0, 1))
+        inside = torch.arange(x.shape[1], device=x.device) < torch.tensor(spans, device=x.device)[:, None]
+        acc.sums[weight_name].addmm_(delta.masked_fill(~inside[..., None], 0.0).flatten(0, 1).T, x.flatten(0, 1))
         return kept
     # One sample at a time, into one reused buffer: measured on CPU, this beats forming a chunk
     # of per-sample matrices with bmm and reducing it (1.5-2x), because every extra pass over
     # the matrices costs memory bandwidth, and it lets each product skip the sample's padding.
     grad = scratch.take("per_sample", (delta.shape[-1], x.shape[-1]), x.device)
     for n in range(samples):
-        extent = x.shape[1] if extents is None else extents[n]
-        torch.mm(delta[n, :extent].T, x[n, :extent], out=grad)
+        torch.mm(delta[n, : spans[n]].T, x[n, : spans[n]], out=grad)
         if acc.wants_sums:
             acc.sums[weight_name] += grad
         acc.squares[weight_name].addcmul_(grad, grad)
@@ -196,6 +198,8 @@ def linear_stats(
 
 def valid_extents(valid: torch.Tensor) -> list[int]:
     """Per sample ([samples, tokens] bool), one past its last valid position (0 when none)."""
+    if valid.shape[1] == 0:
+        return [0] * valid.shape[0]
     positions = torch.arange(1, valid.shape[1] + 1, device=valid.device)
     return (valid * positions).amax(dim=1).tolist()
 
@@ -291,6 +295,10 @@ class PerSampleHooks:
         self._scratch = scratch
         self._valid = valid
         self._extents = valid_extents(valid)
+        # Right padding (every batch the engine builds): no padding lies inside an extent, so a
+        # linear layer's δ needs no masking, which saves a pass over every output gradient.
+        inside = torch.arange(valid.shape[1], device=valid.device) < torch.tensor(self._extents, device=valid.device)[:, None]
+        self._padding_only_after_extents = bool(torch.equal(inside, valid.bool()))
         self._lm_head_path = lm_head_path
         self._keep_rows = keep_rows
         self.kept_rows: list[torch.Tensor] | None = None
@@ -322,8 +330,11 @@ class PerSampleHooks:
 
     def _on_grad(self, path: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
         # Padding positions must contribute nothing, whatever autograd put there.
-        mask = self._valid.reshape(self._valid.shape + (1,) * (grad.dim() - self._valid.dim()))
-        delta = grad.detach() * mask.to(grad.dtype)
+        if isinstance(module, torch.nn.Linear) and self._padding_only_after_extents:
+            delta = grad.detach()  # linear_stats never reads past an extent
+        else:
+            mask = self._valid.reshape(self._valid.shape + (1,) * (grad.dim() - self._valid.dim()))
+            delta = grad.detach() * mask.to(grad.dtype)
         names = self._names[path]
         # Nested transforms (vmap/vjp) must not re-enter these hooks.
         self._active = False

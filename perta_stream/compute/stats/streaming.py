@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from perta_stream.compute.prompts import per_sample_loss
+from perta_stream.compute.prompts import IGNORE_INDEX, mean_target_nll, scored_positions
 from perta_stream.distributed import SINGLE_PROCESS, DistContext
 from perta_stream.compute.stats.boundaries import BoundaryStore
 from perta_stream.compute.stats.resume_state import (
@@ -330,10 +330,14 @@ class StreamingStatsEngine:
                 loss_sum = 0.0
                 for batch in dataset_batches:
                     hidden = self._store.pop(("h", num_layers, dataset, batch.index), self._device).requires_grad_(True)
-                    valid = batch.attention_mask.to(self._device).bool()
+                    # Only the positions the loss reads go through the head: the gradient is zero
+                    # at the others (the norm and lm_head act on each position alone).
+                    positions, targets = scored_positions(batch.labels.to(self._device))
                     keep = [r.to(self._device) for r in sample_token_rows(batch.input_ids, self._embed_valid(batch))] if keep_tied_rows else None
-                    with torch.enable_grad(), PerSampleHooks(head, names, acc, valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
-                        losses = per_sample_loss(lm_head(norm(hidden)), batch.labels.to(self._device))
+                    scored_valid = targets != IGNORE_INDEX
+                    with torch.enable_grad(), PerSampleHooks(head, names, acc, scored_valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
+                        scored = hidden[torch.arange(hidden.shape[0], device=self._device)[:, None], positions]
+                        losses = mean_target_nll(lm_head(norm(scored)), targets)
                         losses.sum().backward()
                     loss_sum += float(losses.detach().sum())
                     self._store.put(("g", dataset, batch.index), hidden.grad)
