@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from perta_stream.compute.stats import per_sample
 from perta_stream.compute.stats.boundaries import BoundaryStore
 from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator, embedding_stats, generic_stats, linear_stats, valid_extents
 
@@ -26,8 +27,12 @@ def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> 
     return {n: (sums[n], squares[n]) for n in sums}, weights
 
 
+@pytest.mark.parametrize("block_rows", [None, 5])
 @pytest.mark.parametrize("skip_padding", [False, True])
-def test_linear_rule_matches_autograd(skip_padding: bool) -> None:
+def test_linear_rule_matches_autograd(skip_padding: bool, block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if block_rows is not None:
+        # Blocks of 5 of the 12 output rows: two full blocks and a partial one.
+        monkeypatch.setattr(per_sample, "CPU_BLOCK_ELEMENTS", block_rows * 6)
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 12, bias=True)
     x = torch.randn(5, 7, 6)

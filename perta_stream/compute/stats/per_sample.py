@@ -21,6 +21,9 @@ import torch
 
 GRAD, FISHER = "grad", "fisher"
 
+CPU_BLOCK_ELEMENTS = 4_718_592
+"""Per-sample weight gradients on CPU are formed this many elements (18 MiB float32) at a time."""
+
 
 class BufferPool:
     """Float32 buffers handed back and forth between the accumulators of successive layers.
@@ -187,12 +190,21 @@ def linear_stats(
     # One sample at a time, into one reused buffer: measured on CPU, this beats forming a chunk
     # of per-sample matrices with bmm and reducing it (1.5-2x), because every extra pass over
     # the matrices costs memory bandwidth, and it lets each product skip the sample's padding.
-    grad = scratch.take("per_sample", (delta.shape[-1], x.shape[-1]), x.device)
-    for n in range(samples):
-        torch.mm(delta[n, : spans[n]].T, x[n, : spans[n]], out=grad)
-        if acc.wants_sums:
-            acc.sums[weight_name] += grad
-        acc.squares[weight_name].addcmul_(grad, grad)
+    # On CPU a large weight is done in blocks of rows, all samples per block, so the block's
+    # sums stay in cache between samples (6-11% faster on 6144x1536 and 1536x6144 weights).
+    out_features, in_features = delta.shape[-1], x.shape[-1]
+    block_rows = max(1, CPU_BLOCK_ELEMENTS // in_features) if x.device.type == "cpu" else out_features
+    buffer = scratch.take("per_sample", (min(block_rows, out_features), in_features), x.device)
+    for start in range(0, out_features, block_rows):
+        stop = min(start + block_rows, out_features)
+        grad = buffer[: stop - start]
+        sums = acc.sums[weight_name][start:stop] if acc.wants_sums else None
+        squares = acc.squares[weight_name][start:stop]
+        for n in range(samples):
+            torch.mm(delta[n, : spans[n], start:stop].T, x[n, : spans[n]], out=grad)
+            if sums is not None:
+                sums += grad
+            squares.addcmul_(grad, grad)
     return kept
 
 
