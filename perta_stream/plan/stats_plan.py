@@ -270,6 +270,7 @@ def plan_stats(
     else:
         peak_host = BASELINE_HOST_BYTES + boundary_ram + staging + flush_buffers + tied_accumulators
     linear_numel = total_numel - numel.get(EMBED_TENSOR_NAME, 0) - (0 if shape.ties_embeddings else head_matrix)
+    # The head is counted at every position: an upper bound, as it runs only where the loss reads.
     flops = 8.0 * linear_numel * padded + 6.0 * head_matrix * padded + 4 * attention_flops
     return StatsPlan(
         model_type=shape.model_type,

@@ -3,7 +3,8 @@
 Order of work (each decoder layer's weights are loaded twice in all, never once per batch):
   forward   embeddings for every batch, then layer 0 .. L-1 over every batch; each layer's input
             (a boundary) is kept in the BoundaryStore
-  head      final norm + lm_head + per-sample loss; backprop Σ_n ℓ_n to the last boundary
+  head      final norm + lm_head + per-sample loss, at the positions the loss reads only;
+            backprop Σ_n ℓ_n to the last boundary
   backward  layer L-1 .. 0: recompute the layer's forward from its saved input with autograd,
             backprop the output-gradient boundary, collect exact per-sample statistics with hooks
   embed     per-sample embedding rows from the gradient at layer 0's input
