@@ -16,6 +16,9 @@ from perta_stream.errors import ModelNotSupportedError
 from perta_stream.memory import format_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+CPU_BLOCK_ELEMENTS = 4_718_592
+"""On CPU, per-sample weight gradients are formed this many elements (18 MiB float32) at a time."""
 EMBED_TENSOR_NAME = "model.embed_tokens.weight"
 LM_HEAD_TENSOR_NAME = "lm_head.weight"
 EMBED_GROUP = "embed"
@@ -242,7 +245,8 @@ def plan_stats(
     largest_layer = max((group_numel[g] for g in layer_groups), default=0)
     largest_matrix = max((numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 2 and n != EMBED_TENSOR_NAME), default=0)
     head_matrix = shape.vocab_size * shape.hidden_size
-    per_sample_matrix = 4 * (largest_matrix if "fisher" in kinds else 0)
+    per_sample_numel = min(largest_matrix, CPU_BLOCK_ELEMENTS) if device == "cpu" else largest_matrix
+    per_sample_matrix = 4 * (per_sample_numel if "fisher" in kinds else 0)
     accumulator_factor = 4 * len(kinds)
     intermediate = shape.intermediate_size
     layer_activations = widest_batch_tokens * (8 * shape.hidden_size + 6 * intermediate) * 4 + 3 * 4 * widest_batch_tokens * widest * shape.num_heads

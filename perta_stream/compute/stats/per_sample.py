@@ -18,11 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from perta_stream.plan.stats_plan import CPU_BLOCK_ELEMENTS
 
 GRAD, FISHER = "grad", "fisher"
-
-CPU_BLOCK_ELEMENTS = 4_718_592
-"""Per-sample weight gradients on CPU are formed this many elements (18 MiB float32) at a time."""
 
 
 class BufferPool:
