@@ -147,3 +147,19 @@ def load_stats_dir(path: Path) -> dict[str, torch.Tensor]:
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def fail_write_group(monkeypatch, call_number: int) -> None:  # noqa: ANN001
+    """Make the `call_number`-th StatsStore.write_group of a run raise OSError("simulated disk failure")."""
+    from perta_stream.sinks import stats_store
+
+    calls = []
+    original = stats_store.StatsStore.write_group
+
+    def failing(self, dataset, group, stats):  # noqa: ANN001
+        calls.append(group)
+        if len(calls) == call_number:
+            raise OSError("simulated disk failure")
+        return original(self, dataset, group, stats)
+
+    monkeypatch.setattr(stats_store.StatsStore, "write_group", failing)

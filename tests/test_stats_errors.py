@@ -12,9 +12,8 @@ from perta_stream.cli import main
 from perta_stream.config.stats import StatsConfig
 from perta_stream.errors import DatasetError, ModelNotSupportedError, OutputExistsError, PlanError, UsageError
 from perta_stream.pipelines.stats import run_stats
-from perta_stream.sinks import stats_store
 from perta_stream.sinks.resume_record import RESUME_RECORD_NAME
-from stats_fixtures import FORGET_RECORDS, save_tiny_model, write_data, write_jsonl
+from stats_fixtures import fail_write_group, FORGET_RECORDS, save_tiny_model, write_data, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +84,7 @@ def test_cuda_requested_without_cuda(workspace: dict[str, Path]) -> None:
 
 
 def test_failure_midway_leaves_only_a_resumable_partial_folder(workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    original = stats_store.StatsStore.write_group
-
-    def failing(self, dataset, group, stats):  # noqa: ANN001
-        calls.append(group)
-        if len(calls) == 3:
-            raise OSError("simulated disk failure")
-        return original(self, dataset, group, stats)
-
-    monkeypatch.setattr(stats_store.StatsStore, "write_group", failing)
+    fail_write_group(monkeypatch, 3)
     with pytest.raises(OSError, match="simulated"):
         run_stats(_config(workspace, "out-fail"))
     # No `<out>`, no index or record that could pass for finished statistics; the partial folder

@@ -32,11 +32,10 @@ from perta_stream.cli import main
 from perta_stream.config.stats import StatsConfig
 from perta_stream.errors import PlanError, ResumeError, UsageError
 from perta_stream.pipelines import stats as stats_pipeline
-from perta_stream.sinks import stats_store
 from perta_stream.sinks.resume_record import RESUME_RECORD_NAME
 from perta_stream.sinks.stats_output import STATE_PREFIX
 from reliability_fixtures import cli_command, cli_env, output_digest, partial_of, refused
-from stats_fixtures import save_tiny_model, write_data, write_jsonl
+from stats_fixtures import fail_write_group, save_tiny_model, write_data, write_jsonl
 
 # Group order of a 2-layer model, each for forget then retain: head, layer 1, layer 0, embeddings.
 GROUPS_PER_DATASET = 4
@@ -325,16 +324,7 @@ def test_damaged_resume_state_means_starting_over_with_the_kept_shards(workspace
 
 
 def test_failure_leaves_a_resumable_partial_folder(workspace, references, tmp_path, monkeypatch):
-    calls = []
-    original = stats_store.StatsStore.write_group
-
-    def failing(self, dataset, group, stats):  # noqa: ANN001
-        calls.append(group)
-        if len(calls) == 4:
-            raise OSError("simulated disk failure")
-        return original(self, dataset, group, stats)
-
-    monkeypatch.setattr(stats_store.StatsStore, "write_group", failing)
+    fail_write_group(monkeypatch, 4)
     out = tmp_path / "out"
     config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, checkpoint_interval_s=0)
     with pytest.raises(OSError, match="simulated"):

@@ -42,7 +42,7 @@ from perta_stream.sources.qa_dataset import QASample, load_qa_samples, select_fr
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
-    from perta_stream.compute.stats.streaming import Batch
+    from perta_stream.compute.stats.streaming import Batch, EngineReport
 
 logger = logging.getLogger(__name__)
 
@@ -278,15 +278,7 @@ def _compute(
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
-        return StatsResult(
-            plan=plan,
-            out=out,
-            record=record,
-            mean_loss=report.mean_loss,
-            boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
-            boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
-            boundary_spilled=report.boundary_spilled,
-        )
+        return _result(plan, out, record, report)
     finally:
         output.close()  # the partial folder stays locked while this run writes it
 
@@ -357,9 +349,14 @@ def _compute_rank(
         engine = StreamingStatsEngine(skeleton, loader, boundaries, _rank_zero_writes, kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist)
         report = engine.run(batches)
     out, record = dist.broadcast_object(None)
+    return _result(plan, Path(out), record, report)
+
+
+def _result(plan: StatsPlan, out: Path, record: dict[str, Any], report: EngineReport) -> StatsResult:
+    """The result of a finished sweep: where it was written, and what the engine's report saw."""
     return StatsResult(
         plan=plan,
-        out=Path(out),
+        out=out,
         record=record,
         mean_loss=report.mean_loss,
         boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,

@@ -182,7 +182,7 @@ def linear_stats(
     kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
     if not acc.wants_squares:
         # The mean alone needs no per-sample matrices: one matmul over every token.
-        inside = torch.arange(x.shape[1], device=x.device) < torch.tensor(spans, device=x.device)[:, None]
+        inside = inside_extents(spans, x.shape[1], x.device)
         acc.sums[weight_name].addmm_(delta.masked_fill(~inside[..., None], 0.0).flatten(0, 1).T, x.flatten(0, 1))
         return kept
     # One sample at a time, into one reused buffer: measured on CPU, this beats forming a chunk
@@ -212,6 +212,11 @@ def valid_extents(valid: torch.Tensor) -> list[int]:
         return [0] * valid.shape[0]
     positions = torch.arange(1, valid.shape[1] + 1, device=valid.device)
     return (valid * positions).amax(dim=1).tolist()
+
+
+def inside_extents(extents: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """[samples, width] bool: True at the positions before each sample's extent."""
+    return torch.arange(width, device=device) < torch.tensor(extents, device=device)[:, None]
 
 
 def sample_token_rows(input_ids: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
@@ -307,8 +312,7 @@ class PerSampleHooks:
         self._extents = valid_extents(valid)
         # Right padding (every batch the engine builds): no padding lies inside an extent, so a
         # linear layer's δ needs no masking, which saves a pass over every output gradient.
-        inside = torch.arange(valid.shape[1], device=valid.device) < torch.tensor(self._extents, device=valid.device)[:, None]
-        self._padding_only_after_extents = bool(torch.equal(inside, valid.bool()))
+        self._padding_only_after_extents = bool(torch.equal(inside_extents(self._extents, valid.shape[1], valid.device), valid.bool()))
         self._lm_head_path = lm_head_path
         self._keep_rows = keep_rows
         self.kept_rows: list[torch.Tensor] | None = None
