@@ -10,12 +10,16 @@ Three measurements, all in this process, bfloat16 compute with float32 accumulat
      28672) with random bf16 weights: the engine's forward (no grad) and its backward (recompute,
      autograd, exact per-sample grad + fisher statistics) on batches of TOFU-like length, timed
      per token, with the peak GPU memory.
-  3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way, and the
-     speed of reading a 70B layer's bytes (1.7 GB) from local disk with the page cache dropped.
+  3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way, the
+     speed of reading a 70B layer's bytes (1.7 GB) from local disk with the page cache dropped,
+     and the speed of writing a 70B layer's float32 statistics (grad + fisher, 6.9 GB) the way a
+     run does (bench_stats_write.write_throughput: shards hashed and fsynced, concurrently).
 Extrapolation to a 70B run on `--tokens` tokens (default: TOFU forget10 + retain90 at fraction
 0.2, about 62 k tokens with padding, the figure `--dry-run --config-only` prints):
   compute_s = tokens * (80 * (forward_s + backward_s) + head_s) per token
-  io_s      = 2 * 80 * layer_bytes / read_bytes_per_s   (overlapped with compute by the prefetch)
+  io_s      = 2 * 80 * layer_bytes / read_bytes_per_s     (each layer read twice)
+            + 2 datasets * 2 statistics * 70B params * 4 bytes / write_bytes_per_s
+            (both overlap compute: the prefetch and the background writer; they share the disk)
   total_s   = max(compute_s, io_s) + boundary spill traffic / disk bytes_per_s
 The assumptions (per-token cost independent of batch composition, prefetch hiding the smaller of
 compute and reads) are stated in the result. Writes benchmarks/results/stats_gpu.json and .md.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_stats_write import layer_shapes, write_throughput  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
 LLAMA_70B = {"hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "num_hidden_layers": 80}
@@ -237,26 +243,37 @@ def main() -> None:
     head_numbers = head(args, device, shape)
     with tempfile.TemporaryDirectory(prefix="perta-read-") as tmp:
         read_bytes_per_s = read_speed(min(layer["layer_bf16_bytes"], 2 << 30), Path(tmp))
+        kv_width = shape["num_key_value_heads"] * shape["hidden_size"] // shape["num_attention_heads"]
+        group_shapes = layer_shapes(shape["hidden_size"], shape["intermediate_size"], kv_width)
+        writes = write_throughput(group_shapes, Path(tmp), repeats=1)
+    write_bytes_per_s = writes["bytes_per_s"]["concurrent"]
     layers = shape["num_hidden_layers"]
+    parameters = layers * sum(math.prod(dims) for dims in group_shapes.values()) + (2 * shape["vocab_size"] + 1) * shape["hidden_size"]
+    stats_bytes = 2 * 2 * parameters * 4
     compute_s = args.tokens * (layers * (layer["forward_s_per_token"] + layer["backward_s_per_token"]) + head_numbers["s_per_token"])
-    io_s = 2 * layers * layer["layer_bf16_bytes"] / read_bytes_per_s
+    weight_read_s = 2 * layers * layer["layer_bf16_bytes"] / read_bytes_per_s
+    stats_write_s = stats_bytes / write_bytes_per_s
+    io_s = weight_read_s + stats_write_s
     boundary_bytes = (layers + 1) * args.tokens * shape["hidden_size"] * 2
     spill_s = 2 * boundary_bytes / read_bytes_per_s  # written once, read once; write speed assumed equal to read speed
     total_s = max(compute_s, io_s) + spill_s
     extrapolation = {
         "tokens": args.tokens,
         "compute_s": compute_s,
-        "weight_read_s": io_s,
+        "weight_read_s": weight_read_s,
+        "stats_bytes": stats_bytes,
+        "stats_write_s": stats_write_s,
         "boundary_spill_s": spill_s,
         "total_s": total_s,
         "peak_device_bytes_estimate": max(layer["peak_device_bytes"] + layer["layer_bf16_bytes"], head_numbers["peak_device_bytes"] + layer["layer_bf16_bytes"]),
         "method": "per-token layer/head times measured on one 70B-shaped layer and the 70B head, times 80 layers and the token count; "
-        "weight reads (each layer twice) overlap compute through the prefetch, so max(compute, reads); boundary spill written and read once "
+        "weight reads (each layer twice) and the float32 statistics writes (forget + retain, grad + fisher) overlap compute through the "
+        "prefetch and the background writer and share the disk, so max(compute, reads + writes); boundary spill written and read once "
         "at the measured read speed",
     }
     record = {"benchmark": "stats_gpu", "machine": machine_info(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
               "settings": vars(args), "end_to_end": e2e, "llama70b_layer": layer, "llama70b_head": head_numbers,
-              "read_bytes_per_s": read_bytes_per_s, "extrapolation_70b": extrapolation}
+              "read_bytes_per_s": read_bytes_per_s, "stats_write": writes, "extrapolation_70b": extrapolation}
     rows = [
         {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30},
         {"what": "70B layer forward (per batch)", "seconds": layer["forward_s_per_batch"], "tokens/s": 1 / layer["forward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
@@ -264,7 +281,11 @@ def main() -> None:
         {"what": "70B head + per-sample stats (per batch)", "seconds": head_numbers["s_per_batch"], "tokens/s": 1 / head_numbers["s_per_token"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30},
         {"what": f"70B run extrapolated ({args.tokens} tokens)", "seconds": total_s, "tokens/s": args.tokens / total_s, "peak device (GiB)": extrapolation["peak_device_bytes_estimate"] / 2**30},
     ]
-    notes = [extrapolation["method"], f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache)"]
+    notes = [
+        extrapolation["method"],
+        f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache); statistics write speed {write_bytes_per_s / 1e9:.2f} GB/s "
+        f"(one 70B layer's grad + fisher shards, hashed, fsynced); {stats_bytes / 1e12:.2f} TB of float32 statistics in all",
+    ]
     if args.smoke:
         # A smoke run checks the script; its numbers mean nothing and are not kept.
         print(json.dumps(rows, indent=2))

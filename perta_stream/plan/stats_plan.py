@@ -19,6 +19,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 CPU_BLOCK_ELEMENTS = 4_718_592
 """On CPU, per-sample weight gradients are formed this many elements (18 MiB float32) at a time."""
+ROUNDING_CHUNK_ELEMENTS = 1 << 24
+"""Statistics elements rounded to the storage dtype at a time when a shard is written (64 MiB of float32)."""
 EMBED_TENSOR_NAME = "model.embed_tokens.weight"
 LM_HEAD_TENSOR_NAME = "lm_head.weight"
 EMBED_GROUP = "embed"
@@ -266,8 +268,9 @@ def plan_stats(
     peak_device = max(layer_device, head_device)
     staging = 2 * max(max(group_bytes.values()), head_bytes)
     # A finished group's float32 statistics move to the host and are written on a background
-    # thread while the next group is computed (two groups at most), one tensor at a time rounded.
-    flush_buffers = 2 * max(group_numel.values()) * 4 * len(kinds) + max(numel.values()) * stats_dtype_bytes
+    # thread while the next group is computed (two groups at most); each kind's shard rounds one
+    # chunk at a time.
+    flush_buffers = 2 * max(group_numel.values()) * 4 * len(kinds) + len(kinds) * min(max(numel.values()), ROUNDING_CHUNK_ELEMENTS) * stats_dtype_bytes
     tied_accumulators = head_matrix * accumulator_factor * len(lengths) if shape.ties_embeddings else 0
     if device == "cpu":
         peak_host = BASELINE_HOST_BYTES + boundary_ram + peak_device + flush_buffers + tied_accumulators

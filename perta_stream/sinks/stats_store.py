@@ -8,21 +8,25 @@ Layout inside the output folder (written in `<out>.partial/`, renamed by the pip
 Each sub-directory holds exactly the model checkpoint's tensor names and shapes, so any
 safetensors or transformers tool reads it. Groups arrive in the engine's order (head, layers in
 reverse, embeddings) and are written as they arrive, so no more than one group's statistics is
-ever held for writing. Each shard is hashed while it is written and reported to
-`on_shard_finished` (the resume record); shards a resumed run already holds are not rewritten.
+ever held for writing. A group's shards are written at the same time, each on its own thread;
+each is hashed while it is written and reported to `on_shard_finished` (the resume record);
+shards a resumed run already holds are not rewritten.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.errors import PertaStreamError, WriteError
+from perta_stream.plan.stats_plan import ROUNDING_CHUNK_ELEMENTS
 from perta_stream.sinks.shard_writer import ShardRecord, ShardWriter, TensorSpec
 
 STATS_RECORD_NAME = "perta_stats.json"
@@ -88,6 +92,7 @@ class StatsStore:
         }
         self._received: set[tuple[str, str]] = set()
         self.bytes_written = 0
+        self._lock = threading.Lock()
         for dataset in self._datasets:
             for kind in self._kinds:
                 try:
@@ -124,30 +129,46 @@ class StatsStore:
         if (dataset, group) in self._received:
             raise PertaStreamError(f"statistics of group {group!r} ({dataset}) were written twice")
         self._received.add((dataset, group))
+        for tensor_name in names:
+            for kind in self._kinds:
+                tensor = stats[tensor_name][kind]
+                if tuple(tensor.shape) != tuple(self._shapes[tensor_name]):
+                    raise PertaStreamError(f"{tensor_name}: statistic shape {list(tensor.shape)}, expected {list(self._shapes[tensor_name])}")
+        shards = [(kind, self.shard_path(dataset, kind, group)) for kind in self._kinds]
+        # Kept shards (an interrupted run's, verified) would get the same bytes: not rewritten.
+        shards = [(kind, relative) for kind, relative in shards if relative not in self._finished]
+        if shards:
+            # One thread per shard: sha256 runs at about 1 GB/s on one core, slower than a fast
+            # disk, and hashlib and os.write release the GIL, so the shards of a group hash on
+            # as many cores as there are statistics. Leaving the pool waits for every shard, so
+            # none is still being written when an error is raised.
+            with ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="perta-shard") as pool:
+                futures = [pool.submit(self._write_shard, relative, names, stats, kind) for kind, relative in shards]
+                for future in futures:
+                    future.result()
+        self._written.add((dataset, group))
+
+    def _write_shard(self, relative: str, names: Sequence[str], stats: Mapping[str, Mapping[str, torch.Tensor]], kind: str) -> None:
+        """Write one shard (from a worker thread); a failed shard leaves no file behind."""
         target = torch_dtype(self._dtype)
-        for kind in self._kinds:
-            relative = self.shard_path(dataset, kind, group)
-            if relative in self._finished:
-                continue  # kept from the interrupted run, verified; the same bytes would be written
-            specs = [TensorSpec(n, self._dtype, tuple(self._shapes[n])) for n in names]
-            writer = ShardWriter(self.root / relative, specs, SHARD_METADATA)
-            try:
-                for spec in specs:
-                    tensor = stats[spec.tensor_name][kind]
-                    if tuple(tensor.shape) != spec.shape:
-                        raise PertaStreamError(f"{spec.tensor_name}: statistic shape {list(tensor.shape)}, expected {list(spec.shape)}")
-                    # Round to the storage dtype once (round-to-nearest-even for bfloat16).
-                    data = tensor.detach().to(device="cpu", dtype=target).contiguous()
-                    writer.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
-                record = writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
+        writer = ShardWriter(self.root / relative, [TensorSpec(n, self._dtype, tuple(self._shapes[n])) for n in names], SHARD_METADATA)
+        try:
+            for tensor_name in names:
+                flat = stats[tensor_name][kind].detach().reshape(-1)
+                for start in range(0, flat.numel(), ROUNDING_CHUNK_ELEMENTS):
+                    # Rounded to the storage dtype once (round-to-nearest-even for bfloat16), a
+                    # chunk at a time, so rounding never holds a second copy of a whole tensor.
+                    data = flat[start : start + ROUNDING_CHUNK_ELEMENTS].to(device="cpu", dtype=target).contiguous()
+                    writer.write(memoryview(data.view(torch.uint8).numpy()))
+            record = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        with self._lock:
             self.bytes_written += record.size_bytes
             self._finished.add(relative)
-            if self._on_shard_finished is not None:
-                self._on_shard_finished(ShardRecord(relative, record.size_bytes, record.sha256))
-        self._written.add((dataset, group))
+        if self._on_shard_finished is not None:
+            self._on_shard_finished(ShardRecord(relative, record.size_bytes, record.sha256))
 
     def finish(self, record: Mapping[str, object]) -> None:
         """Write every sub-directory's index, then `perta_stats.json`.
