@@ -28,9 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info, run_measured, write_results  # noqa: E402
 
+from perta_stream.sources.tofu import bundled_tofu_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).parent / "work" / "stats"
-TOFU = Path("/work/shared/data/tofu")
+TOFU = bundled_tofu_dir()
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
