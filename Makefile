@@ -23,8 +23,15 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Every CPU benchmark with the settings README reports (over an hour on 2 cores); results in
+# benchmarks/results/. The GPU benchmark is benchmarks/gpu_stats.py, on a CUDA machine.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_merge.py --repeats 3
+	$(PY) benchmarks/bench_stats.py --samples 64 --repeats 3
+	$(PY) benchmarks/bench_stats_write.py
+	$(PY) benchmarks/bench_hub.py --size-gb 0.8 --repeat 3
+	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_tofu_forget10.py --rebuild
 
 clean:
 	rm -rf $(VENV) .perta_cache .pytest_cache
