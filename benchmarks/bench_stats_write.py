@@ -30,20 +30,13 @@ from common import machine_info, write_results  # noqa: E402
 KINDS = ("grad", "fisher")
 
 
-def layer_shapes(hidden: int, intermediate: int, kv_width: int) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of one Llama decoder layer (the statistics group of that layer)."""
-    prefix = "model.layers.0."
-    return {
-        f"{prefix}self_attn.q_proj.weight": (hidden, hidden),
-        f"{prefix}self_attn.k_proj.weight": (kv_width, hidden),
-        f"{prefix}self_attn.v_proj.weight": (kv_width, hidden),
-        f"{prefix}self_attn.o_proj.weight": (hidden, hidden),
-        f"{prefix}mlp.gate_proj.weight": (intermediate, hidden),
-        f"{prefix}mlp.up_proj.weight": (intermediate, hidden),
-        f"{prefix}mlp.down_proj.weight": (hidden, intermediate),
-        f"{prefix}input_layernorm.weight": (hidden,),
-        f"{prefix}post_attention_layernorm.weight": (hidden,),
-    }
+def layer_group_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The statistics group of one decoder layer of a Llama config: tensor_name -> shape."""
+    from perta_stream.plan.stats_plan import ModelShape, group_tensor_names, layer_group
+
+    shape = ModelShape.from_config({"model_type": "llama", **config})
+    shapes = shape.tensor_shapes()
+    return {name: shapes[name] for name in group_tensor_names(shapes, shape.num_layers)[layer_group(0)]}
 
 
 def write_throughput(shapes: dict[str, tuple[int, ...]], directory: Path, repeats: int) -> dict:
@@ -91,10 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--kv-width", type=int, default=1024, help="key/value projection rows (KV heads x head size)")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    shapes = layer_shapes(args.hidden, args.intermediate, args.kv_width)
+    shapes = layer_group_shapes({"hidden_size": args.hidden, "intermediate_size": args.intermediate, "num_attention_heads": args.heads,
+                                 "num_key_value_heads": args.kv_heads, "num_hidden_layers": 1, "vocab_size": 1})
     with tempfile.TemporaryDirectory(prefix="perta-write-", dir=Path(__file__).parent / "work") as tmp:
         measured = write_throughput(shapes, Path(tmp), args.repeats)
     rates = measured["bytes_per_s"]
@@ -103,7 +98,7 @@ def main() -> None:
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows = [{"way": name, "GB/s": rate / 1e9, "best (s)": min(measured["seconds_all"][name])} for name, rate in rates.items()]
     notes = [
-        f"one decoder layer's statistics: hidden {args.hidden}, intermediate {args.intermediate}, kv width {args.kv_width}; "
+        f"one decoder layer's statistics: hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads, {args.kv_heads} KV heads; "
         f"{measured['group_bytes'] / 1e9:.2f} GB of float32 (grad + fisher), hashed and fsynced",
         f"best of {args.repeats} alternating runs; {machine_info()['cpu_count']} CPU cores; concurrent / one by one: {record['concurrent_vs_one_by_one']:.2f}x",
     ]

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_stats_write import layer_shapes, write_throughput  # noqa: E402
+from bench_stats_write import layer_group_shapes, write_throughput  # noqa: E402
 from common import machine_info, write_results  # noqa: E402
 
 LLAMA_70B = {"hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256, "num_hidden_layers": 80}
@@ -243,12 +243,12 @@ def main() -> None:
     head_numbers = head(args, device, shape)
     with tempfile.TemporaryDirectory(prefix="perta-read-") as tmp:
         read_bytes_per_s = read_speed(min(layer["layer_bf16_bytes"], 2 << 30), Path(tmp))
-        kv_width = shape["num_key_value_heads"] * shape["hidden_size"] // shape["num_attention_heads"]
-        group_shapes = layer_shapes(shape["hidden_size"], shape["intermediate_size"], kv_width)
-        writes = write_throughput(group_shapes, Path(tmp), repeats=1)
+        writes = write_throughput(layer_group_shapes(shape), Path(tmp), repeats=1)
     write_bytes_per_s = writes["bytes_per_s"]["concurrent"]
     layers = shape["num_hidden_layers"]
-    parameters = layers * sum(math.prod(dims) for dims in group_shapes.values()) + (2 * shape["vocab_size"] + 1) * shape["hidden_size"]
+    from perta_stream.plan.stats_plan import ModelShape
+
+    parameters = sum(math.prod(dims) for dims in ModelShape.from_config({"model_type": "llama", **shape}).tensor_shapes().values())
     stats_bytes = 2 * 2 * parameters * 4
     compute_s = args.tokens * (layers * (layer["forward_s_per_token"] + layer["backward_s_per_token"]) + head_numbers["s_per_token"])
     weight_read_s = 2 * layers * layer["layer_bf16_bytes"] / read_bytes_per_s
