@@ -1,15 +1,16 @@
 """GPU benchmark of the statistics engine, with a Llama-70B extrapolation (one prepared script).
 
-    .venv/bin/python benchmarks/gpu_stats.py                 # on a CUDA machine (about 3-5 minutes)
+    .venv/bin/python benchmarks/gpu_stats.py                 # on a CUDA machine (2 minutes on an H200)
     .venv/bin/python benchmarks/gpu_stats.py --smoke         # tiny shapes on CPU: checks the script runs (writes nothing)
 
-Three measurements, all in this process, bfloat16 compute with float32 accumulation:
+Three measurements, in this process (the random checkpoint is built in a child), bfloat16 compute
+with float32 accumulation:
   1. end to end: `run_stats` on a random Llama-shaped checkpoint (hidden 2048, 16 layers) with
      64 + 64 TOFU samples: wall time, tokens/s, peak GPU memory, peak RSS.
   2. one decoder layer of Llama-70B's shape (hidden 8192, 64 heads, 8 KV heads, intermediate
      28672) with random bf16 weights: the engine's forward (no grad) and its backward (recompute,
      autograd, exact per-sample grad + fisher statistics) on batches of TOFU-like length, timed
-     per token, with the peak GPU memory.
+     per token, with the peak GPU memory; and the same backward without the statistics.
   3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way, the
      speed of reading a 70B layer's bytes (1.7 GB) from local disk with the page cache dropped,
      and the speed of writing a 70B layer's float32 statistics (grad + fisher, 6.9 GB) the way a
@@ -28,13 +29,16 @@ compute and reads) are stated in the result. Writes benchmarks/results/stats_gpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,8 +73,6 @@ def _reset_peak(device) -> None:
 def end_to_end(args: argparse.Namespace, device) -> dict:
     """`run_stats` on a random Llama-shaped checkpoint and 64 + 64 TOFU samples."""
     import bench_stats
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
@@ -78,15 +80,14 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
     work = Path(tempfile.mkdtemp(prefix="perta-gpu-bench-"))
     bench_stats.WORK = work
     tokenizer = bench_stats.build_tokenizer()
-    hidden, layers = (256, 4) if args.smoke else (2048, 16)
-    config = LlamaConfig(vocab_size=max(len(tokenizer), 16384), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512), tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(work / "model", max_shard_size="1GB")
     tokenizer.save_pretrained(work / "model")
-    parameters = sum(p.numel() for p in model.parameters())
-    del model
+    hidden, layers = (256, 4) if args.smoke else (2048, 16)
+    config = {"vocab_size": max(len(tokenizer), 16384), "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+              "num_attention_heads": hidden // 128, "num_key_value_heads": max(1, hidden // 512), "tie_word_embeddings": False}
+    # Made in a child process, so that this process's peak RSS is the run's and not that of a
+    # float32 model being built (4 GB at 1 B parameters).
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parameters = pool.submit(save_random_llama, work / "model", config).result()
     samples = 8 if args.smoke else 64
     forget, retain = bench_stats.tofu_subset("forget10", samples), bench_stats.tofu_subset("retain90", samples)
     _reset_peak(device)
@@ -96,7 +97,19 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     tokens = sum(d["num_tokens"] for d in result.record["datasets"].values())
     return {"hidden": hidden, "layers": layers, "parameters": parameters, "samples_per_set": samples, "tokens": tokens, "wall_s": wall_s,
-            "tokens_per_s": tokens / wall_s, "peak_device_bytes": _peak_device_bytes(device), "peak_rss_bytes": result.record["peak_rss_bytes"]}
+            "tokens_per_s": tokens / wall_s, "peak_device_bytes": _peak_device_bytes(device), "plan_peak_device_bytes": result.plan.peak_device_bytes,
+            "peak_rss_bytes": result.record["peak_rss_bytes"], "plan_peak_host_bytes": result.plan.peak_host_bytes}
+
+
+def save_random_llama(path: Path, config: dict) -> int:
+    """Save a random bfloat16 LlamaForCausalLM with `config` to `path`; returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="1GB")
+    return sum(p.numel() for p in model.parameters())
 
 
 def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
@@ -111,7 +124,8 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
     config = LlamaConfig(**{**shape, "num_hidden_layers": 1}, attn_implementation="sdpa")
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    layer = LlamaDecoderLayer(config, 0).to(device=device, dtype=torch.bfloat16).eval()
+    with device:  # initialised where it runs: 0.9 B random parameters take seconds on a CPU
+        layer = LlamaDecoderLayer(config, 0).to(dtype=torch.bfloat16).eval()
     for p in layer.parameters():
         p.requires_grad_(False)
     names = {}
@@ -126,6 +140,7 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
     valid[batch // 2 :, width * 3 // 4 :] = False  # some padding, as in real batches
     positions = torch.arange(width, device=device)[None]
     context = {"attention_mask": attention_mask(valid, None), "position_ids": positions, "position_embeddings": rotary(hidden, positions)}
+    output_grad = torch.randn_like(hidden) * 1e-3
     acc = StatsAccumulator(shapes, ("grad", "fisher"), device)
     _reset_peak(device)
 
@@ -133,27 +148,34 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
         with torch.no_grad():
             layer(hidden, **context)
 
-    def backward() -> None:
+    def backward(with_statistics: bool) -> None:
         h = hidden.clone().requires_grad_(True)
-        with torch.enable_grad(), LastProjectionSkipped(layer), PerSampleHooks(layer, names, acc, valid):
+        hooks = PerSampleHooks(layer, names, acc, valid) if with_statistics else contextlib.nullcontext()
+        with torch.enable_grad(), LastProjectionSkipped(layer), hooks:
             out = layer(h, **context)
-            torch.autograd.backward(out, torch.randn_like(out) * 1e-3)
+            torch.autograd.backward(out, output_grad)
 
-    timings = {}
-    for name, step in (("forward", forward), ("backward", backward)):
-        step()  # warm-up
-        _sync(device)
-        started = time.perf_counter()
-        for _ in range(args.repeats):
-            step()
-        _sync(device)
-        timings[name] = (time.perf_counter() - started) / args.repeats
+    timings = {"forward": _timed(forward, args.repeats, device), "backward": _timed(lambda: backward(True), args.repeats, device)}
+    peak_device_bytes = _peak_device_bytes(device)
+    timings["backward_without_statistics"] = _timed(lambda: backward(False), args.repeats, device)
     tokens = int(valid.sum())
     layer_bytes = sum(p.numel() for p in layer.parameters()) * 2
     return {"batch": batch, "seq_len": width, "tokens_per_batch": tokens, "forward_s_per_batch": timings["forward"], "backward_s_per_batch": timings["backward"],
             "forward_s_per_token": timings["forward"] / tokens, "backward_s_per_token": timings["backward"] / tokens,
+            "backward_without_statistics_s_per_batch": timings["backward_without_statistics"],
             "layer_bf16_bytes": layer_bytes, "accumulator_bytes": sum(t.numel() * 4 for t in list(acc.sums.values()) + list(acc.squares.values())),
-            "peak_device_bytes": _peak_device_bytes(device)}
+            "peak_device_bytes": peak_device_bytes}
+
+
+def _timed(step, repeats: int, device) -> float:
+    """Seconds per call of `step`, after one warm-up call."""
+    step()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return (time.perf_counter() - started) / repeats
 
 
 def head(args: argparse.Namespace, device, shape: dict) -> dict:
@@ -164,8 +186,8 @@ def head(args: argparse.Namespace, device, shape: dict) -> dict:
     from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator
 
     hidden_size, vocab = shape["hidden_size"], shape["vocab_size"]
-    norm = torch.nn.RMSNorm(hidden_size, eps=1e-5).to(device=device, dtype=torch.bfloat16)
-    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device=device, dtype=torch.bfloat16)
+    norm = torch.nn.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=torch.bfloat16)
+    lm_head = torch.nn.Linear(hidden_size, vocab, bias=False, device=device, dtype=torch.bfloat16)
     for p in list(norm.parameters()) + list(lm_head.parameters()):
         p.requires_grad_(False)
     module = torch.nn.ModuleDict({"norm": norm, "lm_head": lm_head})
@@ -183,13 +205,7 @@ def head(args: argparse.Namespace, device, shape: dict) -> dict:
         with torch.enable_grad(), PerSampleHooks(module, names, acc, valid):
             per_sample_loss(lm_head(norm(h)), labels).sum().backward()
 
-    step()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(args.repeats):
-        step()
-    _sync(device)
-    seconds = (time.perf_counter() - started) / args.repeats
+    seconds = _timed(step, args.repeats, device)
     return {"s_per_batch": seconds, "s_per_token": seconds / (batch * width), "peak_device_bytes": _peak_device_bytes(device)}
 
 
@@ -221,6 +237,11 @@ def read_speed(layer_bytes: int, directory: Path) -> float:
     return offset / seconds
 
 
+def _reported(part: str, numbers: dict) -> dict:
+    print(json.dumps({part: numbers}), flush=True)
+    return numbers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to check the script")
@@ -238,9 +259,10 @@ def main() -> None:
     shape = SMOKE_70B if args.smoke else LLAMA_70B
     if args.smoke:
         args.seq_len, args.repeats = min(args.seq_len, 32), 1
-    e2e = end_to_end(args, device)
-    layer = one_layer(args, device, shape)
-    head_numbers = head(args, device, shape)
+    # Each part is printed as soon as it is measured, so that a run cut short still reports.
+    e2e = _reported("end_to_end", end_to_end(args, device))
+    layer = _reported("llama70b_layer", one_layer(args, device, shape))
+    head_numbers = _reported("llama70b_head", head(args, device, shape))
     with tempfile.TemporaryDirectory(prefix="perta-read-") as tmp:
         read_bytes_per_s = read_speed(min(layer["layer_bf16_bytes"], 2 << 30), Path(tmp))
         writes = write_throughput(layer_group_shapes(shape), Path(tmp), repeats=1)
@@ -271,13 +293,14 @@ def main() -> None:
         "prefetch and the background writer and share the disk, so max(compute, reads + writes); boundary spill written and read once "
         "at the measured read speed",
     }
-    record = {"benchmark": "stats_gpu", "machine": machine_info(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
+    record = {"benchmark": "stats_gpu", "machine": machine_info(), "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
               "settings": vars(args), "end_to_end": e2e, "llama70b_layer": layer, "llama70b_head": head_numbers,
               "read_bytes_per_s": read_bytes_per_s, "stats_write": writes, "extrapolation_70b": extrapolation}
     rows = [
         {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30},
         {"what": "70B layer forward (per batch)", "seconds": layer["forward_s_per_batch"], "tokens/s": 1 / layer["forward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B layer backward + per-sample stats (per batch)", "seconds": layer["backward_s_per_batch"], "tokens/s": 1 / layer["backward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
+        {"what": "70B layer backward, no statistics (per batch)", "seconds": layer["backward_without_statistics_s_per_batch"], "tokens/s": layer["tokens_per_batch"] / layer["backward_without_statistics_s_per_batch"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B head + per-sample stats (per batch)", "seconds": head_numbers["s_per_batch"], "tokens/s": 1 / head_numbers["s_per_token"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30},
         {"what": f"70B run extrapolated ({args.tokens} tokens)", "seconds": total_s, "tokens/s": args.tokens / total_s, "peak device (GiB)": extrapolation["peak_device_bytes_estimate"] / 2**30},
     ]
@@ -285,6 +308,8 @@ def main() -> None:
         extrapolation["method"],
         f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache); statistics write speed {write_bytes_per_s / 1e9:.2f} GB/s "
         f"(one 70B layer's grad + fisher shards, hashed, fsynced); {stats_bytes / 1e12:.2f} TB of float32 statistics in all",
+        f"end to end: peak device memory {e2e['peak_device_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_device_bytes'] / 2**30:.2f}), "
+        f"peak RSS {e2e['peak_rss_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_host_bytes'] / 2**30:.2f})",
     ]
     if args.smoke:
         # A smoke run checks the script; its numbers mean nothing and are not kept.

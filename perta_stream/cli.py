@@ -209,7 +209,13 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --fraction subset (default 0)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; the prompt is cut from its start, never the answer (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch on the compute device (default 8)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device: float32 on cpu, bfloat16 on cuda (default auto)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto: cuda when available)")
+    parser.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype of weights and activations (default auto: float32 on cpu, bfloat16 on cuda); statistics accumulate in float32",
+    )
     parser.add_argument("--stats-dtype", default="float32", help="storage dtype of the statistics: float32 (default) or bfloat16")
     parser.add_argument("--question-key", default="question", help="record field holding the question (default question)")
     parser.add_argument("--answer-key", default="answer", help="record field holding the answer (default answer)")

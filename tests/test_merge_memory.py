@@ -12,12 +12,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-# The budget covers the whole process, and importing torch alone takes 220-280 MiB of RSS here
-# (more right after installation, when its libraries are still in the page cache), so the budget
-# leaves ~120 MiB for buffers.
-BUDGET_MIB = 400
+# The budget covers the whole process, and what the imports alone take differs between builds
+# of torch (220-280 MiB for the CPU build here; a CUDA build loads far larger libraries). So the
+# budget is that baseline, measured in a fresh interpreter, plus an allowance for the merge.
+ALLOWANCE_MIB = 150
 SHARD_ELEMENTS = 100 * 2**20  # 200 MiB of bf16 per shard
-SHARDS = 4  # 800 MiB per checkpoint: each input alone is twice the budget, all three six times
+SHARDS = 4  # 800 MiB per checkpoint: each input alone is 5 times the allowance, all three 16 times
+_IMPORTS_PEAK = (
+    "import perta_stream.cli, perta_stream.pipelines.merge, torch\n"
+    "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')))"
+)
 
 
 def _write_big_checkpoint(path: Path, seed: int) -> None:
@@ -49,14 +53,22 @@ def _vm_hwm_bytes(pid: int) -> int:
     return 0
 
 
+def _imports_peak_rss_bytes() -> int:
+    """VmHWM of a fresh interpreter that imported what the merge command imports (VmHWM starts
+    afresh at exec, unlike ru_maxrss)."""
+    completed = subprocess.run([sys.executable, "-c", _IMPORTS_PEAK], capture_output=True, text=True, check=True)
+    return int(completed.stdout.strip()) * 1024
+
+
 @pytest.mark.slow
 def test_peak_rss_stays_under_budget_on_inputs_larger_than_it(tmp_path):
+    budget_mib = _imports_peak_rss_bytes() // 2**20 + ALLOWANCE_MIB
     for seed, name in enumerate(("theta0", "full", "fgt")):
         _write_big_checkpoint(tmp_path / name, seed)
     command = [
         sys.executable, "-m", "perta_stream.cli", "merge", "-q",
         "--theta0", str(tmp_path / "theta0"), "--full", str(tmp_path / "full"), "--fgt", str(tmp_path / "fgt"),
-        "--out", str(tmp_path / "out"), "--max-memory", f"{BUDGET_MIB}MiB",
+        "--out", str(tmp_path / "out"), "--max-memory", f"{budget_mib}MiB",
     ]
     # The child's own high-water mark, read from outside while it runs. (wait4's ru_maxrss would
     # include this test process's RSS, which Linux carries into a child across exec.)
@@ -68,11 +80,11 @@ def test_peak_rss_stays_under_budget_on_inputs_larger_than_it(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.returncode == 0, stderr
     input_bytes = 3 * SHARDS * SHARD_ELEMENTS * 2
-    assert input_bytes >= 6 * BUDGET_MIB * 2**20
-    assert peak_rss_bytes <= BUDGET_MIB * 2**20, f"peak RSS {peak_rss_bytes / 2**20:.0f} MiB"
+    assert input_bytes >= 16 * ALLOWANCE_MIB * 2**20
+    assert peak_rss_bytes <= budget_mib * 2**20, f"peak RSS {peak_rss_bytes / 2**20:.0f} MiB, budget {budget_mib} MiB"
     record = json.loads((tmp_path / "out" / "perta_merge.json").read_text())
-    assert record["max_memory_bytes"] == BUDGET_MIB * 2**20
-    assert 0 < record["peak_rss_bytes"] <= BUDGET_MIB * 2**20
+    assert record["max_memory_bytes"] == budget_mib * 2**20
+    assert 0 < record["peak_rss_bytes"] <= budget_mib * 2**20
 
 
 def test_budget_too_small_for_buffers_is_refused_before_writing(tmp_path):

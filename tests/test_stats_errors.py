@@ -24,7 +24,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _config(ws: dict[str, Path], out_name: str, **options) -> StatsConfig:
-    fields = {"model": str(ws["llama"]), "forget": str(ws["forget"]), "retain": str(ws["retain"]), "out": str(ws["root"] / out_name)}
+    fields = {"model": str(ws["llama"]), "forget": str(ws["forget"]), "retain": str(ws["retain"]), "out": str(ws["root"] / out_name), "device": "cpu"}
     fields.update(options)
     return StatsConfig(**fields)
 
@@ -69,9 +69,10 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path: Path, works
 
 def test_every_invalid_option_is_reported_at_once(workspace: dict[str, Path]) -> None:
     with pytest.raises(PlanError) as caught:
-        _config(workspace, "out-x", kinds=("grad", "hessian"), fraction=0.0, batch_size=0, max_length=1, device="tpu", config_only=True)
-    assert len(caught.value.problems) == 6
+        _config(workspace, "out-x", kinds=("grad", "hessian"), fraction=0.0, batch_size=0, max_length=1, device="tpu", compute_dtype="float16", config_only=True)
+    assert len(caught.value.problems) == 7
     assert "hessian" in str(caught.value) and "--fraction" in str(caught.value) and "--dry-run" in str(caught.value)
+    assert "--compute-dtype 'float16' unsupported; choose from auto, float32, bfloat16" in str(caught.value)
     with pytest.raises(PlanError, match="--out is required"):
         _config(workspace, "unused", out=None)
 
@@ -112,8 +113,9 @@ def test_existing_output_needs_overwrite(workspace: dict[str, Path]) -> None:
 def test_cli_runs_and_reports_errors_in_one_line(workspace: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     out = workspace["root"] / "out-cli"
     argv = ["stats", "--model", str(workspace["llama"]), "--forget", str(workspace["forget"]), "--retain", str(workspace["retain"])]
-    assert main(argv + ["--out", str(out), "--kinds", "grad", "--batch-size", "2", "--stats-dtype", "bf16", "-q"]) == 0
-    assert json.loads((out / "perta_stats.json").read_text())["stats_dtype"] == "bfloat16"
+    assert main(argv + ["--out", str(out), "--kinds", "grad", "--batch-size", "2", "--stats-dtype", "bf16", "--device", "cpu", "--compute-dtype", "bfloat16", "-q"]) == 0
+    record = json.loads((out / "perta_stats.json").read_text())
+    assert (record["stats_dtype"], record["compute_dtype"]) == ("bfloat16", "bfloat16")
     long_answers = write_jsonl(workspace["root"] / "data" / "long.jsonl", FORGET_RECORDS)
     code = main(argv[:3] + ["--forget", str(long_answers), "--retain", str(workspace["retain"]), "--out", str(out) + "2", "--max-length", "4"])
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from perta_stream.config.stats import StatsConfig
 from perta_stream.pipelines.stats import run_stats
 from perta_stream.sources.qa_dataset import load_qa_samples, select_fraction
-from stats_fixtures import load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
+from stats_fixtures import assert_at_bfloat16_floor, load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
 
 TOLERANCE = 1e-5
 
@@ -27,6 +27,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _run(ws: dict[str, Path], kind: str, out_name: str, **options) -> object:
     options.setdefault("batch_size", 3)
+    options.setdefault("device", "cpu")
     config = StatsConfig(model=str(ws[kind]), forget=str(ws["forget"]), retain=str(ws["retain"]), out=str(ws["root"] / out_name), **options)
     return run_stats(config)
 
@@ -60,6 +61,14 @@ def test_streamed_statistics_equal_dense_reference(workspace: dict[str, Path], k
                 assert error <= TOLERANCE, f"{kind} {dataset}.{stat} {name}: relative error {error:.2e}"
     if kind == "llama":
         assert "lm_head.weight" not in expected_shapes  # tied: stored once, under the embedding's name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bfloat16_compute_is_as_accurate_as_dense_bfloat16_autograd(workspace: dict[str, Path], kind: str) -> None:
+    # The CUDA default (bfloat16 layers, float32 accumulation), run here on the CPU.
+    result = _run(workspace, kind, f"out-{kind}-bf16", device="cpu", compute_dtype="bfloat16")
+    assert result.record["compute_dtype"] == "bfloat16"
+    assert_at_bfloat16_floor(result.out, workspace[kind], {"forget": workspace["forget"], "retain": workspace["retain"]}, device="cpu")
 
 
 def test_record_and_layout(workspace: dict[str, Path]) -> None:

@@ -9,7 +9,16 @@ import torch
 
 from perta_stream.compute.stats import per_sample
 from perta_stream.compute.stats.boundaries import BoundaryStore
-from perta_stream.compute.stats.per_sample import PerSampleHooks, StatsAccumulator, embedding_stats, generic_stats, linear_stats, valid_extents
+from perta_stream.compute.stats.per_sample import (
+    BufferPool,
+    PerSampleHooks,
+    StatsAccumulator,
+    canonical_device,
+    embedding_stats,
+    generic_stats,
+    linear_stats,
+    valid_extents,
+)
 
 
 def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
@@ -120,6 +129,24 @@ def test_embedding_rule_sums_repeated_tokens_before_squaring() -> None:
         squares += g**2
     torch.testing.assert_close(acc.sums["e"], sums)
     torch.testing.assert_close(acc.squares["e"], squares)
+
+
+def test_buffer_pool_hands_back_zeroed_buffers_of_the_same_shape() -> None:
+    pool = BufferPool()
+    first = pool.zeros((3, 4), "cpu").fill_(7.0)
+    pool.give_back([first])
+    again = pool.zeros((3, 4), torch.device("cpu"))
+    assert again.data_ptr() == first.data_ptr() and not again.any()
+    assert pool.zeros((3, 4), "cpu").data_ptr() != first.data_ptr()  # that one is taken
+    assert pool.zeros((4, 3), "cpu").data_ptr() != first.data_ptr()
+
+
+def test_canonical_device_names_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bare "cuda" must key the pool as the tensors it allocates report themselves: "cuda:<index>".
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert canonical_device("cuda") == torch.device("cuda", 3)
+    assert canonical_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert canonical_device("cpu") == torch.device("cpu")
 
 
 def test_boundary_store_spills_past_budget_and_cleans_up(tmp_path: Path) -> None:

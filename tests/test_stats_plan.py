@@ -43,6 +43,22 @@ def test_llama70b_config_only_dry_run(tmp_path: Path, capsys: pytest.CaptureFixt
     assert plan.flops > 8 * 68e9 * 1200
 
 
+def test_compute_dtype_sets_the_planned_boundaries(tmp_path: Path) -> None:
+    from perta_stream.config.stats import StatsConfig
+    from perta_stream.pipelines.stats import run_stats
+
+    forget, retain = write_data(tmp_path)
+    config = str(ROOT / "configs" / "llama-70b-config.json")
+    plans = {}
+    for device, compute_dtype in (("cpu", "auto"), ("cuda", "auto"), ("cuda", "float32"), ("cpu", "bfloat16")):
+        options = StatsConfig(model=config, forget=str(forget), retain=str(retain), device=device, compute_dtype=compute_dtype, dry_run=True, config_only=True)
+        plans[device, compute_dtype] = run_stats(options).plan
+        assert options.compute_dtype_on(device) == {"auto": "float32" if device == "cpu" else "bfloat16"}.get(compute_dtype, compute_dtype)
+    # Boundary hidden states are stored in the compute dtype: float32 holds twice the bytes.
+    assert plans["cpu", "auto"].boundary_bytes == plans["cuda", "float32"].boundary_bytes == 2 * plans["cuda", "auto"].boundary_bytes
+    assert plans["cpu", "bfloat16"].boundary_bytes == plans["cuda", "auto"].boundary_bytes
+
+
 def test_config_shapes_match_saved_checkpoints(tmp_path: Path) -> None:
     for kind in ("llama", "qwen2", "mistral"):
         model_dir = save_tiny_model(tmp_path, kind)

@@ -105,7 +105,7 @@ def stats_digest(out: Path) -> dict[str, str]:
 
 
 def stats_args(ws: dict[str, Path], kind: str, out: Path, *extra: str) -> list[str]:
-    return ["stats", "--model", str(ws[kind]), "--forget", str(ws["forget"]), "--retain", str(ws["retain"]), "--out", str(out), "--batch-size", "2", "-q", *extra]
+    return ["stats", "--model", str(ws[kind]), "--forget", str(ws["forget"]), "--retain", str(ws["retain"]), "--out", str(out), "--batch-size", "2", "--device", "cpu", "-q", *extra]
 
 
 def resume_record(out: Path) -> dict:
@@ -261,7 +261,7 @@ def test_resume_under_a_launcher_is_refused(workspace, interrupted, tmp_path, mo
 
     monkeypatch.setattr(stats_pipeline, "distributed", lambda **_: contextlib.nullcontext(TwoRanks()))
     out = copy_interrupted(interrupted, "tied-mid-backward", tmp_path)
-    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), resume=True)
+    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), resume=True, device="cpu")
     with pytest.raises(UsageError, match="--resume runs in one process.*without the launcher"):
         stats_pipeline.run_stats(config)
 
@@ -326,7 +326,7 @@ def test_damaged_resume_state_means_starting_over_with_the_kept_shards(workspace
 def test_failure_leaves_a_resumable_partial_folder(workspace, references, tmp_path, monkeypatch):
     fail_write_group(monkeypatch, 4)
     out = tmp_path / "out"
-    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, checkpoint_interval_s=0)
+    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, checkpoint_interval_s=0, device="cpu")
     with pytest.raises(OSError, match="simulated"):
         stats_pipeline.run_stats(config)
     assert not out.exists()
@@ -348,7 +348,7 @@ def test_resume_without_a_partial_folder_runs_normally(workspace, references, tm
 def test_unreadable_resume_record_is_refused(workspace, interrupted, tmp_path):
     out = copy_interrupted(interrupted, "tied-before-the-final-rename", tmp_path)
     (partial_of(out) / RESUME_RECORD_NAME).write_text("not json")
-    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, resume=True)
+    config = StatsConfig(model=str(workspace["llama"]), forget=str(workspace["forget"]), retain=str(workspace["retain"]), out=str(out), batch_size=2, resume=True, device="cpu")
     with pytest.raises(ResumeError, match=r"\.perta_resume\.json is unreadable .*; delete .*\.partial and rerun without --resume"):
         stats_pipeline.run_stats(config)
 

@@ -18,6 +18,7 @@ from perta_stream.sizes import parse_size
 
 STATS_KINDS = ("grad", "fisher")
 DEVICES = ("auto", "cpu", "cuda")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 STATS_DTYPES = ("F32", "BF16")
 DEFAULT_BOUNDARY_BUDGET_BYTES = 2 * 2**30
 # A saved resume state costs about as much disk I/O as one layer boundary (tokens × hidden);
@@ -39,6 +40,8 @@ class StatsConfig:
         max_length: tokens per sample (prompt cut from its start; answers are never cut).
         batch_size: samples per batch on the compute device.
         device: `auto` (cuda when available), `cpu` or `cuda`.
+        compute_dtype: dtype of the layers' weights and activations: `auto` (float32 on cpu,
+            bfloat16 on cuda), `float32` or `bfloat16`; statistics accumulate in float32 always.
         stats_dtype: storage dtype of the statistics, `F32` or `BF16` (accumulation is float32).
         question_key, answer_key: field names of the records.
         system_prompt: optional system turn of the chat template (or a line before the prompt).
@@ -61,6 +64,7 @@ class StatsConfig:
     max_length: int = 512
     batch_size: int = 8
     device: str = "auto"
+    compute_dtype: str = "auto"
     stats_dtype: str = "F32"
     question_key: str = "question"
     answer_key: str = "answer"
@@ -97,6 +101,8 @@ class StatsConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.device not in DEVICES:
             problems.append(f"--device {self.device!r} unknown; choose from {', '.join(DEVICES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            problems.append(f"--compute-dtype {self.compute_dtype!r} unsupported; choose from {', '.join(COMPUTE_DTYPES)}")
         if self.stats_dtype not in STATS_DTYPES:
             problems.append(f"--stats-dtype {self.stats_dtype!r} unsupported; choose float32 or bfloat16")
         if self.boundary_budget_bytes < 0:
@@ -125,6 +131,12 @@ class StatsConfig:
         elif self.config_only:
             problems.append("--config-only needs a local config.json, not a Hub repo")
         return problems
+
+    def compute_dtype_on(self, device: str) -> str:
+        """The compute dtype's name on `device` (`cpu` or `cuda`): `auto` is float32 on cpu, bfloat16 on cuda."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        return "float32" if device == "cpu" else "bfloat16"
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "StatsConfig":
@@ -156,6 +168,7 @@ class StatsConfig:
             max_length=args.max_length,
             batch_size=args.batch_size,
             device=args.device,
+            compute_dtype=args.compute_dtype,
             stats_dtype=stats_dtype,
             question_key=args.question_key,
             answer_key=args.answer_key,

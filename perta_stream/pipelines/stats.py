@@ -119,7 +119,7 @@ def run_stats(config: StatsConfig) -> StatsResult:
         tokenizer = _load_tokenizer(config.model)
         datasets = {name: _encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
         device = _resolve_device(config.device)
-        compute_dtype_name = "float32" if device == "cpu" else "bfloat16"
+        compute_dtype_name = config.compute_dtype_on(device)
         plan = plan_stats(
             shape,
             {n: info.shape for n, info in checkpoint.tensors.items()},
@@ -437,6 +437,7 @@ def _config_only_plan(config: StatsConfig) -> StatsResult:
         raise CheckpointError(f"{config_path}: config.json is not a JSON object")
     shape = ModelShape.from_config(model_config, where=str(config_path))
     lengths = {name: [_estimate_tokens(s, config) for s in _selected(config, getattr(config, name))] for name in DATASETS}
+    device = "cpu" if config.device == "cpu" else "cuda"
     plan = plan_stats(
         shape,
         shape.tensor_shapes(),
@@ -444,9 +445,9 @@ def _config_only_plan(config: StatsConfig) -> StatsResult:
         batch_size=config.batch_size,
         kinds=config.kinds,
         stats_dtype_bytes=4 if config.stats_dtype == "F32" else 2,
-        compute_dtype_bytes=4 if config.device == "cpu" else 2,
+        compute_dtype_bytes=4 if config.compute_dtype_on(device) == "float32" else 2,
         boundary_budget_bytes=config.boundary_budget_bytes,
-        device="cpu" if config.device == "cpu" else "cuda",
+        device=device,
         tokens_estimated=True,
     )
     return StatsResult(plan=plan, plan_text=plan.to_text())

@@ -13,14 +13,24 @@ formed, so they contribute nothing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from perta_stream.plan.stats_plan import CPU_BLOCK_ELEMENTS
 
 GRAD, FISHER = "grad", "fisher"
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`device` with its index. Tensors report a bare "cuda" as "cuda:<current device>", so a key
+    built from "cuda" would never match the device of a tensor handed back."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class BufferPool:
@@ -38,7 +48,7 @@ class BufferPool:
 
     def zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         with self._lock:
-            free = self._free.get((tuple(shape), torch.device(device)))
+            free = self._free.get((tuple(shape), canonical_device(device)))
             reused = free.pop() if free else None
         if reused is not None:
             return reused.zero_()
@@ -135,7 +145,7 @@ class Scratch:
         numel = 1
         for dim in shape:
             numel *= dim
-        key = (role, torch.device(device))
+        key = (role, canonical_device(device))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
@@ -173,37 +183,65 @@ def linear_stats(
         With keep_rows: per sample, the float32 gradient rows [len(rows), in]; else None.
     """
     samples = x.shape[0]
+    products_exact_in_tf32 = x.is_cuda and x.dtype == torch.bfloat16 and delta.dtype == torch.bfloat16
     x = x.reshape(samples, -1, x.shape[-1]).float()
     delta = delta.reshape(samples, -1, delta.shape[-1]).float()
     scratch = scratch if scratch is not None else Scratch()
     spans = [x.shape[1]] * samples if extents is None else extents
     if bias_name is not None:
         acc.add_per_sample(bias_name, torch.stack([delta[n, : spans[n]].sum(dim=0) for n in range(samples)]))
-    kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
-    if not acc.wants_squares:
-        # The mean alone needs no per-sample matrices: one matmul over every token.
-        inside = inside_extents(spans, x.shape[1], x.device)
-        acc.sums[weight_name].addmm_(delta.masked_fill(~inside[..., None], 0.0).flatten(0, 1).T, x.flatten(0, 1))
-        return kept
-    # One sample at a time, into one reused buffer: measured on CPU, this beats forming a chunk
-    # of per-sample matrices with bmm and reducing it (1.5-2x), because every extra pass over
-    # the matrices costs memory bandwidth, and it lets each product skip the sample's padding.
-    # On CPU a large weight is done in blocks of rows, all samples per block, so the block's
-    # sums stay in cache between samples (6-11% faster on 6144x1536 and 1536x6144 weights).
-    out_features, in_features = delta.shape[-1], x.shape[-1]
-    block_rows = max(1, CPU_BLOCK_ELEMENTS // in_features) if x.device.type == "cpu" else out_features
-    buffer = scratch.take("per_sample", (min(block_rows, out_features), in_features), x.device)
-    for start in range(0, out_features, block_rows):
-        stop = min(start + block_rows, out_features)
-        grad = buffer[: stop - start]
-        sums = acc.sums[weight_name][start:stop] if acc.wants_sums else None
-        squares = acc.squares[weight_name][start:stop]
-        for n in range(samples):
-            torch.mm(delta[n, : spans[n], start:stop].T, x[n, : spans[n]], out=grad)
-            if sums is not None:
-                sums += grad
-            squares.addcmul_(grad, grad)
+    with _tf32_products(products_exact_in_tf32):
+        kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
+        on_cpu = x.device.type == "cpu"
+        # The mean needs no per-sample matrices: one matmul over every token. On a GPU, where
+        # adding up the per-sample matrices is bound by memory bandwidth, this is the cheaper way
+        # even when they are formed for the squares; on CPU, adding them as they come is (measured).
+        sums_by_one_matmul = acc.wants_sums and (not acc.wants_squares or not on_cpu)
+        if sums_by_one_matmul:
+            inside = inside_extents(spans, x.shape[1], x.device)
+            acc.sums[weight_name].addmm_(delta.masked_fill(~inside[..., None], 0.0).flatten(0, 1).T, x.flatten(0, 1))
+        if not acc.wants_squares:
+            return kept
+        # One sample at a time, into one reused buffer: measured on CPU, this beats forming a chunk
+        # of per-sample matrices with bmm and reducing it (1.5-2x), because every extra pass over
+        # the matrices costs memory bandwidth, and it lets each product skip the sample's padding.
+        # On CPU a large weight is done in blocks of rows, all samples per block, so the block's
+        # sums stay in cache between samples (6-11% faster on 6144x1536 and 1536x6144 weights).
+        out_features, in_features = delta.shape[-1], x.shape[-1]
+        block_rows = max(1, CPU_BLOCK_ELEMENTS // in_features) if on_cpu else out_features
+        buffer = scratch.take("per_sample", (min(block_rows, out_features), in_features), x.device)
+        for start in range(0, out_features, block_rows):
+            stop = min(start + block_rows, out_features)
+            grad = buffer[: stop - start]
+            sums = acc.sums[weight_name][start:stop] if acc.wants_sums and not sums_by_one_matmul else None
+            squares = acc.squares[weight_name][start:stop]
+            for n in range(samples):
+                torch.mm(delta[n, : spans[n], start:stop].T, x[n, : spans[n]], out=grad)
+                if sums is not None:
+                    sums += grad
+                squares.addcmul_(grad, grad)
     return kept
+
+
+@contextlib.contextmanager
+def _tf32_products(enabled: bool) -> Iterator[None]:
+    """Let float32 matmuls use TF32 tensor cores while the block runs (when `enabled`).
+
+    Only for products of upcast bfloat16 tensors: TF32 keeps 10 mantissa bits, so it holds every
+    bfloat16 value (7 bits) exactly, and cuBLAS accumulates TF32 products in float32, so the
+    result is the float32 one up to the order of additions. For a Llama-70B layer's backward with
+    statistics on an H200 this measured 56 instead of 78 ms per batch, differing from float32
+    products by at most 3.6e-7 (relative). The previous setting is restored on the way out.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def valid_extents(valid: torch.Tensor) -> list[int]:
