@@ -42,7 +42,10 @@ from perta_stream.sources.qa_dataset import QASample, load_qa_samples, select_fr
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
+    from perta_stream.compute.stats.resume_state import ResumeState
     from perta_stream.compute.stats.streaming import Batch, EngineReport
+    from perta_stream.sinks.stats_output import ResumedRun, StatsOutput
+    from perta_stream.sinks.stats_store import StatsStore
 
 logger = logging.getLogger(__name__)
 
@@ -168,14 +171,11 @@ def _compute(
     """
     import torch
 
-    from perta_stream.compute.prompts import LOSS_DEFINITION
     from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
     from perta_stream.compute.stats.skeleton import build_skeleton
-    from perta_stream.compute.stats.streaming import EngineReport, StreamingStatsEngine
+    from perta_stream.compute.stats.streaming import EngineReport
     from perta_stream.sinks.stats_output import StatsOutput
     from perta_stream.sinks.stats_store import StatsStore
-    from perta_stream.sources.layer_weights import ModuleWeightLoader
 
     device = torch.device(device_name)
     compute_dtype = getattr(torch, compute_dtype_name)
@@ -190,14 +190,12 @@ def _compute(
     if not dist.is_main:
         return _compute_rank(config, checkpoint, source, skeleton, batches, device, compute_dtype, plan, dist)
 
-    output = StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s)
-    try:
+    with StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s) as output:
         resumed = output.open(_run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
-        root = output.partial
         # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
         # resume state stay for --resume (the boundary spill directory is deleted on the way out).
         store = StatsStore(
-            root,
+            output.partial,
             datasets=DATASETS,
             kinds=config.kinds,
             groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
@@ -206,81 +204,123 @@ def _compute(
             finished=resumed.finished,
             on_shard_finished=output.shard_finished,
         )
-        report = EngineReport(mean_loss=dict(resumed.mean_loss))
-        start = None
-        if resumed.next_layer is not None:
-            passed = groups_before(resumed.next_layer, shape.num_layers)
-            if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
-                start = ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
-            else:
-                # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
-                logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", position_name(resumed.next_layer))
+        start = _resume_start(resumed, store, shape)
         if resumed.finished:
             where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
-            logger.info("resuming %s: %d shards kept, %s", root, len(resumed.finished), where)
-        BoundaryStore.remove_leftovers(root)  # a killed run's spill files; never part of an output
+            logger.info("resuming %s: %d shards kept, %s", output.partial, len(resumed.finished), where)
+        BoundaryStore.remove_leftovers(output.partial)  # a killed run's spill files; never part of an output
+        report = EngineReport(mean_loss=dict(resumed.mean_loss))
         if not store.complete:
-            with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
-                config.boundary_budget_bytes, spill_parent=root
-            ) as boundaries, BackgroundWriter() as writer:
-
-                def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
-                    def job() -> None:
-                        try:
-                            store.write_group(dataset, group, stats)
-                        finally:
-                            give_back()
-
-                    writer.submit(job)
-
-                def offer_state(state: ResumeState) -> None:
-                    # A saved state claims every group before it; those must be on disk first.
-                    output.offer_state(state, before_save=writer.flush)
-
-                engine = StreamingStatsEngine(
-                    skeleton,
-                    loader,
-                    boundaries,
-                    write_group,
-                    kinds=config.kinds,
-                    device=device,
-                    compute_dtype=compute_dtype,
-                    dist=dist,
-                    on_resume_point=None if dist.is_distributed else offer_state,
-                )
-                report = engine.run(batches, start=start)
-            logger.info(
-                "boundaries: peak %s in RAM, %s on disk (%d spilled)",
-                format_bytes(report.boundary_peak_ram_bytes),
-                format_bytes(report.boundary_peak_disk_bytes),
-                report.boundary_spilled,
-            )
-        record = {
-            "format": "perta_stats",
-            "format_version": 1,
-            "tool_version": __version__,
-            "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
-            "kinds": list(config.kinds),
-            "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
-            "compute_dtype": compute_dtype_name,
-            "device": device_name,
-            "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
-            "fraction": config.fraction,
-            "seed": config.seed,
-            "max_length": config.max_length,
-            "question_key": config.question_key,
-            "answer_key": config.answer_key,
-            "system_prompt": config.system_prompt,
-            "loss": LOSS_DEFINITION,
-            "elapsed_s": round(time.perf_counter() - started, 3),
-            "peak_rss_bytes": peak_rss_bytes(),
-        }
+            report = _sweep(config, checkpoint, source, skeleton, batches, device, compute_dtype, store, output, start, dist)
+        record = _stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started)
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
         return _result(plan, out, record, report)
-    finally:
-        output.close()  # the partial folder stays locked while this run writes it
+
+
+def _resume_start(resumed: ResumedRun, store: StatsStore, shape: ModelShape) -> ResumeState | None:
+    """The saved state to continue from, or None to sweep from the start."""
+    from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
+
+    if resumed.next_layer is None:
+        return None
+    passed = groups_before(resumed.next_layer, shape.num_layers)
+    if all(store.has_group(dataset, group) for dataset in DATASETS for group in passed):
+        return ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
+    # A shard the state's position has passed is gone (damaged); only a full sweep redoes it.
+    logger.warning("a shard finished before the saved state at %s is missing or damaged; recomputing from the start", position_name(resumed.next_layer))
+    return None
+
+
+def _sweep(
+    config: StatsConfig,
+    checkpoint: Checkpoint,
+    source: ByteSource,
+    skeleton: Any,
+    batches: dict[str, list[Any]],
+    device: Any,
+    compute_dtype: Any,
+    store: StatsStore,
+    output: StatsOutput,
+    start: ResumeState | None,
+    dist: DistContext,
+) -> EngineReport:
+    """Run the engine over every batch, writing each finished group on a background thread."""
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.sources.layer_weights import ModuleWeightLoader
+
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
+        config.boundary_budget_bytes, spill_parent=output.partial
+    ) as boundaries, BackgroundWriter() as writer:
+
+        def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
+            def job() -> None:
+                try:
+                    store.write_group(dataset, group, stats)
+                finally:
+                    give_back()
+
+            writer.submit(job)
+
+        def offer_state(state: ResumeState) -> None:
+            # A saved state claims every group before it; those must be on disk first.
+            output.offer_state(state, before_save=writer.flush)
+
+        engine = StreamingStatsEngine(
+            skeleton,
+            loader,
+            boundaries,
+            write_group,
+            kinds=config.kinds,
+            device=device,
+            compute_dtype=compute_dtype,
+            dist=dist,
+            on_resume_point=None if dist.is_distributed else offer_state,
+        )
+        report = engine.run(batches, start=start)
+    logger.info(
+        "boundaries: peak %s in RAM, %s on disk (%d spilled)",
+        format_bytes(report.boundary_peak_ram_bytes),
+        format_bytes(report.boundary_peak_disk_bytes),
+        report.boundary_spilled,
+    )
+    return report
+
+
+def _stats_record(
+    config: StatsConfig,
+    checkpoint: Checkpoint,
+    shape: ModelShape,
+    datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]],
+    device_name: str,
+    compute_dtype_name: str,
+    started: float,
+) -> dict[str, Any]:
+    """`perta_stats.json`: what was computed, from what, and how (METHOD.md section 6)."""
+    from perta_stream.compute.prompts import LOSS_DEFINITION
+
+    return {
+        "format": "perta_stats",
+        "format_version": 1,
+        "tool_version": __version__,
+        "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
+        "kinds": list(config.kinds),
+        "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
+        "compute_dtype": compute_dtype_name,
+        "device": device_name,
+        "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
+        "fraction": config.fraction,
+        "seed": config.seed,
+        "max_length": config.max_length,
+        "question_key": config.question_key,
+        "answer_key": config.answer_key,
+        "system_prompt": config.system_prompt,
+        "loss": LOSS_DEFINITION,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
 
 
 def _run_identity(

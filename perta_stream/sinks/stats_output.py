@@ -256,6 +256,13 @@ class StatsOutput:
         """Unlock the partial folder (after a failure it stays for --resume); idempotent."""
         self._atomic.release()
 
+    def __enter__(self) -> "StatsOutput":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # The partial folder stays locked while this run writes it, whatever ends the run.
+        self.close()
+
     def commit(self) -> Path:
         """Drop the resume state, rename the folder to `out`, then drop the record; returns `out`."""
         # Record first: a crash after it leaves a folder whose record names no state, which a
