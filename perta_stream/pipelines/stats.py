@@ -238,7 +238,7 @@ def _sweep(
     checkpoint: Checkpoint,
     source: ByteSource,
     skeleton: Any,
-    batches: dict[str, list[Any]],
+    batches: dict[str, list[Batch]],
     device: Any,
     compute_dtype: Any,
     store: StatsStore,

