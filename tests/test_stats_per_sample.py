@@ -36,9 +36,12 @@ def _explicit(module: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor) -> 
     return {n: (sums[n], squares[n]) for n in sums}, weights
 
 
+@pytest.mark.parametrize("sum_by_one_matmul", [False, True], ids=["cpu-sums", "gpu-sums"])
 @pytest.mark.parametrize("block_rows", [None, 5])
 @pytest.mark.parametrize("skip_padding", [False, True])
-def test_linear_rule_matches_autograd(skip_padding: bool, block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_rule_matches_autograd(skip_padding: bool, block_rows: int | None, sum_by_one_matmul: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU's way of summing (one matmul beside the per-sample squares), run on the CPU.
+    monkeypatch.setattr(per_sample, "_sum_by_one_matmul_beside_squares", lambda device: sum_by_one_matmul)
     if block_rows is not None:
         # Blocks of 5 of the 12 output rows: two full blocks and a partial one.
         monkeypatch.setattr(per_sample, "CPU_BLOCK_ELEMENTS", block_rows * 6)

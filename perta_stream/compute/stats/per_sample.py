@@ -192,12 +192,8 @@ def linear_stats(
         acc.add_per_sample(bias_name, torch.stack([delta[n, : spans[n]].sum(dim=0) for n in range(samples)]))
     with _tf32_products(products_exact_in_tf32):
         kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
-        on_cpu = x.device.type == "cpu"
-        # The mean needs no per-sample matrices: one matmul over every token. On a GPU, where
-        # adding up the per-sample matrices is bound by memory bandwidth, this is the cheaper way
-        # even when they are formed for the squares (a 70B layer's backward with statistics on an
-        # H200: 45 instead of 56 ms per batch); on CPU, adding them as they come is (measured).
-        sums_by_one_matmul = acc.wants_sums and (not acc.wants_squares or not on_cpu)
+        # The mean needs no per-sample matrices: one matmul over every token.
+        sums_by_one_matmul = acc.wants_sums and (not acc.wants_squares or _sum_by_one_matmul_beside_squares(x.device))
         if sums_by_one_matmul:
             inside = inside_extents(spans, x.shape[1], x.device)
             acc.sums[weight_name].addmm_(delta.masked_fill(~inside[..., None], 0.0).flatten(0, 1).T, x.flatten(0, 1))
@@ -209,7 +205,7 @@ def linear_stats(
         # On CPU a large weight is done in blocks of rows, all samples per block, so the block's
         # sums stay in cache between samples (6-11% faster on 6144x1536 and 1536x6144 weights).
         out_features, in_features = delta.shape[-1], x.shape[-1]
-        block_rows = max(1, CPU_BLOCK_ELEMENTS // in_features) if on_cpu else out_features
+        block_rows = max(1, CPU_BLOCK_ELEMENTS // in_features) if x.device.type == "cpu" else out_features
         buffer = scratch.take("per_sample", (min(block_rows, out_features), in_features), x.device)
         for start in range(0, out_features, block_rows):
             stop = min(start + block_rows, out_features)
@@ -222,6 +218,14 @@ def linear_stats(
                     sums += grad
                 squares.addcmul_(grad, grad)
     return kept
+
+
+def _sum_by_one_matmul_beside_squares(device: torch.device) -> bool:
+    """Whether the gradient sum is one matmul over every token even where the per-sample
+    matrices are formed anyway, for the squares. On a GPU, where adding those matrices up is bound
+    by memory bandwidth, it is the cheaper way (a 70B layer's backward with statistics on an H200:
+    45 instead of 56 ms per batch); on CPU, adding them as they come is (measured)."""
+    return device.type != "cpu"
 
 
 @contextlib.contextmanager
