@@ -272,6 +272,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, help="tokens per sample (default 512)")
     parser.add_argument("--batch-size", type=int, help="samples per statistics batch (default 8)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="statistics device (default auto)")
+    parser.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], help="statistics compute dtype (default auto: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--stats-dtype", help="storage dtype of the statistics: float32 or bfloat16")
     parser.add_argument("--question-key", help="question field of the records (default question)")
     parser.add_argument("--answer-key", help="answer field of the records (default answer)")
@@ -286,6 +287,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="say what would be reused or computed, print the plan, write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
+    parser.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="save the statistics' resume state at most this often (default 300)")
     _add_common(parser)
 
 

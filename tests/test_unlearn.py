@@ -63,6 +63,30 @@ def test_flags_alone_work_and_defaults_apply():
     assert not config.needs_stats
 
 
+def test_statistics_compute_options_reach_the_stats_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from perta_stream.pipelines import stats as stats_pipeline
+    from perta_stream.pipelines import unlearn
+
+    seen = []
+    monkeypatch.setattr(stats_pipeline, "run_stats", lambda config: seen.append(config) or SimpleNamespace(summary=lambda: ""))
+    (model := tmp_path / "model").mkdir()
+    forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
+    forget.write_text("{}\n"), retain.write_text("{}\n")
+    path = _write_yaml(tmp_path, f"theta0: {model}\nfull: b\nfgt: c\nout: o\nforget: {forget}\nretain: {retain}\ncheckpoint-interval: 60\n")
+    for extra, expected in (([], ("auto", 60.0)), (["--compute-dtype", "bfloat16", "--checkpoint-interval", "0"], ("bfloat16", 0.0))):
+        config = UnlearnConfig.from_cli(build_parser().parse_args(["unlearn", "--config", str(path), *extra]))
+        unlearn._run_stats(config, str(tmp_path / "stats"), overwrite=False)
+        assert (seen[-1].compute_dtype, seen[-1].checkpoint_interval_s) == expected
+    without = UnlearnConfig.from_mapping({"theta0": str(model), "full": "b", "fgt": "c", "out": "o", "forget": str(forget), "retain": str(retain)}, where="test")
+    unlearn._run_stats(without, str(tmp_path / "stats"), overwrite=False)
+    assert seen[-1].checkpoint_interval_s == 300.0  # the stats default
+    with pytest.raises(UsageError) as caught:
+        UnlearnConfig.from_mapping({"theta0": "a", "full": "b", "fgt": "c", "out": "o", "method": "tv", "checkpoint-interval": -1, "compute-dtype": "fp8"}, where="test")
+    assert "--checkpoint-interval must be a number of seconds >= 0" in str(caught.value) and "--compute-dtype 'fp8'" in str(caught.value)
+
+
 def test_bad_options_are_reported_together(tmp_path):
     path = _write_yaml(tmp_path, "theta0: a\nfull: b\nfgt: c\nout: o\nmethod: fisher\nalpha: -1\nfraction: 2\nbogus: 1\nseed: x\n")
     with pytest.raises(UsageError) as caught:

@@ -10,6 +10,7 @@ convention an example config's first line is the exact command that runs it, e.g
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +24,7 @@ from perta_stream.config.merge import (
     format_alpha,
     output_dirs,
 )
+from perta_stream.config.stats import COMPUTE_DTYPES
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -49,8 +51,10 @@ class UnlearnConfig:
         kinds: the statistics to compute when they are missing (both by default, so one run
             serves grad and fisher merges).
         fraction, seed: the seeded share of each data file used for the statistics.
-        max_length, batch_size, device, stats_dtype, question_key, answer_key, system_prompt:
-            statistics options, as for `stats`.
+        max_length, batch_size, device, compute_dtype, stats_dtype, question_key, answer_key,
+            system_prompt: statistics options, as for `stats`.
+        checkpoint_interval_s: the least time between two saved resume states of the statistics
+            (None: the `stats` default).
         recompute_stats: replace a statistics directory that exists but does not match the inputs.
         tau, uniform_weight, fallback_weight, out_dtype, max_shard_bytes: merge options.
         max_memory_bytes: what the merge may add to the process's resident memory when it starts
@@ -77,6 +81,7 @@ class UnlearnConfig:
     max_length: int = 512
     batch_size: int = 8
     device: str = "auto"
+    compute_dtype: str = "auto"
     stats_dtype: str | None = None
     question_key: str = "question"
     answer_key: str = "answer"
@@ -91,6 +96,7 @@ class UnlearnConfig:
     dry_run: bool = False
     overwrite: bool = False
     resume: bool = False
+    checkpoint_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -143,6 +149,10 @@ class UnlearnConfig:
                 found.append(f"{flag} must be at least 1, got {value}")
         if self.device not in DEVICES:
             found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            found.append(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.checkpoint_interval_s is not None and not (math.isfinite(self.checkpoint_interval_s) and self.checkpoint_interval_s >= 0):
+            found.append(f"--checkpoint-interval must be a number of seconds >= 0 (0: at every resume point), got {self.checkpoint_interval_s}")
         if not self.question_key or not self.answer_key:
             found.append("--question-key and --answer-key must not be empty")
         if self.tau is not None and not self.needs_stats:
@@ -202,7 +212,13 @@ class UnlearnConfig:
 
 
 # YAML/flag spellings that differ from the field names.
-_ALIASES = {"alpha": "alphas", "stats": "stats_dir", "max_shard_size": "max_shard_bytes", "max_memory": "max_memory_bytes"}
+_ALIASES = {
+    "alpha": "alphas",
+    "stats": "stats_dir",
+    "max_shard_size": "max_shard_bytes",
+    "max_memory": "max_memory_bytes",
+    "checkpoint_interval": "checkpoint_interval_s",
+}
 # argparse attributes that are not options of the run.
 _CLI_ONLY = frozenset({"command", "config", "verbose", "quiet"})
 
@@ -250,7 +266,7 @@ def _coerce(key: str, value: Any) -> Any:
         return int(value) if isinstance(value, int) and not isinstance(value, bool) else parse_size(str(value), what=f"--{key}")
     if key in ("out_dtype", "stats_dtype"):
         return None if value is None else parse_user_dtype(str(value))
-    if key in ("fraction", "uniform_weight", "fallback_weight", "tau"):
+    if key in ("fraction", "uniform_weight", "fallback_weight", "tau", "checkpoint_interval_s"):
         if value is None:
             return None
         if isinstance(value, bool):

@@ -220,6 +220,8 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
     options: dict[str, Any] = {}
     if config.stats_dtype is not None:
         options["stats_dtype"] = config.stats_dtype
+    if config.checkpoint_interval_s is not None:
+        options["checkpoint_interval_s"] = config.checkpoint_interval_s
     stats_config = StatsConfig(
         model=config.effective_stats_model,
         forget=str(config.forget),
@@ -231,6 +233,7 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
         max_length=config.max_length,
         batch_size=config.batch_size,
         device=config.device,
+        compute_dtype=config.compute_dtype,
         question_key=config.question_key,
         answer_key=config.answer_key,
         system_prompt=config.system_prompt,
