@@ -58,30 +58,31 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_model(path: Path, layers: int, args: argparse.Namespace, tokenizer) -> int:
-    """Save a random bf16 Llama with `layers` layers; returns its parameter count."""
+def random_llama_config(hidden: int, intermediate: int, layers: int, vocab: int) -> dict:
+    """The untied Llama shape every statistics benchmark uses: 128-wide heads, a KV head per 4."""
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 128, "num_key_value_heads": max(1, hidden // 512), "max_position_embeddings": 2048,
+            "tie_word_embeddings": False}
+
+
+def save_random_llama(path: Path, config: dict, max_shard_size: str) -> int:
+    """Save a random bf16 LlamaForCausalLM with `config` (seed 0) to `path`; returns its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(path: Path, layers: int, args: argparse.Namespace, tokenizer) -> int:
+    """Save a random bf16 Llama with `layers` layers and the tokenizer (once); returns its parameter count."""
     if (path / "model.safetensors.index.json").is_file():
         return json.loads((path / "params.json").read_text())["parameters"]
-    config = LlamaConfig(
-        vocab_size=max(len(tokenizer), args.vocab),
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=args.hidden // 128,
-        num_key_value_heads=max(1, args.hidden // 512),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    count = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(path, max_shard_size="500MB")
+    count = save_random_llama(path, random_llama_config(args.hidden, args.intermediate, layers, max(len(tokenizer), args.vocab)), "500MB")
     tokenizer.save_pretrained(path)
     (path / "params.json").write_text(json.dumps({"parameters": count}))
-    del model
     return count
 
 

@@ -82,12 +82,11 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
     tokenizer = bench_stats.build_tokenizer()
     tokenizer.save_pretrained(work / "model")
     hidden, layers = (256, 4) if args.smoke else (2048, 16)
-    config = {"vocab_size": max(len(tokenizer), 16384), "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-              "num_attention_heads": hidden // 128, "num_key_value_heads": max(1, hidden // 512), "tie_word_embeddings": False}
+    config = bench_stats.random_llama_config(hidden, 4 * hidden, layers, max(len(tokenizer), 16384))
     # Made in a child process, so that this process's peak RSS is the run's and not that of a
     # float32 model being built (4 GB at 1 B parameters).
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parameters = pool.submit(save_random_llama, work / "model", config).result()
+        parameters = pool.submit(bench_stats.save_random_llama, work / "model", config, "1GB").result()
     samples = 8 if args.smoke else 64
     forget, retain = bench_stats.tofu_subset("forget10", samples), bench_stats.tofu_subset("retain90", samples)
     _reset_peak(device)
@@ -99,17 +98,6 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
     return {"hidden": hidden, "layers": layers, "parameters": parameters, "samples_per_set": samples, "tokens": tokens, "wall_s": wall_s,
             "tokens_per_s": tokens / wall_s, "peak_device_bytes": _peak_device_bytes(device), "plan_peak_device_bytes": result.plan.peak_device_bytes,
             "peak_rss_bytes": result.record["peak_rss_bytes"], "plan_peak_host_bytes": result.plan.peak_host_bytes}
-
-
-def save_random_llama(path: Path, config: dict) -> int:
-    """Save a random bfloat16 LlamaForCausalLM with `config` to `path`; returns its parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="1GB")
-    return sum(p.numel() for p in model.parameters())
 
 
 def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
