@@ -160,6 +160,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
+def assert_equal_to_dense_reference(out: Path, model_dir: Path, data: dict[str, Path], *, tolerance: float) -> dict[str, dict[str, torch.Tensor]]:
+    """Every statistic in `out` is within `tolerance` (relative) of `reference_stats`, for every
+    parameter; returns the statistics read, "<dataset>.<stat>" -> tensor_name -> tensor."""
+    loaded = {}
+    for dataset, path in data.items():
+        reference = reference_stats(model_dir, path)
+        for stat in ("grad", "fisher"):
+            streamed = loaded[f"{dataset}.{stat}"] = load_stats_dir(out / f"{dataset}.{stat}")
+            assert set(reference) == set(streamed)
+            for name, ref in reference.items():
+                error = relative_error(streamed[name], ref[stat])
+                assert error <= tolerance, f"{model_dir.name} {dataset}.{stat} {name}: relative error {error:.2e}"
+    return loaded
+
+
 # bfloat16 rounds each operation to 2^-9; through two layers, the recomputed forward and the
 # backward, a dense bfloat16 autograd reference itself lands 3.5-7.2% (worst tensor) from float32.
 # The engine's bfloat16 statistics must stay within twice that floor (measured: 0.9-1.3 times it).

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from perta_stream.config.stats import StatsConfig
 from perta_stream.pipelines.stats import run_stats
 from perta_stream.sources.qa_dataset import load_qa_samples, select_fraction
-from stats_fixtures import assert_at_bfloat16_floor, load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
+from stats_fixtures import assert_at_bfloat16_floor, assert_equal_to_dense_reference, load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
 
 TOLERANCE = 1e-5
 
@@ -49,16 +49,11 @@ def test_streamed_statistics_equal_dense_reference(workspace: dict[str, Path], k
     out = result.out
     expected_shapes = _checkpoint_tensors(workspace[kind])
     assert len(list(workspace[kind].glob("*.safetensors"))) >= 3
-    for dataset in ("forget", "retain"):
-        reference = reference_stats(workspace[kind], workspace[dataset])
-        for stat in ("grad", "fisher"):
-            streamed = load_stats_dir(out / f"{dataset}.{stat}")
-            assert {n: tuple(t.shape) for n, t in streamed.items()} == expected_shapes
-            assert all(t.dtype == torch.float32 for t in streamed.values())
-            assert set(reference) == set(streamed)
-            for name, ref in reference.items():
-                error = relative_error(streamed[name], ref[stat])
-                assert error <= TOLERANCE, f"{kind} {dataset}.{stat} {name}: relative error {error:.2e}"
+    loaded = assert_equal_to_dense_reference(out, workspace[kind], {"forget": workspace["forget"], "retain": workspace["retain"]}, tolerance=TOLERANCE)
+    assert len(loaded) == 4
+    for streamed in loaded.values():
+        assert {n: tuple(t.shape) for n, t in streamed.items()} == expected_shapes
+        assert all(t.dtype == torch.float32 for t in streamed.values())
     if kind == "llama":
         assert "lm_head.weight" not in expected_shapes  # tied: stored once, under the embedding's name
 

@@ -8,7 +8,7 @@ import pytest
 
 from perta_stream.config.stats import StatsConfig
 from perta_stream.pipelines.stats import run_stats
-from stats_fixtures import assert_at_bfloat16_floor, load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
+from stats_fixtures import assert_at_bfloat16_floor, assert_equal_to_dense_reference, save_tiny_model, write_data
 
 TOLERANCE = 1e-5
 
@@ -25,14 +25,7 @@ def _run_cuda(tmp_path: Path, kind: str, **options) -> tuple[object, Path, dict[
 def test_cuda_float32_equals_dense_reference(tmp_path: Path, kind: str) -> None:
     result, model_dir, data = _run_cuda(tmp_path, kind, compute_dtype="float32")
     assert result.record["device"] == "cuda" and result.record["compute_dtype"] == "float32"
-    for dataset, path in data.items():
-        reference = reference_stats(model_dir, path)
-        for stat in ("grad", "fisher"):
-            streamed = load_stats_dir(result.out / f"{dataset}.{stat}")
-            assert set(streamed) == set(reference)
-            for name, ref in reference.items():
-                error = relative_error(streamed[name], ref[stat])
-                assert error <= TOLERANCE, f"{kind} {dataset}.{stat} {name}: relative error {error:.2e}"
+    assert_equal_to_dense_reference(result.out, model_dir, data, tolerance=TOLERANCE)
 
 
 @pytest.mark.gpu
