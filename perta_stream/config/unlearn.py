@@ -24,14 +24,12 @@ from perta_stream.config.merge import (
     format_alpha,
     output_dirs,
 )
-from perta_stream.config.stats import COMPUTE_DTYPES
+from perta_stream.config.stats import COMPUTE_DTYPES, DEVICES, STATS_KINDS
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
 STATS_METHODS = ("grad", "fisher")
-STATS_KINDS = ("grad", "fisher")
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_STATS_DIR_NAME = "perta_stats"
 CONFIG_COMMAND_PREFIX = "# perta-stream unlearn --config "
 
