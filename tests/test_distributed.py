@@ -237,8 +237,13 @@ def test_stats_under_torchrun_equal_one_process(stats_inputs, tmp_path):
             single, launched = load_stats_dir(one / f"{dataset}.{kind}"), load_stats_dir(two / f"{dataset}.{kind}")
             assert sorted(single) == sorted(launched)
             for tensor_name, tensor in single.items():
-                # Equal up to the order of float32 additions; and both equal the dense reference.
-                torch.testing.assert_close(launched[tensor_name], tensor, rtol=1e-5, atol=1e-7 * float(tensor.abs().max()))
+                # Equal up to the order of float32 additions, bounded by what is summed, not by the
+                # sum: the mean gradient can cancel to ~0 while its terms do not. sqrt(fisher) is
+                # the root mean square of the per-sample gradients, >= the mean of their magnitudes.
+                summed = reference[tensor_name]["fisher"].sqrt() if kind == "grad" else reference[tensor_name]["fisher"]
+                difference = float((launched[tensor_name].double() - tensor.double()).norm())
+                assert difference <= 1e-5 * float(summed.double().norm()), (dataset, kind, tensor_name, difference)
+                # And both equal the dense reference.
                 assert relative_error(launched[tensor_name], reference[tensor_name][kind]) <= 1e-5, (dataset, kind, tensor_name)
 
 
