@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +17,15 @@ from typing import Any
 from perta_stream import __version__
 from perta_stream.errors import PertaStreamError, UsageError
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or launcher's stop), unwound exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -44,6 +53,12 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
     parser.add_argument("--method", default="tv", choices=["tv", "uniform", "grad", "fisher"])
     parser.add_argument("--stats", help="statistics directory from `perta-stream stats` (grad and fisher)")
+    parser.add_argument(
+        "--stats-at",
+        default="theta0",
+        choices=["theta0", "full", "fgt"],
+        help="the input the statistics were computed at (default theta0); its bytes must be the ones the statistics record",
+    )
     parser.add_argument("--alpha", type=_float_list, default=(1.0,), help="scale of the task vector; several: 0.5,1,2 (one pass, one output each)")
     parser.add_argument("--tau", type=float, help="exponent of the weights (default 1 for grad, 2 for fisher)")
     parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for --method uniform")
@@ -55,7 +70,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--chunk-size", help="bytes per input chunk (default: derived from --max-memory)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (only an earlier merge output or an empty folder)")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="merge NaN and infinite input values through instead of stopping")
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -119,6 +135,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set (quick runs)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out record (never a file inside the model)")
     _add_common(parser)
 
 
@@ -286,6 +303,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-memory", help="memory the merge may add to this process (default 512MiB)")
     parser.add_argument("--dry-run", action="store_true", help="say what would be reused or computed, print the plan, write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="merge NaN and infinite input values through instead of stopping")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
     parser.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="save the statistics' resume state at most this often (default 300)")
     _add_common(parser)
@@ -434,18 +452,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         set_progress_enabled(False)
         _quiet_huggingface_hub()
+    # SIGTERM takes the same path as SIGINT: temporary files removed, partial folders left
+    # resumable, one line on stderr.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _COMMANDS[args.command][1](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if verbose:
             raise
-        print("error: interrupted; the output was left unfinished (rerun to complete it; stats and merge continue with --resume)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"error: {what}; the output was left unfinished (rerun to complete it; stats and merge continue with --resume)", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
     except PertaStreamError as exc:
         if verbose:
             raise
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _quiet_huggingface_hub() -> None:

@@ -39,6 +39,10 @@ class IncompatibleCheckpointsError(CheckpointError):
     """Checkpoints that cannot be merged: missing tensors, shape or tying mismatches."""
 
 
+class NonFiniteError(PertaStreamError, ValueError):
+    """NaN or infinite values in a model or statistics input (refused unless explicitly allowed)."""
+
+
 class StatisticsError(PertaStreamError, ValueError):
     """A statistics directory that does not match the model or lacks what the method needs."""
 

@@ -104,10 +104,21 @@ def write_stats(root: Path, model_dir: Path, *, kinds: tuple[str, ...] = ("grad"
         "format_version": 1,
         "kinds": list(kinds),
         "stats_dtype": str(dtype).removeprefix("torch."),
-        "model": {"location": str(model_dir)},
+        "model": {"location": str(model_dir), "content_sha256": content_digest(model_dir)},
     }
     (root / "perta_stats.json").write_text(json.dumps(record))
     return root
+
+
+def content_digest(model_dir: Path) -> str:
+    """The model's content identity, from tensors loaded whole by safetensors (the tool hashes
+    them chunk by chunk as it streams): sha256 over "name NUL sha256(bytes) LF" in name order."""
+    tensors = load_checkpoint(model_dir)
+    lines = "".join(
+        f"{name}\0{hashlib.sha256(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}\n"
+        for name in sorted(tensors)
+    )
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -130,6 +141,25 @@ def _round_f32(values: np.ndarray, dtype: str) -> np.ndarray:
     bits = values.view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def reference_weights(forget: np.ndarray, retain: np.ndarray, *, kind: str, tau: float, fallback_weight: float) -> np.ndarray:
+    """W in float32 by numpy, in the stable form METHOD.md's contract fixes (compute/weights.py):
+    q = (min/max of s_f, s_r)^e (as min^e/max^e for e < 1), W = 1/(1+q) where s_f >= s_r, else
+    q/(1+q); both 0 -> fallback."""
+    s_f, s_r = (np.abs(forget), np.abs(retain)) if kind == "grad" else (forget, retain)
+    exponent = tau if kind == "grad" else tau / 2
+    with np.errstate(divide="ignore", invalid="ignore", under="ignore"):
+        low, high = np.minimum(s_f, s_r), np.maximum(s_f, s_r)
+        if exponent < 1.0:
+            ratio = low ** np.float32(exponent) / high ** np.float32(exponent)
+        else:
+            ratio = low / high
+            if exponent != 1.0:
+                ratio = ratio ** np.float32(exponent)
+        weights = np.where(s_f >= s_r, np.float32(1.0), ratio) / (ratio + np.float32(1.0))
+    both_zero = (s_f == 0) & (s_r == 0)
+    return np.where(both_zero, np.float32(fallback_weight), weights).astype(np.float32)
 
 
 def reference_merge(
@@ -161,17 +191,9 @@ def reference_merge(
         if method == "uniform":
             delta = delta * np.float32(uniform_weight)
         elif kind:
-            a_f, a_r = _to_numpy_f32(forget[name]), _to_numpy_f32(retain[name])
-            exponent = tau if kind == "grad" else tau / 2
-            if kind == "grad":
-                a_f, a_r = np.abs(a_f), np.abs(a_r)
-            if exponent != 1.0:
-                a_f, a_r = a_f ** np.float32(exponent), a_r ** np.float32(exponent)
-            denominator = a_r + a_f
-            with np.errstate(divide="ignore", invalid="ignore"):
-                weights = a_f / denominator
-            weights = np.where(denominator == 0, np.float32(fallback_weight), weights).astype(np.float32)
-            delta = delta * weights
+            delta = delta * reference_weights(
+                _to_numpy_f32(forget[name]), _to_numpy_f32(retain[name]), kind=kind, tau=tau, fallback_weight=fallback_weight
+            )
         result = _to_numpy_f32(full_tensor) - np.float32(alpha) * delta
         expected[name] = _round_f32(result.astype(np.float32).reshape(-1), dtype)
     return expected

@@ -13,6 +13,7 @@ from perta_stream.compute.training import answer_only_loss, linear_warmup_decay
 from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.errors import DatasetError, PlanError
 from perta_stream.pipelines.finetune import RECORD_NAME, run_finetune
+from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME
 from perta_stream.sources.tofu import bundled_tofu_dir
 
 from tiny_models import build_llama, build_tokenizer, reference_answer_loss, save_tiny_checkpoint
@@ -189,6 +190,7 @@ def test_cuda_finetune_lowers_the_loss(workdir, tmp_path):
 def test_partial_folder_of_an_interrupted_run_is_discarded(workdir, tmp_path):
     stale = tmp_path / "out.partial"
     stale.mkdir()
+    (stale / PARTIAL_MARKER_NAME).write_bytes(b"")  # made by an earlier run of the tool
     (stale / "model.safetensors").write_bytes(b"truncated")
     result = run_finetune(_config(workdir, tmp_path / "out", epochs=1))
     assert not stale.exists()

@@ -426,3 +426,35 @@ def test_offline_mode_is_a_clear_error(hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PlanError, match="HF_HUB_OFFLINE is set; unset it"):
         run_merge(_config(str(Path(tempfile.tempdir) / "out")))
+
+
+def test_bytes_corrupted_in_transit_are_caught_by_the_published_sha256(hub, monkeypatch, tmp_path):
+    """A merge reads every byte of every shard in order, so each shard's sha256 is checked against
+    the one the Hub publishes: one flipped byte stops the run before anything is committed."""
+    from perta_stream.sources.hub import HubByteSource
+
+    verified: list[set[str]] = []
+    original_close = HubByteSource.close
+
+    def remember_verified(self):  # noqa: ANN001
+        verified.append(set(self.verified_files))
+        original_close(self)
+
+    monkeypatch.setattr(HubByteSource, "close", remember_verified)
+    result = run_merge(_config(str(tmp_path / "clean")))
+    assert result.outputs and all(verified) and len(verified) == 3  # every shard of every input verified
+
+    original_read = hub_http.RangeReader.read_into
+    flipped = {"done": False}
+
+    def flip_one_byte(self, file_name, offset, view):  # noqa: ANN001
+        original_read(self, file_name, offset, view)
+        if "fgt" in str(self.location) and offset >= 4096 and not flipped["done"]:  # a tensor byte, past the header
+            view[len(view) // 2] ^= 0x01
+            flipped["done"] = True
+
+    monkeypatch.setattr(hub_http.RangeReader, "read_into", flip_one_byte)
+    out = tmp_path / "corrupted"
+    with pytest.raises(HubError, match="corrupted in transit"):
+        run_merge(_config(str(out)))
+    assert flipped["done"] and not out.exists()

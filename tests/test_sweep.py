@@ -10,6 +10,7 @@ import pytest
 from perta_stream.cli import main
 from perta_stream.config.sweep import SweepConfig
 from perta_stream.errors import EvaluationError, PlanError
+from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME
 from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, best_forget_quality, compare_at_matched_forgetting
 
 
@@ -138,6 +139,7 @@ def test_sweep_refuses_a_leftover_partial_folder_unless_overwrite(tiny_setup):
 
     root = tiny_setup
     (root / "sweep_left.partial" / "eval").mkdir(parents=True)
+    (root / "sweep_left.partial" / PARTIAL_MARKER_NAME).write_bytes(b"")  # made by an earlier run of the tool
     config = _config(root, "sweep_left", methods=("tv",), alphas=(1.0,), max_items=2, max_new_tokens=2)
     with pytest.raises(OutputExistsError, match="did not finish"):
         run_sweep(config)

@@ -120,7 +120,7 @@ def test_cli_reports_bad_config_as_one_line(tmp_path, capsys):
 # ---------------------------------------------------------------- statistics identity
 def _identity(**changes) -> StatsIdentity:
     base = dict(
-        model_header_sha256="m" * 64, forget_sha256="f" * 64, retain_sha256="r" * 64, fraction=1.0, seed=0,
+        model_header_sha256="m" * 64, model_files=["m", []], forget_sha256="f" * 64, retain_sha256="r" * 64, fraction=1.0, seed=0,
         max_length=512, question_key="question", answer_key="answer", system_prompt=None, kinds=("fisher",),
     )
     base.update(changes)
@@ -130,7 +130,7 @@ def _identity(**changes) -> StatsIdentity:
 def _record(**changes) -> dict:
     record = {
         "format": "perta_stats",
-        "model": {"location": "m", "header_sha256": "m" * 64, "model_type": "llama"},
+        "model": {"location": "m", "header_sha256": "m" * 64, "files": ["m", []], "model_type": "llama"},
         "kinds": ["grad", "fisher"],
         "datasets": {"forget": {"path": "f", "sha256": "f" * 64}, "retain": {"path": "r", "sha256": "r" * 64}},
         "fraction": 1.0, "seed": 0, "max_length": 512, "question_key": "question", "answer_key": "answer", "system_prompt": None,

@@ -11,6 +11,11 @@ element with chunk-sized passes, 3.5 ns with 64 Ki-element blocks, one thread). 
 buffers are allocated once and reused, so memory stays flat however large the model is. Inputs are converted to float32 with `copy_`
 before any arithmetic: a mixed-dtype op (float32 - bfloat16) would make torch allocate a
 float32 copy of its operand on every call.
+
+Non-finite values are refused unless allowed: a NaN or infinity in theta0, theta_full or theta_fgt
+always reaches the float32 result (inf - inf, 0 * inf and NaN are all non-finite), so one sum per
+block of each result and each statistic detects them (a sum is non-finite exactly when an element
+is, or when it overflows, which the exact check then tells apart).
 """
 
 from __future__ import annotations
@@ -22,6 +27,20 @@ from perta_stream.compute.weights import compute_weights
 BLOCK_ELEMENTS = 1 << 16
 
 
+class NonFiniteValues(ArithmeticError):
+    """A block held NaN or infinite values; `roles` names the inputs that hold them."""
+
+    def __init__(self, roles: list[str]):
+        self.roles = roles
+        super().__init__(", ".join(roles) or "the merged result")
+
+
+def _has_nonfinite(values: torch.Tensor) -> bool:
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(values).all())
+
+
 class MergeKernel:
     """Merges chunks for one method and one or more alphas.
 
@@ -30,6 +49,7 @@ class MergeKernel:
         alphas: task-vector scales; `merge_chunk` writes one output per alpha.
         tau, uniform_weight, fallback_weight: as in MergeConfig.
         stat_roles: the names of the (forget, retain) statistics inputs for grad/fisher.
+        allow_nonfinite: merge NaN and infinite values through instead of raising NonFiniteValues.
     """
 
     def __init__(
@@ -41,6 +61,7 @@ class MergeKernel:
         uniform_weight: float,
         fallback_weight: float,
         stat_roles: tuple[str, ...] = (),
+        allow_nonfinite: bool = False,
     ):
         self.method = method
         self.alphas = alphas
@@ -48,11 +69,13 @@ class MergeKernel:
         self.uniform_weight = uniform_weight
         self.fallback_weight = fallback_weight
         self.stat_roles = stat_roles
+        self.allow_nonfinite = allow_nonfinite
         self._task_vector = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
         self._weights = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
         self._result = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
         self._operand = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._zero_mask = torch.empty(BLOCK_ELEMENTS, dtype=torch.bool)
+        self._spare = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
+        self._larger_mask = torch.empty(BLOCK_ELEMENTS, dtype=torch.bool)
 
     def merge_chunk(self, inputs: dict[str, torch.Tensor], outputs: list[torch.Tensor]) -> None:
         """Compute one chunk.
@@ -60,6 +83,9 @@ class MergeKernel:
         Args:
             inputs: role -> 1-D typed view of the chunk ("theta0", "full", "fgt" and the stat roles).
             outputs: one 1-D typed view per alpha, same length, in the output dtype; overwritten.
+
+        Raises:
+            NonFiniteValues: an input holds NaN or infinity (unless allow_nonfinite).
         """
         total = inputs["full"].numel()
         for start in range(0, total, BLOCK_ELEMENTS):
@@ -79,6 +105,8 @@ class MergeKernel:
             task_vector.mul_(self.uniform_weight)
         elif self.method in ("grad", "fisher"):
             forget_role, retain_role = self.stat_roles
+            if not self.allow_nonfinite:
+                self._check_finite(inputs, (forget_role, retain_role))
             weights = compute_weights(
                 inputs[forget_role],
                 inputs[retain_role],
@@ -87,7 +115,8 @@ class MergeKernel:
                 fallback_weight=self.fallback_weight,
                 out=self._weights[:count],
                 scratch=self._result[:count],
-                zero_mask=self._zero_mask[:count],
+                spare=self._spare[:count],
+                larger_mask=self._larger_mask[:count],
             )
             task_vector.mul_(weights)
         result = self._result[:count]
@@ -96,4 +125,15 @@ class MergeKernel:
         for alpha, output in zip(self.alphas, outputs):
             # 1.0 * x == x exactly in IEEE arithmetic, so the multiply is skipped, not approximated.
             torch.sub(operand, task_vector if alpha == 1.0 else torch.mul(task_vector, alpha, out=scaled), out=result)
+            if not self.allow_nonfinite and _has_nonfinite(result):
+                self._check_finite(inputs, ("theta0", "full", "fgt"))
+                raise NonFiniteValues([])  # finite inputs, but the result overflows float32
             output.copy_(result)
+            if output.dtype == torch.float16 and not self.allow_nonfinite and _has_nonfinite(output):
+                raise NonFiniteValues(["the float16 output (a merged value beyond ±65504)"])
+
+    @staticmethod
+    def _check_finite(inputs: dict[str, torch.Tensor], roles: tuple[str, ...]) -> None:
+        bad = [role for role in roles if _has_nonfinite(inputs[role])]
+        if bad:
+            raise NonFiniteValues(bad)

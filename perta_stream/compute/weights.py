@@ -6,9 +6,19 @@
 | grad    | a_f^τ / (a_f^τ + a_r^τ),  a = |ḡ|                        |
 | fisher  | b_f^τ / (b_f^τ + b_r^τ),  b = sqrt(F), so b^τ = F^(τ/2)  |
 
-Where the denominator is exactly 0, W is the fallback weight. For fisher, b^τ is computed as
-F^(τ/2) directly: with the default τ = 2 that is F itself, exactly the F_f / (F_f + F_r) of the
-paper, with no sqrt-then-square rounding.
+Where both statistics are exactly 0, W is the fallback weight.
+
+The quotient is evaluated in a form that cannot overflow or underflow for finite statistics:
+with s = |ḡ| (grad, e = τ) or s = F (fisher, e = τ/2) and q = (min(s_f, s_r) / max(s_f, s_r))^e,
+which lies in [0, 1] (computed as (min / max)^e for e >= 1 and as min^e / max^e for e < 1),
+
+    W = 1 / (1 + q)   where s_f >= s_r,        W = q / (1 + q)   where s_f < s_r.
+
+Raising s to the power e first, as the textbook form reads, overflows float32 for F = 1e3 and
+τ = 30 (giving inf / inf = NaN) and flushes F = 1e-12 with τ = 8 to 0 (giving the fallback 0.5
+where W is 1). The ratio form is exact at the ends (W = 1 where s_r = 0, W = 0 where s_f = 0)
+and within a few float32 roundings of the exact quotient everywhere else; with the default τ of
+fisher (e = 1) it is F_f / (F_f + F_r) of the paper up to that rounding.
 """
 
 from __future__ import annotations
@@ -16,17 +26,17 @@ from __future__ import annotations
 import torch
 
 
-def _powered(statistic: torch.Tensor, out: torch.Tensor, *, method: str, tau: float) -> torch.Tensor:
-    """a^τ (grad) or F^(τ/2) (fisher) of a statistics slice, in float32, into `out`."""
+def _magnitude(statistic: torch.Tensor, out: torch.Tensor, *, method: str) -> torch.Tensor:
+    """s = |ḡ| (grad) or F (fisher) of a statistics slice, in float32, into `out`."""
     out.copy_(statistic)
     if method == "grad":
         out.abs_()
-        exponent = tau
-    else:
-        exponent = tau / 2
-    if exponent != 1.0:
-        out.pow_(exponent)
     return out
+
+
+def weight_exponent(method: str, tau: float) -> float:
+    """e in W = s_f^e / (s_f^e + s_r^e): τ for grad (s = |ḡ|), τ/2 for fisher (s = F = b²)."""
+    return tau if method == "grad" else tau / 2
 
 
 def compute_weights(
@@ -38,19 +48,36 @@ def compute_weights(
     fallback_weight: float,
     out: torch.Tensor,
     scratch: torch.Tensor,
-    zero_mask: torch.Tensor,
+    spare: torch.Tensor,
+    larger_mask: torch.Tensor,
 ) -> torch.Tensor:
     """W for one slice of statistics (grad: mean gradients; fisher: mean squared gradients).
 
     Args:
         forget_stat, retain_stat: 1-D slices of the forget and retain statistics (F32 or BF16).
-        out, scratch: float32 buffers of the same length (overwritten); W is returned in `out`.
-        zero_mask: bool buffer of the same length (overwritten).
+        out, scratch, spare: float32 buffers of the same length (overwritten); W is returned in `out`.
+        larger_mask: bool buffer of the same length (overwritten).
+
+    Finite statistics never give a NaN: W is in [0, 1], and exactly the fallback only where both
+    statistics are 0. (Non-finite statistics are the caller's to refuse.)
     """
-    numerator = _powered(forget_stat, out, method=method, tau=tau)
-    denominator = _powered(retain_stat, scratch, method=method, tau=tau)
-    denominator.add_(numerator)
-    torch.eq(denominator, 0, out=zero_mask)
-    numerator.div_(denominator)
-    numerator.masked_fill_(zero_mask, fallback_weight)
-    return numerator
+    forget_side = _magnitude(forget_stat, out, method=method)
+    retain_side = _magnitude(retain_stat, scratch, method=method)
+    torch.ge(forget_side, retain_side, out=larger_mask)
+    ratio = torch.minimum(forget_side, retain_side, out=spare)
+    larger = torch.maximum(forget_side, retain_side, out=out)
+    exponent = weight_exponent(method, tau)
+    if exponent < 1.0:
+        # min^e / max^e: an exponent below 1 brings both towards 1, so neither leaves float32's
+        # range, while min / max itself could underflow where its e-th power does not.
+        ratio.pow_(exponent).div_(larger.pow_(exponent))
+    else:
+        # min / max first: its e-th power is in [0, 1], where min^e or max^e alone could overflow.
+        ratio.div_(larger)
+        if exponent != 1.0:
+            ratio.pow_(exponent)
+    # ratio is q in [0, 1], NaN exactly where both statistics are 0.
+    denominator = torch.add(ratio, 1.0, out=out)
+    numerator = ratio.masked_fill_(larger_mask, 1.0)
+    weights = torch.div(numerator, denominator, out=out)
+    return weights.nan_to_num_(nan=fallback_weight)

@@ -30,6 +30,8 @@ class EvalConfig:
         max_items: evaluate only the first N items of each set (quick runs); None = all.
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         system_prompt: an optional system prompt for chat-template models.
+        overwrite: replace an existing `out` (and its `.md`); a file inside the evaluated model
+            or the TOFU folder is never replaced.
     """
 
     model: str
@@ -43,6 +45,7 @@ class EvalConfig:
     max_items: int | None = None
     device: str = "auto"
     system_prompt: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.tofu_dir:
@@ -71,6 +74,8 @@ class EvalConfig:
             problems.append(f"--out {self.out} must end in .json (the Markdown table is written next to it)")
         elif Path(self.out).is_dir():
             problems.append(f"--out {self.out} is a directory; give a .json file path")
+        else:
+            problems += self._output_problems()
         for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
             if value < 1:
                 problems.append(f"{flag} must be at least 1, got {value}")
@@ -83,6 +88,21 @@ class EvalConfig:
     @property
     def markdown_path(self) -> Path:
         return Path(self.out).with_suffix(".md")
+
+    def _output_problems(self) -> list[str]:
+        """The record and its table never replace an input, nor an existing file without --overwrite."""
+        found: list[str] = []
+        inputs = {"--model": self.model, "--tofu": self.tofu_dir}
+        for path in (Path(self.out), self.markdown_path):
+            resolved = path.resolve()
+            for flag, folder in inputs.items():
+                if folder and resolved.is_relative_to(Path(folder).resolve()):
+                    found.append(f"--out {self.out} would write {path} inside the {flag} folder {folder}; write the record elsewhere")
+                    break
+            else:
+                if (path.exists() or path.is_symlink()) and not self.overwrite:
+                    found.append(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+        return found
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EvalConfig":
@@ -98,6 +118,7 @@ class EvalConfig:
             max_items=args.max_items,
             device=args.device,
             system_prompt=args.system_prompt,
+            overwrite=getattr(args, "overwrite", False),
         )
 
     def to_dict(self) -> dict:

@@ -65,7 +65,9 @@ class FinetuneConfig:
             problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
         if not Path(self.data).is_file():
             problems.append(f"--data {self.data} does not exist; give a .jsonl or .json file of question/answer records")
-        problems += check_output_location(self.out, overwrite=self.overwrite, inputs={"model": self.model, "data": self.data})
+        problems += check_output_location(
+            self.out, overwrite=self.overwrite, inputs={"model": self.model, "data": self.data}, record=("perta_finetune.json", "perta_finetune")
+        )
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:

@@ -12,6 +12,7 @@ from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
 METHODS = ("tv", "uniform", "grad", "fisher")
+STATS_AT = ("theta0", "full", "fgt")
 DEFAULT_TAU = {"grad": 1.0, "fisher": 2.0}
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
 
@@ -87,6 +88,10 @@ class MergeConfig:
         drop_page_cache: advise the kernel to drop input pages once read.
         hub_private, hub_revision, hub_commit_message, hub_create_repo: options for an `hf://` output.
         hub_max_local_shards: output shards an `hf://` output keeps on local disk at once (>= 1).
+        allow_nonfinite: merge NaN and infinite input values through instead of stopping.
+        stats_at: the input the statistics were computed at (`theta0`, `full` or `fgt`); the merge
+            hashes that input's bytes while reading them and refuses to commit when they are not
+            the bytes the statistics were computed from.
     """
 
     theta0: str
@@ -112,6 +117,8 @@ class MergeConfig:
     hub_commit_message: str | None = None
     hub_create_repo: bool = False
     hub_max_local_shards: int = 2
+    allow_nonfinite: bool = False
+    stats_at: str = "theta0"
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,6 +148,8 @@ class MergeConfig:
         )
         if self.tau is not None and self.method in ("tv", "uniform"):
             found.append(f"--tau is not used by --method {self.method}")
+        if self.stats_at not in STATS_AT:
+            found.append(f"--stats-at {self.stats_at!r} is not one of {', '.join(STATS_AT)}")
         if self.max_memory_bytes < 64 * 2**20:
             found.append("--max-memory below 64MiB cannot hold the Python runtime; raise it")
         if self.chunk_bytes is not None and self.chunk_bytes < 4096:
@@ -204,6 +213,8 @@ class MergeConfig:
                 hub_commit_message=getattr(args, "commit_message", None),
                 hub_create_repo=getattr(args, "create_repo", False),
                 hub_max_local_shards=getattr(args, "max_local_shards", 2),
+                allow_nonfinite=getattr(args, "allow_nonfinite", False),
+                stats_at=getattr(args, "stats_at", "theta0"),
             )
         except PlanError as exc:
             raise UsageError(str(exc)) from None

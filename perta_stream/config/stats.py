@@ -52,6 +52,8 @@ class StatsConfig:
             re-hashed and kept, the sweep restarts from its latest saved state).
         checkpoint_interval_s: the least time between two saved resume states (at the resume
             points after the head and after each backward layer); 0 saves at every one.
+        other_inputs: role -> path of the inputs of a surrounding run (unlearn's theta0, full,
+            fgt) that `out` must not overlap.
     """
 
     model: str
@@ -75,6 +77,7 @@ class StatsConfig:
     overwrite: bool = False
     resume: bool = False
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    other_inputs: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra_problems: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -116,7 +116,7 @@ class SweepConfig:
             found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
-        found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs)
+        found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
         return found
 
     @property

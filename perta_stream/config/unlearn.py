@@ -61,6 +61,7 @@ class UnlearnConfig:
         overwrite: replace an existing output.
         resume: continue an interrupted run: the statistics from `<stats_dir>.partial/` and a
             local merge output from `<out>.partial/` (a Hub push skips what the Hub holds anyway).
+        allow_nonfinite: merge NaN and infinite input values through instead of stopping.
     """
 
     theta0: str
@@ -95,6 +96,7 @@ class UnlearnConfig:
     overwrite: bool = False
     resume: bool = False
     checkpoint_interval_s: float | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -116,6 +118,14 @@ class UnlearnConfig:
     @property
     def effective_stats_model(self) -> str:
         return self.stats_model or self.theta0
+
+    @property
+    def stats_at(self) -> str:
+        """Which merge input the statistics are taken at (the merge checks them against its bytes)."""
+        for role in ("theta0", "full", "fgt"):
+            if self.effective_stats_model == getattr(self, role):
+                return role
+        return "theta0"
 
     @property
     def effective_tau(self) -> float:
@@ -155,6 +165,11 @@ class UnlearnConfig:
             found.append("--question-key and --answer-key must not be empty")
         if self.tau is not None and not self.needs_stats:
             found.append(f"--tau is not used by --method {self.method}")
+        if self.stats_model is not None and self.stats_model not in (self.theta0, self.full, self.fgt):
+            found.append(
+                f"--stats-model {self.stats_model} must be one of --theta0, --full, --fgt (the merge checks the statistics "
+                "against the bytes of the model they were computed at, which it reads anyway)"
+            )
         if len(self.alphas) > 1 and "{alpha}" not in self.out and self.out.startswith("hf://"):
             found.append("several alphas pushed to the Hub need a {alpha} placeholder in --out")
         return found
@@ -274,7 +289,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, got {value!r}")
         return value
-    if key in ("recompute_stats", "dry_run", "overwrite", "resume"):
+    if key in ("recompute_stats", "dry_run", "overwrite", "resume", "allow_nonfinite"):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")
         return value

@@ -13,15 +13,19 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from perta_stream import __version__
 from perta_stream.dtypes import safetensors_dtype
 from perta_stream.errors import CheckpointError, CheckpointNotFoundError, UsageError
 from perta_stream.sinks.model_output import SAFETENSORS_METADATA
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
+from perta_stream.sinks.report import write_json_atomic
 from perta_stream.sinks.run_record import index_json
 from perta_stream.sinks.shard_writer import ShardWriter, TensorSpec
-from perta_stream.sources.checkpoint import PICKLE_SUFFIXES, is_side_file
+from perta_stream.sources.checkpoint import PICKLE_SUFFIXES, is_side_file, outside_links
 
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+RECORD_NAME = "perta_convert.json"
+RECORD_FORMAT = "perta_convert"
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,11 @@ def run_convert(config: ConvertConfig) -> str:
     import torch
 
     root = Path(config.model)
-    problems = check_output_location(config.out, overwrite=config.overwrite, inputs={"model": config.model})
+    problems = check_output_location(config.out, overwrite=config.overwrite, inputs={"model": config.model}, record=(RECORD_NAME, RECORD_FORMAT))
+    if root.is_dir():
+        side_files = sorted(p.name for p in root.iterdir() if p.is_file() and is_side_file(p.name) and p.name != PICKLE_INDEX_NAME)
+        for name, target in sorted(outside_links(root, side_files).items()):
+            problems.append(f"{root}/{name} is a symbolic link to {target}, outside the checkpoint; replace it by the file itself or remove it")
     if problems:
         raise UsageError("; ".join(problems))
     shard_names = _pickle_shards(root)
@@ -90,7 +98,7 @@ def run_convert(config: ConvertConfig) -> str:
         writer.finish()
     if count > 1:
         (partial / "model.safetensors.index.json").write_bytes(index_json(weight_map, total_size))
-    for side in sorted(p.name for p in root.iterdir() if p.is_file()):
-        if is_side_file(side) and side != PICKLE_INDEX_NAME:
-            shutil.copyfile(root / side, partial / side)
+    for side in side_files:
+        shutil.copyfile(root / side, partial / side)
+    write_json_atomic(partial / RECORD_NAME, {"format": RECORD_FORMAT, "tool_version": __version__, "source": str(config.model), "shards": shard_names})
     return str(output.commit())

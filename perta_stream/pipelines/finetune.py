@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune"]
 
 RECORD_NAME = "perta_finetune.json"
+RECORD_FORMAT = "perta_finetune"
 logger = logging.getLogger(__name__)
 
 
@@ -124,7 +125,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
     if output.partial.exists():
         logger.warning("discarding %s left by an interrupted fine-tuning run", output.partial)
-        shutil.rmtree(output.partial)
+        output.discard()
     partial = output.open()
     with transformers_progress_bars(progress_enabled()):
         model.save_pretrained(partial)
@@ -133,6 +134,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     write_json_atomic(
         partial / RECORD_NAME,
         {
+            "format": RECORD_FORMAT,
             "tool_version": __version__,
             "config": config.to_dict(),
             "data_sha256": file_sha256(config.data),

@@ -11,20 +11,22 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError, WriteError
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
 from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
 from perta_stream.sinks.output_dir import check_output_location
-from perta_stream.sinks.run_record import MERGE_RECORD_NAME, MODEL_CARD_NAME, index_json, model_card, record_json, shard_entries
+from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME, MODEL_CARD_NAME, index_json, model_card, record_json, shard_entries
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.resolve import is_hub_location, open_checkpoint
-from perta_stream.sources.stats_dir import open_stats
+from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
 
 logger = logging.getLogger(__name__)
+STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ def run_merge(config: MergeConfig) -> MergeResult:
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
             problems += check_output_location(
-                out_dir, overwrite=config.overwrite, inputs={r: c.location for r, c in inputs.items()}
+                out_dir,
+                overwrite=config.overwrite,
+                inputs={**{r: c.location for r, c in inputs.items()}, "stats": config.stats or ""},
+                record=(MERGE_RECORD_NAME, MERGE_RECORD_FORMAT),
             )
     plan, problems = plan_merge(
         inputs,
@@ -195,10 +200,13 @@ def _merge_into(
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,
         stat_roles=STAT_ROLES.get(config.method, ()),
+        allow_nonfinite=config.allow_nonfinite,
     )
     remaining_bytes = sum(
         info.nbytes for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks for info in task.sources.values()
     )
+    # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed.
+    hasher = TensorHasher() if config.method in STAT_ROLES else None
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
     if dist.is_distributed:
@@ -215,6 +223,8 @@ def _merge_into(
                     skip_shards=skip_shards,
                     watchdog=watchdog,
                     on_progress=bar.update,
+                    hasher=hasher,
+                    hash_role=config.stats_at,
                 )
             except BaseException as exc:
                 for output in outputs:
@@ -222,15 +232,16 @@ def _merge_into(
                 if not dist.is_distributed or not isinstance(exc, Exception):
                     raise
                 failure = exc
-    _collect_shards(outputs, failure, dist)
+    _collect_shards(outputs, failure, dist, hasher)
     elapsed_s = time.perf_counter() - started
     locations: list[str] | str = []
     if dist.is_main:
         try:
+            stats_content = None if hasher is None else _check_stats_identity(config, plan, sources, hasher)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s))
+                locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
         except Exception as exc:
             if not dist.is_distributed:
                 raise
@@ -280,8 +291,38 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     return None
 
 
-def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext) -> None:
-    """Every rank reports how it fared; rank 0 adopts the others' shard records.
+def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher) -> str:
+    """The statistics' content digest, after checking it is that of the input they belong to.
+
+    Raises:
+        StatisticsError: the statistics were computed at other bytes (or by a version that did
+            not record them); nothing has been committed.
+    """
+    record = read_stats_record(str(config.stats))
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    expected = model.get("content_sha256")
+    checkpoint = plan.inputs[config.stats_at]
+    flag = STATS_AT_FLAGS[config.stats_at]
+    if not isinstance(expected, str):
+        raise StatisticsError(
+            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
+            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
+            "`perta-stream stats`"
+        )
+    actual = hasher.complete(checkpoint, sources[config.stats_at])
+    if actual != expected:
+        raise StatisticsError(
+            f"statistics {config.stats} were computed at {model.get('location')!r}, whose tensors differ from those of "
+            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
+            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
+            "pass --stats-at full or fgt if they were computed at that input"
+        )
+    return actual
+
+
+def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None) -> None:
+    """Every rank reports how it fared; rank 0 adopts the others' shard records (and the
+    digests of the tensors they hashed).
 
     Every rank takes part even after its own failure, so no rank is left waiting in a collective:
     all of them raise, the failing one with its own error.
@@ -292,7 +333,11 @@ def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist:
     if not dist.is_distributed:
         return
     reports = dist.all_gather_objects(
-        {"error": None if failure is None else f"{type(failure).__name__}: {failure}", "shards": [list(o.finished_shards().values()) for o in outputs]}
+        {
+            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+            "shards": [list(o.finished_shards().values()) for o in outputs],
+            "digests": {} if hasher is None else dict(hasher.digests),
+        }
     )
     if failure is not None:
         raise failure
@@ -304,6 +349,9 @@ def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist:
         for k, output in enumerate(outputs):
             assert isinstance(output, LocalModelOutput)  # Hub outputs are refused under a launcher
             output.add_finished([record for report in reports[1:] for record in report["shards"][k]])
+        if hasher is not None:
+            for report in reports[1:]:
+                hasher.add(report["digests"])
 
 
 def _finalize(
@@ -314,6 +362,7 @@ def _finalize(
     records: list[ShardRecord],
     full_source: ByteSource,
     elapsed_s: float,
+    stats_content_sha256: str | None,
 ) -> str:
     """Side files, index, model card and run record, then the atomic commit."""
     full = plan.inputs["full"]
@@ -345,11 +394,13 @@ def _finalize(
         ),
     )
     record = {
-        "format": "perta_merge",
+        "format": MERGE_RECORD_FORMAT,
         "format_version": 1,
         "tool_version": __version__,
         "inputs": {role: {"location": c.location, "header_sha256": c.header_sha256} for role, c in plan.inputs.items()},
         "stats": config.stats,
+        "stats_at": config.stats_at if config.method in STAT_ROLES else None,
+        "stats_content_sha256": stats_content_sha256,
         "method": config.method,
         "alpha": alpha,
         "tau": config.effective_tau if config.method in STAT_ROLES else None,

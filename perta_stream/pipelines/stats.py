@@ -37,6 +37,8 @@ from perta_stream.sinks.background_writer import BackgroundWriter
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
+from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 from perta_stream.hashing import file_sha256
 from perta_stream.sources.qa_dataset import QASample, load_qa_samples, select_fraction
 
@@ -114,7 +116,12 @@ def run_stats(config: StatsConfig) -> StatsResult:
     try:
         shape = ModelShape.from_config(checkpoint.config, ties_embeddings=checkpoint.ties_embeddings, where=f"{config.model}/config.json")
         if not config.dry_run:
-            problems = check_output_location(config.out or "", overwrite=config.overwrite, inputs={"model": config.model, "forget": config.forget, "retain": config.retain})
+            problems = check_output_location(
+                config.out or "",
+                overwrite=config.overwrite,
+                inputs={"model": config.model, "forget": config.forget, "retain": config.retain, **config.other_inputs},
+                record=(STATS_RECORD_NAME, STATS_FORMAT),
+            )
             if problems:
                 raise PlanError("cannot write the statistics", problems)
             # Checked here, by every rank, before minutes of tokenizing and loading.
@@ -210,9 +217,11 @@ def _compute(
             logger.info("resuming %s: %d shards kept, %s", output.partial, len(resumed.finished), where)
         BoundaryStore.remove_leftovers(output.partial)  # a killed run's spill files; never part of an output
         report = EngineReport(mean_loss=dict(resumed.mean_loss))
+        hasher = TensorHasher()
         if not store.complete:
-            report = _sweep(config, checkpoint, source, skeleton, batches, device, compute_dtype, store, output, start, dist)
+            report = _sweep(config, checkpoint, source, skeleton, batches, device, compute_dtype, store, output, start, dist, hasher)
         record = _stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started)
+        record["model"]["content_sha256"] = hasher.complete(checkpoint, source)
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
@@ -245,13 +254,15 @@ def _sweep(
     output: StatsOutput,
     start: ResumeState | None,
     dist: DistContext,
+    hasher: TensorHasher,
 ) -> EngineReport:
-    """Run the engine over every batch, writing each finished group on a background thread."""
+    """Run the engine over every batch, writing each finished group on a background thread
+    (and hashing the model's tensors as they are read)."""
     from perta_stream.compute.stats.boundaries import BoundaryStore
     from perta_stream.compute.stats.streaming import StreamingStatsEngine
     from perta_stream.sources.layer_weights import ModuleWeightLoader
 
-    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as loader, BoundaryStore(
         config.boundary_budget_bytes, spill_parent=output.partial
     ) as boundaries, BackgroundWriter() as writer:
 
@@ -302,10 +313,15 @@ def _stats_record(
     from perta_stream.compute.prompts import LOSS_DEFINITION
 
     return {
-        "format": "perta_stats",
+        "format": STATS_FORMAT,
         "format_version": 1,
         "tool_version": __version__,
-        "model": {"location": str(config.model), "header_sha256": checkpoint.header_sha256, "model_type": shape.model_type},
+        "model": {
+            "location": str(config.model),
+            "header_sha256": checkpoint.header_sha256,
+            "files": checkpoint.file_identity(),
+            "model_type": shape.model_type,
+        },
         "kinds": list(config.kinds),
         "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
         "compute_dtype": compute_dtype_name,
@@ -427,8 +443,9 @@ def _load_tokenizer(location: str) -> Any:
     try:
         if is_hub_location(location):
             repo, _, revision = location[len("hf://") :].partition("@")
-            return AutoTokenizer.from_pretrained(repo, revision=revision or None)
-        return AutoTokenizer.from_pretrained(location)
+            return AutoTokenizer.from_pretrained(repo, revision=revision or None, trust_remote_code=False)
+        # trust_remote_code=False: Python files of a model folder never run, whatever stdin says.
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{location}: no usable tokenizer ({exc}); save the tokenizer next to the weights (tokenizer.save_pretrained)") from None
 

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from perta_stream.compute.merge_kernel import MergeKernel
+from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
+from perta_stream.errors import NonFiniteError
 from perta_stream.memory import RssWatchdog
 from perta_stream.plan.merge_plan import PIPELINE_DEPTH, MergePlan, OutputShard, TensorTask
 from perta_stream.sinks.model_output import ModelOutput
 from perta_stream.sinks.shard_writer import ShardWriter
 from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.content_digest import TensorHasher
 
 _POLL_S = 0.1
 _DONE = object()
@@ -78,8 +80,14 @@ def run_stream(
     skip_shards: set[str],
     watchdog: RssWatchdog,
     on_progress: Callable[[int], None],
+    hasher: TensorHasher | None = None,
+    hash_role: str | None = None,
 ) -> None:
-    """Stream every remaining chunk from `sources` through `kernel` into `outputs`."""
+    """Stream every remaining chunk from `sources` through `kernel` into `outputs`.
+
+    With `hasher`, the reader hashes every tensor of input `hash_role` as it reads it (the
+    content identity the statistics are checked against).
+    """
     roles = sorted({role for task in plan.tasks for role in task.sources})
     in_sizes = {role: plan.chunk_elements * max(t.sources[role].itemsize for t in plan.tasks if role in t.sources) for role in roles}
     out_itemsize = max(DTYPE_BYTES[t.out_dtype] for t in plan.tasks)
@@ -114,6 +122,8 @@ def run_stream(
                 offset = info.begin + job.start * info.itemsize
                 sources[role].read_into(info.file_name, offset, buffers.views[role][:nbytes])
                 sources[role].done_with(info.file_name, offset, nbytes)
+                if hasher is not None and role == hash_role:
+                    hasher.update(job.task.tensor_name, buffers.views[role][:nbytes], last=offset + nbytes == info.end)
             _put(filled, (job, buffers), stop)
         _put(filled, _DONE, stop)
 
@@ -184,7 +194,15 @@ def _compute_all(
         if task.action == "merge":
             typed_inputs = {role: inputs.typed(role, info.dtype, job.count) for role, info in task.sources.items()}
             typed_outputs = [outputs.typed(str(k), task.out_dtype, job.count) for k in range(output_count)]
-            kernel.merge_chunk(typed_inputs, typed_outputs)
+            try:
+                kernel.merge_chunk(typed_inputs, typed_outputs)
+            except NonFiniteValues as exc:
+                where = ", ".join(exc.roles) if exc.roles else "none of the inputs, but the merged float32 value overflows"
+                raise NonFiniteError(
+                    f"tensor {task.tensor_name!r}: NaN or infinite values in {where}; a model with them would be "
+                    "written with exit 0, so the merge stops: check the inputs (`perta-stream verify --finite` checks "
+                    "an output), or pass --allow-nonfinite to merge them through"
+                ) from None
         else:
             nbytes = job.count * task.sources["full"].itemsize
             for k in range(output_count):

@@ -84,7 +84,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     if output.partial.exists():
         if not config.overwrite:
             raise OutputExistsError(f"{output.partial} is left from a sweep that did not finish; pass --overwrite to start over, or delete it")
-        shutil.rmtree(output.partial)
+        output.discard()
     work = output.open()
     eval_dir = work / "eval"
     rows: list[SweepRow] = []

@@ -35,12 +35,16 @@ class StatsIdentity:
 
     Attributes:
         model_header_sha256: `Checkpoint.header_sha256` of the model the statistics are taken at.
+        model_files: its `Checkpoint.file_identity()` (resolved folder, shard sizes and times):
+            headers cannot tell two fine-tunes of one architecture apart. (The merge then checks
+            the statistics against the model's bytes themselves before it commits.)
         forget_sha256, retain_sha256: sha256 of the data files.
         fraction, seed, max_length, question_key, answer_key, system_prompt: the sampling and encoding.
         kinds: the statistics the merge needs (the directory may hold more).
     """
 
     model_header_sha256: str
+    model_files: list
     forget_sha256: str
     retain_sha256: str
     fraction: float
@@ -104,6 +108,7 @@ def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
         hashes[flag] = file_sha256(path)
     return StatsIdentity(
         model_header_sha256=checkpoint.header_sha256,
+        model_files=checkpoint.file_identity(),
         forget_sha256=hashes["--forget"],
         retain_sha256=hashes["--retain"],
         fraction=config.fraction,
@@ -125,6 +130,8 @@ def stats_mismatches(record: dict[str, Any], expected: StatsIdentity) -> list[st
     model = record.get("model") if isinstance(record.get("model"), dict) else {}
     if model.get("header_sha256") != expected.model_header_sha256:
         found.append(f"computed at another model ({model.get('location')!r}, header sha256 {str(model.get('header_sha256'))[:12]}…)")
+    elif model.get("files") != expected.model_files:
+        found.append(f"computed at {model.get('location')!r}, whose files (folder, shard sizes and times) are not the stats model's now")
     datasets = record.get("datasets") if isinstance(record.get("datasets"), dict) else {}
     for name, sha256 in (("forget", expected.forget_sha256), ("retain", expected.retain_sha256)):
         entry = datasets.get(name) if isinstance(datasets.get(name), dict) else {}
@@ -240,6 +247,8 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
         dry_run=config.dry_run,
         overwrite=overwrite,
         resume=config.resume,
+        # Whatever --stats-dir says, it never replaces one of the models of this run.
+        other_inputs={"theta0": config.theta0, "full": config.full, "fgt": config.fgt},
         **options,
     )
     result = run_stats(stats_config)
@@ -268,4 +277,6 @@ def _merge_config(config: UnlearnConfig, stats_dir: str | None) -> MergeConfig:
         dry_run=config.dry_run,
         overwrite=config.overwrite,
         resume=config.resume and not config.out.startswith("hf://"),
+        allow_nonfinite=config.allow_nonfinite,
+        stats_at=config.stats_at,
     )

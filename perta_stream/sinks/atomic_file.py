@@ -26,9 +26,12 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, hint: str = 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    except OSError as exc:
+    except BaseException as exc:
+        # Interrupted (SIGINT, SIGTERM) or failed: no stray temporary file either way.
         temporary.unlink(missing_ok=True)
-        raise WriteError(f"{target}: write failed ({exc.strerror or exc}); {hint}") from exc
+        if isinstance(exc, OSError):
+            raise WriteError(f"{target}: write failed ({exc.strerror or exc}); {hint}") from exc
+        raise
     return target
 
 

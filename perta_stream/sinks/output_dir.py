@@ -1,19 +1,31 @@
-"""All-or-nothing output directories.
+"""All-or-nothing output directories, and the rules for replacing one.
 
 Everything is written into `<out>.partial/`; only when every file is complete is the folder
 renamed to `<out>`. A crash leaves a `.partial` folder, never an `<out>` that looks finished.
+
+Nothing a user made is ever deleted: `--overwrite` replaces only a folder that holds the record
+its own command writes (a previous output of this tool) or an empty one; a partial folder is
+reused or removed only when it carries the marker this tool puts into every partial folder it
+creates; the folder an old output is moved to before deletion is created by this run under a
+fresh name.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from perta_stream.errors import OutputExistsError, WriteError
 
 PARTIAL_SUFFIX = ".partial"
+# Written into every partial folder this tool creates; removed from the output after the rename.
+PARTIAL_MARKER_NAME = ".perta_partial"
+# Older versions marked their partial folders with the resume record alone.
+_LEGACY_PARTIAL_MARKERS = (".perta_resume.json",)
 
 
 def partial_path(out: str | os.PathLike) -> Path:
@@ -21,26 +33,78 @@ def partial_path(out: str | os.PathLike) -> Path:
     return out_path.with_name(out_path.name + PARTIAL_SUFFIX)
 
 
-def check_output_location(out: str | os.PathLike, *, overwrite: bool, inputs: dict[str, str | os.PathLike]) -> list[str]:
+def is_own_partial(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a partial folder this tool created (it holds the marker), or an empty
+    one (a run killed between creating it and marking it; reusing it loses nothing)."""
+    root = Path(folder)
+    if root.is_symlink() or not root.is_dir():
+        return False
+    return not any(root.iterdir()) or any((root / name).is_file() for name in (PARTIAL_MARKER_NAME, *_LEGACY_PARTIAL_MARKERS))
+
+
+def holds_record(folder: str | os.PathLike, record_name: str, record_format: str) -> bool:
+    """Whether `folder` holds `record_name`, a JSON object whose "format" is `record_format`."""
+    path = Path(folder) / record_name
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        document = json.loads(path.read_bytes()[: 64 * 2**20])
+    except (ValueError, OSError):
+        return False
+    return isinstance(document, dict) and document.get("format") == record_format
+
+
+def check_output_location(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: dict[str, str | os.PathLike],
+    record: tuple[str, str] | None = None,
+) -> list[str]:
     """Problems with writing to `out`, as lines for a plan (nothing is touched).
 
-    An output that is, contains or lies inside an input is always refused, because replacing it
-    would destroy the input; an existing output is refused unless `overwrite`.
+    Everything the final rename needs is checked here, before any work: `out` names a folder
+    (not `.`), is no symbolic link and no mount point (neither can be replaced by a rename). An
+    output that is, contains or lies inside an input, or whose `<out>.partial` working folder
+    would be an input, is always refused. An existing output is replaced only with `overwrite`,
+    and only when it is empty or holds `record` (file name, format): its own command's record.
     """
     problems: list[str] = []
-    out_path = Path(out).resolve()
+    out_path = Path(out)
+    if out_path.name in ("", ".", "..") or not str(out).strip():
+        return [f"--out {str(out)!r} does not name a new folder; give a folder name, e.g. {os.path.join(str(out) or '.', 'result')}"]
+    resolved = out_path.resolve()
+    partial = partial_path(resolved)
     for role, location in inputs.items():
-        if str(location).startswith("hf://"):
+        if str(location).startswith("hf://") or not str(location):
             continue
         input_path = Path(location).resolve()
-        if out_path == input_path or out_path.is_relative_to(input_path) or input_path.is_relative_to(out_path):
+        if resolved == input_path or resolved.is_relative_to(input_path) or input_path.is_relative_to(resolved):
             problems.append(f"--out {out} overlaps the {role} input {location}; choose an output outside every input")
+        elif partial == input_path or input_path.is_relative_to(partial):
+            problems.append(
+                f"the working folder {partial} of --out {out} is the {role} input {location}; "
+                "move that input or choose another --out"
+            )
     if problems:
         return problems
-    if out_path.exists() and not overwrite:
+    if out_path.is_symlink():
+        target = os.readlink(out_path)
+        return [f"--out {out} is a symbolic link (to {target}); the finished output replaces it by a rename, so give the real path"]
+    if not out_path.exists():
+        return problems
+    if not overwrite:
         problems.append(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
-    elif out_path.exists() and not out_path.is_dir():
+    elif not out_path.is_dir():
         problems.append(f"--out {out} exists and is not a directory; remove it or choose another path")
+    elif os.path.ismount(out_path):
+        problems.append(f"--out {out} is a mount point, which cannot be replaced by a rename; give a new folder inside it")
+    elif any(out_path.iterdir()) and (record is None or not holds_record(out_path, *record)):
+        what = f"holds no {record[0]}" if record else "is not empty"
+        problems.append(
+            f"--out {out} {what}, so it is not an earlier output of this command; --overwrite replaces only those "
+            "(or an empty folder): move it away yourself or choose another path"
+        )
     return problems
 
 
@@ -66,7 +130,14 @@ class AtomicOutputDir:
         Raises:
             OutputExistsError: naming the folder, --resume and how to start over.
         """
-        if self.partial.exists() and not self._keep_partial:
+        if not (self.partial.exists() or self.partial.is_symlink()):
+            return
+        if not is_own_partial(self.partial):
+            raise OutputExistsError(
+                f"{self.partial} exists and was not made by perta-stream (no {PARTIAL_MARKER_NAME}); "
+                "it is never reused or removed: move it away, or choose another --out"
+            )
+        if not self._keep_partial:
             raise OutputExistsError(
                 f"{self.partial} exists from an earlier run that did not finish; rerun the same command with --resume "
                 "to continue it, or delete that folder to start over"
@@ -85,8 +156,10 @@ class AtomicOutputDir:
         """
         self.check_partial()
         try:
-            self.partial.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.partial, os.O_RDONLY)
+            if not self.partial.exists():
+                self.partial.mkdir(parents=True)
+                (self.partial / PARTIAL_MARKER_NAME).write_bytes(b"")
+            lock_fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             raise WriteError(f"cannot create {self.partial}: {exc.strerror or exc}") from exc
         try:
@@ -110,19 +183,44 @@ class AtomicOutputDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def discard(self) -> None:
+        """Delete an unfinished partial folder this tool made (a fresh start).
+
+        Raises:
+            OutputExistsError: the folder is not this tool's; it is left alone.
+        """
+        if not (self.partial.exists() or self.partial.is_symlink()):
+            return
+        if not is_own_partial(self.partial):
+            raise OutputExistsError(
+                f"{self.partial} exists and was not made by perta-stream (no {PARTIAL_MARKER_NAME}); "
+                "it is never removed: move it away, or choose another --out"
+            )
+        shutil.rmtree(self.partial)
+
     def commit(self) -> Path:
-        """Rename the finished partial folder to `out` (replacing it when overwrite was asked)."""
+        """Rename the finished partial folder to `out` (replacing it when overwrite was asked).
+
+        The replaced output is first renamed into an empty folder this call creates under a fresh
+        name (`<out>.replaced-XXXX`), so the only thing ever deleted is what was at `out`.
+        """
         _fsync_dir(self.partial)
         trash = None
-        if self.out.exists():
+        if self.out.exists() or self.out.is_symlink():
             if not self._overwrite:
                 raise OutputExistsError(f"--out {self.out} appeared during the run; pass --overwrite to replace it")
-            trash = self.out.with_name(self.out.name + ".replaced")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.out, trash)
+            try:
+                trash = Path(tempfile.mkdtemp(prefix=f"{self.out.name}.replaced-", dir=self.out.parent))
+                os.replace(self.out, trash)
+            except OSError as exc:
+                raise WriteError(
+                    f"cannot move the old --out {self.out} aside ({exc.strerror or exc}); the finished output stays in "
+                    f"{self.partial}: move it into place by hand"
+                ) from exc
         os.replace(self.partial, self.out)
         _fsync_dir(self.out.parent)
         self.release()
+        (self.out / PARTIAL_MARKER_NAME).unlink(missing_ok=True)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out

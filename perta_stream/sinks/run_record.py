@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from perta_stream.sinks.shard_writer import ShardRecord
 
 MERGE_RECORD_NAME = "perta_merge.json"
+MERGE_RECORD_FORMAT = "perta_merge"
 MODEL_CARD_NAME = "README.md"
 
 

@@ -76,7 +76,10 @@ class LocalByteSource:
             os.posix_fadvise(self._fd(file_name), offset, length, os.POSIX_FADV_DONTNEED)
 
     def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
-        shutil.copyfile(self._root / file_name, destination)
+        source = self._root / file_name
+        if not source.resolve().is_relative_to(self._root.resolve()):
+            raise CheckpointError(f"{source} resolves outside {self._root}; it is not copied (replace the link by the file itself)")
+        shutil.copyfile(source, destination)
 
     def close(self) -> None:
         with self._lock:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import posixpath
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ INDEX_FILE_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files that describe weights, never copied as side files: the merge writes its own.
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-OWN_FILES = frozenset({INDEX_FILE_NAME, "README.md", "perta_merge.json", "perta_stats.json", "perta_finetune.json"})
+OWN_FILES = frozenset({INDEX_FILE_NAME, "README.md", "perta_merge.json", "perta_stats.json", "perta_finetune.json", "perta_convert.json"})
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight",)
 INPUT_EMBEDDING_SUFFIX = "embed_tokens.weight"
 _MAX_INDEX_BYTES = 64 * 1024 * 1024
@@ -115,6 +116,8 @@ def parse_index(raw: bytes, where: str) -> tuple[dict[str, str], list[str]]:
 
     Shard names must stay inside the checkpoint: absolute paths and `..` are refused, because a
     crafted index must not make the tool read (or a later copy write) outside the directory.
+    Names are normalized (`./model-00001-of-00002.safetensors` is that file), and names in a
+    sub-folder are refused: outputs are written with the input's shard names, one folder deep.
     """
     problems: list[str] = []
     try:
@@ -136,7 +139,14 @@ def parse_index(raw: bytes, where: str) -> tuple[dict[str, str], list[str]]:
                 "shard names must be relative names inside it"
             )
             continue
-        clean[tensor_name] = file_name
+        normalized = posixpath.normpath(file_name)
+        if "/" in normalized or normalized in (".", ""):
+            problems.append(
+                f"{where}: tensor {tensor_name!r} points to {file_name!r}, not a file directly in the checkpoint "
+                "directory; move the shard next to the index and write its bare name in the weight_map"
+            )
+            continue
+        clean[tensor_name] = normalized
     return clean, problems
 
 
@@ -257,10 +267,19 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointNotFoundError(f"{role} checkpoint {location} is not a directory; pass a Hugging Face model directory")
     file_sizes = {entry.name: entry.stat().st_size for entry in root.iterdir() if entry.is_file()}
-    names = sorted(file_sizes)
+    escaping = outside_links(root, file_sizes)
+    names = sorted(name for name in file_sizes if name not in escaping)
     index_name, index_bytes, weight_map, problems = resolve_layout(
-        file_sizes, lambda name: (root / name).read_bytes(), location=location, role=role
+        {name: size for name, size in file_sizes.items() if name not in escaping},
+        lambda name: (root / name).read_bytes(),
+        location=location,
+        role=role,
     )
+    for name, target in sorted(escaping.items()):
+        problems.append(
+            f"{role} ({location}): {name} is a symbolic link to {target}, outside the checkpoint; files of a checkpoint "
+            "are copied into outputs, so links out of it are refused: replace the link by the file itself, or remove it"
+        )
     shard_names = list(dict.fromkeys(weight_map.values())) if index_name else [SINGLE_FILE_NAME]
     headers: dict[str, SafetensorsHeader] = {}
     for file_name in shard_names:
@@ -291,8 +310,23 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
     )
 
 
+def outside_links(root: Path, names: Iterable[str]) -> dict[str, str]:
+    """name -> target of every file in `root` that is a symbolic link resolving outside `root`.
+
+    Such a file is never read or copied: a side file linked to e.g. /proc/self/environ would put
+    the environment (tokens included) into an output, and from there into a Hub commit.
+    """
+    inside = root.resolve()
+    found: dict[str, str] = {}
+    for name in names:
+        path = root / name
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            found[name] = os.readlink(path)
+    return found
+
+
 def _read_config(path: Path, where: str, problems: list[str]) -> dict:
-    if not path.is_file():
+    if not path.is_file() or path.name in outside_links(path.parent, [path.name]):
         return {}
     return parse_config(path.read_bytes(), where, problems)
 

@@ -78,7 +78,9 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
         raise CheckpointNotFoundError(f"model directory {path} does not exist")
     resolved = resolve_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Never run Python files of a model folder (an `auto_map` in its configs): transformers
+        # would otherwise ask on standard input, and a "y" there would execute them.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
         raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}; the folder needs the tokenizer files of the model") from exc
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -86,7 +88,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
         kwargs = {"dtype": "auto", "device_map": "auto"}
     try:
         with transformers_progress_bars(progress_enabled()):
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     except Exception as exc:
         raise CheckpointError(f"cannot load a causal LM from {path}: {exc}") from exc
     if "device_map" not in kwargs:

@@ -9,10 +9,16 @@ Tensor bytes are then read by `HubByteSource.read_into` straight into the engine
 buffers: each chunk is one ranged GET (split into a few concurrent GETs when it is large, so one
 slow connection does not bound the throughput), so the bytes fetched equal the bytes needed
 plus the headers, and no shard is ever stored locally.
+
+The Hub publishes the sha256 of every LFS file (every shard). The source hashes a file's bytes
+as long as they arrive in order (a merge reads each shard's header, then its tensors front to
+back), and a file read whole whose digest differs raises before anything is committed: a byte
+corrupted in transit never becomes a different model with exit 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -62,7 +68,7 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
     sizes = _folder_sizes(info.siblings or [], hub_location.path_in_repo)
     pinned = hub_location.pinned(info.sha)
     reader = RangeReader(hub_location, info.sha)
-    source = HubByteSource(reader, sizes)
+    source = HubByteSource(reader, sizes, _folder_sha256(info.siblings or [], hub_location.path_in_repo))
     where = f"{role} ({pinned})"
     names = sorted(sizes)
     index_name, index_bytes, weight_map, problems = resolve_layout(
@@ -76,7 +82,7 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
             continue
         try:
             headers[file_name] = parse_header(
-                lambda offset, length, name=file_name: reader.read_bytes(name, offset, max(0, min(length, sizes[name] - offset))),
+                lambda offset, length, name=file_name: source.read_bytes(name, offset, max(0, min(length, sizes[name] - offset))),
                 sizes[file_name],
                 file_name,
             )
@@ -116,19 +122,78 @@ def _folder_sizes(siblings: list, folder: str) -> dict[str, int]:
     return sizes
 
 
+def _folder_sha256(siblings: list, folder: str) -> dict[str, str]:
+    """File name -> the sha256 the Hub publishes, for the LFS files directly inside `folder`."""
+    prefix = f"{folder}/" if folder else ""
+    published: dict[str, str] = {}
+    for sibling in siblings:
+        path = sibling.rfilename
+        sha256 = getattr(sibling.lfs, "sha256", None) if sibling.lfs is not None else None
+        if path.startswith(prefix) and "/" not in path[len(prefix) :] and isinstance(sha256, str):
+            published[path[len(prefix) :]] = sha256.lower()
+    return published
+
+
+class _InOrderDigest:
+    """sha256 of a file whose bytes are handed over front to back; gives up at the first gap."""
+
+    def __init__(self) -> None:
+        self.next_offset = 0
+        self.in_order = True
+        self.hasher = hashlib.sha256()
+
+
 class HubByteSource:
     """Reads a Hub checkpoint's bytes into caller-owned buffers by HTTP range requests.
 
     Args:
         reader: the pinned-commit range reader of the repo.
         sizes: file name -> size of the checkpoint's files.
+        published_sha256: file name -> the sha256 the Hub publishes for it (LFS files).
     """
 
-    def __init__(self, reader: RangeReader, sizes: dict[str, int]):
+    def __init__(self, reader: RangeReader, sizes: dict[str, int], published_sha256: dict[str, str] | None = None):
         self._reader = reader
         self._sizes = dict(sizes)
+        self._published = dict(published_sha256 or {})
+        self._digests: dict[str, _InOrderDigest] = {}
+        self.verified_files: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    def read_bytes(self, file_name: str, offset: int, length: int) -> bytes:
+        """`length` bytes of `file_name` at `offset` (headers, small files), checked like any read."""
+        buffer = bytearray(length)
+        self.read_into(file_name, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def _observe(self, file_name: str, offset: int, view: memoryview) -> None:
+        """Feed bytes just read to the file's running digest; compare once the file is complete.
+
+        Raises:
+            HubError: the whole file was read and its sha256 is not the published one.
+        """
+        published = self._published.get(file_name)
+        if published is None:
+            return
+        with self._lock:
+            digest = self._digests.setdefault(file_name, _InOrderDigest())
+            if not digest.in_order or offset + len(view) <= digest.next_offset:
+                return  # out of order earlier, or bytes already hashed (a re-read)
+            if offset != digest.next_offset:
+                digest.in_order = False
+                return
+            digest.hasher.update(view)
+            digest.next_offset += len(view)
+            if digest.next_offset != self._sizes[file_name]:
+                return
+            actual = digest.hasher.hexdigest()
+        if actual != published:
+            raise HubError(
+                f"{self._reader.location}: {file_name} arrived with sha256 {actual[:16]}…, but the Hub publishes "
+                f"{published[:16]}… for it: bytes were corrupted in transit; nothing was committed, rerun the command"
+            )
+        self.verified_files.add(file_name)
 
     @property
     def bytes_received(self) -> int:
@@ -148,6 +213,7 @@ class HubByteSource:
             raise CheckpointError(f"{self._reader.location}: {file_name} has no bytes {offset}..{offset + len(view)}; the plan is stale")
         if len(view) < 2 * PART_BYTES:
             self._reader.read_into(file_name, offset, view)
+            self._observe(file_name, offset, view)
             return
         parts = [(start, min(PART_BYTES, len(view) - start)) for start in range(0, len(view), PART_BYTES)]
         futures = [self._executor().submit(self._reader.read_into, file_name, offset + start, view[start : start + length]) for start, length in parts]
@@ -156,6 +222,7 @@ class HubByteSource:
         wait(futures)
         for future in futures:
             future.result()
+        self._observe(file_name, offset, view)
 
     def done_with(self, file_name: str, offset: int, length: int) -> None:
         """Nothing is cached locally, so there is nothing to drop."""

@@ -19,6 +19,7 @@ import torch
 from perta_stream.dtypes import torch_dtype
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
+from perta_stream.sources.content_digest import TensorHasher
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,19 @@ class ModuleWeightLoader:
         source: the checkpoint's bytes.
         device: where loaded tensors go.
         dtype: the compute dtype (floating tensors are converted to it).
+        hasher: when given, every tensor's bytes are hashed into it as they are read (the model's
+            content identity, sources/content_digest.py).
 
     Use `prefetch(names)` to start reading a group in the background and `load(names)` to get it
     (reading it now when it was not prefetched). `close()` waits for a pending read and stops the
     thread; the caller owns `source` and closes it.
     """
 
-    def __init__(self, checkpoint: Checkpoint, source: ByteSource, *, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, checkpoint: Checkpoint, source: ByteSource, *, device: torch.device, dtype: torch.dtype, hasher: TensorHasher | None = None
+    ):
         self._checkpoint = checkpoint
+        self._hasher = hasher
         self._source = source
         self._device = device
         self._dtype = dtype
@@ -55,6 +61,8 @@ class ModuleWeightLoader:
             if info.nbytes:
                 self._source.read_into(info.file_name, info.begin, memoryview(raw.numpy()))
                 self._source.done_with(info.file_name, info.begin, info.nbytes)
+            if self._hasher is not None:
+                self._hasher.update(tensor_name, memoryview(raw.numpy()), last=True)
             tensor = raw.view(torch_dtype(info.dtype)).reshape(info.shape)
             target = self._dtype if tensor.is_floating_point() else tensor.dtype
             tensors[tensor_name] = tensor.to(device=self._device, dtype=target)

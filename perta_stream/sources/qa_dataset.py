@@ -29,7 +29,15 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     file_path = Path(path)
     if not file_path.is_file():
         raise DatasetError(f"data file {path} does not exist")
-    text = file_path.read_text(encoding="utf-8")
+    raw = file_path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"data file {path}, line {line_number}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+            "re-save the file as UTF-8"
+        ) from None
     if not text.strip():
         raise DatasetError(f"data file {path} is empty; it needs at least one record")
     stripped = text.lstrip()
