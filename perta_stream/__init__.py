@@ -4,4 +4,4 @@ Streamed gradient statistics, memory-bounded merges and TOFU evaluation. The pub
 `run_*` pipelines and their frozen `*Config` dataclasses; `perta-stream` is the command line.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
