@@ -8,13 +8,16 @@ on stderr (`error: ...`) and exit code 1 (2 for usage); `-v` shows the traceback
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from perta_stream import __version__
+from perta_stream.devices import DEVICE_HELP
 from perta_stream.errors import PertaStreamError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -26,6 +29,29 @@ class _Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise _Terminated()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, with the closest valid word when there is one
+    (a mistyped choice or flag), instead of the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message}{_suggestion(message, self)} (see `{self.prog} --help`)\n")
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """"; did you mean X?" for an invalid choice or an unknown flag, else ""."""
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        candidates = [part.strip(" '\"") for part in choice.group(2).split(",")]
+        close = difflib.get_close_matches(choice.group(1), candidates, n=1)
+    else:
+        unknown = re.search(r"unrecognized arguments: (\S+)", message)
+        if not unknown:
+            return ""
+        flag = unknown.group(1).split("=", 1)[0]
+        close = difflib.get_close_matches(flag, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -51,7 +77,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--full", required=True, help="the model to clean (fine-tuned on forget + retain)")
     parser.add_argument("--fgt", required=True, help="the model fine-tuned on the forget set only")
     parser.add_argument("--out", required=True, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
-    parser.add_argument("--method", default="tv", choices=["tv", "uniform", "grad", "fisher"])
+    parser.add_argument("--method", default="tv", choices=["tv", "uniform", "grad", "fisher", "task_arithmetic"])
     parser.add_argument("--stats", help="statistics directory from `perta-stream stats` (grad and fisher)")
     parser.add_argument(
         "--stats-at",
@@ -133,7 +159,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; prompts are cut first (default 512)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L (default 200)")
     parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set (quick runs)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out record (never a file inside the model)")
     _add_common(parser)
@@ -170,7 +196,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping by global norm, 0 = off (default 1)")
     parser.add_argument("--question-key", default="question", help="record field holding the question")
     parser.add_argument("--answer-key", default="answer", help="record field holding the answer")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_common(parser)
@@ -226,7 +252,7 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --fraction subset (default 0)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; the prompt is cut from its start, never the answer (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch on the compute device (default 8)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto: cuda when available)")
+    parser.add_argument("--device", default="auto", help=f"compute device: {DEVICE_HELP} (default auto)")
     parser.add_argument(
         "--compute-dtype",
         default="auto",
@@ -277,18 +303,18 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--full", help="the model to clean (fine-tuned on forget + retain)")
     parser.add_argument("--fgt", help="the model fine-tuned on the forget set only")
     parser.add_argument("--out", help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
-    parser.add_argument("--method", choices=["tv", "uniform", "grad", "fisher"], help="default fisher")
+    parser.add_argument("--method", choices=["tv", "uniform", "grad", "fisher", "task_arithmetic"], help="default fisher")
     parser.add_argument("--alpha", type=_float_list, help="scale(s) of the task vector, e.g. 0.5,1,2 (default 1)")
     parser.add_argument("--forget", help="forget data file (.jsonl/.json) for the statistics")
     parser.add_argument("--retain", help="retain data file (.jsonl/.json) for the statistics")
-    parser.add_argument("--stats-dir", help="statistics directory to reuse or create (default: perta_stats/ next to --out)")
+    parser.add_argument("--stats", "--stats-dir", dest="stats_dir", help="statistics directory to reuse or create (default: perta_stats/ next to --out)")
     parser.add_argument("--stats-model", help="checkpoint the statistics are taken at (default: --theta0)")
     parser.add_argument("--kinds", help="statistics to compute when missing (default grad,fisher)")
     parser.add_argument("--fraction", type=float, help="seeded share of each data file for the statistics (default 1)")
     parser.add_argument("--seed", type=int, help="seed of --fraction (default 0)")
     parser.add_argument("--max-length", type=int, help="tokens per sample (default 512)")
     parser.add_argument("--batch-size", type=int, help="samples per statistics batch (default 8)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="statistics device (default auto)")
+    parser.add_argument("--device", help=f"statistics device: {DEVICE_HELP} (default auto)")
     parser.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], help="statistics compute dtype (default auto: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--stats-dtype", help="storage dtype of the statistics: float32 or bfloat16")
     parser.add_argument("--question-key", help="question field of the records (default question)")
@@ -333,8 +359,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--retain-logs", help="instead of --retain-model: its `perta-stream eval` JSON")
     parser.add_argument("--split", default="forget01", help="TOFU forget split (default forget01)")
     parser.add_argument("--tofu", help="TOFU data folder (default: the copy bundled with perta_stream)")
-    parser.add_argument("--methods", default="tv,uniform,grad,fisher", help="comma-separated (default tv,uniform,grad,fisher)")
-    parser.add_argument("--alphas", type=_float_list, default=(0.5, 1.0, 2.0), help="comma-separated (default 0.5,1,2)")
+    parser.add_argument("--method", "--methods", dest="methods", default="tv,uniform,grad,fisher", help="comma-separated (default tv,uniform,grad,fisher)")
+    parser.add_argument("--alpha", "--alphas", dest="alphas", type=_float_list, default=(0.5, 1.0, 2.0), help="comma-separated (default 0.5,1,2)")
     parser.add_argument("--tau", type=float, help="weight exponent for grad and fisher (default: each method's)")
     parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for uniform (default 0.5)")
     parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are 0 (default 0.5)")
@@ -342,7 +368,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per evaluated sample")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L")
     parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     parser.add_argument("--system-prompt", help="optional system prompt for chat-template models")
     parser.add_argument("--delete-models", action="store_true", help="delete each merged model once evaluated")
     parser.add_argument("--max-memory", default="512MiB", help="memory the merge may add to this process (default 512MiB)")
@@ -374,7 +400,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rebuild", action="store_true", help="ignore and replace this recipe's cached results")
     parser.add_argument("--split", choices=["forget01", "forget10"], help="TOFU forget split (default forget01)")
     parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
-    parser.add_argument("--alphas", type=_float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
+    parser.add_argument("--alpha", "--alphas", dest="alphas", type=_float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
     parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
@@ -431,20 +457,116 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="perta-stream",
         description="Per-parameter task arithmetic (PerTA) unlearning, streamed: stats, merge, eval.",
     )
     parser.add_argument("--version", action="version", version=f"perta-stream {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add, _ in _COMMANDS.values():
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, (add, _) in _COMMANDS.items():
         add(sub)
+        command = sub.choices[name]
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        command.epilog = f"example:\n  {_EXAMPLES[name]}"
+        if name != "unlearn" and not any("--config" in action.option_strings for action in command._actions):
+            # unlearn merges its YAML itself (its keys predate this and include aliases).
+            command.add_argument("--config", help="a YAML file of options; keys are the flag names, flags given here win")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; a `--config FILE.yaml` supplies defaults that the flags override.
+
+    Raises:
+        SystemExit: a usage error, printed as one line (exit code 2).
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    name = next((word for word in arguments if word in _COMMANDS), None)
+    config_path = _flag_value(arguments, "--config")
+    if name is not None and name != "unlearn" and config_path is not None:
+        # The file's keys become the command's defaults before parsing, so a flag given on the
+        # command line wins and an option the file gives is no longer missing.
+        command = command_parser(parser, name)
+        try:
+            options = _config_file_defaults(command, config_path)
+        except UsageError as exc:
+            command.error(str(exc))
+        command.set_defaults(**options)
+        for action in command._actions:
+            if action.dest in options:
+                action.required = False
+    args, extras = parser.parse_known_args(arguments)
+    if extras:
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _flag_value(arguments: list[str], flag: str) -> str | None:
+    for position, word in enumerate(arguments):
+        if word == flag and position + 1 < len(arguments):
+            return arguments[position + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (its actions are the flags the Python API accepts)."""
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _config_file_defaults(command: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The YAML's options as argparse defaults of `command` (lists joined, as a flag is written).
+
+    Raises:
+        UsageError: an unknown key (with the closest flag), or an unreadable file.
+    """
+    from perta_stream.config.unlearn import load_config_file
+
+    # Every spelling of a flag is a key (`alpha` and `alphas` in sweep).
+    by_key = {
+        flag.lstrip("-").replace("-", "_"): action
+        for action in command._actions
+        if action.dest not in ("help", "config")
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+    defaults: dict[str, Any] = {}
+    problems = []
+    for raw_key, value in load_config_file(path).items():
+        action = by_key.get(str(raw_key).replace("-", "_"))
+        if action is None:
+            close = difflib.get_close_matches(str(raw_key).replace("-", "_"), list(by_key), n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
+            problems.append(f"unknown key {raw_key!r}{hint}")
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(item) for item in value)
+        elif action.type is not None and value is not None and not isinstance(value, (str, bool)):
+            value = str(value)  # parsed by the flag's own type, exactly as on the command line
+        defaults[action.dest] = value
+    if problems:
+        raise UsageError(f"--config {path}: {'; '.join(problems)}")
+    return defaults
+
+
+_EXAMPLES = {
+    "merge": "perta-stream merge --theta0 base/ --full full/ --fgt forget/ --method fisher --stats stats/ --alpha 0.5,1 --out clean/",
+    "eval": "perta-stream eval --model clean/ --split forget01 --retain-logs retain.json --out clean.json",
+    "finetune": "perta-stream finetune --model base/ --data forget.jsonl --out forget_model/ --epochs 5 --lr 1e-5",
+    "verify": "perta-stream verify clean/ --finite",
+    "stats": "perta-stream stats --model base/ --forget forget.jsonl --retain retain.jsonl --out stats/",
+    "unlearn": "perta-stream unlearn --config configs/demo_fisher.yaml",
+    "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
+    "demo": "perta-stream demo",
+    "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False):

@@ -342,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ Hub API
     def _hub(self, method: str, path: str, query: dict) -> None:
+        if method == "GET" and (match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)):
+            return self._tree(match[1], match[2], match[3] or "")
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
             return self._model_info(match[1], match[2], query)
         if method in ("GET", "HEAD") and (match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
@@ -382,6 +384,24 @@ class _Handler(BaseHTTPRequestHandler):
                 siblings.append(sibling)
             body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.private, "siblings": siblings}
         self._send_json(200, body)
+
+    def _tree(self, repo_id: str, revision: str, folder: str) -> None:
+        """The files of a commit (recursively), as `list_repo_tree` and `snapshot_download` read them."""
+        from urllib.parse import unquote
+
+        prefix = f"{unquote(folder).strip('/')}/" if folder else ""
+        with self.state.lock:
+            repo = self._repo(repo_id, write=False)
+            files = repo.commits[self._commit_of(repo, unquote(revision))]
+            listing = []
+            for name, entry in sorted(files.items()):
+                if not name.startswith(prefix):
+                    continue
+                item: dict = {"type": "file", "path": name, "size": entry.size, "oid": entry.git_sha1}
+                if entry.lfs:
+                    item["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": 134}
+                listing.append(item)
+        self._send_json(200, listing)
 
     def _resolve(self, method: str, repo_id: str, revision: str, file_path: str) -> None:
         with self.state.lock:

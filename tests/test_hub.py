@@ -458,3 +458,34 @@ def test_bytes_corrupted_in_transit_are_caught_by_the_published_sha256(hub, monk
     with pytest.raises(HubError, match="corrupted in transit"):
         run_merge(_config(str(out)))
     assert flipped["done"] and not out.exists()
+
+
+def test_bare_hub_ids_are_read_like_hf_locations(hub, local_merge, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no local folder called org/...
+    out = tmp_path / "bare"
+    run_merge(MergeConfig(theta0="org/theta0", full="org/full", fgt="org/fgt", out=str(out), chunk_bytes=SMALL_CHUNK_BYTES, alphas=(1.5,)))
+    for shard in local_merge.glob("*.safetensors"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    assert json.loads((out / "perta_merge.json").read_text())["inputs"]["full"]["location"].startswith("hf://org/full@")
+
+
+def test_model_folder_download_takes_only_weights_configs_and_tokenizer(hub, models, tmp_path, monkeypatch):
+    """eval and finetune load whole Hub models through a local copy: never Python files or pickles."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from perta_stream.sources.hub import download_model_folder
+
+    _, theta0, _, _ = models
+    folder = Path(shutil.copytree(theta0, tmp_path / "with_code"))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('ran')\n")
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle you want")
+    hub.publish_folder("org/with-code", folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    local = download_model_folder("hf://org/with-code")
+    names = {p.name for p in local.iterdir()}
+    assert "config.json" in names and any(name.endswith(".safetensors") for name in names)
+    assert "modeling_evil.py" not in names and "pytorch_model.bin" not in names
+    for name in names:
+        assert (local / name).read_bytes() == (folder / name).read_bytes()

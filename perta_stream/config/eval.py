@@ -6,9 +6,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from perta_stream.config.locations import normalize_inputs
+from perta_stream.devices import device_problem
 from perta_stream.errors import PlanError
 
-DEVICES = ("auto", "cpu", "cuda")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -48,6 +49,7 @@ class EvalConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "model")
         if not self.tofu_dir:
             from perta_stream.sources.tofu import bundled_tofu_dir
 
@@ -61,7 +63,7 @@ class EvalConfig:
         problems: list[str] = []
         if self.split not in TOFU_SPLITS:
             problems.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
-        if not Path(self.model).is_dir():
+        if not self.model.startswith("hf://") and not Path(self.model).is_dir():
             problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
         if not Path(self.tofu_dir).is_dir():
             problems.append(f"--tofu {self.tofu_dir} is not a directory; give the folder holding the TOFU .jsonl files")
@@ -81,8 +83,8 @@ class EvalConfig:
                 problems.append(f"{flag} must be at least 1, got {value}")
         if self.max_items is not None and self.max_items < 1:
             problems.append(f"--max-items must be at least 1, got {self.max_items}")
-        if self.device not in DEVICES:
-            problems.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if device_problem(self.device):
+            problems.append(str(device_problem(self.device)))
         return problems
 
     @property

@@ -6,9 +6,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from perta_stream.config.locations import normalize_inputs
+from perta_stream.devices import device_problem
 from perta_stream.errors import PlanError
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "model")
         problems = self.problems()
         if problems:
             raise PlanError("invalid finetune options", problems)
@@ -61,7 +63,7 @@ class FinetuneConfig:
         from perta_stream.sinks.output_dir import check_output_location
 
         problems: list[str] = []
-        if not Path(self.model).is_dir():
+        if not self.model.startswith("hf://") and not Path(self.model).is_dir():
             problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
         if not Path(self.data).is_file():
             problems.append(f"--data {self.data} does not exist; give a .jsonl or .json file of question/answer records")
@@ -83,8 +85,8 @@ class FinetuneConfig:
             problems.append(f"--max-grad-norm must be non-negative (0 = off), got {self.max_grad_norm}")
         if not self.question_key or not self.answer_key:
             problems.append("--question-key and --answer-key must not be empty")
-        if self.device not in DEVICES:
-            problems.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if device_problem(self.device):
+            problems.append(str(device_problem(self.device)))
         return problems
 
     @classmethod

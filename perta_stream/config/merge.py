@@ -7,11 +7,14 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from perta_stream.config.locations import normalize_inputs
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
 METHODS = ("tv", "uniform", "grad", "fisher")
+# Other tools' names for a method (mergekit calls plain task arithmetic `task_arithmetic`).
+METHOD_ALIASES = {"task_arithmetic": "tv"}
 STATS_AT = ("theta0", "full", "fgt")
 DEFAULT_TAU = {"grad": 1.0, "fisher": 2.0}
 DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
@@ -122,6 +125,9 @@ class MergeConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "theta0", "full", "fgt")
+        if self.method in METHOD_ALIASES:
+            object.__setattr__(self, "method", METHOD_ALIASES[self.method])
         problems = self.problems()
         if problems:
             raise PlanError("invalid merge options", problems)

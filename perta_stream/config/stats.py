@@ -12,12 +12,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perta_stream.config.locations import normalize_inputs
+from perta_stream.devices import device_problem
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
 STATS_KINDS = ("grad", "fisher")
-DEVICES = ("auto", "cpu", "cuda")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 STATS_DTYPES = ("F32", "BF16")
 DEFAULT_BOUNDARY_BUDGET_BYTES = 2 * 2**30
@@ -81,6 +82,7 @@ class StatsConfig:
     extra_problems: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "model")
         problems = list(self.extra_problems) + self._problems()
         if problems:
             raise PlanError("stats options are invalid", problems)
@@ -102,8 +104,8 @@ class StatsConfig:
             problems.append(f"--max-length must be at least 2 tokens, got {self.max_length}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.device not in DEVICES:
-            problems.append(f"--device {self.device!r} unknown; choose from {', '.join(DEVICES)}")
+        if device_problem(self.device):
+            problems.append(str(device_problem(self.device)))
         if self.compute_dtype not in COMPUTE_DTYPES:
             problems.append(f"--compute-dtype {self.compute_dtype!r} unsupported; choose from {', '.join(COMPUTE_DTYPES)}")
         if self.stats_dtype not in STATS_DTYPES:

@@ -6,7 +6,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from perta_stream.config.eval import DEVICES, TOFU_SPLITS
+from perta_stream.config.locations import normalize_inputs
+from perta_stream.devices import device_problem
+from perta_stream.config.eval import TOFU_SPLITS
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -72,6 +74,7 @@ class SweepConfig:
     title: str = ""
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
         if not self.tofu_dir:
             from perta_stream.sources.tofu import bundled_tofu_dir
 
@@ -101,7 +104,7 @@ class SweepConfig:
         )
         if (self.retain_model is None) == (self.retain_logs is None):
             found.append("give exactly one of --retain-model DIR (θ_ret, evaluated first) or --retain-logs FILE (its eval JSON): forget quality needs it")
-        if self.retain_model is not None and not Path(self.retain_model).is_dir():
+        if self.retain_model is not None and not self.retain_model.startswith("hf://") and not Path(self.retain_model).is_dir():
             found.append(f"--retain-model {self.retain_model} is not a directory")
         if self.retain_logs is not None and not Path(self.retain_logs).is_file():
             found.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON `perta-stream eval` wrote for θ_ret")
@@ -112,8 +115,8 @@ class SweepConfig:
                 found.append(f"{flag} must be at least 1, got {value}")
         if self.max_items is not None and self.max_items < 1:
             found.append(f"--max-items must be at least 1, got {self.max_items}")
-        if self.device not in DEVICES:
-            found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if device_problem(self.device):
+            found.append(str(device_problem(self.device)))
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))

@@ -16,15 +16,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from perta_stream.config.locations import normalize_inputs
+from perta_stream.devices import device_problem
 from perta_stream.config.merge import (
     DEFAULT_MAX_MEMORY_BYTES,
     DEFAULT_TAU,
+    METHOD_ALIASES,
     METHODS,
     arithmetic_problems,
     format_alpha,
     output_dirs,
 )
-from perta_stream.config.stats import COMPUTE_DTYPES, DEVICES, STATS_KINDS
+from perta_stream.config.stats import COMPUTE_DTYPES, STATS_KINDS
 from perta_stream.dtypes import parse_user_dtype
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -99,6 +102,9 @@ class UnlearnConfig:
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
+        normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
+        if self.method in METHOD_ALIASES:
+            object.__setattr__(self, "method", METHOD_ALIASES[self.method])
         problems = self.problems()
         if problems:
             raise PlanError("invalid unlearn options", problems)
@@ -155,8 +161,8 @@ class UnlearnConfig:
         for flag, value in (("--max-length", self.max_length), ("--batch-size", self.batch_size)):
             if value < 1:
                 found.append(f"{flag} must be at least 1, got {value}")
-        if self.device not in DEVICES:
-            found.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if device_problem(self.device):
+            found.append(str(device_problem(self.device)))
         if self.compute_dtype not in COMPUTE_DTYPES:
             found.append(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if self.checkpoint_interval_s is not None and not (math.isfinite(self.checkpoint_interval_s) and self.checkpoint_interval_s >= 0):

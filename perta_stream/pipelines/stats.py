@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
 from perta_stream.config.stats import StatsConfig
+from perta_stream.devices import resolve_device
 from perta_stream.distributed import DistContext, distributed
 from perta_stream.errors import CheckpointError, PlanError, UsageError
 from perta_stream.memory import format_bytes, peak_rss_bytes
@@ -128,7 +129,7 @@ def run_stats(config: StatsConfig) -> StatsResult:
             AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         tokenizer = _load_tokenizer(config.model)
         datasets = {name: _encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
-        device = _resolve_device(config.device)
+        device = resolve_device(config.device)
         compute_dtype_name = config.compute_dtype_on(device)
         plan = plan_stats(
             shape,
@@ -423,16 +424,6 @@ def _result(plan: StatsPlan, out: Path, record: dict[str, Any], report: EngineRe
 
 def _rank_zero_writes(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
     raise AssertionError(f"rank > 0 was asked to write {dataset} {group}; only rank 0 writes statistics")
-
-
-def _resolve_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return requested
 
 
 def _load_tokenizer(location: str) -> Any:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError, UsageError
+from perta_stream.devices import resolve_device
+from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError
 from perta_stream.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -35,21 +36,6 @@ class LoadedModel:
     tokenizer: Any
     input_device: Any
     pad_token_id: int
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a GPU is visible, else `cpu`; `cuda` without a GPU is an error.
-
-    Raises:
-        UsageError: `cuda` was asked for and none is available.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but no CUDA device is visible; use --device cpu or auto")
-    return device
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_training: bool = False) -> LoadedModel:
@@ -73,7 +59,14 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model_dir)
+    from perta_stream.sources.resolve import is_hub_location
+
+    if is_hub_location(model_dir):
+        from perta_stream.sources.hub import download_model_folder
+
+        path = download_model_folder(str(model_dir))
+    else:
+        path = Path(model_dir)
     if not path.is_dir():
         raise CheckpointNotFoundError(f"model directory {path} does not exist")
     resolved = resolve_device(device)

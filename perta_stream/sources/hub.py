@@ -258,3 +258,30 @@ class HubByteSource:
                 self._pool = ThreadPoolExecutor(max_workers=PARALLEL_PARTS, thread_name_prefix="perta-hub-read")
             return self._pool
 
+
+
+# What a model folder needs to be loaded by transformers: weights, configs, tokenizer files and a
+# chat template. Never Python files (no remote code) and never pickles.
+SNAPSHOT_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+def download_model_folder(location: str) -> Path:
+    """A local copy of a Hub model (in the huggingface_hub cache) for commands that load a whole
+    model with transformers (eval, finetune); the weights come as safetensors only.
+
+    Raises:
+        UsageError: the location is malformed. HubError: the repo cannot be read.
+    """
+    from huggingface_hub import snapshot_download
+
+    hub_location = parse_hub_location(location)
+    folder = with_retries(
+        lambda: snapshot_download(
+            hub_location.repo_id,
+            revision=hub_location.revision,
+            allow_patterns=[hub_location.file_path(pattern) for pattern in SNAPSHOT_PATTERNS],
+        ),
+        action="downloading model",
+        location=location,
+    )
+    return Path(folder) / hub_location.path_in_repo

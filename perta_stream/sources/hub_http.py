@@ -154,7 +154,7 @@ def hub_error(exc: BaseException, *, action: str, location: str) -> HubError:
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         return HubError(
             f"{action} {location}: the repo does not exist on {endpoint}, or it is private and the token cannot see it; "
-            "check the name, or log in with `hf auth login` (or set HF_TOKEN)"
+            "check the name, or log in with `hf auth login` (or set HF_TOKEN); a local folder must be a path that exists"
         )
     if isinstance(exc, hf_errors.RemoteEntryNotFoundError):
         return HubError(f"{action} {location}: a file is missing from the repo; it changed during the run, rerun")
@@ -201,12 +201,31 @@ def is_transient(exc: BaseException) -> bool:
     import httpx2
     from huggingface_hub import errors as hf_errors
 
+    if _name_not_resolved(exc):
+        return False  # no network or no such host: retrying for half a minute changes nothing
     if isinstance(exc, _TransientStatus | httpx2.TransportError):
         return True
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return False
     if isinstance(exc, hf_errors.HfHubHTTPError) and exc.response is not None:
         return exc.response.status_code in TRANSIENT_STATUS
+    return False
+
+
+def _name_not_resolved(exc: BaseException) -> bool:
+    """Whether a failure (or one it wraps) is a DNS lookup that failed (offline, unknown host)."""
+    import socket
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return True
+        text = str(current)
+        if "Name or service not known" in text or "Temporary failure in name resolution" in text or "nodename nor servname" in text:
+            return True
+        current = current.__cause__ or current.__context__
     return False
 
 

@@ -1,8 +1,9 @@
-"""Open a checkpoint given as a local directory or as `hf://org/name[@revision]`."""
+"""Open a checkpoint given as a local directory, as `hf://org/name[@revision]`, or as a bare Hub id."""
 
 from __future__ import annotations
 
 import os
+import re
 
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
 from perta_stream.sources.checkpoint import Checkpoint, open_local_checkpoint
@@ -10,8 +11,25 @@ from perta_stream.sources.checkpoint import Checkpoint, open_local_checkpoint
 HUB_PREFIX = "hf://"
 
 
+# `org/name` or `org/name@revision`, as transformers' from_pretrained takes a Hub id.
+_BARE_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?")
+
+
 def is_hub_location(location: str | os.PathLike) -> bool:
     return str(location).startswith(HUB_PREFIX)
+
+
+def normalize_location(location: str | os.PathLike) -> str:
+    """A checkpoint *input* as the tool reads it.
+
+    `hf://...` and paths that exist stay as they are; a bare `org/name[@revision]` that is not a
+    local path means that Hub repo, as in transformers. Outputs are never normalized: a new local
+    folder `results/merged` must not become a push to the Hub.
+    """
+    text = os.fspath(location)
+    if is_hub_location(text) or os.path.lexists(text) or not _BARE_HUB_ID.fullmatch(text):
+        return text
+    return HUB_PREFIX + text
 
 
 def open_checkpoint(location: str | os.PathLike, role: str, *, drop_page_cache: bool = False) -> tuple[Checkpoint, ByteSource]:

@@ -1,0 +1,168 @@
+"""A user's first hour: the Python API, --config for every command, one spelling per option,
+one-line usage errors with the closest word, and sizes and devices as people write them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perta_stream.cli import build_parser, command_parser, main
+from perta_stream.errors import UsageError
+from reliability_fixtures import cli_env, merge_args, synthetic_triplet, tree_digest
+
+
+@pytest.fixture(scope="module")
+def triplet(tmp_path_factory) -> tuple[Path, Path, Path]:
+    return synthetic_triplet(tmp_path_factory.mktemp("api"))
+
+
+def _shards(out: Path) -> dict[str, str]:
+    return {name: digest for name, digest in tree_digest(out).items() if name.endswith(".safetensors")}
+
+
+def test_python_api_in_a_fresh_interpreter_equals_the_command_line(triplet, tmp_path):
+    from stats_fixtures import save_tiny_model, write_data
+
+    theta0, full, fgt = triplet
+    assert main(merge_args(theta0, full, fgt, tmp_path / "cli", "--method", "uniform", "--alpha", "0.5,2")) == 0
+    model = save_tiny_model(tmp_path / "models", "llama")
+    forget, retain = write_data(tmp_path / "data")
+    script = f"""
+import json, perta_stream as ps
+merged = ps.merge(theta0={str(theta0)!r}, full={str(full)!r}, fgt={str(fgt)!r}, out={str(tmp_path / 'api')!r},
+                  method="uniform", alpha=[0.5, 2], max_memory="256MiB")
+stats = ps.stats(model={str(model)!r}, forget={str(forget)!r}, retain={str(retain)!r}, out={str(tmp_path / 'stats')!r},
+                 kinds="grad", device="cpu", batch_size=2)
+print(json.dumps({{"outputs": list(merged.outputs), "stats": str(stats.out)}}))
+"""
+    run = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    reported = json.loads(run.stdout.strip().splitlines()[-1])
+    assert reported["outputs"] == [str(tmp_path / "api" / "alpha_0.5"), str(tmp_path / "api" / "alpha_2")]
+    for alpha in ("alpha_0.5", "alpha_2"):
+        assert _shards(tmp_path / "api" / alpha) == _shards(tmp_path / "cli" / alpha)
+    record = json.loads((tmp_path / "stats" / "perta_stats.json").read_text())
+    assert record["kinds"] == ["grad"] and record["datasets"]["forget"]["num_samples"] == 5
+
+
+def test_api_keywords_are_the_flags_and_mistakes_name_the_closest(triplet, tmp_path):
+    import perta_stream as ps
+
+    theta0, full, fgt = triplet
+    with pytest.raises(UsageError, match="no keyword 'alhpa'; did you mean 'alpha'"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", alhpa=1)
+    with pytest.raises(UsageError, match="'fischer' is not one of .*did you mean 'fisher'"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", method="fischer")
+    with pytest.raises(UsageError, match="expected True or False"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", overwrite="yes")
+    with pytest.raises(UsageError, match="sweep\\(\\) needs theta0="):
+        ps.sweep(full=full)
+    with pytest.raises(UsageError, match="needs --stats"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", method="grad")
+
+
+def test_api_memory_budget_is_what_the_call_adds(triplet, tmp_path, monkeypatch):
+    import perta_stream as ps
+    from perta_stream.pipelines import merge as merge_pipeline
+
+    seen = {}
+    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("perta_stream.memory.current_rss_bytes", lambda: 3 * 2**30)
+    theta0, full, fgt = triplet
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", max_memory="2G")
+    assert seen["config"].max_memory_bytes == 3 * 2**30 + 2 * 2**30
+
+
+def test_every_command_reads_a_yaml_config_and_flags_win(triplet, tmp_path, capsys):
+    theta0, full, fgt = triplet
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"theta0: {theta0}\nfull: {full}\nfgt: {fgt}\nout: {tmp_path / 'yaml'}\nmethod: task_arithmetic\nalpha: [0.5, 2]\n")
+    assert main(["merge", "--config", str(config), "-q"]) == 0
+    assert main(merge_args(theta0, full, fgt, tmp_path / "flags", "--alpha", "0.5,2")) == 0
+    for alpha in ("alpha_0.5", "alpha_2"):
+        assert _shards(tmp_path / "yaml" / alpha) == _shards(tmp_path / "flags" / alpha)
+    # A flag given on the command line overrides the file's key.
+    assert main(["merge", "--config", str(config), "--alpha", "3", "--out", str(tmp_path / "override"), "-q"]) == 0
+    assert json.loads((tmp_path / "override" / "perta_merge.json").read_text())["alpha"] == 3.0
+    config.write_text(f"theta0: {theta0}\nalhpa: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'alhpa'; did you mean alpha?" in err[0]
+    for command in ("merge", "stats", "eval", "finetune", "sweep", "verify", "convert", "demo", "unlearn"):
+        assert any("--config" in action.option_strings for action in command_parser(build_parser(), command)._actions), command
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["merge", "--theta0", "a", "--full", "b", "--fgt", "c", "--out", "d", "--method", "fischer"], "did you mean fisher?"),
+        (["merge", "--theta0", "a", "--full", "b", "--fgt", "c", "--out", "d", "--alhpa", "1"], "did you mean --alpha?"),
+        (["stats", "--model", "m", "--forget", "f", "--retain", "r", "--compute-dtype", "bflaot16"], "did you mean bfloat16?"),
+    ],
+)
+def test_usage_errors_are_one_line_with_the_closest_word(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and hint in err[0], err
+
+
+def test_shared_options_have_one_spelling_in_every_command():
+    parser = build_parser()
+    for flag in ("--alpha", "--method", "--stats", "--device", "--max-memory", "--overwrite", "--config"):
+        holders = [name for name in ("merge", "unlearn", "sweep") if any(flag in a.option_strings for a in command_parser(parser, name)._actions)]
+        expected = ["unlearn", "sweep"] if flag == "--device" else ["merge", "unlearn", "sweep"]
+        assert holders == expected, (flag, holders)
+
+
+def test_sizes_devices_and_method_names_as_people_write_them():
+    from perta_stream.config.merge import MergeConfig
+    from perta_stream.devices import device_problem
+    from perta_stream.sizes import parse_size
+
+    assert parse_size("2G", what="--max-memory") == 2 * 2**30
+    assert parse_size("512m", what="--max-memory") == 512 * 2**20
+    assert parse_size("5GB", what="x") == 5 * 10**9 and parse_size("5GiB", what="x") == 5 * 2**30
+    assert all(device_problem(d) is None for d in ("auto", "cpu", "cuda", "cuda:1", "cuda:12"))
+    assert all(device_problem(d) for d in ("gpu", "cuda:", "cuda:x", "tpu"))
+    assert MergeConfig(theta0="a", full="b", fgt="c", out="d", method="task_arithmetic").method == "tv"
+
+
+def test_bare_hub_ids_mean_the_hub_only_for_inputs_that_are_not_local_paths(tmp_path, monkeypatch):
+    from perta_stream.config.merge import MergeConfig
+    from perta_stream.sources.resolve import normalize_location
+
+    monkeypatch.chdir(tmp_path)
+    assert normalize_location("meta-llama/Llama-3.2-1B") == "hf://meta-llama/Llama-3.2-1B"
+    assert normalize_location("org/name@v1.0") == "hf://org/name@v1.0"
+    (tmp_path / "models" / "theta0").mkdir(parents=True)
+    assert normalize_location("models/theta0") == "models/theta0"  # a local folder wins
+    assert normalize_location("a/b/c") == "a/b/c" and normalize_location("./x/y") == "./x/y"
+    config = MergeConfig(theta0="models/theta0", full="org/full", fgt="org/fgt@main", out="results/merged")
+    assert (config.theta0, config.full, config.fgt) == ("models/theta0", "hf://org/full", "hf://org/fgt@main")
+    assert config.out == "results/merged"  # an output is never taken for a Hub repo
+
+
+def test_dns_failures_are_not_retried():
+    import socket
+
+    import httpx2
+
+    from perta_stream.sources.hub_http import is_transient
+
+    try:
+        raise httpx2.ConnectError("[Errno -2] Name or service not known") from socket.gaierror(-2, "Name or service not known")
+    except httpx2.ConnectError as exc:
+        assert not is_transient(exc)
+    assert is_transient(httpx2.ConnectError("Connection refused"))
+
+
+def test_python_dash_m_is_the_command_line():
+    run = subprocess.run([sys.executable, "-m", "perta_stream", "--version"], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("perta-stream ")
