@@ -79,7 +79,7 @@ def test_every_invalid_option_is_reported_at_once(workspace: dict[str, Path]) ->
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_requested_without_cuda(workspace: dict[str, Path]) -> None:
-    with pytest.raises(UsageError, match="no CUDA device"):
+    with pytest.raises(UsageError, match="0 CUDA device"):
         run_stats(_config(workspace, "out-cuda", device="cuda"))
     _assert_no_output(workspace, "out-cuda")
 

@@ -320,7 +320,7 @@ def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[st
     return actual
 
 
-def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None) -> None:
+def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:
     """Every rank reports how it fared; rank 0 adopts the others' shard records (and the
     digests of the tensors they hashed).
 

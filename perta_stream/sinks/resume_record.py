@@ -18,6 +18,7 @@ from typing import Any
 from perta_stream.errors import ResumeError
 from perta_stream.hashing import file_sha256
 from perta_stream.sinks.atomic_file import write_bytes_atomically
+from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME
 from perta_stream.sinks.shard_writer import TMP_SUFFIX, ShardRecord
 
 RESUME_RECORD_NAME = ".perta_resume.json"
@@ -43,8 +44,9 @@ def read_resume_record(
 ) -> dict[str, Any] | None:
     """The record at `path` of an earlier run in `partial`, checked against this run's fingerprint.
 
-    Returns None when the folder holds no record and nothing but unfinished (`.tmp`) files: the
-    earlier run was killed between creating the folder and writing its first record.
+    Returns None when the folder holds no record and nothing but unfinished (`.tmp`) files and
+    the partial marker: the earlier run was killed between creating the folder and writing its
+    first record.
 
     Args:
         explain: given the record of another run, says what differs (added to the refusal).
@@ -54,7 +56,7 @@ def read_resume_record(
             or was written for other inputs or options.
     """
     if not path.is_file():
-        if all(entry.name.endswith(TMP_SUFFIX) for entry in partial.iterdir()):
+        if all(entry.name.endswith(TMP_SUFFIX) or entry.name == PARTIAL_MARKER_NAME for entry in partial.iterdir()):
             return None
         raise ResumeError(f"{partial} has no {RESUME_RECORD_NAME}; it was not written by this tool: delete it and rerun")
     try:
