@@ -64,6 +64,7 @@ DEFAULT_TILES = ProductTiles()
 """The tiles the engine uses (read at call time, so a benchmark can try others)."""
 
 
+@functools.cache
 def triton_importable() -> bool:
     """Whether the `triton` package is installed (it is not imported here)."""
     return importlib.util.find_spec("triton") is not None
@@ -104,9 +105,9 @@ def add_per_sample_products(
         UsageError: shapes, dtypes or devices that do not fit together.
     """
     tiles = tiles if tiles is not None else DEFAULT_TILES
+    _check(x, delta, extents, squares, sums)
     samples, _, in_features = x.shape
     out_features = delta.shape[-1]
-    _check(x, delta, extents, squares, sums)
     if x.dtype != delta.dtype or x.dtype not in _DOT_DTYPES or x.device.type == "cpu":
         # A matmul needs one operand dtype; float32 holds either exactly. CPU tensors only reach
         # here under Triton's interpreter, whose dot multiplies bfloat16's stored bits as integers.
@@ -119,6 +120,7 @@ def add_per_sample_products(
         x.stride(0), x.stride(1), x.stride(2),
         delta.stride(0), delta.stride(1), delta.stride(2),
         WANT_SUMS=sums is not None,
+        # Float32 operands in full float32; Triton's default ("tf32") concerns float32 operands only.
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_OUT=tiles.out_rows, BLOCK_IN=tiles.in_cols, BLOCK_T=tiles.tokens,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
