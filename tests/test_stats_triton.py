@@ -132,16 +132,17 @@ def test_bfloat16_inputs_are_multiplied_exactly(interpreted: None) -> None:
     _assert_within(squares, reference["squares"], reference["squares_bound"], "bfloat16 squares")
 
 
-def test_hooks_through_the_kernel_keep_bias_and_tied_rows(interpreted: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hooks_through_the_kernel_keep_bias_and_tied_rows(dtype: torch.dtype, interpreted: None, monkeypatch: pytest.MonkeyPatch) -> None:
     # The engine's selector sends a linear layer to the kernel; the bias and the kept lm_head rows
-    # stay with the torch code, and all of it must equal the torch path.
+    # stay with the torch code (upcast a sample at a time), and all of it must equal the torch path.
     torch.manual_seed(0)
-    layer = torch.nn.Linear(19, 23, bias=True)
+    layer = torch.nn.Linear(19, 23, bias=True).to(dtype)
     for parameter in layer.parameters():
         parameter.requires_grad_(False)
-    x = torch.randn(4, 9, 19)
+    x = torch.randn(4, 9, 19, dtype=dtype)
     valid = torch.arange(9) < torch.tensor([9, 4, 1, 6])[:, None]
-    weights = torch.randn(9, 23)
+    weights = torch.randn(9, 23, dtype=dtype)
     rows = [torch.tensor([0, 22]), torch.tensor([5]), torch.tensor([1, 2, 3]), torch.tensor([7])]
     results = {}
     for fused in (False, True):
