@@ -11,8 +11,8 @@ switched on later (as the tests do, in a process where Triton was imported alrea
 import triton.language as tl
 
 
-# One program owns the (BLOCK_OUT × BLOCK_IN) tile at (program_id(0), program_id(1)) of the
-# [out, in] weight. For each sample it forms the tile of G_n = δ_nᵀ x_n from the sample's first
+# One program owns one (BLOCK_OUT × BLOCK_IN) tile of the [out, in] weight (its row block on grid
+# axis 0 when OUT_ON_AXIS0, else its column block). For each sample it forms the tile of G_n = δ_nᵀ x_n from the sample's first
 # extents[n] tokens, BLOCK_T at a time, then adds G_n² (and G_n) to register accumulators; the
 # float32 statistics in memory are read and written once, at the end. Tiles at the edges of the
 # weight and token blocks past an extent are masked, so nothing outside them is read or written.
@@ -22,10 +22,14 @@ def per_sample_products(
     stride_xs, stride_xt, stride_xi,
     stride_ds, stride_dt, stride_do,
     WANT_SUMS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_T: tl.constexpr, OUT_ON_AXIS0: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    if OUT_ON_AXIS0:
+        rows = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    else:
+        rows = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        cols = tl.program_id(0) * BLOCK_IN + tl.arange(0, BLOCK_IN)
     steps = tl.arange(0, BLOCK_T)
     row_ok = rows < out_features
     col_ok = cols < in_features
