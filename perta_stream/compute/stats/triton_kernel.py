@@ -12,10 +12,11 @@ import triton.language as tl
 
 
 # One program owns one (BLOCK_OUT × BLOCK_IN) tile of the [out, in] weight (its row block on grid
-# axis 0 when OUT_ON_AXIS0, else its column block). For each sample it forms the tile of G_n = δ_nᵀ x_n from the sample's first
-# extents[n] tokens, BLOCK_T at a time, then adds G_n² (and G_n) to register accumulators; the
-# float32 statistics in memory are read and written once, at the end. Tiles at the edges of the
-# weight and token blocks past an extent are masked, so nothing outside them is read or written.
+# axis 0 when OUT_ON_AXIS0, else its column block). For each sample it forms the tile of
+# G_n = δ_nᵀ x_n from the sample's first extents[n] tokens, BLOCK_T at a time, then adds G_n² (and
+# G_n) to register accumulators; the float32 statistics in memory are read and written once, at
+# the end. Tiles at the edges of the weight, and token blocks past an extent, are masked, so
+# nothing outside them is read or written.
 def per_sample_products(
     x_ptr, delta_ptr, extents_ptr, squares_ptr, sums_ptr,
     samples, out_features, in_features,
