@@ -10,11 +10,16 @@ with float32 accumulation:
   2. one decoder layer of Llama-70B's shape (hidden 8192, 64 heads, 8 KV heads, intermediate
      28672) with random bf16 weights: the engine's forward (no grad) and its backward (recompute,
      autograd, exact per-sample grad + fisher statistics) on batches of TOFU-like length, timed
-     per token, with the peak GPU memory; and the same backward without the statistics.
-  3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way, the
-     speed of reading a 70B layer's bytes (1.7 GB) from local disk with the page cache dropped,
-     and the speed of writing a 70B layer's float32 statistics (grad + fisher, 6.9 GB) the way a
-     run does (bench_stats_write.write_throughput: shards hashed and fsynced, concurrently).
+     per token, with the peak GPU memory; the same backward without the statistics; and, where
+     the engine uses the fused Triton kernel (compute/stats/triton_linear.py), the same backward
+     through the torch path it replaces.
+  3. the 70B head (final norm + lm_head 128256 x 8192 + per-sample loss) in the same way (with,
+     without statistics, and through the torch path), the Triton kernel alone on the layer's
+     largest weight and on the lm_head for a few tilings, the speed of reading a 70B layer's
+     bytes (1.7 GB) from local disk with the page cache dropped, and the speed of writing a 70B
+     layer's float32 statistics (grad + fisher, 6.9 GB) the way a run does
+     (bench_stats_write.write_throughput: shards hashed and fsynced, concurrently).
+`--smoke` runs the kernel through Triton's interpreter (TRITON_INTERPRET=1), to check the script.
 Extrapolation to a 70B run on `--tokens` tokens (default: TOFU forget10 + retain90 at fraction
 0.2, about 62 k tokens with padding, the figure `--dry-run --config-only` prints):
   compute_s = tokens * (80 * (forward_s + backward_s) + head_s) per token
@@ -100,6 +105,26 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
             "peak_rss_bytes": result.record["peak_rss_bytes"], "plan_peak_host_bytes": result.plan.peak_host_bytes}
 
 
+@contextlib.contextmanager
+def _products_path(fused: bool):
+    """Make the engine form the per-sample linear products with the Triton kernel or the torch path."""
+    from perta_stream.compute.stats import per_sample
+
+    chosen = per_sample._fused_products_kernel
+    per_sample._fused_products_kernel = lambda device: fused
+    try:
+        yield
+    finally:
+        per_sample._fused_products_kernel = chosen
+
+
+def _kernel_in_use(args: argparse.Namespace, device) -> bool:
+    """Whether the engine uses the Triton kernel here (always in a smoke run: interpreted)."""
+    from perta_stream.compute.stats import triton_linear
+
+    return (args.smoke and triton_linear.triton_importable()) or triton_linear.fused_kernel_applies(device)
+
+
 def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
     """Forward and backward (with exact per-sample statistics) of one 70B-shaped decoder layer."""
     import torch
@@ -143,14 +168,22 @@ def one_layer(args: argparse.Namespace, device, shape: dict) -> dict:
             out = layer(h, **context)
             torch.autograd.backward(out, output_grad)
 
-    timings = {"forward": _timed(forward, args.repeats, device), "backward": _timed(lambda: backward(True), args.repeats, device)}
+    kernel = _kernel_in_use(args, device)
+    with _products_path(kernel):
+        timings = {"forward": _timed(forward, args.repeats, device), "backward": _timed(lambda: backward(True), args.repeats, device)}
     peak_device_bytes = _peak_device_bytes(device)
     timings["backward_without_statistics"] = _timed(lambda: backward(False), args.repeats, device)
+    if kernel:
+        with _products_path(False):
+            timings["backward_torch_path"] = _timed(lambda: backward(True), args.repeats, device)
     tokens = int(valid.sum())
     layer_bytes = sum(p.numel() for p in layer.parameters()) * 2
-    return {"batch": batch, "seq_len": width, "tokens_per_batch": tokens, "forward_s_per_batch": timings["forward"], "backward_s_per_batch": timings["backward"],
+    return {"batch": batch, "seq_len": width, "tokens_per_batch": tokens, "triton_kernel": kernel,
+            "forward_s_per_batch": timings["forward"], "backward_s_per_batch": timings["backward"],
             "forward_s_per_token": timings["forward"] / tokens, "backward_s_per_token": timings["backward"] / tokens,
             "backward_without_statistics_s_per_batch": timings["backward_without_statistics"],
+            "backward_torch_path_s_per_batch": timings.get("backward_torch_path"),
+            "backward_over_plain_backward": timings["backward"] / timings["backward_without_statistics"],
             "layer_bf16_bytes": layer_bytes, "accumulator_bytes": sum(t.numel() * 4 for t in list(acc.sums.values()) + list(acc.squares.values())),
             "peak_device_bytes": peak_device_bytes}
 
@@ -188,13 +221,57 @@ def head(args: argparse.Namespace, device, shape: dict) -> dict:
     hidden = torch.randn(batch, width, hidden_size, device=device, dtype=torch.bfloat16)
     _reset_peak(device)
 
-    def step() -> None:
+    def step(with_statistics: bool = True) -> None:
         h = hidden.clone().requires_grad_(True)
-        with torch.enable_grad(), PerSampleHooks(module, names, acc, valid):
+        hooks = PerSampleHooks(module, names, acc, valid) if with_statistics else contextlib.nullcontext()
+        with torch.enable_grad(), hooks:
             per_sample_loss(lm_head(norm(h)), labels).sum().backward()
 
-    seconds = _timed(step, args.repeats, device)
-    return {"s_per_batch": seconds, "s_per_token": seconds / (batch * width), "peak_device_bytes": _peak_device_bytes(device)}
+    kernel = _kernel_in_use(args, device)
+    with _products_path(kernel):
+        seconds = _timed(step, args.repeats, device)
+    peak_device_bytes = _peak_device_bytes(device)
+    without_statistics = _timed(lambda: step(False), args.repeats, device)
+    torch_path = None
+    if kernel:
+        with _products_path(False):
+            torch_path = _timed(step, args.repeats, device)
+    return {"triton_kernel": kernel, "s_per_batch": seconds, "s_per_token": seconds / (batch * width), "without_statistics_s_per_batch": without_statistics,
+            "torch_path_s_per_batch": torch_path, "over_plain_backward": seconds / without_statistics, "peak_device_bytes": peak_device_bytes}
+
+
+KERNEL_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (256, 64, 32, 8, 3)]
+"""(out_rows, in_cols, tokens, num_warps, num_stages) tried for the kernel alone; the first is DEFAULT_TILES."""
+
+
+def kernel_tiles(args: argparse.Namespace, device, shape: dict) -> list[dict]:
+    """The Triton kernel alone (grad + fisher, ragged bf16 samples) on the MLP weight and the
+    lm_head, for each tiling of KERNEL_TILES; a tiling that does not compile is reported as such."""
+    import torch
+
+    from perta_stream.compute.stats.triton_linear import ProductTiles, add_per_sample_products
+
+    batch, width = args.batch_size, args.seq_len
+    extents = [width if n < batch // 2 else width * 3 // 4 for n in range(batch)]
+    results = []
+    weights = {"mlp": (shape["intermediate_size"], shape["hidden_size"]), "lm_head": (shape["vocab_size"], shape["hidden_size"])}
+    for what, (out_features, in_features) in weights.items():
+        x = torch.randn(batch, width, in_features, device=device, dtype=torch.bfloat16)
+        delta = torch.randn(batch, width, out_features, device=device, dtype=torch.bfloat16)
+        sums, squares = (torch.zeros(out_features, in_features, device=device) for _ in range(2))
+        for tiling in KERNEL_TILES[:2] if args.smoke else KERNEL_TILES:
+            tiles = ProductTiles(*tiling)
+            entry = {"weight": what, "shape": [out_features, in_features], "tiles": list(tiling)}
+            try:
+                seconds = _timed(lambda: add_per_sample_products(x, delta, extents, squares=squares, sums=sums, tiles=tiles), args.repeats, device)
+            except Exception as error:  # a tiling that needs more shared memory than the GPU has
+                entry["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            else:
+                entry["s_per_call"] = seconds
+                entry["matmul_tflop_per_s"] = 2 * out_features * in_features * sum(extents) / seconds / 1e12
+            results.append(_reported("kernel_tiles", entry))
+        del x, delta, sums, squares
+    return results
 
 
 def read_speed(layer_bytes: int, directory: Path) -> float:
@@ -239,6 +316,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=61976, help="padded tokens of the 70B run to extrapolate (see --dry-run)")
     args = parser.parse_args()
 
+    if args.smoke:
+        # Before Triton is imported: its helpers are built for the interpreter or the GPU on import.
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -251,6 +331,7 @@ def main() -> None:
     e2e = _reported("end_to_end", end_to_end(args, device))
     layer = _reported("llama70b_layer", one_layer(args, device, shape))
     head_numbers = _reported("llama70b_head", head(args, device, shape))
+    tilings = kernel_tiles(args, device, shape) if _kernel_in_use(args, device) else []
     with tempfile.TemporaryDirectory(prefix="perta-read-") as tmp:
         read_bytes_per_s = read_speed(min(layer["layer_bf16_bytes"], 2 << 30), Path(tmp))
         writes = write_throughput(layer_group_shapes(shape), Path(tmp), repeats=1)
@@ -283,16 +364,30 @@ def main() -> None:
     }
     record = {"benchmark": "stats_gpu", "machine": machine_info(), "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)",
               "settings": vars(args), "end_to_end": e2e, "llama70b_layer": layer, "llama70b_head": head_numbers,
-              "read_bytes_per_s": read_bytes_per_s, "stats_write": writes, "extrapolation_70b": extrapolation}
+              "kernel_tiles": tilings, "read_bytes_per_s": read_bytes_per_s, "stats_write": writes, "extrapolation_70b": extrapolation}
     rows = [
         {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30},
         {"what": "70B layer forward (per batch)", "seconds": layer["forward_s_per_batch"], "tokens/s": 1 / layer["forward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B layer backward + per-sample stats (per batch)", "seconds": layer["backward_s_per_batch"], "tokens/s": 1 / layer["backward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B layer backward, no statistics (per batch)", "seconds": layer["backward_without_statistics_s_per_batch"], "tokens/s": layer["tokens_per_batch"] / layer["backward_without_statistics_s_per_batch"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B head + per-sample stats (per batch)", "seconds": head_numbers["s_per_batch"], "tokens/s": 1 / head_numbers["s_per_token"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30},
+        {"what": "70B head, no statistics (per batch)", "seconds": head_numbers["without_statistics_s_per_batch"], "tokens/s": args.batch_size * args.seq_len / head_numbers["without_statistics_s_per_batch"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30},
         {"what": f"70B run extrapolated ({args.tokens} tokens)", "seconds": total_s, "tokens/s": args.tokens / total_s, "peak device (GiB)": extrapolation["peak_device_bytes_estimate"] / 2**30},
     ]
+    if layer["triton_kernel"]:
+        rows[4:4] = [{"what": "70B layer backward + per-sample stats, torch path (per batch)", "seconds": layer["backward_torch_path_s_per_batch"],
+                      "tokens/s": layer["tokens_per_batch"] / layer["backward_torch_path_s_per_batch"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30}]
+        rows.insert(-1, {"what": "70B head + per-sample stats, torch path (per batch)", "seconds": head_numbers["torch_path_s_per_batch"],
+                         "tokens/s": args.batch_size * args.seq_len / head_numbers["torch_path_s_per_batch"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30})
+    fastest = {}
+    for entry in tilings:
+        if "s_per_call" in entry and entry["s_per_call"] < fastest.get(entry["weight"], {"s_per_call": math.inf})["s_per_call"]:
+            fastest[entry["weight"]] = entry
     notes = [
+        f"per-sample products: {'the fused Triton kernel' if layer['triton_kernel'] else 'the torch path (Triton kernel not in use)'}; "
+        f"backward + statistics over plain backward: layer {layer['backward_over_plain_backward']:.2f}x, head {head_numbers['over_plain_backward']:.2f}x",
+        *(f"kernel alone on the {w} weight {e['shape']}: fastest tiling {e['tiles']} (out_rows, in_cols, tokens, warps, stages), "
+          f"{e['s_per_call'] * 1e3:.2f} ms, {e['matmul_tflop_per_s']:.0f} TFLOP/s of the batch matmul" for w, e in fastest.items()),
         extrapolation["method"],
         f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache); statistics write speed {write_bytes_per_s / 1e9:.2f} GB/s "
         f"(one 70B layer's grad + fisher shards, hashed, fsynced); {stats_bytes / 1e12:.2f} TB of float32 statistics in all",

@@ -184,14 +184,25 @@ def linear_stats(
     """
     samples = x.shape[0]
     products_exact_in_tf32 = x.is_cuda and x.dtype == torch.bfloat16 and delta.dtype == torch.bfloat16
-    x = x.reshape(samples, -1, x.shape[-1]).float()
-    delta = delta.reshape(samples, -1, delta.shape[-1]).float()
+    fused = acc.wants_squares and _fused_products_kernel(x.device)
+    x = x.reshape(samples, -1, x.shape[-1])
+    delta = delta.reshape(samples, -1, delta.shape[-1])
+    if not fused:
+        # The torch path works in float32 throughout. The kernel reads the given dtypes (bfloat16
+        # products are exact on its tensor cores), so then only the bias and kept-row terms below
+        # are upcast, a sample at a time.
+        x, delta = x.float(), delta.float()
     scratch = scratch if scratch is not None else Scratch()
     spans = [x.shape[1]] * samples if extents is None else extents
     if bias_name is not None:
-        acc.add_per_sample(bias_name, torch.stack([delta[n, : spans[n]].sum(dim=0) for n in range(samples)]))
+        acc.add_per_sample(bias_name, torch.stack([delta[n, : spans[n]].float().sum(dim=0) for n in range(samples)]))
     with _tf32_products(products_exact_in_tf32):
-        kept = [delta[n, : spans[n]][:, keep_rows[n]].T @ x[n, : spans[n]] for n in range(samples)] if keep_rows is not None else None
+        kept = [delta[n, : spans[n]][:, keep_rows[n]].float().T @ x[n, : spans[n]].float() for n in range(samples)] if keep_rows is not None else None
+        if fused:
+            from perta_stream.compute.stats.triton_linear import add_per_sample_products
+
+            add_per_sample_products(x, delta, spans, squares=acc.squares[weight_name], sums=acc.sums.get(weight_name))
+            return kept
         # The mean needs no per-sample matrices: one matmul over every token.
         sums_by_one_matmul = acc.wants_sums and (not acc.wants_squares or _sum_by_one_matmul_beside_squares(x.device))
         if sums_by_one_matmul:
@@ -218,6 +229,14 @@ def linear_stats(
                     sums += grad
                 squares.addcmul_(grad, grad)
     return kept
+
+
+def _fused_products_kernel(device: torch.device) -> bool:
+    """Whether the per-sample weight gradients are squared and summed by the Triton kernel of
+    triton_linear.py (on CUDA with Triton installed) instead of being formed in memory one by one."""
+    from perta_stream.compute.stats.triton_linear import fused_kernel_applies
+
+    return fused_kernel_applies(device)
 
 
 def _sum_by_one_matmul_beside_squares(device: torch.device) -> bool:
