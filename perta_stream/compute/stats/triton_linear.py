@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,9 @@ def triton_importable() -> bool:
 
 def fused_kernel_applies(device: torch.device) -> bool:
     """Whether the engine forms the per-sample products with this kernel on `device`: CUDA with
-    Triton installed, on a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, or newer)."""
-    if device.type != "cuda" or not triton_importable():
+    Triton installed, on a GPU with bfloat16 tensor cores (compute capability 8.0, Ampere, or newer),
+    unless PERTA_DISABLE_TRITON=1 asks for the torch path (read here only)."""
+    if device.type != "cuda" or not triton_importable() or os.environ.get("PERTA_DISABLE_TRITON", "") == "1":
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
