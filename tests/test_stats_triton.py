@@ -209,3 +209,11 @@ def test_cuda_kernel_matches_the_cuda_torch_path_and_float64(dtype: torch.dtype,
         got = getattr(kernel, name)["w"].cpu()
         _assert_within(got, reference[name], bound, f"{dtype} kernel {name} vs float64")
         _assert_within(got, getattr(torch_path, name)["w"].cpu().double(), bound, f"{dtype} kernel {name} vs CUDA torch path")
+
+
+def test_the_kernel_can_be_switched_off_on_cuda(monkeypatch):
+    from perta_stream.compute.stats.triton_linear import fused_kernel_applies
+
+    monkeypatch.setenv("PERTA_DISABLE_TRITON", "1")
+    # Decided before any CUDA call, so this holds on a machine without a GPU too.
+    assert fused_kernel_applies(torch.device("cuda")) is False
