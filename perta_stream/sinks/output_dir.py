@@ -130,13 +130,8 @@ class AtomicOutputDir:
         Raises:
             OutputExistsError: naming the folder, --resume and how to start over.
         """
-        if not (self.partial.exists() or self.partial.is_symlink()):
+        if not self._partial_is_ours():
             return
-        if not is_own_partial(self.partial):
-            raise OutputExistsError(
-                f"{self.partial} exists and was not made by perta-stream (no {PARTIAL_MARKER_NAME}); "
-                "it is never reused or removed: move it away, or choose another --out"
-            )
         if not self._keep_partial:
             raise OutputExistsError(
                 f"{self.partial} exists from an earlier run that did not finish; rerun the same command with --resume "
@@ -189,14 +184,23 @@ class AtomicOutputDir:
         Raises:
             OutputExistsError: the folder is not this tool's; it is left alone.
         """
+        if self._partial_is_ours():
+            shutil.rmtree(self.partial)
+
+    def _partial_is_ours(self) -> bool:
+        """False when there is no partial folder; True when there is one this tool made.
+
+        Raises:
+            OutputExistsError: a partial folder someone else made; it is never reused or removed.
+        """
         if not (self.partial.exists() or self.partial.is_symlink()):
-            return
+            return False
         if not is_own_partial(self.partial):
             raise OutputExistsError(
                 f"{self.partial} exists and was not made by perta-stream (no {PARTIAL_MARKER_NAME}); "
-                "it is never removed: move it away, or choose another --out"
+                "it is never reused or removed: move it away, or choose another --out"
             )
-        shutil.rmtree(self.partial)
+        return True
 
     def commit(self) -> Path:
         """Rename the finished partial folder to `out` (replacing it when overwrite was asked).
