@@ -17,6 +17,22 @@ os.environ.setdefault("PERTA_MAX_MEMORY", "16GiB")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A good synthetic theta0, full and fgt (3 shards each, bfloat16) shared by a module's tests."""
+    from reliability_fixtures import synthetic_triplet
+
+    return synthetic_triplet(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture
+def triplet(good, tmp_path) -> tuple[Path, Path, Path]:
+    """A private copy of the good triplet that a test may break."""
+    import shutil
+
+    return tuple(Path(shutil.copytree(path, tmp_path / path.name)) for path in good)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

@@ -24,24 +24,12 @@ from reliability_fixtures import (
     run_cli,
     synthetic_shapes,
     synthetic_tensors,
-    synthetic_triplet,
     tree_digest,
     write_model,
 )
 
 SHARD_1 = "model-00001-of-00003.safetensors"
 SHARD_2 = "model-00002-of-00003.safetensors"
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> tuple[Path, Path, Path]:
-    return synthetic_triplet(tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture
-def triplet(good, tmp_path) -> tuple[Path, Path, Path]:
-    """A private copy of the good triplet that a test may break."""
-    return tuple(Path(shutil.copytree(path, tmp_path / path.name)) for path in good)
 
 
 def run_failing(capsys, inputs: list[Path], args: list[str], out: Path) -> str:

@@ -21,19 +21,9 @@ import torch
 
 from merge_fixtures import content_digest, load_checkpoint, write_checkpoint, write_stats
 from perta_stream.cli import main
-from reliability_fixtures import cli_env, merge_args, partial_of, run_cli, synthetic_triplet, tree_digest
+from reliability_fixtures import cli_env, merge_args, partial_of, run_cli, tree_digest
 
 SECRET = "HF_TOKEN=hf_secret_that_must_not_leak"
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> tuple[Path, Path, Path]:
-    return synthetic_triplet(tmp_path_factory.mktemp("good"))
-
-
-@pytest.fixture
-def triplet(good, tmp_path) -> tuple[Path, Path, Path]:
-    return tuple(Path(shutil.copytree(path, tmp_path / path.name)) for path in good)
 
 
 def _error_line(capsys, args: list[str]) -> str:

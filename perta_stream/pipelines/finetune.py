@@ -12,7 +12,6 @@ resumed, so the `.partial` folder of an interrupted run is discarded. It is how 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
