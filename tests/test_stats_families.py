@@ -1,0 +1,124 @@
+"""Every supported family beyond Llama/Qwen2/Mistral: exact statistics, the dry-run plan, and the refusals.
+
+Each tiny model (tests/stats_fixtures.FAMILY_OPTIONS) forces what its family does differently:
+(1 + w) norms, q/k norms, post-norms, soft-capping with eager attention, per-layer-type windows
+and rotary tables, multipliers, fused projections, routers and fused experts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from perta_stream.cli import main
+from perta_stream.config.stats import StatsConfig
+from perta_stream.errors import ModelNotSupportedError
+from perta_stream.pipelines.stats import run_stats
+from perta_stream.plan.model_families import SUPPORTED_MODEL_TYPES
+from perta_stream.plan.stats_plan import ModelShape
+from stats_fixtures import FAMILIES, FAMILY_OPTIONS, assert_equal_to_dense_reference, save_tiny_model, write_data
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    forget, retain = write_data(tmp_path_factory.mktemp("family-data"))
+    return {"forget": forget, "retain": retain}
+
+
+def _stored_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            shapes.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})
+    return shapes
+
+
+@pytest.mark.parametrize("kind", list(FAMILY_OPTIONS))
+def test_streamed_statistics_equal_dense_reference(tmp_path: Path, data: dict[str, Path], kind: str) -> None:
+    model_dir = save_tiny_model(tmp_path, kind)
+    config = StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), out=str(tmp_path / "out"), batch_size=3, device="cpu")
+    result = run_stats(config)
+    # reference_stats names the statistics by transformers' own conversion to the checkpoint
+    # layout, so a mixture-of-experts model's experts are compared one stored matrix at a time.
+    # The forget set only: that the datasets' sums stay apart is family-independent and checked
+    # in test_stats_exactness.
+    loaded = assert_equal_to_dense_reference(result.out, model_dir, {"forget": data["forget"]}, tolerance=TOLERANCE)
+    stored = _stored_shapes(model_dir)
+    assert len(loaded) == 2
+    for streamed in loaded.values():
+        assert {n: tuple(t.shape) for n, t in streamed.items()} == stored
+    if FAMILY_OPTIONS[kind]["tie_word_embeddings"]:
+        assert "lm_head.weight" not in stored
+    if kind in ("mixtral", "qwen3_moe"):
+        experts = [n for n in stored if ".experts." in n]
+        assert len(experts) == 4 * 3 * (2 if kind == "mixtral" else 1)
+        # Every expert saw some token of the forget set: its statistics are not all zero.
+        fisher = loaded["forget.fisher"]
+        assert all(fisher[n].abs().sum() > 0 for n in experts)
+
+
+def test_tying_the_other_way(tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Gemma with an untied lm_head, OLMo 2 with a tied one: the soft-capped and scaled heads both ways.
+    import stats_fixtures
+
+    for kind in ("gemma2", "olmo2"):
+        options = dict(FAMILY_OPTIONS[kind], tie_word_embeddings=not FAMILY_OPTIONS[kind]["tie_word_embeddings"])
+        monkeypatch.setitem(stats_fixtures.FAMILY_OPTIONS, kind, options)
+        model_dir = save_tiny_model(tmp_path, kind)
+        assert ("lm_head.weight" in _stored_shapes(model_dir)) != options["tie_word_embeddings"]
+        config = StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), out=str(tmp_path / f"out-{kind}"), batch_size=4, device="cpu")
+        assert_equal_to_dense_reference(run_stats(config).out, model_dir, {"forget": data["forget"]}, tolerance=TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_config_only_dry_run_plans_every_stored_tensor(tmp_path: Path, data: dict[str, Path], kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = save_tiny_model(tmp_path, kind)
+    stored = _stored_shapes(model_dir)
+    config_path = model_dir / "config.json"
+    argv = ["stats", "--model", str(config_path), "--forget", str(data["forget"]), "--retain", str(data["retain"]), "--dry-run", "--config-only"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    model_type = json.loads(config_path.read_text())["model_type"]
+    assert f"{model_type}, 2 layers" in text
+    plan = run_stats(StatsConfig(model=str(config_path), forget=str(data["forget"]), retain=str(data["retain"]), dry_run=True, config_only=True, kinds=("grad", "fisher"), stats_dtype="F32")).plan
+    elements = sum(torch.Size(s).numel() for s in stored.values())
+    assert plan.num_parameters == elements
+    # Statistics of every stored tensor (expert matrices included), two datasets x two kinds in float32.
+    assert plan.bytes_written == 2 * 2 * 4 * elements
+    if kind in ("mixtral", "qwen3_moe"):
+        shape = ModelShape.from_config(json.loads(config_path.read_text()))
+        assert (shape.num_experts, shape.experts_per_token) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"model_type": "t5", "is_encoder_decoder": True, "hidden_size": 8}, "encoder-decoder"),
+        ({"model_type": "gemma3", "text_config": {}, "vision_config": {}}, "vision towers; for Gemma 3 pass a text-only checkpoint"),
+        ({"model_type": "llava", "vision_config": {}, "text_config": {}}, "vision towers"),
+        ({"model_type": "gpt_neox", "hidden_size": 8}, "is not supported"),
+        ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "bidirectional attention"),
+    ],
+)
+def test_unsupported_models_are_refused_from_config_json(
+    tmp_path: Path, data: dict[str, Path], config: dict, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The refusal comes from config.json: no weight byte is read.
+    from perta_stream.sources.byte_source import LocalByteSource
+
+    def no_weights(*args: object) -> None:
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(LocalByteSource, "read_into", no_weights)
+    model_dir = save_tiny_model(tmp_path, "llama")
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for options in ({"dry_run": True}, {"dry_run": True, "config_only": True}, {"out": str(tmp_path / "out")}):
+        with pytest.raises(ModelNotSupportedError, match=reason) as caught:
+            run_stats(StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), **options))
+        assert "supported: " + ", ".join(SUPPORTED_MODEL_TYPES) in str(caught.value)
