@@ -122,3 +122,44 @@ def test_unsupported_models_are_refused_from_config_json(
         with pytest.raises(ModelNotSupportedError, match=reason) as caught:
             run_stats(StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), **options))
         assert "supported: " + ", ".join(SUPPORTED_MODEL_TYPES) in str(caught.value)
+
+
+class _GainedLayerNorm(torch.nn.Module):
+    """A norm no family has: layer norm with a bias and a learned scalar gain, (1 + gain) * (norm(x) * w + b)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.gain = torch.nn.Parameter(torch.zeros(1))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
+        return ((1.0 + self.gain) * (normed * self.weight + self.bias)).to(x.dtype)
+
+
+def test_an_unknown_parameterized_module_gets_the_generic_rule(tmp_path: Path, data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every norm of a Llama (in the layers and the final one) replaced by a module the engine has
+    # never seen, with three parameters: no code knows it, the generic rule covers it.
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from stats_fixtures import build_tokenizer, tiny_config
+
+    monkeypatch.setattr(modeling_llama, "LlamaRMSNorm", _GainedLayerNorm)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), tokenizer.pad_token_id))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_((name.endswith("weight") * 1.0) + 0.3 * torch.randn_like(parameter))
+    norm_tensors = [n for n, _ in model.named_parameters() if "norm" in n]
+    assert len(norm_tensors) == 3 * 5 and "model.norm.bias" in norm_tensors and "model.layers.1.input_layernorm.gain" in norm_tensors
+    model_dir = tmp_path / "gained"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), out=str(tmp_path / "out"), batch_size=3, device="cpu")
+    loaded = assert_equal_to_dense_reference(run_stats(config).out, model_dir, {"forget": data["forget"]}, tolerance=TOLERANCE)
+    assert all(loaded["forget.fisher"][n].abs().sum() > 0 for n in norm_tensors)
