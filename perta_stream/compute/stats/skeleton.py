@@ -46,6 +46,8 @@ class ModelSkeleton:
         layout: the checkpoint's tensors of each module parameter (the same but for fused experts).
         additive_mask: the attention takes a float mask added to its scores (eager attention),
             not a boolean one (sdpa).
+        embedding_multiplier: what the model multiplies the embedding output by (embedding_scale).
+        logits_divisor, final_softcap: what the model does to lm_head's output (transform_logits).
     """
 
     config: object
@@ -56,6 +58,9 @@ class ModelSkeleton:
     family: FamilyInfo
     layout: CheckpointLayout
     additive_mask: bool = False
+    embedding_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+    final_softcap: float | None = None
 
     @property
     def num_layers(self) -> int:
@@ -110,20 +115,16 @@ class ModelSkeleton:
     def embedding_scale(self, dtype: torch.dtype) -> float:
         """The factor the model multiplies the embedding output by, as it applies it in `dtype`
         (Gemma rounds sqrt(hidden) to the weights' dtype first)."""
-        scale = embedding_scale(self.family, self.config.to_dict())  # type: ignore[attr-defined]
         if self.family.embedding_scale == "sqrt_hidden":
-            return float(torch.tensor(scale, dtype=torch.float32).to(dtype))
-        return scale
+            return float(torch.tensor(self.embedding_multiplier, dtype=torch.float32).to(dtype))
+        return self.embedding_multiplier
 
     def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """What the model does to lm_head's output before the loss (Granite's divisor, Gemma's soft-cap)."""
-        config = self.config.to_dict()  # type: ignore[attr-defined]
-        divisor = logits_divisor(config)
-        if divisor != 1.0:
-            logits = logits / divisor
-        cap = final_logit_softcap(config)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+        if self.logits_divisor != 1.0:
+            logits = logits / self.logits_divisor
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
 
@@ -196,6 +197,10 @@ def build_skeleton(config_dict: Mapping[str, object], checkpoint_shapes: Mapping
         family=family,
         layout=layout,
         additive_mask=eager,
+        # From the resolved config: the family's defaults where config.json leaves a field out.
+        embedding_multiplier=embedding_scale(family, config.to_dict()),
+        logits_divisor=logits_divisor(config.to_dict()),
+        final_softcap=final_logit_softcap(config.to_dict()),
     )
 
 

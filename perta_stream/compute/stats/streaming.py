@@ -131,6 +131,7 @@ class StreamingStatsEngine:
         self._device = device
         self._dtype = compute_dtype
         self._rotary = skeleton.rotary(device)
+        self._rotary_layer_types = [skeleton.rotary_layer_type(self._rotary, index) for index in range(skeleton.num_layers)]
         self._scratch = Scratch()
         self._pool = BufferPool()
 
@@ -232,7 +233,7 @@ class StreamingStatsEngine:
         valid = batch.attention_mask.to(self._device).bool()
         positions = torch.arange(valid.shape[1], device=self._device)[None, :]
         probe = torch.empty((1, 1), dtype=self._dtype, device=self._device)
-        layer_type = self._skeleton.rotary_layer_type(self._rotary, index)
+        layer_type = self._rotary_layer_types[index]
         rotary_args = (probe, positions) if layer_type is None else (probe, positions, layer_type)
         return {
             "attention_mask": attention_mask(valid, self._skeleton.sliding_window(index), additive_dtype=self._dtype if self._skeleton.additive_mask else None),
