@@ -163,3 +163,25 @@ def test_an_unknown_parameterized_module_gets_the_generic_rule(tmp_path: Path, d
     config = StatsConfig(model=str(model_dir), forget=str(data["forget"]), retain=str(data["retain"]), out=str(tmp_path / "out"), batch_size=3, device="cpu")
     loaded = assert_equal_to_dense_reference(run_stats(config).out, model_dir, {"forget": data["forget"]}, tolerance=TOLERANCE)
     assert all(loaded["forget.fisher"][n].abs().sum() > 0 for n in norm_tensors)
+
+
+def test_mixture_of_experts_plan_counts_the_routed_experts_only(tmp_path: Path, data: dict[str, Path]) -> None:
+    # The plan from the checkpoint (per-expert matrices) and from config.json agree; compute counts
+    # 2 of the 4 experts per token, memory the generic rule's float32 copies of a layer's experts.
+    from dataclasses import replace
+
+    from perta_stream.plan.stats_plan import plan_stats
+
+    model_dir = save_tiny_model(tmp_path, "mixtral")
+    stored = _stored_shapes(model_dir)
+    options = dict(forget=str(data["forget"]), retain=str(data["retain"]), dry_run=True)
+    from_checkpoint = run_stats(StatsConfig(model=str(model_dir), **options)).plan
+    from_config = run_stats(StatsConfig(model=str(model_dir / "config.json"), config_only=True, **options)).plan
+    assert (from_checkpoint.num_parameters, from_checkpoint.bytes_written) == (from_config.num_parameters, from_config.bytes_written)
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    settings = dict(lengths={"forget": [20] * 4}, batch_size=2, kinds=("grad", "fisher"), stats_dtype_bytes=4, compute_dtype_bytes=4, boundary_budget_bytes=2**30, device="cpu")
+    routed, dense = plan_stats(shape, stored, **settings), plan_stats(replace(shape, num_experts=0), stored, **settings)
+    expert_elements = sum(torch.Size(s).numel() for n, s in stored.items() if ".experts." in n)
+    padded = 4 * 20
+    assert dense.flops - routed.flops == pytest.approx(8.0 * padded * expert_elements / 2)
+    assert routed.peak_device_bytes >= 3 * 4 * expert_elements // 2  # a layer's experts: half of them

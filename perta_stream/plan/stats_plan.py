@@ -254,11 +254,15 @@ def plan_stats(
     boundary_ram = min(boundary_bytes, boundary_budget_bytes)
 
     largest_layer = max((group_numel[g] for g in layer_groups), default=0)
-    largest_matrix = max((numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 2 and n != EMBED_TENSOR_NAME), default=0)
-    # Fused expert weights ([experts, rows, columns]) get the generic rule: one sample at a time,
-    # a float32 copy of the weights, the sample's dense gradient and its square.
-    expert_numel = {n: numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 3 and n.startswith(LAYER_PREFIX)}
-    generic_scratch = 3 * 4 * max((sum(v for n, v in expert_numel.items() if n.startswith(layer_prefix)) for layer_prefix in {n.rsplit(".", 2)[0] for n in expert_numel}), default=0)
+    # Expert weights (stored per expert, or fused [experts, rows, columns]) get the generic rule
+    # in one fused module per layer: one sample at a time, a float32 copy of the layer's experts,
+    # the sample's dense gradient and its square.
+    expert_numel = {n: numel[n] for n in tensor_shapes if n.startswith(LAYER_PREFIX) and ".experts." in n}
+    experts_by_layer: dict[str, int] = {}
+    for tensor_name, count in expert_numel.items():
+        experts_by_layer[group_of(tensor_name)] = experts_by_layer.get(group_of(tensor_name), 0) + count
+    generic_scratch = 3 * 4 * max(experts_by_layer.values(), default=0)
+    largest_matrix = max((numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 2 and n != EMBED_TENSOR_NAME and n not in expert_numel), default=0)
     head_matrix = shape.vocab_size * shape.hidden_size
     per_sample_numel = min(largest_matrix, CPU_BLOCK_ELEMENTS) if device == "cpu" else largest_matrix
     per_sample_matrix = 4 * (per_sample_numel if "fisher" in kinds else 0)
