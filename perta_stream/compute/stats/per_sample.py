@@ -364,6 +364,9 @@ def _tensor_outputs(output: object) -> list[torch.Tensor]:
 _NOT_VMAPPABLE: set[type] = set()
 """Module types whose forward vmap could not run (data-dependent control flow, e.g. a loop over
 the experts a batch routes to): their samples go one at a time."""
+VMAP_MAX_ELEMENTS = 1 << 24
+"""vmap forms every sample's gradient at once: only up to this many elements (64 MiB of float32)
+in all. Larger ones (a layer's fused experts: gigabytes per sample) go one sample at a time."""
 
 
 def generic_stats(
@@ -374,8 +377,9 @@ def generic_stats(
     Sample n's gradient is the vjp of the module's forward, run on sample n's inputs alone, with
     sample n's output gradients. torch.func.vmap does every sample at once; where the forward
     cannot be vmapped (a mixture-of-experts block loops over the experts its tokens are routed
-    to) the samples go one at a time through autograd, which is as exact: each expert's gradient
-    then comes from the sample's tokens routed to it only. Computed in float32 (parameters and
+    to), or the samples' gradients together exceed VMAP_MAX_ELEMENTS, the samples go one at a
+    time through autograd, which is as exact: each expert's gradient then comes from the
+    sample's tokens routed to it only. Computed in float32 (parameters and
     floating inputs upcast) so the statistics do not carry bf16 rounding.
 
     Args:
@@ -395,7 +399,8 @@ def generic_stats(
         produced = _tensor_outputs(torch.func.functional_call(module, p, args, kwargs))
         return tuple(produced[i].float() for i in outputs)
 
-    if type(module) not in _NOT_VMAPPABLE:
+    per_sample_elements = call.samples * sum(p.numel() for p in params.values())
+    if type(module) not in _NOT_VMAPPABLE and per_sample_elements <= VMAP_MAX_ELEMENTS:
         def one_sample(p: dict[str, torch.Tensor], sample_inputs: list[torch.Tensor], sample_cotangents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             _, vjp = torch.func.vjp(lambda q: forward(q, sample_inputs), p)
             return vjp(tuple(sample_cotangents))[0]
@@ -409,7 +414,7 @@ def generic_stats(
                 acc.add_per_sample(tensor_name, per_sample[attr])
             return
     for n in range(call.samples):
-        leaves = {attr: value.requires_grad_(True) for attr, value in ((a, v.detach()) for a, v in params.items())}
+        leaves = {attr: value.detach().requires_grad_(True) for attr, value in params.items()}
         with torch.enable_grad():
             produced = forward(leaves, [t[n] for t in inputs])
             grads = torch.autograd.grad(produced, list(leaves.values()), [c[n] for c in cotangents], allow_unused=True)
