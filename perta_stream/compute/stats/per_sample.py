@@ -114,6 +114,13 @@ class StatsAccumulator:
         if self.wants_squares:
             self.squares[tensor_name] += per_sample.square().sum(dim=0)
 
+    def add_one_sample(self, tensor_name: str, gradient: torch.Tensor) -> None:
+        """Add one sample's float32 gradient in place (no temporaries the size of the parameter)."""
+        if self.wants_sums:
+            self.sums[tensor_name].add_(gradient)
+        if self.wants_squares:
+            self.squares[tensor_name].addcmul_(gradient, gradient)
+
     def to(self, device: torch.device) -> "StatsAccumulator":
         """Move the sums (e.g. to host memory while they wait, and back)."""
         self._device = torch.device(device)
@@ -420,7 +427,7 @@ def generic_stats(
             grads = torch.autograd.grad(produced, list(leaves.values()), [c[n] for c in cotangents], allow_unused=True)
         for (attr, tensor_name), grad in zip(names.items(), grads):
             if grad is not None:
-                acc.add_per_sample(tensor_name, grad.unsqueeze(0))
+                acc.add_one_sample(tensor_name, grad)
 
 
 ModuleRule = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]
