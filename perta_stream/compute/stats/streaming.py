@@ -220,9 +220,9 @@ class StreamingStatsEngine:
     def _layer_parameters(self, index: int) -> list[str]:
         return [n for names in self._skeleton.layer_tensor_names(index).values() for n in names.values()]
 
-    def _load_layer(self, index: int) -> torch.nn.Module:
-        """Layer `index` with its weights (the checkpoint's tensors, fused where its modules fuse them)."""
-        weights = self._skeleton.layout.to_module(self._loader.load(self._layer_names(index)), self._layer_parameters(index))
+    def _materialize_layer(self, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Layer `index` with the checkpoint's tensors `weights` (stacked where its modules fuse them)."""
+        weights = self._skeleton.layout.to_module(weights, self._layer_parameters(index))
         return materialize(self._skeleton.layer(index), weights, self._skeleton.layer_prefix(index))
 
     def _head_load_names(self) -> list[str]:
@@ -318,8 +318,10 @@ class StreamingStatsEngine:
         with progress(total=num_layers * tokens, desc="forward", unit="tok") as bar, torch.no_grad():
             for index in range(num_layers):
                 bar.set_description(f"forward layer {index + 1}/{num_layers}")
+                weights = self._loader.load(self._layer_names(index))
                 self._loader.prefetch(self._layer_names(index + 1) if index + 1 < self._skeleton.num_layers else self._head_load_names())
-                layer = self._load_layer(index)
+                layer = self._materialize_layer(index, weights)
+                del weights
                 for batch in batches:
                     hidden = self._store.get(("h", index, batch.dataset, batch.index), self._device)
                     output = layer(hidden, **self._context(batch, index))
@@ -396,9 +398,11 @@ class StreamingStatsEngine:
         with progress(total=(first_layer + 1) * tokens, desc="backward", unit="tok") as bar:
             for index in reversed(range(first_layer + 1)):
                 bar.set_description(f"backward layer {index + 1}/{num_layers}")
+                weights = self._loader.load(self._layer_names(index))
                 if index > 0:
                     self._loader.prefetch(self._layer_names(index - 1))
-                layer = self._load_layer(index)
+                layer = self._materialize_layer(index, weights)
+                del weights
                 names = self._skeleton.layer_tensor_names(index)
                 shapes = {n: self._skeleton.tensor_shapes[n] for attrs in names.values() for n in attrs.values()}
                 for dataset, dataset_batches in batches.items():
