@@ -46,7 +46,7 @@ def family_config(family: str, hidden: int, intermediate: int, layers: int, voca
 
 def save_model(path: Path, family: str, args: argparse.Namespace, tokenizer) -> int:
     """Save a random bf16 model of `family` and the tokenizer (once); returns its parameter count."""
-    if (path / "model.safetensors.index.json").is_file():
+    if (path / "params.json").is_file():  # written last
         return json.loads((path / "params.json").read_text())["parameters"]
     import torch
     from transformers import AutoModelForCausalLM
