@@ -1,7 +1,8 @@
 """Tiny offline checkpoints, data files and a dense reference for the statistics tests.
 
 Models are random 2-layer Llama (tied embeddings, a padding_idx), Qwen2 (untied, q/k/v biases,
-a chat template) and Mistral (sliding window shorter than the samples), saved with
+a chat template), Mistral (sliding window shorter than the samples) and one of every other
+supported family (FAMILY_OPTIONS), saved with
 save_pretrained as >= 3 safetensors shards together with a word-level tokenizer trained offline
 on the fixture text. `reference_stats` computes the statistics another way: the whole model in
 memory, plain autograd on one unpadded sample at a time.
@@ -64,13 +65,36 @@ def build_tokenizer(*, chat_template: str | None = None):
     return tokenizer
 
 
-def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "24KB") -> Path:
-    """Save a random tiny `llama` (tied, padding_idx), `qwen2` (untied, biases, chat template) or
-    `mistral` (untied, sliding window 5) with its tokenizer; returns the directory."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+# Per family beyond llama/qwen2/mistral: what each tiny model forces. Tied where the family's
+# real checkpoints tie (and transformers allows it), untied elsewhere.
+FAMILY_OPTIONS: dict[str, dict] = {
+    # q/k RMSNorms over each head
+    "qwen3": dict(head_dim=8, tie_word_embeddings=True),
+    # (1 + w) RMSNorm, embedding scaled by sqrt(hidden)
+    "gemma": dict(head_dim=8, tie_word_embeddings=True),
+    # post-attention/feed-forward norms, attention and final soft-capping (eager attention), window 5 on every other layer
+    "gemma2": dict(head_dim=8, tie_word_embeddings=True, sliding_window=5, final_logit_softcapping=3.0, attn_logit_softcapping=2.0, query_pre_attn_scalar=8),
+    # q/k norms, a rotary table per layer type, window 5 on layer 0
+    "gemma3_text": dict(head_dim=8, tie_word_embeddings=True, sliding_window=5, final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"]),
+    # fused qkv and gate/up projections, window 5
+    "phi3": dict(tie_word_embeddings=False, sliding_window=5),
+    # no pre-norms: norms after attention and MLP, q/k norms over the whole projection
+    "olmo2": dict(tie_word_embeddings=False),
+    # embedding, residual, attention and logit multipliers
+    "granite": dict(tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0),
+    # router + 4 fused experts, 2 per token
+    "mixtral": dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2),
+    # normalized top-2 of 4 experts on layer 0, a dense MLP on layer 1 (mlp_only_layers)
+    "qwen3_moe": dict(head_dim=8, tie_word_embeddings=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=True),
+}
+FAMILIES = ("llama", "qwen2", "mistral", *FAMILY_OPTIONS)
 
-    tokenizer = build_tokenizer(chat_template=CHAT_TEMPLATE if kind == "qwen2" else None)
-    vocab = len(tokenizer)
+
+def tiny_config(kind: str, vocab: int, pad_token_id: int):
+    """The transformers config of the tiny `kind` model (hidden 32, 2 layers, 4/2 heads)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     common = dict(
         vocab_size=vocab,
         hidden_size=32,
@@ -83,20 +107,36 @@ def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype 
         rms_norm_eps=1e-6,
     )
     if kind == "llama":
-        config = LlamaConfig(**common, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    elif kind == "qwen2":
-        config = Qwen2Config(**common, tie_word_embeddings=False)
-    elif kind == "mistral":
-        config = MistralConfig(**common, tie_word_embeddings=False, sliding_window=5)
-    else:
-        raise ValueError(kind)
+        return LlamaConfig(**common, tie_word_embeddings=True, pad_token_id=pad_token_id)
+    if kind == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if kind == "mistral":
+        return MistralConfig(**common, tie_word_embeddings=False, sliding_window=5)
+    if kind in FAMILY_OPTIONS:
+        return CONFIG_MAPPING[kind](**common, **FAMILY_OPTIONS[kind], pad_token_id=pad_token_id, bos_token_id=2, eos_token_id=3)
+    raise ValueError(kind)
+
+
+def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "24KB") -> Path:
+    """Save a random tiny model of family `kind` with its tokenizer; returns the directory.
+
+    `llama` (tied, padding_idx), `qwen2` (untied, biases, chat template), `mistral` (untied,
+    sliding window 5), or a family of FAMILY_OPTIONS.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(chat_template=CHAT_TEMPLATE if kind == "qwen2" else None)
+    config = tiny_config(kind, len(tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():
-        # Norm weights start at exactly 1; perturb them so their statistics are not degenerate.
+        # Norm weights start at exactly 1 (Gemma's at 0), expert and router weights may start
+        # empty; perturb them so their statistics are not degenerate.
         for name, parameter in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 parameter.add_(0.1 * torch.randn_like(parameter))
+            elif "experts" in name or name.endswith("mlp.gate.weight"):
+                parameter.copy_(0.2 * torch.randn_like(parameter))
     out = root / kind
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)
@@ -113,9 +153,9 @@ def reference_stats(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Mean gradient and mean squared per-sample gradient of every parameter, by full-model autograd,
-    one unpadded sample at a time (tied embeddings: the parameter's own, summed gradient), with the
-    model in `dtype` on `device`; accumulated in float64 on the CPU."""
+    """Mean gradient and mean squared per-sample gradient of every checkpoint tensor, by full-model
+    autograd, one unpadded sample at a time (tied embeddings: the parameter's own, summed gradient),
+    with the model in `dtype` on `device`; accumulated in float64 on the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from perta_stream.compute.prompts import encode_sample, per_sample_loss
@@ -139,7 +179,13 @@ def reference_stats(
             sums[name] += grad
             squares[name] += grad**2
     count = len(records)
-    return {n: {"grad": (sums[n] / count).float(), "fisher": (squares[n] / count).float()} for n in params}
+    # Under the checkpoint's tensor names, by transformers' own conversion (what save_pretrained
+    # does): a mixture-of-experts module's fused experts become one matrix per expert.
+    from transformers.core_model_loading import revert_weight_conversion
+
+    means = revert_weight_conversion(model, {n: (sums[n] / count).float() for n in params})
+    mean_squares = revert_weight_conversion(model, {n: (squares[n] / count).float() for n in params})
+    return {n: {"grad": means[n].contiguous(), "fisher": mean_squares[n].contiguous()} for n in means}
 
 
 def load_stats_dir(path: Path) -> dict[str, torch.Tensor]:

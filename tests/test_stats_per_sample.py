@@ -11,6 +11,7 @@ from perta_stream.compute.stats import per_sample
 from perta_stream.compute.stats.boundaries import BoundaryStore
 from perta_stream.compute.stats.per_sample import (
     BufferPool,
+    ModuleCall,
     PerSampleHooks,
     StatsAccumulator,
     canonical_device,
@@ -102,7 +103,7 @@ def test_generic_rule_on_rmsnorm_and_hooks_zero_padding() -> None:
     valid = torch.rand(4, 5) > 0.4
     expected, weights = _explicit(norm, x, valid)
     acc = StatsAccumulator({"norm.weight": (8,)}, ("grad", "fisher"), torch.device("cpu"))
-    generic_stats(acc, norm, {"weight": "norm.weight"}, x, weights.expand(4, 5, 8) * valid[..., None])
+    generic_stats(acc, norm, {"weight": "norm.weight"}, ModuleCall((x,), {}, 4, where="norm"), [weights.expand(4, 5, 8) * valid[..., None]])
     torch.testing.assert_close(acc.squares["norm.weight"], expected["weight"][1], rtol=1e-5, atol=1e-6)
     # Through the hooks, with autograd delivering an unmasked gradient: padding must be dropped.
     hooked = StatsAccumulator({"norm.weight": (8,)}, ("grad", "fisher"), torch.device("cpu"))

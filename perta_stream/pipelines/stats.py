@@ -100,7 +100,7 @@ def run_stats(config: StatsConfig) -> StatsResult:
 
     Raises:
         PlanError: invalid inputs or output location, all listed at once.
-        ModelNotSupportedError: not a Llama, Mistral or Qwen2 model.
+        ModelNotSupportedError: not a supported family (plan/model_families.py), decided from config.json.
         DatasetError: an empty or malformed data file, or an answer longer than max_length.
         CheckpointError, WriteError: unreadable inputs or an unwritable output; `<out>.partial/`
             is left for `resume=True`.
@@ -483,12 +483,15 @@ def _config_only_plan(config: StatsConfig) -> StatsResult:
         raise CheckpointError(f"{config_path}: cannot read config.json ({exc})") from None
     if not isinstance(model_config, dict):
         raise CheckpointError(f"{config_path}: config.json is not a JSON object")
+    from perta_stream.compute.stats.skeleton import config_tensor_shapes
+
     shape = ModelShape.from_config(model_config, where=str(config_path))
     lengths = {name: [_estimate_tokens(s, config) for s in _selected(config, getattr(config, name))] for name in DATASETS}
     device = "cpu" if config.device == "cpu" else "cuda"
     plan = plan_stats(
         shape,
-        shape.tensor_shapes(),
+        # The family's own modules on the meta device say which tensors a checkpoint stores.
+        config_tensor_shapes(model_config, where=str(config_path)),
         lengths=lengths,
         batch_size=config.batch_size,
         kinds=config.kinds,

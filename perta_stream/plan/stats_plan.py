@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from perta_stream.errors import ModelNotSupportedError
 from perta_stream.memory import format_bytes
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from perta_stream.plan.model_families import family_of
 
 CPU_BLOCK_ELEMENTS = 4_718_592
 """On CPU, per-sample weight gradients are formed this many elements (18 MiB float32) at a time."""
@@ -38,7 +37,11 @@ def layer_group(index: int) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a supported decoder-only model, read from its config.json."""
+    """The dimensions of a supported decoder-only model, read from its config.json.
+
+    `num_experts` is 0 for a dense model; in a mixture-of-experts model each token runs
+    `experts_per_token` of the `num_experts` experts, each of width `expert_intermediate_size`.
+    """
 
     model_type: str
     hidden_size: int
@@ -53,20 +56,19 @@ class ModelShape:
     o_bias: bool
     mlp_bias: bool
     weight_dtype_bytes: int
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, object], *, ties_embeddings: bool | None = None, where: str = "config.json") -> "ModelShape":
         """Read the dimensions; `ties_embeddings` overrides the config (the checkpoint decides).
 
         Raises:
-            ModelNotSupportedError: not a Llama, Mistral or Qwen2 config, or fields are missing.
+            ModelNotSupportedError: not a supported family (model_families.FAMILIES), or fields are missing.
         """
-        model_type = str(config.get("model_type", ""))
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelNotSupportedError(
-                f"{where}: model_type {model_type or '(missing)'!r} is not supported by the statistics engine; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (dense decoder-only transformers models)"
-            )
+        family = family_of(config, where=where)
+        model_type = family.model_type
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size") if not isinstance(config.get(k), int)]
         if missing:
             raise ModelNotSupportedError(f"{where}: config lacks integer field(s) {', '.join(missing)}; is it a complete {model_type} config?")
@@ -91,10 +93,17 @@ class ModelShape:
             o_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(config.get("mlp_bias", False)),
             weight_dtype_bytes=_WEIGHT_DTYPE_BYTES.get(dtype_name, 2),
+            num_experts=int(config.get("num_local_experts") or config.get("num_experts") or 0) if family.mixture_of_experts else 0,  # type: ignore[arg-type]
+            experts_per_token=int(config.get("num_experts_per_tok") or 0) if family.mixture_of_experts else 0,  # type: ignore[arg-type]
+            expert_intermediate_size=int(config.get("moe_intermediate_size") or config["intermediate_size"]) if family.mixture_of_experts else 0,  # type: ignore[arg-type]
         )
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every parameter's name and shape, as a transformers checkpoint of this model stores them."""
+        """Every parameter's name and shape for the Llama layout (llama, mistral, qwen2, granite).
+
+        Other families' layers hold other tensors; their shapes come from the meta-device model
+        (`compute.stats.skeleton.config_tensor_shapes`), which needs transformers.
+        """
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
         shapes: dict[str, tuple[int, ...]] = {EMBED_TENSOR_NAME: (self.vocab_size, h)}
         for layer in range(self.num_layers):
@@ -245,17 +254,26 @@ def plan_stats(
     boundary_ram = min(boundary_bytes, boundary_budget_bytes)
 
     largest_layer = max((group_numel[g] for g in layer_groups), default=0)
-    largest_matrix = max((numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 2 and n != EMBED_TENSOR_NAME), default=0)
+    # Expert weights (stored per expert, or fused [experts, rows, columns]) get the generic rule
+    # in one fused module per layer: one sample at a time, a float32 copy of the layer's experts,
+    # the sample's dense gradient and its square.
+    expert_numel = {n: numel[n] for n in tensor_shapes if n.startswith(LAYER_PREFIX) and ".experts." in n}
+    experts_by_layer: dict[str, int] = {}
+    for tensor_name, count in expert_numel.items():
+        experts_by_layer[group_of(tensor_name)] = experts_by_layer.get(group_of(tensor_name), 0) + count
+    generic_scratch = 3 * 4 * max(experts_by_layer.values(), default=0)
+    largest_matrix = max((numel[n] for n in tensor_shapes if len(tensor_shapes[n]) == 2 and n != EMBED_TENSOR_NAME and n not in expert_numel), default=0)
     head_matrix = shape.vocab_size * shape.hidden_size
     per_sample_numel = min(largest_matrix, CPU_BLOCK_ELEMENTS) if device == "cpu" else largest_matrix
     per_sample_matrix = 4 * (per_sample_numel if "fisher" in kinds else 0)
     accumulator_factor = 4 * len(kinds)
-    intermediate = shape.intermediate_size
+    intermediate = max(shape.intermediate_size, shape.experts_per_token * shape.expert_intermediate_size)
     layer_activations = widest_batch_tokens * (8 * shape.hidden_size + 6 * intermediate) * 4 + 3 * 4 * widest_batch_tokens * widest * shape.num_heads
     layer_device = (
         2 * largest_layer * compute_dtype_bytes
         + largest_layer * accumulator_factor
         + per_sample_matrix
+        + generic_scratch
         + layer_activations
     )
     head_device = (
@@ -277,6 +295,9 @@ def plan_stats(
     else:
         peak_host = BASELINE_HOST_BYTES + boundary_ram + staging + flush_buffers + tied_accumulators
     linear_numel = total_numel - numel.get(EMBED_TENSOR_NAME, 0) - (0 if shape.ties_embeddings else head_matrix)
+    if shape.num_experts:
+        # Each token runs experts_per_token of the num_experts experts.
+        linear_numel -= sum(expert_numel.values()) * (1 - shape.experts_per_token / shape.num_experts)
     # The head is counted at every position: an upper bound, as it runs only where the loss reads.
     flops = 8.0 * linear_numel * padded + 6.0 * head_matrix * padded + 4 * attention_flops
     return StatsPlan(

@@ -5,7 +5,8 @@ not interact, so for a leaf module the gradient of sample n's loss is a function
 module input x_n and output gradient δ_n alone:
   nn.Linear   weight G_n = Σ_t δ_{n,t} x_{n,t}^T, bias Σ_t δ_{n,t}
   nn.Embedding rows: Σ over the sample's positions of δ_{n,t}, added to row id_{n,t}
-  anything else with parameters (RMSNorm, ...): the vjp of the module, vmapped over samples.
+  anything else with parameters (every kind of norm, routers, fused experts, ...): the vjp of
+              the module's own forward on one sample's inputs (`generic_stats`).
 `StatsAccumulator` keeps Σ_n g_n ("grad") and Σ_n g_n² ("fisher") — the square of each sample's
 own gradient, never of a batch gradient. Padding positions have δ set to zero before anything is
 formed, so they contribute nothing.
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from perta_stream.errors import ModelNotSupportedError
 from perta_stream.plan.stats_plan import CPU_BLOCK_ELEMENTS
 
 GRAD, FISHER = "grad", "fisher"
@@ -111,6 +113,13 @@ class StatsAccumulator:
             self.sums[tensor_name] += per_sample.sum(dim=0)
         if self.wants_squares:
             self.squares[tensor_name] += per_sample.square().sum(dim=0)
+
+    def add_one_sample(self, tensor_name: str, gradient: torch.Tensor) -> None:
+        """Add one sample's float32 gradient in place (no temporaries the size of the parameter)."""
+        if self.wants_sums:
+            self.sums[tensor_name].add_(gradient)
+        if self.wants_squares:
+            self.squares[tensor_name].addcmul_(gradient, gradient)
 
     def to(self, device: torch.device) -> "StatsAccumulator":
         """Move the sums (e.g. to host memory while they wait, and back)."""
@@ -318,23 +327,126 @@ def embedding_stats(
             acc.squares[tensor_name].index_add_(0, rows, square)
 
 
-def generic_stats(acc: StatsAccumulator, module: torch.nn.Module, names: Mapping[str, str], x: torch.Tensor, delta: torch.Tensor) -> None:
-    """Per-sample gradients of any module with parameters, by vmap over samples of its vjp.
+class ModuleCall:
+    """A module's positional and keyword inputs at forward time, and how they split into samples.
 
-    Computed in float32 (parameters and input upcast) so the statistics do not carry bf16 rounding.
+    Decoder modules see a batch either as [samples, tokens, ...] or flattened to
+    [samples * tokens, ...] (a mixture-of-experts block flattens before its router and experts);
+    either way sample n owns an equal, contiguous run of `rows_per_sample` leading rows. Every
+    tensor input with the first input's leading size splits that way; others (rotary tables,
+    masks shaped for the whole batch) go to each sample whole.
+    """
+
+    def __init__(self, args: tuple, kwargs: dict, samples: int, where: str):
+        self.args, self.kwargs = args, kwargs
+        self.samples = samples
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or first.dim() == 0 or first.shape[0] % samples:
+            shape = "no tensor input" if first is None else f"an input of shape {list(first.shape)}"
+            raise ModelNotSupportedError(
+                f"{where} takes {shape}, which does not split into {samples} samples along its first dimension; "
+                "the statistics engine needs every parameterized module of a layer to see samples (or their tokens) "
+                "as leading rows"
+            )
+        self.rows = first.shape[0]
+        self.rows_per_sample = self.rows // samples
+
+    def _splits(self, value: object) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.rows
+
+    def by_sample(self, value: torch.Tensor) -> torch.Tensor:
+        """[rows, ...] -> [samples, rows_per_sample, ...], floating tensors in float32."""
+        value = value.reshape(self.samples, self.rows_per_sample, *value.shape[1:])
+        return value.float() if value.is_floating_point() else value
+
+    def split(self) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], tuple[tuple, dict]]]:
+        """The inputs that split, as [samples, rows_per_sample, ...] tensors, and a function that
+        rebuilds (args, kwargs) of one sample from their slices."""
+        positions = [("a", i) for i, a in enumerate(self.args) if self._splits(a)]
+        positions += [("k", k) for k, v in self.kwargs.items() if self._splits(v)]
+        tensors = [self.by_sample(self.args[i] if kind == "a" else self.kwargs[i]) for kind, i in positions]
+
+        def rebuild(slices: list[torch.Tensor]) -> tuple[tuple, dict]:
+            args, kwargs = list(self.args), dict(self.kwargs)
+            for (kind, key), value in zip(positions, slices):
+                if kind == "a":
+                    args[key] = value
+                else:
+                    kwargs[key] = value
+            return tuple(args), kwargs
+
+        return tensors, rebuild
+
+
+def _tensor_outputs(output: object) -> list[torch.Tensor]:
+    """The tensors a module returned, in order (a tensor, or a tuple/list of tensors and other values)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [o for o in output if isinstance(o, torch.Tensor)]
+    return []
+
+
+_NOT_VMAPPABLE: set[type] = set()
+"""Module types whose forward vmap could not run (data-dependent control flow, e.g. a loop over
+the experts a batch routes to): their samples go one at a time."""
+VMAP_MAX_ELEMENTS = 1 << 24
+"""vmap forms every sample's gradient at once: only up to this many elements (64 MiB of float32)
+in all. Larger ones (a layer's fused experts: gigabytes per sample) go one sample at a time."""
+
+
+def generic_stats(
+    acc: StatsAccumulator, module: torch.nn.Module, names: Mapping[str, str], call: ModuleCall, deltas: Sequence[torch.Tensor | None]
+) -> None:
+    """Per-sample gradients of the direct parameters of any module, by its own forward.
+
+    Sample n's gradient is the vjp of the module's forward, run on sample n's inputs alone, with
+    sample n's output gradients. torch.func.vmap does every sample at once; where the forward
+    cannot be vmapped (a mixture-of-experts block loops over the experts its tokens are routed
+    to), or the samples' gradients together exceed VMAP_MAX_ELEMENTS, the samples go one at a
+    time through autograd, which is as exact: each expert's gradient then comes from the
+    sample's tokens routed to it only. Computed in float32 (parameters and
+    floating inputs upcast) so the statistics do not carry bf16 rounding.
 
     Args:
         names: parameter attribute (e.g. `weight`) -> tensor_name.
+        call: the module's inputs.
+        deltas: the gradient of the summed loss at each tensor output (None: no gradient reached it).
     """
     params = {attr: getattr(module, attr).detach().float() for attr in names}
+    outputs = [i for i, d in enumerate(deltas) if d is not None]
+    if not outputs:
+        return
+    inputs, rebuild = call.split()
+    cotangents = [call.by_sample(deltas[i]) for i in outputs]
 
-    def one_sample(p: dict[str, torch.Tensor], x_n: torch.Tensor, d_n: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, vjp = torch.func.vjp(lambda q: torch.func.functional_call(module, q, (x_n.unsqueeze(0),)), p)
-        return vjp(d_n.unsqueeze(0))[0]
+    def forward(p: dict[str, torch.Tensor], sample_inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        args, kwargs = rebuild(sample_inputs)
+        produced = _tensor_outputs(torch.func.functional_call(module, p, args, kwargs))
+        return tuple(produced[i].float() for i in outputs)
 
-    per_sample = torch.func.vmap(one_sample, in_dims=(None, 0, 0))(params, x.float(), delta.float())
-    for attr, tensor_name in names.items():
-        acc.add_per_sample(tensor_name, per_sample[attr])
+    per_sample_elements = call.samples * sum(p.numel() for p in params.values())
+    if type(module) not in _NOT_VMAPPABLE and per_sample_elements <= VMAP_MAX_ELEMENTS:
+        def one_sample(p: dict[str, torch.Tensor], sample_inputs: list[torch.Tensor], sample_cotangents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            _, vjp = torch.func.vjp(lambda q: forward(q, sample_inputs), p)
+            return vjp(tuple(sample_cotangents))[0]
+
+        try:
+            per_sample = torch.func.vmap(one_sample, in_dims=(None, 0, 0))(params, inputs, cotangents)
+        except RuntimeError:
+            _NOT_VMAPPABLE.add(type(module))
+        else:
+            for attr, tensor_name in names.items():
+                acc.add_per_sample(tensor_name, per_sample[attr])
+            return
+    for n in range(call.samples):
+        leaves = {attr: value.detach().requires_grad_(True) for attr, value in params.items()}
+        with torch.enable_grad():
+            produced = forward(leaves, [t[n] for t in inputs])
+            grads = torch.autograd.grad(produced, list(leaves.values()), [c[n] for c in cotangents], allow_unused=True)
+        for (attr, tensor_name), grad in zip(names.items(), grads):
+            if grad is not None:
+                acc.add_one_sample(tensor_name, grad)
 
 
 ModuleRule = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]
@@ -381,49 +493,123 @@ class PerSampleHooks:
         self._modules = {path: root.get_submodule(path) for path in tensor_names}
         self._names = tensor_names
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._called: set[str] = set()
         self._active = False
 
     def __enter__(self) -> "PerSampleHooks":
         for path, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(path)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(path), with_kwargs=True))
+        self._called.clear()
         self._active = True
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         self._active = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if exc_type is None:
+            self._check_every_module_ran()
+
+    def _check_every_module_ran(self) -> None:
+        """A module whose parameters the layer uses without calling it would get no statistics
+        (its hook never runs): refuse rather than write zeros."""
+        skipped = [path for path in self._modules if path not in self._called]
+        if skipped:
+            tensors = ", ".join(name for path in skipped for name in self._names[path].values())
+            raise ModelNotSupportedError(
+                f"the layer's forward never called the module(s) holding {tensors}, so their per-sample gradients cannot be "
+                "collected; the statistics engine supports layers that call every parameterized module"
+            )
 
     def _forward_hook(self, path: str) -> Callable:
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
-                return
-            x = inputs[0].detach()
-            output.register_hook(lambda grad: self._on_grad(path, module, x, grad))
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+            if not self._active:
+                return None
+            self._called.add(path)
+            if not isinstance(output, (torch.Tensor, tuple, list)):
+                raise ModelNotSupportedError(
+                    f"{type(module).__name__} holding {', '.join(self._names[path].values())} returns {type(output).__name__}; "
+                    "the statistics engine reads the gradients of modules that return tensors or tuples of tensors"
+                )
+            outputs = _tensor_outputs(output)
+            if not any(o.requires_grad for o in outputs):
+                return None
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            if isinstance(output, torch.Tensor):
+                output.register_hook(lambda grad: self._on_grad(path, module, args, kwargs, [grad]))
+                return None
+            # Several outputs (a router's logits, weights and indices), which may feed one another
+            # inside the module (weights = top-k of softmax(logits)): autograd's gradient at such
+            # an output would include what flows back through the others. Each output leaves as
+            # a fresh view, whose gradient is only what the rest of the layer sends back; one
+            # call once autograd has computed every one it will (None where the loss does not reach).
+            replaced = [o.view_as(o) if o.requires_grad else o for o in outputs]
+            index = [i for i, o in enumerate(replaced) if o.requires_grad]
+
+            def on_grads(grads: Sequence[torch.Tensor | None]) -> None:
+                aligned: list[torch.Tensor | None] = [None] * len(outputs)
+                for i, grad in zip(index, grads):
+                    aligned[i] = grad
+                self._on_grad(path, module, args, kwargs, aligned)
+
+            torch.autograd.graph.register_multi_grad_hook([replaced[i] for i in index], on_grads)
+            fresh = iter(replaced)
+            items = [next(fresh) if isinstance(o, torch.Tensor) else o for o in output]
+            return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
 
         return hook
 
-    def _on_grad(self, path: str, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
-        # Padding positions must contribute nothing, whatever autograd put there.
-        if isinstance(module, torch.nn.Linear) and self._padding_only_after_extents:
-            delta = grad.detach()  # linear_stats never reads past an extent
-        else:
-            mask = self._valid.reshape(self._valid.shape + (1,) * (grad.dim() - self._valid.dim()))
-            delta = grad.detach() * mask.to(grad.dtype)
+    def _masked(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad` with nothing at the padding positions.
+
+        Under right padding (every batch the engine builds) the gradient there is exactly zero
+        already: padding follows every real token, so under causal attention no real position's
+        loss reaches it. It is then returned as it is, whatever its layout (Gemma 3's q/k norms
+        act on [samples, heads, tokens, ...], which a mask shaped [samples, tokens] could be
+        mistaken for). Otherwise the padding is zeroed, in the layouts where it is known:
+        [samples, tokens, ...] or [samples * tokens, ...].
+        """
+        if self._padding_only_after_extents:
+            return grad.detach()
+        valid = self._valid
+        if tuple(grad.shape[:2]) != tuple(valid.shape):
+            if grad.shape[0] != valid.numel():
+                raise ModelNotSupportedError(
+                    f"a gradient of shape {list(grad.shape)} has no [samples, tokens] layout to mask padding by; "
+                    "pad the batch on the right (as the statistics engine does)"
+                )
+            valid = valid.reshape(-1)
+        mask = valid.reshape(valid.shape + (1,) * (grad.dim() - valid.dim()))
+        return grad.detach() * mask.to(grad.dtype)
+
+    def _on_grad(self, path: str, module: torch.nn.Module, args: tuple, kwargs: dict, grads: list[torch.Tensor | None]) -> None:
         names = self._names[path]
         # Nested transforms (vmap/vjp) must not re-enter these hooks.
         self._active = False
         try:
-            with torch.no_grad():
-                if isinstance(module, torch.nn.Linear):
-                    keep = self._keep_rows if path == self._lm_head_path else None
+            if isinstance(module, torch.nn.Linear):
+                (grad,) = grads
+                # Padding positions must contribute nothing (linear_stats never reads past an extent).
+                delta = self._masked(grad)
+                keep = self._keep_rows if path == self._lm_head_path else None
+                x = args[0]
+                samples = self._valid.shape[0]
+                if x.shape[0] != samples:
+                    # Tokens flattened into rows (inside a mixture-of-experts block): back to [samples, tokens, ...].
+                    call = ModuleCall(args, kwargs, samples, where=f"{type(module).__name__} holding {names['weight']}")
+                    x = x.reshape(samples, call.rows_per_sample, *x.shape[1:])
+                    delta = delta.reshape(samples, call.rows_per_sample, *delta.shape[1:])
+                with torch.no_grad():
                     kept = linear_stats(
                         self._acc, names["weight"], names.get("bias"), x, delta, extents=self._extents, keep_rows=keep, scratch=self._scratch
                     )
-                    if keep is not None:
-                        self.kept_rows = kept
-            if not isinstance(module, torch.nn.Linear):
-                generic_stats(self._acc, module, names, x, delta)
+                if keep is not None:
+                    self.kept_rows = kept
+            else:
+                deltas = [None if grad is None else self._masked(grad) for grad in grads]
+                call = ModuleCall(args, kwargs, self._valid.shape[0], where=f"{type(module).__name__} holding {', '.join(names.values())}")
+                generic_stats(self._acc, module, names, call, deltas)
         finally:
             self._active = True

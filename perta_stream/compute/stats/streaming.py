@@ -21,6 +21,7 @@ bits.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,7 +41,7 @@ from perta_stream.compute.stats.resume_state import (
     tied_prefix,
 )
 from perta_stream.compute.stats.per_sample import FISHER, BufferPool, PerSampleHooks, Scratch, StatsAccumulator, embedding_stats, sample_token_rows
-from perta_stream.compute.stats.skeleton import NORM_TENSOR_NAME, LastProjectionSkipped, ModelSkeleton, attention_mask, materialize, release
+from perta_stream.compute.stats.skeleton import NORM_PREFIX, LastProjectionSkipped, ModelSkeleton, attention_mask, materialize, release
 from perta_stream.errors import ResumeError
 from perta_stream.memory import release_free_heap
 from perta_stream.plan.stats_plan import EMBED_GROUP, EMBED_TENSOR_NAME, HEAD_GROUP, layer_group
@@ -130,6 +131,7 @@ class StreamingStatsEngine:
         self._device = device
         self._dtype = compute_dtype
         self._rotary = skeleton.rotary(device)
+        self._rotary_layer_types = [skeleton.rotary_layer_type(self._rotary, index) for index in range(skeleton.num_layers)]
         self._scratch = Scratch()
         self._pool = BufferPool()
 
@@ -203,7 +205,8 @@ class StreamingStatsEngine:
         if not self._dist.is_main:
             give_back()
             return
-        results = acc.results(count, names)
+        # Statistics leave under the checkpoint's tensor names (fused experts split per expert).
+        results = self._skeleton.layout.to_checkpoint(acc.results(count, names))
         if acc.device.type != "cpu":
             # The results are host copies: the device memory can be reused right away.
             give_back()
@@ -211,20 +214,37 @@ class StreamingStatsEngine:
         self._sink(dataset, group, results, give_back)
 
     def _layer_names(self, index: int) -> list[str]:
+        """The checkpoint tensors layer `index` is built from."""
+        return self._skeleton.layout.checkpoint_names(self._layer_parameters(index))
+
+    def _layer_parameters(self, index: int) -> list[str]:
         return [n for names in self._skeleton.layer_tensor_names(index).values() for n in names.values()]
 
-    def _head_load_names(self) -> list[str]:
-        return [NORM_TENSOR_NAME, self._skeleton.head_weight_name]
+    def _materialize_layer(self, index: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Layer `index` with the checkpoint's tensors `weights` (stacked where its modules fuse them)."""
+        weights = self._skeleton.layout.to_module(weights, self._layer_parameters(index))
+        return materialize(self._skeleton.layer(index), weights, self._skeleton.layer_prefix(index))
 
-    def _context(self, batch: Batch, window: int | None) -> dict[str, object]:
+    def _head_load_names(self) -> list[str]:
+        return [*self._skeleton.norm_tensor_names.values(), self._skeleton.head_weight_name]
+
+    def _context(self, batch: Batch, index: int) -> dict[str, object]:
+        """The keyword arguments layer `index` takes besides its input, as the model would pass them."""
         valid = batch.attention_mask.to(self._device).bool()
         positions = torch.arange(valid.shape[1], device=self._device)[None, :]
         probe = torch.empty((1, 1), dtype=self._dtype, device=self._device)
+        layer_type = self._rotary_layer_types[index]
+        rotary_args = (probe, positions) if layer_type is None else (probe, positions, layer_type)
         return {
-            "attention_mask": attention_mask(valid, window),
+            "attention_mask": attention_mask(valid, self._skeleton.sliding_window(index), additive_dtype=self._dtype if self._skeleton.additive_mask else None),
             "position_ids": positions,
-            "position_embeddings": self._rotary(probe, positions),
+            "position_embeddings": self._rotary(*rotary_args),
         }
+
+    def _recompute_context(self, layer: torch.nn.Module) -> contextlib.AbstractContextManager:
+        if self._skeleton.family.last_projection_feeds_residual:
+            return LastProjectionSkipped(layer)
+        return contextlib.nullcontext()
 
     def _embed_valid(self, batch: Batch) -> torch.Tensor:
         """Positions whose embedding row gets a gradient: real tokens, not the padding_idx row
@@ -288,8 +308,11 @@ class StreamingStatsEngine:
         store; prefetch what runs next (the head after the last layer, else that layer's backward)."""
         embed = self._loader.load([EMBED_TENSOR_NAME])[EMBED_TENSOR_NAME]
         self._loader.prefetch(self._layer_names(0) if self._skeleton.num_layers else self._head_load_names())
+        scale = self._skeleton.embedding_scale(self._dtype)
         for batch in batches:
             hidden = torch.nn.functional.embedding(batch.input_ids.to(self._device), embed)
+            if scale != 1.0:
+                hidden = hidden * scale
             self._store.put(("h", 0, batch.dataset, batch.index), hidden)
         del embed
         with progress(total=num_layers * tokens, desc="forward", unit="tok") as bar, torch.no_grad():
@@ -297,12 +320,11 @@ class StreamingStatsEngine:
                 bar.set_description(f"forward layer {index + 1}/{num_layers}")
                 weights = self._loader.load(self._layer_names(index))
                 self._loader.prefetch(self._layer_names(index + 1) if index + 1 < self._skeleton.num_layers else self._head_load_names())
-                layer = materialize(self._skeleton.layer(index), weights, self._skeleton.layer_prefix(index))
+                layer = self._materialize_layer(index, weights)
                 del weights
-                window = self._skeleton.sliding_window(index)
                 for batch in batches:
                     hidden = self._store.get(("h", index, batch.dataset, batch.index), self._device)
-                    output = layer(hidden, **self._context(batch, window))
+                    output = layer(hidden, **self._context(batch, index))
                     self._store.put(("h", index + 1, batch.dataset, batch.index), output)
                     bar.update(batch.num_tokens)
                 release(layer)
@@ -315,14 +337,15 @@ class StreamingStatsEngine:
         weights = self._loader.load(self._head_load_names())
         if num_layers:
             self._loader.prefetch(self._layer_names(num_layers - 1))
-        norm = materialize(skeleton.model.model.norm, weights, "model.norm.")
+        norm = materialize(skeleton.model.model.norm, weights, NORM_PREFIX)
         lm_head = skeleton.model.lm_head
         lm_head.load_state_dict({"weight": weights[skeleton.head_weight_name]}, strict=True, assign=True)
         lm_head.weight.requires_grad_(False)
         del weights
         head = torch.nn.ModuleDict({"norm": norm, "lm_head": lm_head})
-        names = {"norm": {"weight": NORM_TENSOR_NAME}, "lm_head": {"weight": skeleton.head_weight_name}}
-        shapes = {n: skeleton.tensor_shapes[n] for n in (NORM_TENSOR_NAME, skeleton.head_weight_name)}
+        norm_names = skeleton.norm_tensor_names
+        names = {"norm": norm_names, "lm_head": {"weight": skeleton.head_weight_name}}
+        shapes = {n: skeleton.tensor_shapes[n] for n in (*norm_names.values(), skeleton.head_weight_name)}
         keep_tied_rows = skeleton.ties_embeddings and FISHER in self._kinds
         tied: dict[str, StatsAccumulator] = {}
         with progress(total=tokens, desc="backward head", unit="tok") as bar:
@@ -338,7 +361,7 @@ class StreamingStatsEngine:
                     scored_valid = targets != IGNORE_INDEX
                     with torch.enable_grad(), PerSampleHooks(head, names, acc, scored_valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
                         scored = hidden[torch.arange(hidden.shape[0], device=self._device)[:, None], positions]
-                        losses = mean_target_nll(lm_head(norm(scored)), targets)
+                        losses = mean_target_nll(skeleton.transform_logits(lm_head(norm(scored))), targets)
                         losses.sum().backward()
                     loss_sum += float(losses.detach().sum())
                     self._store.put(("g", dataset, batch.index), hidden.grad)
@@ -348,12 +371,13 @@ class StreamingStatsEngine:
                 if self._dist.is_distributed:
                     loss_sum = float(self._dist.all_reduce_(torch.tensor([loss_sum], dtype=torch.float64)))
                 report.mean_loss[dataset] = loss_sum / counts[dataset]
-                head_names = [NORM_TENSOR_NAME] + ([] if skeleton.ties_embeddings else [skeleton.head_weight_name])
+                head_names = [*norm_names.values()] + ([] if skeleton.ties_embeddings else [skeleton.head_weight_name])
                 self._finish_group(dataset, HEAD_GROUP, acc, counts[dataset], head_names)
                 if skeleton.ties_embeddings:
                     # The tied parameter's sums wait for the embedding step; keep them off the GPU.
-                    acc.sums.pop(NORM_TENSOR_NAME, None)
-                    acc.squares.pop(NORM_TENSOR_NAME, None)
+                    for tensor_name in norm_names.values():
+                        acc.sums.pop(tensor_name, None)
+                        acc.squares.pop(tensor_name, None)
                     tied[dataset] = acc.to(torch.device("cpu"))
         release(norm)
         release(lm_head)
@@ -377,20 +401,19 @@ class StreamingStatsEngine:
                 weights = self._loader.load(self._layer_names(index))
                 if index > 0:
                     self._loader.prefetch(self._layer_names(index - 1))
-                layer = materialize(self._skeleton.layer(index), weights, self._skeleton.layer_prefix(index))
+                layer = self._materialize_layer(index, weights)
                 del weights
                 names = self._skeleton.layer_tensor_names(index)
                 shapes = {n: self._skeleton.tensor_shapes[n] for attrs in names.values() for n in attrs.values()}
-                window = self._skeleton.sliding_window(index)
                 for dataset, dataset_batches in batches.items():
                     acc = StatsAccumulator(shapes, self._kinds, self._device, pool=self._pool)
                     for batch in dataset_batches:
                         hidden = self._store.pop(("h", index, dataset, batch.index), self._device).requires_grad_(True)
                         grad_out = self._store.pop(("g", dataset, batch.index), self._device)
                         valid = batch.attention_mask.to(self._device).bool()
-                        with torch.enable_grad(), LastProjectionSkipped(layer), PerSampleHooks(layer, names, acc, valid, scratch=self._scratch):
+                        with torch.enable_grad(), self._recompute_context(layer), PerSampleHooks(layer, names, acc, valid, scratch=self._scratch):
                             # The output's value is never read: only its graph is backpropagated.
-                            output = layer(hidden, **self._context(batch, window))
+                            output = layer(hidden, **self._context(batch, index))
                             torch.autograd.backward(output, grad_out)
                         self._store.put(("g", dataset, batch.index), hidden.grad)
                         bar.update(batch.num_tokens)
@@ -402,10 +425,15 @@ class StreamingStatsEngine:
 
     def _embedding(self, batches: Mapping[str, Sequence[Batch]], counts: Mapping[str, int], tied: Mapping[str, StatsAccumulator]) -> None:
         shape = self._skeleton.tensor_shapes[EMBED_TENSOR_NAME]
+        # The layers see the embedding times a scale (Gemma, Granite): the rows' gradient is the
+        # gradient at layer 0's input times that scale.
+        scale = self._skeleton.embedding_scale(self._dtype)
         for dataset, dataset_batches in batches.items():
             acc = tied[dataset].to(self._device) if dataset in tied else StatsAccumulator({EMBED_TENSOR_NAME: shape}, self._kinds, self._device)
             for batch in dataset_batches:
                 grad = self._store.pop(("g", dataset, batch.index), self._device)
+                if scale != 1.0:
+                    grad = grad.float() * scale
                 valid = self._embed_valid(batch)
                 tied_rows = None
                 if ("rows", dataset, batch.index) in self._store:
