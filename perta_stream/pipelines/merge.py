@@ -230,7 +230,7 @@ def _merge_into(
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s))
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s))
         except Exception as exc:
             if not dist.is_distributed:
                 raise
@@ -306,7 +306,7 @@ def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist:
             output.add_finished([record for report in reports[1:] for record in report["shards"][k]])
 
 
-def _finalize(
+def finalize_output(
     config: MergeConfig,
     plan: MergePlan,
     output: ModelOutput,
@@ -314,8 +314,13 @@ def _finalize(
     records: list[ShardRecord],
     full_source: ByteSource,
     elapsed_s: float,
+    extra_record: dict | None = None,
 ) -> str:
-    """Side files, index, model card and run record, then the atomic commit."""
+    """Side files, index, model card and run record, then the atomic commit.
+
+    Shared with the one-pass unlearn, whose outputs are finished the same way; `extra_record`
+    adds keys to `perta_merge.json`.
+    """
     full = plan.inputs["full"]
     for file_name in full.side_files:
         try:
@@ -367,6 +372,7 @@ def _finalize(
         "max_memory_bytes": config.max_memory_bytes,
         "chunk_elements": plan.chunk_elements,
         "alphas_in_pass": list(config.alphas),
+        **(extra_record or {}),
     }
     output.write_file(MERGE_RECORD_NAME, record_json(record))
     return output.commit()

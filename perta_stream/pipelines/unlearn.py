@@ -144,7 +144,8 @@ def stats_mismatches(record: dict[str, Any], expected: StatsIdentity) -> list[st
 
 
 def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
-    """Make sure matching statistics exist (grad, fisher), then merge every α.
+    """Make sure matching statistics exist (grad, fisher), then merge every α; with
+    `config.one_pass`, both in one sweep with no statistics directory (pipelines/one_pass.py).
 
     Raises:
         StatisticsError: the statistics directory exists but was computed from other inputs
@@ -153,6 +154,10 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
     """
     from perta_stream.pipelines.merge import run_merge
 
+    if config.one_pass:
+        from perta_stream.pipelines.one_pass import run_one_pass
+
+        return run_one_pass(config)
     started = time.perf_counter()
     stats_dir: str | None = None
     reused: bool | None = None
