@@ -288,6 +288,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
     parser.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="save the statistics' resume state at most this often (default 300)")
+    parser.add_argument("--boundary-budget", help="host RAM for the statistics' layer-boundary states before spilling to disk (default 2GiB)")
     parser.add_argument(
         "--one-pass",
         action="store_true",

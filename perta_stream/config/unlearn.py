@@ -53,6 +53,8 @@ class UnlearnConfig:
             system_prompt: statistics options, as for `stats`.
         checkpoint_interval_s: the least time between two saved resume states of the statistics
             (None: the `stats` default).
+        boundary_budget_bytes: host RAM for the sweep's layer-boundary states before they spill
+            to disk (None: the `stats` default).
         recompute_stats: replace a statistics directory that exists but does not match the inputs.
         tau, uniform_weight, fallback_weight, out_dtype, max_shard_bytes: merge options.
         max_memory_bytes: what the merge may add to the process's resident memory when it starts
@@ -100,6 +102,7 @@ class UnlearnConfig:
     overwrite: bool = False
     resume: bool = False
     checkpoint_interval_s: float | None = None
+    boundary_budget_bytes: int | None = None
     one_pass: bool = False
     save_stats: str | None = None
     config_only: bool = False
@@ -256,6 +259,7 @@ _ALIASES = {
     "max_shard_size": "max_shard_bytes",
     "max_memory": "max_memory_bytes",
     "checkpoint_interval": "checkpoint_interval_s",
+    "boundary_budget": "boundary_budget_bytes",
 }
 # argparse attributes that are not options of the run.
 _CLI_ONLY = frozenset({"command", "config", "verbose", "quiet"})
@@ -298,9 +302,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "kinds":
         values = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(item).strip() for item in values if str(item).strip())
-    if key in ("max_shard_bytes", "max_memory_bytes"):
+    if key in ("max_shard_bytes", "max_memory_bytes", "boundary_budget_bytes"):
         if value is None:
             return None
+        if key == "boundary_budget_bytes" and str(value).strip() == "0":
+            return 0  # spill every boundary (sizes elsewhere must be positive)
         return int(value) if isinstance(value, int) and not isinstance(value, bool) else parse_size(str(value), what=f"--{key}")
     if key in ("out_dtype", "stats_dtype"):
         return None if value is None else parse_user_dtype(str(value))

@@ -113,6 +113,8 @@ def _stats_config(config: UnlearnConfig) -> StatsConfig:
         options["stats_dtype"] = config.stats_dtype
     if config.checkpoint_interval_s is not None:
         options["checkpoint_interval_s"] = config.checkpoint_interval_s
+    if config.boundary_budget_bytes is not None:
+        options["boundary_budget_bytes"] = config.boundary_budget_bytes
     return StatsConfig(
         model=config.effective_stats_model,
         forget=str(config.forget),
@@ -399,9 +401,13 @@ def _execute(
         ]
         merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype)
         merger.copy_tasks()
-        start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan)
         BoundaryStore.remove_leftovers(stats_output.partial)
-        report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start)
+        report: dict[str, Any] = {"mean_loss": dict(resumed.mean_loss)}
+        if any(output.missing_shards() for output in layered.values()) or (store is not None and not store.complete):
+            start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan)
+            report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start)
+        else:
+            logger.info("resuming: every output shard and statistic is on disk already; finishing the outputs")
         for output in layered.values():
             missing = output.missing_shards()
             if missing:

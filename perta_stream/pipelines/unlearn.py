@@ -227,6 +227,8 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
         options["stats_dtype"] = config.stats_dtype
     if config.checkpoint_interval_s is not None:
         options["checkpoint_interval_s"] = config.checkpoint_interval_s
+    if config.boundary_budget_bytes is not None:
+        options["boundary_budget_bytes"] = config.boundary_budget_bytes
     stats_config = StatsConfig(
         model=config.effective_stats_model,
         forget=str(config.forget),
