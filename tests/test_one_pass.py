@@ -80,6 +80,17 @@ def test_one_pass_equals_stats_then_merge_byte_for_byte(workspace, tmp_path, nam
     assert not leftovers
 
 
+def test_merging_in_the_background_gives_the_same_bytes(workspace, tmp_path, monkeypatch):
+    # The CUDA way (the merge overlaps the next layer's compute), run on CPU.
+    from perta_stream.pipelines import one_pass as one_pass_pipeline
+
+    monkeypatch.setattr(one_pass_pipeline, "merge_in_background", lambda device_type: True)
+    reference = two_pass(workspace, "llama", tmp_path / "two", ["grad", "fisher"], ["1"])
+    assert one_pass(workspace, "llama", tmp_path / "one", ["grad", "fisher"], ["1"], "--checkpoint-interval", "0") == 0
+    for method in ("grad", "fisher"):
+        assert_same_output(tmp_path / "one" / method, reference[method])
+
+
 def test_dry_run_compares_one_pass_with_two_passes_and_writes_nothing(workspace, tmp_path, capsys):
     out = tmp_path / "one"
     assert one_pass(workspace, "llama", out, ["grad", "fisher"], ["1"], "--dry-run") == 0

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".perta_one_pass_state"
 NOT_SAVED = "(computed in the same pass, not saved)"
+MERGE_CHUNK_BYTES = 4 * 2**20
 
 
 def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
@@ -92,7 +93,7 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         stats_checkpoint, stats_source = inputs["stats"], sources["stats"]
         shape = ModelShape.from_config(stats_checkpoint.config, ties_embeddings=stats_checkpoint.ties_embeddings, where=f"{config.effective_stats_model}/config.json")
         prepared = _prepare_sweep(stats_config, stats_checkpoint, shape)
-        comparison = _comparison(config, prepared["plan"], plan)
+        comparison = _comparison(config, prepared["plan"], plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()})
         if config.dry_run:
             text = "\n".join([prepared["plan"].to_text(), describe_plan(plan), comparison.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
@@ -190,7 +191,9 @@ def _plan(
         out_dtype=config.out_dtype,
         max_shard_bytes=config.max_shard_bytes,
         max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
-        chunk_bytes=None,
+        # Small chunks: the merge step's buffers add to the sweep's memory, and the kernel works
+        # in cache-sized blocks anyway (a larger chunk only saves read calls).
+        chunk_bytes=MERGE_CHUNK_BYTES,
         baseline_rss_bytes=current_rss_bytes(),
         problems=problems,
     )
@@ -233,13 +236,25 @@ def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: Mod
 
 
 # ---------------------------------------------------------------- the plan next to two passes
-def _merge_buffer_bytes(chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int) -> int:
+def _merge_buffer_bytes(
+    chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
+) -> int:
+    """What the merge step adds to the sweep's host memory: its chunk buffers and the kernel's
+    blocks, and on CUDA one more group of float32 statistics (the group being merged in the
+    background while the next one is computed)."""
+    import math
+
     from perta_stream.compute.merge_kernel import BLOCK_ELEMENTS
 
-    return chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + 4 * 5 * BLOCK_ELEMENTS
+    buffers = chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + 4 * 5 * BLOCK_ELEMENTS
+    if device == "cpu":
+        return buffers
+    groups = group_tensor_names(shapes, num_layers)
+    largest = max(sum(math.prod(shapes[name]) for name in names) for names in groups.values())
+    return buffers + largest * 4 * kinds
 
 
-def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan) -> PassComparison:
+def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]]) -> PassComparison:
     merged = [task for task in plan.tasks if task.action == "merge"]
     numel = sum(task.numel for task in merged)
     stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
@@ -257,7 +272,9 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan) -
         stat_methods=len(config.stat_methods),
         stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
-        merge_buffer_bytes=_merge_buffer_bytes(plan.chunk_elements, widest, out_itemsize, len(config.alphas)),
+        merge_buffer_bytes=_merge_buffer_bytes(
+            plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
+        ),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )
@@ -275,7 +292,7 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
     numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
     model_bytes = numel * shape.weight_dtype_bytes
     stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
-    chunk_elements = 1 << 24
+    chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
     comparison = compare_passes(
         stats_read_bytes=stats_plan.bytes_read,
         stats_bytes=stats_plan.bytes_written,
@@ -288,7 +305,9 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         stat_methods=len(config.stat_methods),
         stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=config.max_memory_bytes,
-        merge_buffer_bytes=_merge_buffer_bytes(chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas)),
+        merge_buffer_bytes=_merge_buffer_bytes(
+            chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
+        ),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )
@@ -484,6 +503,17 @@ def _usable_state(
     return None
 
 
+def merge_in_background(device_type: str) -> bool:
+    """Whether a finished group is merged while the next one is computed.
+
+    On CUDA, yes: a 70B layer's merge reads and writes gigabytes (minutes over 80 layers if the
+    GPU waited), at the cost of one more group of host statistics. On CPU the merge is small
+    next to the layer's compute, so the sweep waits for it and holds no more statistics than
+    `stats` does.
+    """
+    return device_type != "cpu"
+
+
 def _sweep(
     stats_config: StatsConfig,
     checkpoint: Checkpoint,
@@ -512,6 +542,7 @@ def _sweep(
     pad_id = _pad_token_id(prepared["tokenizer"])
     batches = {name: _batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
     held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
+    overlap = merge_in_background(device.type)
 
     with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
         stats_config.boundary_budget_bytes, spill_parent=stats_output.partial
@@ -538,6 +569,8 @@ def _sweep(
                         release()
 
             writer.submit(job)
+            if dataset == DATASETS[-1] and not overlap:
+                writer.flush()
 
         def offer_state(state: ResumeState) -> None:
             # A saved state claims every group before it: saved, merged and recorded first.
