@@ -1,7 +1,7 @@
 """Merging one tensor group as soon as its statistics are complete (the one-pass unlearn's merge step).
 
-For every tensor of the group, chunk by chunk (the merge plan's chunks): read θ_0, θ_full and
-θ_fgt into reused buffers, take the matching slice of each statistic, run the merge kernel of
+For every tensor of the group, chunk by chunk (the merge plan's chunks): read θ_full and θ_fgt
+into reused buffers (θ_0 too, unless the sweep has it loaded in a dtype that holds it exactly), take the matching slice of each statistic, run the merge kernel of
 every method (one output per (method, α)), and write each output's chunk at its offset in its
 shard. This is the arithmetic of `merge` (compute/merge_kernel.py, the same kernel objects and
 the same chunk boundaries); the statistics are first rounded to the storage dtype the two-pass
@@ -22,6 +22,14 @@ from perta_stream.sinks.layered_output import LayeredModelOutput
 from perta_stream.sources.byte_source import ByteSource
 
 MODEL_INPUTS = ("theta0", "full", "fgt")
+# The compute dtypes that hold every value of a stored dtype exactly: a θ_0 tensor the sweep has
+# loaded in one of them is used as it is instead of being read again.
+_EXACT_IN = {
+    "BF16": (torch.bfloat16, torch.float32, torch.float64),
+    "F16": (torch.float16, torch.float32, torch.float64),
+    "F32": (torch.float32, torch.float64),
+    "F64": (torch.float64,),
+}
 
 
 @dataclass(frozen=True)
@@ -64,11 +72,14 @@ class GroupMerger:
         for task in self._plan.copied:
             self._merge_task(task, {})
 
-    def merge(self, stats: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]]) -> None:
+    def merge(self, stats: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], theta0_loaded: Mapping[str, torch.Tensor] | None = None) -> None:
         """Merge the tensors of one finished group.
 
         Args:
             stats: dataset -> tensor_name -> kind -> float32 statistic (CPU), both datasets.
+            theta0_loaded: θ_0's tensors of the group as the sweep loaded them (any device,
+                the compute dtype); each one whose dtype holds the stored values exactly is
+                used instead of reading θ_0 again.
         """
         names = sorted(set().union(*(set(per_dataset) for per_dataset in stats.values())))
         for tensor_name in names:
@@ -76,15 +87,20 @@ class GroupMerger:
             if task is None or task.action != "merge":
                 continue  # a tensor θ_full does not have, or one copied up front
             roles = {f"{dataset}.{kind}": tensors[tensor_name][kind].reshape(-1) for dataset, tensors in stats.items() for kind in tensors[tensor_name]}
-            self._merge_task(task, roles)
+            loaded = (theta0_loaded or {}).get(tensor_name)
+            if loaded is not None and loaded.dtype not in _EXACT_IN.get(task.sources["theta0"].dtype, ()):
+                loaded = None
+            self._merge_task(task, roles, None if loaded is None else loaded.detach().reshape(-1))
 
-    def _merge_task(self, task: TensorTask, stat_views: Mapping[str, torch.Tensor]) -> None:
+    def _merge_task(self, task: TensorTask, stat_views: Mapping[str, torch.Tensor], theta0: torch.Tensor | None = None) -> None:
         wanted = [[o for o in method.outputs if not o.has_tensor(task.tensor_name)] for method in self._methods]
         if not any(wanted):
             return
         out_itemsize = DTYPE_BYTES[task.out_dtype]
         for start, count in self._plan.chunk_ranges(task):
-            inputs = self._read_chunk(task, start, count)
+            inputs = self._read_chunk(task, start, count, skip=("theta0",) if theta0 is not None else ())
+            if theta0 is not None:
+                inputs["theta0"] = theta0[start : start + count].to("cpu")
             for method, targets in zip(self._methods, wanted):
                 if not targets:
                     continue
@@ -107,9 +123,11 @@ class GroupMerger:
             for output in targets:
                 output.tensor_done(task.tensor_name)
 
-    def _read_chunk(self, task: TensorTask, start: int, count: int) -> dict[str, torch.Tensor]:
+    def _read_chunk(self, task: TensorTask, start: int, count: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         typed: dict[str, torch.Tensor] = {}
         for role, info in task.sources.items():
+            if role in skip:
+                continue
             nbytes = count * info.itemsize
             offset = info.begin + start * info.itemsize
             buffer = self._in[role][:nbytes]

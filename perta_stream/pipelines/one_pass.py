@@ -93,7 +93,8 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         stats_checkpoint, stats_source = inputs["stats"], sources["stats"]
         shape = ModelShape.from_config(stats_checkpoint.config, ties_embeddings=stats_checkpoint.ties_embeddings, where=f"{config.effective_stats_model}/config.json")
         prepared = _prepare_sweep(stats_config, stats_checkpoint, shape)
-        comparison = _comparison(config, prepared["plan"], plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()})
+        compute_dtype_bytes = 4 if prepared["compute_dtype"] == "float32" else 2
+        comparison = _comparison(config, prepared["plan"], plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
         if config.dry_run:
             text = "\n".join([prepared["plan"].to_text(), describe_plan(plan), comparison.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
@@ -236,6 +237,36 @@ def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: Mod
 
 
 # ---------------------------------------------------------------- the plan next to two passes
+def _theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
+    """θ_0 bytes the merge step takes from the sweep's loaded weights: every layer and head tensor
+    when the compute dtype holds the stored one exactly (not the embedding: it is loaded at the
+    start of the sweep and merged at its end)."""
+    import math
+
+    from perta_stream.plan.stats_plan import EMBED_GROUP
+
+    groups = group_tensor_names(tensors, num_layers)
+    stored = {"F32": 4, "F64": 8}
+    return sum(
+        math.prod(tensors[name][0]) * stored.get(tensors[name][1], 2)
+        for group, names in groups.items()
+        if group != EMBED_GROUP
+        for name in names
+        if stored.get(tensors[name][1], 2) <= compute_dtype_bytes and not (tensors[name][1] == "F16" and compute_dtype_bytes == 2)
+    )
+
+
+def _merge_device_bytes(shapes: dict[str, tuple[int, ...]], num_layers: int, compute_dtype_bytes: int, device: str) -> int:
+    """On CUDA, the layer being merged in the background keeps its weights on the device a little
+    longer (the merge reads θ_0 from them): one more layer beside the sweep's two."""
+    import math
+
+    if device == "cpu":
+        return 0
+    groups = group_tensor_names(shapes, num_layers)
+    return max(sum(math.prod(shapes[name]) for name in names) for names in groups.values()) * compute_dtype_bytes
+
+
 def _merge_buffer_bytes(
     chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
 ) -> int:
@@ -254,7 +285,7 @@ def _merge_buffer_bytes(
     return buffers + largest * 4 * kinds
 
 
-def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]]) -> PassComparison:
+def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]], compute_dtype_bytes: int) -> PassComparison:
     merged = [task for task in plan.tasks if task.action == "merge"]
     numel = sum(task.numel for task in merged)
     stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
@@ -267,6 +298,9 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         stats_peak_host_bytes=stats_plan.peak_host_bytes,
         stats_peak_device_bytes=stats_plan.peak_device_bytes,
         model_read_bytes=plan.bytes_to_read,
+        theta0_loaded_bytes=_theta0_loaded_bytes(
+            {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
+        ),
         output_bytes=sum(shard.nbytes for shard in plan.shards),
         outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
         stat_methods=len(config.stat_methods),
@@ -275,6 +309,7 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         merge_buffer_bytes=_merge_buffer_bytes(
             plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
+        merge_device_bytes=_merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )
@@ -293,6 +328,8 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
     model_bytes = numel * shape.weight_dtype_bytes
     stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
     chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
+    stored_dtype = {4: "F32", 2: "BF16"}.get(shape.weight_dtype_bytes, "BF16")
+    compute_dtype_bytes = 4 if stats_config.compute_dtype_on(stats_plan.device) == "float32" else 2
     comparison = compare_passes(
         stats_read_bytes=stats_plan.bytes_read,
         stats_bytes=stats_plan.bytes_written,
@@ -300,6 +337,9 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         stats_peak_host_bytes=stats_plan.peak_host_bytes,
         stats_peak_device_bytes=stats_plan.peak_device_bytes,
         model_read_bytes=3 * model_bytes,
+        theta0_loaded_bytes=_theta0_loaded_bytes(
+            {name: (dims, stored_dtype) for name, dims in shape.tensor_shapes().items()}, shape.num_layers, compute_dtype_bytes
+        ),
         output_bytes=model_bytes,
         outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
         stat_methods=len(config.stat_methods),
@@ -308,6 +348,7 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         merge_buffer_bytes=_merge_buffer_bytes(
             chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
+        merge_device_bytes=_merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )
@@ -503,6 +544,22 @@ def _usable_state(
     return None
 
 
+class _RememberingLoader:
+    """The sweep's weight loader, keeping the group it gave last: θ_0's tensors of the layer (or
+    head) whose statistics finish next, so the merge step need not read them again."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+        self.last: dict[str, Any] = {}
+
+    def load(self, tensor_names: Any) -> dict[str, Any]:
+        self.last = self._loader.load(tensor_names)
+        return self.last
+
+    def prefetch(self, tensor_names: Any) -> None:
+        self._loader.prefetch(tensor_names)
+
+
 def merge_in_background(device_type: str) -> bool:
     """Whether a finished group is merged while the next one is computed.
 
@@ -544,11 +601,16 @@ def _sweep(
     held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
     overlap = merge_in_background(device.type)
 
-    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as plain_loader, BoundaryStore(
         stats_config.boundary_budget_bytes, spill_parent=stats_output.partial
     ) as boundaries, BackgroundWriter() as writer:
 
+        loader = _RememberingLoader(plain_loader)
+
         def finished_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
+            # The engine finishes a group right after computing it with the weights it loaded last.
+            theta0 = {name: tensor for name, tensor in loader.last.items() if name in stats}
+
             def job() -> None:
                 # A group is merged once both datasets' statistics are in; the forget half waits
                 # (its memory with it) for the retain half, which the engine finishes next.
@@ -563,7 +625,7 @@ def _sweep(
                     return
                 parts = held.pop(group)
                 try:
-                    merger.merge({name: part for name, (part, _) in parts.items()})
+                    merger.merge({name: part for name, (part, _) in parts.items()}, theta0)
                 finally:
                     for _, release in parts.values():
                         release()

@@ -88,12 +88,14 @@ def compare_passes(
     stats_peak_host_bytes: int,
     stats_peak_device_bytes: int,
     model_read_bytes: int,
+    theta0_loaded_bytes: int,
     output_bytes: int,
     outputs_per_method: tuple[int, ...],
     stat_methods: int,
     stats_per_method_bytes: int,
     merge_peak_host_bytes: int,
     merge_buffer_bytes: int,
+    merge_device_bytes: int,
     save_stats: bool,
     device: str,
 ) -> PassComparison:
@@ -103,24 +105,27 @@ def compare_passes(
         stats_read_bytes, stats_bytes, boundary_spill_bytes, stats_peak_*: from the statistics
             plan (the weights the sweep reads; every statistic it computes, at the storage dtype).
         model_read_bytes: θ_0 + θ_full + θ_fgt bytes of the tensors to merge (one merge reads them once).
+        theta0_loaded_bytes: θ_0 bytes the one pass's merge step takes from the sweep's loaded
+            weights instead of reading them again.
         output_bytes: one output's size; outputs_per_method: α count per method.
         stat_methods: how many of the methods read statistics (grad, fisher);
             stats_per_method_bytes: the forget and retain statistics one such merge reads.
         merge_peak_host_bytes: a plain merge's estimated peak RSS;
-            merge_buffer_bytes: what the one-pass merge step adds to the sweep's memory.
+            merge_buffer_bytes, merge_device_bytes: what the one-pass merge step adds to the
+            sweep's host and device memory.
         save_stats: the one pass also writes the statistics directory (`--save-stats`).
     """
     outputs = sum(outputs_per_method)
     all_outputs = outputs * output_bytes
     saved = stats_bytes if save_stats else 0
     one = WayCost(
-        # The merge step reads the three models' tensors once, and reads each finished output
-        # shard back once to hash it.
-        bytes_read=stats_read_bytes + model_read_bytes + all_outputs,
+        # The merge step reads θ_full's and θ_fgt's tensors (and the θ_0 tensors the sweep has
+        # not loaded) once, and reads each finished output shard back once to hash it.
+        bytes_read=stats_read_bytes + model_read_bytes - theta0_loaded_bytes + all_outputs,
         bytes_written=all_outputs + boundary_spill_bytes + saved,
         scratch_disk_bytes=all_outputs + boundary_spill_bytes + saved,
         peak_host_bytes=stats_peak_host_bytes + merge_buffer_bytes,
-        peak_device_bytes=stats_peak_device_bytes,
+        peak_device_bytes=stats_peak_device_bytes + merge_device_bytes,
     )
     two = WayCost(
         bytes_read=stats_read_bytes + len(outputs_per_method) * model_read_bytes + stat_methods * stats_per_method_bytes,
