@@ -157,3 +157,25 @@ def test_cli_accepts_several_methods_only_with_one_pass(capsys):
     assert "needs --one-pass" in capsys.readouterr().err
     with pytest.raises(UsageError):
         UnlearnConfig.from_mapping({"theta0": "a", "full": "b", "fgt": "c", "out": "o", "method": "nope", "one_pass": True}, where="test")
+
+
+def test_one_pass_under_a_launcher_is_refused(workspace, tmp_path, monkeypatch):
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    config = UnlearnConfig(
+        theta0=str(workspace["llama.theta0"]), full=str(workspace["llama.full"]), fgt=str(workspace["llama.fgt"]), out=str(tmp_path / "o"),
+        method="fisher", forget=str(workspace["forget"]), retain=str(workspace["retain"]), one_pass=True, device="cpu",
+    )
+    with pytest.raises(UsageError, match="one process"):
+        run_unlearn(config)
+    assert not list(tmp_path.iterdir())
+
+
+def test_summary_says_one_pass(workspace, tmp_path):
+    config = UnlearnConfig(
+        theta0=str(workspace["qwen2.theta0"]), full=str(workspace["qwen2.full"]), fgt=str(workspace["qwen2.fgt"]), out=str(tmp_path / "o"),
+        method="grad", forget=str(workspace["forget"]), retain=str(workspace["retain"]), one_pass=True, device="cpu", batch_size=4,
+    )
+    result = run_unlearn(config)
+    assert result.outputs == (str(tmp_path / "o"),)
+    assert result.summary().startswith("one pass: statistics and merge into")

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from perta_stream import __version__
 from perta_stream.config.merge import DEFAULT_TAU, MergeConfig
 from perta_stream.config.unlearn import STATS_METHODS, UnlearnConfig
-from perta_stream.errors import PertaStreamError, PlanError
+from perta_stream.distributed import LaunchInfo
+from perta_stream.errors import PertaStreamError, PlanError, UsageError
 from perta_stream.memory import current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.plan.one_pass_plan import PassComparison, compare_passes, one_pass_outputs
@@ -75,6 +76,11 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before the baseline RSS the merge budget adds to)
 
+    if LaunchInfo.from_env() is not None:
+        raise UsageError(
+            "--one-pass runs in one process (each layer's statistics of every sample must be complete before it is merged); "
+            "run it without torchrun / accelerate launch, or use the two-pass way, whose statistics run under a launcher"
+        )
     stats_config = _stats_config(config)
     if config.config_only:
         comparison, stats_plan = _config_only_comparison(config, stats_config)
@@ -101,7 +107,7 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         logger.info("%s\n%s", prepared["plan"].to_text(), comparison.to_text())
         locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
     elapsed_s = time.perf_counter() - started
-    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes())
+    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
 
 
 # ---------------------------------------------------------------- options and inputs
@@ -173,6 +179,8 @@ def _plan(
     if len(set(folders)) != len(folders):
         problems.append(f"--out {config.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders")
     named = {"theta0": config.theta0, "full": config.full, "fgt": config.fgt, "forget": str(config.forget), "retain": str(config.retain)}
+    if config.stats_model:
+        named["stats model"] = config.stats_model
     for out_dir in folders + ([config.save_stats] if config.save_stats else []):
         problems += check_output_location(out_dir, overwrite=config.overwrite, inputs=named)
     stats = inputs.get("stats")

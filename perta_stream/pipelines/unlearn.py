@@ -64,6 +64,7 @@ class UnlearnResult:
         plan_text: what a dry run would do, else None.
         stats_s, merge_s, elapsed_s: wall time per stage and in total.
         peak_rss_bytes: the merge's peak resident memory.
+        one_pass: statistics and merge ran as one sweep (`stats_s` is then the whole run).
     """
 
     outputs: tuple[str, ...]
@@ -74,8 +75,12 @@ class UnlearnResult:
     merge_s: float
     elapsed_s: float
     peak_rss_bytes: int
+    one_pass: bool = False
 
     def summary(self) -> str:
+        if self.one_pass:
+            saved = f"; statistics saved to {self.stats_dir}" if self.stats_dir else ""
+            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.elapsed_s:.1f} s{saved}"
         if self.stats_reused is None:
             stats_text = "no statistics needed"
         elif self.stats_reused:
