@@ -125,11 +125,13 @@ def test_config_only_plan_of_the_70b_model(workspace, capsys):
 def test_bad_inputs_are_all_reported_before_anything_is_written(workspace, tmp_path):
     out = workspace["llama.full"] / "inside"  # an output inside an input
     options = dict(theta0=str(workspace["llama.theta0"]), full=str(workspace["llama.full"]), fgt=str(workspace["qwen2.fgt"]))
-    config = UnlearnConfig(**options, out=str(out), method="grad,fisher", forget=str(workspace["forget"]), retain=str(workspace["retain"]), one_pass=True, device="cpu")
+    missing = tmp_path / "missing.jsonl"
+    config = UnlearnConfig(**options, out=str(out), method="grad,fisher", forget=str(missing), retain=str(workspace["retain"]), one_pass=True, device="cpu")
     with pytest.raises(PlanError) as caught:
         run_unlearn(config)
     problems = "\n".join(caught.value.problems)
     assert "overlaps the full input" in problems
+    assert f"--forget {missing} is not a file" in problems
     assert "tying mismatch" in problems or "shape" in problems or "missing" in problems
     assert not out.exists() and not Path(str(out) + ".partial").exists()
 

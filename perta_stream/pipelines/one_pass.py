@@ -81,16 +81,18 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
             "--one-pass runs in one process (each layer's statistics of every sample must be complete before it is merged); "
             "run it without torchrun / accelerate launch, or use the two-pass way, whose statistics run under a launcher"
         )
-    stats_config = _stats_config(config)
+    stats_config, stats_problems = _stats_config(config)
     if config.config_only:
+        if stats_config is None:
+            raise PlanError("cannot plan the one pass", stats_problems)
         comparison, stats_plan = _config_only_comparison(config, stats_config)
         text = f"{stats_plan.to_text()}\n{comparison.to_text()}"
         return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
     with ExitStack() as stack:
         inputs, sources, problems = _open_models(config, stack)
         outputs = one_pass_outputs(config.out, config.methods, config.alphas)
-        plan, problems = _plan(config, inputs, outputs, problems)
-        if problems or plan is None:
+        plan, problems = _plan(config, inputs, outputs, stats_problems + problems)
+        if problems or plan is None or stats_config is None:
             raise PlanError("cannot unlearn in one pass", list(dict.fromkeys(problems)))
         for _, _, out_dir in outputs:
             AtomicOutputDir(out_dir, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
@@ -111,10 +113,9 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
 
 
 # ---------------------------------------------------------------- options and inputs
-def _stats_config(config: UnlearnConfig) -> StatsConfig:
-    """The statistics options of the sweep, as `unlearn` would give them to `stats`."""
-    from perta_stream.config.stats import STATS_KINDS, StatsConfig
-
+def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]:
+    """The statistics options of the sweep, as `unlearn` would give them to `stats`, or their
+    problems (a missing data file, ...) to report with the others."""
     wanted = set(config.stat_methods) | (set(config.kinds) if config.save_stats else set())
     options: dict[str, Any] = {}
     if config.stats_dtype is not None:
@@ -123,6 +124,15 @@ def _stats_config(config: UnlearnConfig) -> StatsConfig:
         options["checkpoint_interval_s"] = config.checkpoint_interval_s
     if config.boundary_budget_bytes is not None:
         options["boundary_budget_bytes"] = config.boundary_budget_bytes
+    try:
+        return _make_stats_config(config, wanted, options), []
+    except PlanError as exc:
+        return None, list(exc.problems)
+
+
+def _make_stats_config(config: UnlearnConfig, wanted: set[str], options: dict[str, Any]) -> StatsConfig:
+    from perta_stream.config.stats import STATS_KINDS, StatsConfig
+
     return StatsConfig(
         model=config.effective_stats_model,
         forget=str(config.forget),
