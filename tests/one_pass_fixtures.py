@@ -55,10 +55,12 @@ def data_args(ws: dict[str, Path]) -> list[str]:
     return ["--forget", str(ws["forget"]), "--retain", str(ws["retain"]), "--batch-size", "2", "--device", "cpu"]
 
 
-def two_pass(ws: dict[str, Path], kind: str, out: Path, methods: list[str], alphas: list[str], *extra_stats: str, tau: str | None = None) -> dict[str, Path]:
-    """`stats` then one `merge` per method; returns method -> that merge's --out."""
+def two_pass(
+    ws: dict[str, Path], kind: str, out: Path, methods: list[str], alphas: list[str], *extra_stats: str, tau: str | None = None, stats_model: str = "theta0"
+) -> dict[str, Path]:
+    """`stats` (at θ_0, or at `stats_model`) then one `merge` per method; returns method -> that merge's --out."""
     stats = out / "stats"
-    assert main(["stats", "--model", str(ws[f"{kind}.theta0"]), *data_args(ws), "--out", str(stats), "-q", *extra_stats]) == 0
+    assert main(["stats", "--model", str(ws[f"{kind}.{stats_model}"]), *data_args(ws), "--out", str(stats), "-q", *extra_stats]) == 0
     outs = {}
     for method in methods:
         outs[method] = out / method

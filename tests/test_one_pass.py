@@ -91,6 +91,13 @@ def test_merging_in_the_background_gives_the_same_bytes(workspace, tmp_path, mon
         assert_same_output(tmp_path / "one" / method, reference[method])
 
 
+def test_statistics_at_another_model_give_the_same_bytes(workspace, tmp_path):
+    # Statistics at θ_full: the merge step must read θ_0 from disk, not take the sweep's weights.
+    reference = two_pass(workspace, "qwen2", tmp_path / "two", ["fisher"], ["1"], stats_model="full")
+    assert one_pass(workspace, "qwen2", tmp_path / "one", ["fisher"], ["1"], "--stats-model", str(workspace["qwen2.full"])) == 0
+    assert_same_output(tmp_path / "one", reference["fisher"])
+
+
 def test_dry_run_compares_one_pass_with_two_passes_and_writes_nothing(workspace, tmp_path, capsys):
     out = tmp_path / "one"
     assert one_pass(workspace, "llama", out, ["grad", "fisher"], ["1"], "--dry-run") == 0

@@ -318,7 +318,9 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         model_read_bytes=plan.bytes_to_read,
         theta0_loaded_bytes=_theta0_loaded_bytes(
             {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
-        ),
+        )
+        if config.effective_stats_model == config.theta0
+        else 0,
         output_bytes=sum(shard.nbytes for shard in plan.shards),
         outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
         stat_methods=len(config.stat_methods),
@@ -483,7 +485,8 @@ def _execute(
         report: dict[str, Any] = {"mean_loss": dict(resumed.mean_loss)}
         if any(output.missing_shards() for output in layered.values()) or (store is not None and not store.complete):
             start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan)
-            report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start)
+            theta0_loaded = stats_checkpoint is inputs["theta0"]  # the sweep's weights are θ_0's
+            report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start, theta0_loaded)
         else:
             logger.info("resuming: every output shard and statistic is on disk already; finishing the outputs")
         for output in layered.values():
@@ -598,6 +601,7 @@ def _sweep(
     store: StatsStore | None,
     merger: Any,
     start: ResumeState | None,
+    theta0_loaded: bool,
 ) -> dict[str, Any]:
     """The statistics engine, with a sink that saves (optionally) and merges each finished group."""
     import torch
@@ -627,7 +631,7 @@ def _sweep(
 
         def finished_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
             # The engine finishes a group right after computing it with the weights it loaded last.
-            theta0 = {name: tensor for name, tensor in loader.last.items() if name in stats}
+            theta0 = {name: tensor for name, tensor in loader.last.items() if name in stats} if theta0_loaded else {}
 
             def job() -> None:
                 # A group is merged once both datasets' statistics are in; the forget half waits
