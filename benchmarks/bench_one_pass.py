@@ -47,13 +47,16 @@ def perturbed_copy(source: Path, target: Path, seed: int) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    if (target / "model.safetensors.index.json").is_file():
+    done = target / "perturbed.json"
+    if done.is_file():
         return
-    shutil.copytree(source, target, dirs_exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
     generator = torch.Generator().manual_seed(seed)
     for shard in sorted(target.glob("*.safetensors")):
         tensors = load_file(shard)
         save_file({n: (t.float() + 0.01 * torch.randn(t.shape, generator=generator)).to(t.dtype) for n, t in tensors.items()}, shard, metadata={"format": "pt"})
+    done.write_text(json.dumps({"seed": seed}))
 
 
 def measured(args: list[str]) -> dict:
