@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".perta_one_pass_state"
 NOT_SAVED = "(computed in the same pass, not saved)"
-MERGE_CHUNK_BYTES = 4 * 2**20
+MERGE_CHUNK_BYTES = 2**20
 
 
 def run_one_pass(config: UnlearnConfig) -> UnlearnResult:

@@ -32,7 +32,7 @@ from perta_stream.sinks.shard_writer import ShardRecord, TensorSpec, encode_head
 
 IN_PROGRESS_SUFFIX = ".inprogress"
 PROGRESS_RECORD_NAME = ".perta_one_pass.json"
-_HASH_BLOCK_BYTES = 8 * 2**20
+_HASH_BLOCK_BYTES = 2**20
 
 
 class _ShardInProgress:
