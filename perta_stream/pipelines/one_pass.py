@@ -41,7 +41,14 @@ from perta_stream.distributed import LaunchInfo
 from perta_stream.errors import PertaStreamError, PlanError, UsageError
 from perta_stream.memory import current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
-from perta_stream.plan.one_pass_plan import PassComparison, compare_passes, one_pass_outputs
+from perta_stream.plan.one_pass_plan import (
+    PassComparison,
+    compare_passes,
+    merge_buffer_bytes,
+    merge_device_bytes,
+    one_pass_outputs,
+    theta0_loaded_bytes,
+)
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_stats
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 
@@ -255,54 +262,6 @@ def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: Mod
 
 
 # ---------------------------------------------------------------- the plan next to two passes
-def _theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
-    """θ_0 bytes the merge step takes from the sweep's loaded weights: every layer and head tensor
-    when the compute dtype holds the stored one exactly (not the embedding: it is loaded at the
-    start of the sweep and merged at its end)."""
-    import math
-
-    from perta_stream.plan.stats_plan import EMBED_GROUP
-
-    groups = group_tensor_names(tensors, num_layers)
-    stored = {"F32": 4, "F64": 8}
-    return sum(
-        math.prod(tensors[name][0]) * stored.get(tensors[name][1], 2)
-        for group, names in groups.items()
-        if group != EMBED_GROUP
-        for name in names
-        if stored.get(tensors[name][1], 2) <= compute_dtype_bytes and not (tensors[name][1] == "F16" and compute_dtype_bytes == 2)
-    )
-
-
-def _merge_device_bytes(shapes: dict[str, tuple[int, ...]], num_layers: int, compute_dtype_bytes: int, device: str) -> int:
-    """On CUDA, the layer being merged in the background keeps its weights on the device a little
-    longer (the merge reads θ_0 from them): one more layer beside the sweep's two."""
-    import math
-
-    if device == "cpu":
-        return 0
-    groups = group_tensor_names(shapes, num_layers)
-    return max(sum(math.prod(shapes[name]) for name in names) for names in groups.values()) * compute_dtype_bytes
-
-
-def _merge_buffer_bytes(
-    chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
-) -> int:
-    """What the merge step adds to the sweep's host memory: its chunk buffers and the kernel's
-    blocks, and on CUDA one more group of float32 statistics (the group being merged in the
-    background while the next one is computed)."""
-    import math
-
-    from perta_stream.compute.merge_kernel import BLOCK_ELEMENTS
-
-    buffers = chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + 4 * 5 * BLOCK_ELEMENTS
-    if device == "cpu":
-        return buffers
-    groups = group_tensor_names(shapes, num_layers)
-    largest = max(sum(math.prod(shapes[name]) for name in names) for names in groups.values())
-    return buffers + largest * 4 * kinds
-
-
 def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]], compute_dtype_bytes: int) -> PassComparison:
     merged = [task for task in plan.tasks if task.action == "merge"]
     numel = sum(task.numel for task in merged)
@@ -316,7 +275,7 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         stats_peak_host_bytes=stats_plan.peak_host_bytes,
         stats_peak_device_bytes=stats_plan.peak_device_bytes,
         model_read_bytes=plan.bytes_to_read,
-        theta0_loaded_bytes=_theta0_loaded_bytes(
+        theta0_loaded_bytes=theta0_loaded_bytes(
             {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
         )
         if config.effective_stats_model == config.theta0
@@ -326,10 +285,10 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         stat_methods=len(config.stat_methods),
         stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
-        merge_buffer_bytes=_merge_buffer_bytes(
+        merge_buffer_bytes=merge_buffer_bytes(
             plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
-        merge_device_bytes=_merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
+        merge_device_bytes=merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )
@@ -357,7 +316,7 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         stats_peak_host_bytes=stats_plan.peak_host_bytes,
         stats_peak_device_bytes=stats_plan.peak_device_bytes,
         model_read_bytes=3 * model_bytes,
-        theta0_loaded_bytes=_theta0_loaded_bytes(
+        theta0_loaded_bytes=theta0_loaded_bytes(
             {name: (dims, stored_dtype) for name, dims in shape.tensor_shapes().items()}, shape.num_layers, compute_dtype_bytes
         ),
         output_bytes=model_bytes,
@@ -365,10 +324,10 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         stat_methods=len(config.stat_methods),
         stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=config.max_memory_bytes,
-        merge_buffer_bytes=_merge_buffer_bytes(
+        merge_buffer_bytes=merge_buffer_bytes(
             chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
-        merge_device_bytes=_merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
+        merge_device_bytes=merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
     )

@@ -10,11 +10,21 @@ disk and the time they save before starting; they are derived from the statistic
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from perta_stream.config.merge import output_dirs
+from perta_stream.dtypes import DTYPE_BYTES
 from perta_stream.memory import format_bytes
+from perta_stream.plan.stats_plan import EMBED_GROUP, group_tensor_names
+
+
+# The merge kernel's float32 block scratch (compute/merge_kernel.py: 5 vectors of 64 Ki elements);
+# plan/ does not import torch code, so the size is restated here.
+KERNEL_SCRATCH_BYTES = 5 * 4 * (1 << 16)
+# Stored dtype -> the compute dtype sizes (bfloat16: 2, float32: 4) that hold its values exactly.
+_EXACT_COMPUTE_BYTES = {"BF16": (2, 4), "F16": (4,), "F32": (4,)}
 
 
 def one_pass_outputs(out: str, methods: tuple[str, ...], alphas: tuple[float, ...]) -> tuple[tuple[str, float, str], ...]:
@@ -135,3 +145,40 @@ def compare_passes(
         peak_device_bytes=stats_peak_device_bytes,
     )
     return PassComparison(one, two, outputs, output_bytes, stats_bytes, saved, boundary_spill_bytes, device)
+
+
+def theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
+    """θ_0 bytes the merge step takes from the sweep's loaded weights: every layer and head tensor
+    when the compute dtype holds the stored one exactly (not the embedding: it is loaded at the
+    start of the sweep and merged at its end)."""
+    groups = group_tensor_names(tensors, num_layers)
+    return sum(
+        math.prod(tensors[name][0]) * DTYPE_BYTES[tensors[name][1]]
+        for group, names in groups.items()
+        if group != EMBED_GROUP
+        for name in names
+        if compute_dtype_bytes in _EXACT_COMPUTE_BYTES.get(tensors[name][1], ())
+    )
+
+
+def merge_device_bytes(shapes: dict[str, tuple[int, ...]], num_layers: int, compute_dtype_bytes: int, device: str) -> int:
+    """On CUDA, the layer being merged in the background keeps its weights on the device a little
+    longer (the merge reads θ_0 from them): one more layer beside the sweep's two."""
+    if device == "cpu":
+        return 0
+    groups = group_tensor_names(shapes, num_layers)
+    return max(sum(math.prod(shapes[name]) for name in names) for names in groups.values()) * compute_dtype_bytes
+
+
+def merge_buffer_bytes(
+    chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
+) -> int:
+    """What the merge step adds to the sweep's host memory: its chunk buffers and the kernel's
+    blocks, and on CUDA one more group of float32 statistics (the group being merged in the
+    background while the next one is computed)."""
+    buffers = chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + KERNEL_SCRATCH_BYTES
+    if device == "cpu":
+        return buffers
+    groups = group_tensor_names(shapes, num_layers)
+    largest = max(sum(math.prod(shapes[name]) for name in names) for names in groups.values())
+    return buffers + largest * 4 * kinds
