@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/bench_merge.py --repeats 3
 	$(PY) benchmarks/bench_stats.py --samples 64 --repeats 3
 	$(PY) benchmarks/bench_stats_families.py
+	$(PY) benchmarks/bench_one_pass.py
 	$(PY) benchmarks/bench_stats_write.py
 	$(PY) benchmarks/bench_hub.py --size-gb 0.8 --repeat 3
 	$(PY) benchmarks/bench_distributed.py

@@ -303,7 +303,7 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--full", help="the model to clean (fine-tuned on forget + retain)")
     parser.add_argument("--fgt", help="the model fine-tuned on the forget set only")
     parser.add_argument("--out", help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
-    parser.add_argument("--method", choices=["tv", "uniform", "grad", "fisher", "task_arithmetic"], help="default fisher")
+    parser.add_argument("--method", help="tv (or task_arithmetic), uniform, grad or fisher (default fisher); with --one-pass several, e.g. grad,fisher")
     parser.add_argument("--alpha", type=_float_list, help="scale(s) of the task vector, e.g. 0.5,1,2 (default 1)")
     parser.add_argument("--forget", help="forget data file (.jsonl/.json) for the statistics")
     parser.add_argument("--retain", help="retain data file (.jsonl/.json) for the statistics")
@@ -332,6 +332,14 @@ def _add_unlearn(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-nonfinite", action="store_true", help="merge NaN and infinite input values through instead of stopping")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
     parser.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="save the statistics' resume state at most this often (default 300)")
+    parser.add_argument("--boundary-budget", help="host RAM for the statistics' layer-boundary states before spilling to disk (default 2GiB)")
+    parser.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="statistics and merge in one layer-major sweep: each layer is merged as its statistics complete, none are stored",
+    )
+    parser.add_argument("--save-stats", metavar="DIR", help="with --one-pass: also write the statistics directory to DIR (for later merges)")
+    parser.add_argument("--config-only", action="store_true", help="with --one-pass --dry-run: plan from the stats model's config.json alone")
     _add_common(parser)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from perta_stream.compute.weights import compute_weights
+from perta_stream.errors import NonFiniteError
 
 BLOCK_ELEMENTS = 1 << 16
 
@@ -33,6 +34,16 @@ class NonFiniteValues(ArithmeticError):
     def __init__(self, roles: list[str]):
         self.roles = roles
         super().__init__(", ".join(roles) or "the merged result")
+
+
+def nonfinite_error(tensor_name: str, exc: NonFiniteValues) -> NonFiniteError:
+    """The user-facing error for a block `merge_chunk` refused, naming the tensor and the inputs."""
+    where = ", ".join(exc.roles) if exc.roles else "none of the inputs, but the merged float32 value overflows"
+    return NonFiniteError(
+        f"tensor {tensor_name!r}: NaN or infinite values in {where}; a model with them would be written with "
+        "exit 0, so the merge stops: check the inputs (`perta-stream verify --finite` checks an output), or pass "
+        "--allow-nonfinite to merge them through"
+    )
 
 
 def _has_nonfinite(values: torch.Tensor) -> bool:

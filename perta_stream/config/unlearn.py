@@ -56,6 +56,8 @@ class UnlearnConfig:
             system_prompt: statistics options, as for `stats`.
         checkpoint_interval_s: the least time between two saved resume states of the statistics
             (None: the `stats` default).
+        boundary_budget_bytes: host RAM for the sweep's layer-boundary states before they spill
+            to disk (None: the `stats` default).
         recompute_stats: replace a statistics directory that exists but does not match the inputs.
         tau, uniform_weight, fallback_weight, out_dtype, max_shard_bytes: merge options.
         max_memory_bytes: what the merge may add to the process's resident memory when it starts
@@ -65,6 +67,11 @@ class UnlearnConfig:
         resume: continue an interrupted run: the statistics from `<stats_dir>.partial/` and a
             local merge output from `<out>.partial/` (a Hub push skips what the Hub holds anyway).
         allow_nonfinite: merge NaN and infinite input values through instead of stopping.
+        one_pass: statistics and merge in one layer-major sweep, with no statistics directory
+            (pipelines/one_pass.py); `method` may then list several methods (`grad,fisher`),
+            each merged at every α, one output per (method, α).
+        save_stats: with one_pass, also write the statistics directory there (for later merges).
+        config_only: with one_pass and dry_run, plan from the stats model's config.json alone.
     """
 
     theta0: str
@@ -100,6 +107,10 @@ class UnlearnConfig:
     resume: bool = False
     checkpoint_interval_s: float | None = None
     allow_nonfinite: bool = False
+    boundary_budget_bytes: int | None = None
+    one_pass: bool = False
+    save_stats: str | None = None
+    config_only: bool = False
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
@@ -110,8 +121,17 @@ class UnlearnConfig:
             raise PlanError("invalid unlearn options", problems)
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods to merge with (several only in one pass)."""
+        return tuple(part.strip() for part in self.method.split(",") if part.strip())
+
+    @property
+    def stat_methods(self) -> tuple[str, ...]:
+        return tuple(method for method in self.methods if method in STATS_METHODS)
+
+    @property
     def needs_stats(self) -> bool:
-        return self.method in STATS_METHODS
+        return bool(self.stat_methods)
 
     @property
     def effective_stats_dir(self) -> str:
@@ -143,18 +163,24 @@ class UnlearnConfig:
         for name in ("theta0", "full", "fgt", "out"):
             if not getattr(self, name):
                 found.append(f"--{name} is required")
-        if self.method not in METHODS:
-            found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)} (several, comma-separated, with --one-pass)")
+        elif len(self.methods) > 1 and not self.one_pass:
+            found.append(f"--method {self.method} lists several methods; that needs --one-pass (or run unlearn once per method)")
+        if len(set(self.methods)) != len(self.methods):
+            found.append(f"--method {self.method} lists the same method twice")
+        found += self._one_pass_problems()
         found += arithmetic_problems(
             self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha"
         )
-        if self.needs_stats:
+        if self.needs_stats or self.save_stats:
             for flag, value in (("--forget", self.forget), ("--retain", self.retain)):
                 if not value:
                     found.append(f"--method {self.method} needs {flag} FILE (the data its statistics are computed on)")
         if not self.kinds or any(kind not in STATS_KINDS for kind in self.kinds):
             found.append(f"--kinds {','.join(self.kinds)!r}: give one or both of {', '.join(STATS_KINDS)}")
-        elif self.needs_stats and self.method not in self.kinds:
+        elif self.needs_stats and not self.one_pass and self.method not in self.kinds:
             found.append(f"--kinds {','.join(self.kinds)} does not include {self.method}, which --method {self.method} needs")
         if not 0 < self.fraction <= 1:
             found.append(f"--fraction must be in (0, 1], got {self.fraction}")
@@ -178,6 +204,23 @@ class UnlearnConfig:
             )
         if len(self.alphas) > 1 and "{alpha}" not in self.out and self.out.startswith("hf://"):
             found.append("several alphas pushed to the Hub need a {alpha} placeholder in --out")
+        return found
+
+    def _one_pass_problems(self) -> list[str]:
+        found: list[str] = []
+        if not self.one_pass:
+            for flag, given in (("--save-stats", self.save_stats), ("--config-only", self.config_only)):
+                if given:
+                    found.append(f"{flag} applies to --one-pass; add --one-pass or drop it")
+            return found
+        if self.config_only and not self.dry_run:
+            found.append("--config-only plans from config.json alone; it needs --dry-run")
+        if self.out.startswith("hf://") or self.save_stats and self.save_stats.startswith("hf://"):
+            found.append("--one-pass writes local folders; push an output afterwards, or unlearn without --one-pass")
+        if self.stats_dir or self.recompute_stats:
+            found.append("--stats-dir and --recompute-stats belong to the two-pass way; with --one-pass, --save-stats DIR writes the statistics")
+        if self.one_pass and not self.needs_stats and not self.save_stats:
+            found.append(f"--method {self.method} needs no statistics; a plain unlearn (or merge) is already one pass over the models")
         return found
 
     @classmethod
@@ -237,6 +280,7 @@ _ALIASES = {
     "max_shard_size": "max_shard_bytes",
     "max_memory": "max_memory_bytes",
     "checkpoint_interval": "checkpoint_interval_s",
+    "boundary_budget": "boundary_budget_bytes",
 }
 # argparse attributes that are not options of the run.
 _CLI_ONLY = frozenset({"command", "config", "verbose", "quiet"})
@@ -279,9 +323,11 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "kinds":
         values = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(item).strip() for item in values if str(item).strip())
-    if key in ("max_shard_bytes", "max_memory_bytes"):
+    if key in ("max_shard_bytes", "max_memory_bytes", "boundary_budget_bytes"):
         if value is None:
             return None
+        if key == "boundary_budget_bytes" and str(value).strip() == "0":
+            return 0  # spill every boundary (sizes elsewhere must be positive)
         return int(value) if isinstance(value, int) and not isinstance(value, bool) else parse_size(str(value), what=f"--{key}")
     if key in ("out_dtype", "stats_dtype"):
         return None if value is None else parse_user_dtype(str(value))
@@ -295,7 +341,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, got {value!r}")
         return value
-    if key in ("recompute_stats", "dry_run", "overwrite", "resume", "allow_nonfinite"):
+    if key in ("recompute_stats", "dry_run", "overwrite", "resume", "allow_nonfinite", "one_pass", "config_only"):
         if not isinstance(value, bool):
             raise TypeError(f"expected true or false, got {value!r}")
         return value

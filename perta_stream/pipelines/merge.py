@@ -241,7 +241,7 @@ def _merge_into(
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(_finalize(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
         except Exception as exc:
             if not dist.is_distributed:
                 raise
@@ -354,7 +354,7 @@ def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist:
                 hasher.add(report["digests"])
 
 
-def _finalize(
+def finalize_output(
     config: MergeConfig,
     plan: MergePlan,
     output: ModelOutput,
@@ -362,9 +362,14 @@ def _finalize(
     records: list[ShardRecord],
     full_source: ByteSource,
     elapsed_s: float,
-    stats_content_sha256: str | None,
+    stats_content_sha256: str | None = None,
+    extra_record: dict | None = None,
 ) -> str:
-    """Side files, index, model card and run record, then the atomic commit."""
+    """Side files, index, model card and run record, then the atomic commit.
+
+    Shared with the one-pass unlearn, whose outputs are finished the same way; `extra_record`
+    adds keys to `perta_merge.json`.
+    """
     full = plan.inputs["full"]
     for file_name in full.side_files:
         try:
@@ -418,6 +423,7 @@ def _finalize(
         "max_memory_bytes": config.max_memory_bytes,
         "chunk_elements": plan.chunk_elements,
         "alphas_in_pass": list(config.alphas),
+        **(extra_record or {}),
     }
     output.write_file(MERGE_RECORD_NAME, record_json(record))
     return output.commit()

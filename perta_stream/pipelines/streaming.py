@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues
+from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
-from perta_stream.errors import NonFiniteError
 from perta_stream.memory import RssWatchdog
 from perta_stream.plan.merge_plan import PIPELINE_DEPTH, MergePlan, OutputShard, TensorTask
 from perta_stream.sinks.model_output import ModelOutput
@@ -197,12 +196,7 @@ def _compute_all(
             try:
                 kernel.merge_chunk(typed_inputs, typed_outputs)
             except NonFiniteValues as exc:
-                where = ", ".join(exc.roles) if exc.roles else "none of the inputs, but the merged float32 value overflows"
-                raise NonFiniteError(
-                    f"tensor {task.tensor_name!r}: NaN or infinite values in {where}; a model with them would be "
-                    "written with exit 0, so the merge stops: check the inputs (`perta-stream verify --finite` checks "
-                    "an output), or pass --allow-nonfinite to merge them through"
-                ) from None
+                raise nonfinite_error(task.tensor_name, exc) from None
         else:
             nbytes = job.count * task.sources["full"].itemsize
             for k in range(output_count):

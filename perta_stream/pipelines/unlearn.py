@@ -68,6 +68,7 @@ class UnlearnResult:
         plan_text: what a dry run would do, else None.
         stats_s, merge_s, elapsed_s: wall time per stage and in total.
         peak_rss_bytes: the merge's peak resident memory.
+        one_pass: statistics and merge ran as one sweep (`stats_s` is then the whole run).
     """
 
     outputs: tuple[str, ...]
@@ -78,8 +79,12 @@ class UnlearnResult:
     merge_s: float
     elapsed_s: float
     peak_rss_bytes: int
+    one_pass: bool = False
 
     def summary(self) -> str:
+        if self.one_pass:
+            saved = f"; statistics saved to {self.stats_dir}" if self.stats_dir else ""
+            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.elapsed_s:.1f} s{saved}"
         if self.stats_reused is None:
             stats_text = "no statistics needed"
         elif self.stats_reused:
@@ -151,7 +156,8 @@ def stats_mismatches(record: dict[str, Any], expected: StatsIdentity) -> list[st
 
 
 def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
-    """Make sure matching statistics exist (grad, fisher), then merge every α.
+    """Make sure matching statistics exist (grad, fisher), then merge every α; with
+    `config.one_pass`, both in one sweep with no statistics directory (pipelines/one_pass.py).
 
     Raises:
         StatisticsError: the statistics directory exists but was computed from other inputs
@@ -160,6 +166,10 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
     """
     from perta_stream.pipelines.merge import run_merge
 
+    if config.one_pass:
+        from perta_stream.pipelines.one_pass import run_one_pass
+
+        return run_one_pass(config)
     started = time.perf_counter()
     stats_dir: str | None = None
     reused: bool | None = None
@@ -229,6 +239,8 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
         options["stats_dtype"] = config.stats_dtype
     if config.checkpoint_interval_s is not None:
         options["checkpoint_interval_s"] = config.checkpoint_interval_s
+    if config.boundary_budget_bytes is not None:
+        options["boundary_budget_bytes"] = config.boundary_budget_bytes
     stats_config = StatsConfig(
         model=config.effective_stats_model,
         forget=str(config.forget),

@@ -1,0 +1,146 @@
+"""Merging one tensor group as soon as its statistics are complete (the one-pass unlearn's merge step).
+
+For every tensor of the group, chunk by chunk (the merge plan's chunks): read θ_full and θ_fgt
+into reused buffers (θ_0 too, unless the sweep has it loaded in a dtype that holds it exactly), take the matching slice of each statistic, run the merge kernel of
+every method (one output per (method, α)), and write each output's chunk at its offset in its
+shard. This is the arithmetic of `merge` (compute/merge_kernel.py, the same kernel objects and
+the same chunk boundaries); the statistics are first rounded to the storage dtype the two-pass
+way would have written them in (`--stats-dtype`), so both ways give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
+from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
+from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan, TensorTask
+from perta_stream.sinks.layered_output import LayeredModelOutput
+from perta_stream.sources.byte_source import ByteSource
+
+MODEL_INPUTS = ("theta0", "full", "fgt")
+# The compute dtypes that hold every value of a stored dtype exactly: a θ_0 tensor the sweep has
+# loaded in one of them is used as it is instead of being read again.
+_EXACT_IN = {
+    "BF16": (torch.bfloat16, torch.float32, torch.float64),
+    "F16": (torch.float16, torch.float32, torch.float64),
+    "F32": (torch.float32, torch.float64),
+    "F64": (torch.float64,),
+}
+
+
+@dataclass(frozen=True)
+class MethodOutputs:
+    """One method's kernel and its outputs, one per α in the kernel's order."""
+
+    kernel: MergeKernel
+    outputs: tuple[LayeredModelOutput, ...]
+
+
+class GroupMerger:
+    """Merges tensors into every output while the sweep goes on.
+
+    Args:
+        plan: the merge plan (θ_full's layout, the chunking, merge or copy per tensor).
+        sources: role -> byte source of θ_0, θ_full and θ_fgt.
+        methods: the kernels and outputs, per method.
+        stats_dtype: the statistics' storage dtype (`F32` or `BF16`) the merge reads them in.
+    """
+
+    def __init__(self, plan: MergePlan, sources: Mapping[str, ByteSource], methods: Sequence[MethodOutputs], *, stats_dtype: str):
+        self._plan = plan
+        self._sources = sources
+        self._methods = tuple(methods)
+        self._stats_dtype = torch_dtype(stats_dtype)
+        self._tasks = {task.tensor_name: task for task in plan.tasks}
+        widest = {role: max((t.sources[role].itemsize for t in plan.tasks if role in t.sources), default=1) for role in MODEL_INPUTS}
+        self._in = {role: torch.empty(plan.chunk_elements * size, dtype=torch.uint8) for role, size in widest.items()}
+        out_itemsize = max((DTYPE_BYTES[t.out_dtype] for t in plan.tasks), default=4)
+        count = max((len(m.outputs) for m in self._methods), default=0)
+        self._out = [torch.empty(plan.chunk_elements * out_itemsize, dtype=torch.uint8) for _ in range(count)]
+        self.bytes_read = 0
+
+    @property
+    def outputs(self) -> list[LayeredModelOutput]:
+        return [output for method in self._methods for output in method.outputs]
+
+    def copy_tasks(self) -> None:
+        """Write the tensors copied from θ_full (no statistics involved) into every output."""
+        for task in self._plan.copied:
+            self._merge_task(task, {})
+
+    def merge(self, stats: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], theta0_loaded: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Merge the tensors of one finished group.
+
+        Args:
+            stats: dataset -> tensor_name -> kind -> float32 statistic (CPU), both datasets.
+            theta0_loaded: θ_0's tensors of the group as the sweep loaded them (any device,
+                the compute dtype); each one whose dtype holds the stored values exactly is
+                used instead of reading θ_0 again.
+        """
+        names = sorted(set().union(*(set(per_dataset) for per_dataset in stats.values())))
+        for tensor_name in names:
+            task = self._tasks.get(tensor_name)
+            if task is None or task.action != "merge":
+                continue  # a tensor θ_full does not have, or one copied up front
+            roles = {f"{dataset}.{kind}": tensors[tensor_name][kind].reshape(-1) for dataset, tensors in stats.items() for kind in tensors[tensor_name]}
+            loaded = (theta0_loaded or {}).get(tensor_name)
+            if loaded is not None and loaded.dtype not in _EXACT_IN.get(task.sources["theta0"].dtype, ()):
+                loaded = None
+            self._merge_task(task, roles, None if loaded is None else loaded.detach().reshape(-1))
+
+    def _merge_task(self, task: TensorTask, stat_views: Mapping[str, torch.Tensor], theta0: torch.Tensor | None = None) -> None:
+        wanted = [[o for o in method.outputs if not o.has_tensor(task.tensor_name)] for method in self._methods]
+        if not any(wanted):
+            return
+        out_itemsize = DTYPE_BYTES[task.out_dtype]
+        for start, count in self._plan.chunk_ranges(task):
+            inputs = self._read_chunk(task, start, count, skip=("theta0",) if theta0 is not None else ())
+            if theta0 is not None:
+                inputs["theta0"] = theta0[start : start + count].to("cpu")
+            for method, targets in zip(self._methods, wanted):
+                if not targets:
+                    continue
+                typed_outputs = [self._out[k][: count * out_itemsize].view(torch_dtype(task.out_dtype)) for k in range(len(method.outputs))]
+                if task.action == "merge":
+                    chunk_inputs = dict(inputs)
+                    for role in STAT_ROLES.get(method.kernel.method, ()):
+                        # Rounded to the storage dtype as the two-pass way reads it from disk
+                        # (a no-op copy for float32).
+                        chunk_inputs[role] = stat_views[role][start : start + count].to(self._stats_dtype)
+                    try:
+                        method.kernel.merge_chunk(chunk_inputs, typed_outputs)
+                    except NonFiniteValues as exc:
+                        raise nonfinite_error(task.tensor_name, exc) from None
+                else:
+                    raw = self._in["full"][: count * task.sources["full"].itemsize]
+                    for typed in typed_outputs:
+                        typed.view(torch.uint8).copy_(raw)
+                for k, output in enumerate(method.outputs):
+                    if output in targets:
+                        output.write(task.tensor_name, start * out_itemsize, memoryview(typed_outputs[k].view(torch.uint8).numpy()))
+        for targets in wanted:
+            for output in targets:
+                output.tensor_done(task.tensor_name)
+
+    def _read_chunk(self, task: TensorTask, start: int, count: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        typed: dict[str, torch.Tensor] = {}
+        for role, info in task.sources.items():
+            if role in skip:
+                continue
+            nbytes = count * info.itemsize
+            offset = info.begin + start * info.itemsize
+            buffer = self._in[role][:nbytes]
+            self._sources[role].read_into(info.file_name, offset, memoryview(buffer.numpy()))
+            self._sources[role].done_with(info.file_name, offset, nbytes)
+            self.bytes_read += nbytes
+            typed[role] = buffer.view(torch_dtype(info.dtype))
+        return typed
+
+    def checkpoint(self) -> None:
+        """Make what is written durable and recorded, for a resume (see LayeredModelOutput)."""
+        for output in self.outputs:
+            output.checkpoint()

@@ -1,0 +1,651 @@
+"""`run_one_pass`: unlearning in one layer-major sweep, with no statistics directory on disk.
+
+The two-pass way writes every statistic (a terabyte of float32 for a 70B model), then reads it
+back with the three models. Nothing needs that: the sweep finishes every statistic of decoder
+layer k before it touches layer k−1, so layer k of every output can be merged right there.
+
+The recipe, top to bottom:
+  1. open θ_0, θ_full, θ_fgt (and the statistics model when it is not θ_0) from their headers;
+     check everything `merge` checks, the output locations, and the statistics model against θ_0,
+     all problems at once                                                       (sources, plan)
+  2. tokenize both data files as `stats` does; plan the sweep; `--dry-run` prints it next to
+     the two-pass way's bytes, scratch disk and memory                          (plan)
+  3. open (or resume) one output per (method, α); copy the tensors only θ_full has
+  4. the statistics sweep (compute/stats/streaming.py, unchanged); each finished group goes to a
+     background job that saves it when `--save-stats` asks, and, once the group's forget and
+     retain statistics are both in, merges its tensors into every output      (pipelines/group_merge.py)
+  5. finish each output as `merge` does (side files, index, card, perta_merge.json, rename)
+
+Resume: the sweep's state is saved at its resume points (as `stats` does) once the groups before
+it are merged and durably recorded in the outputs; a resumed run keeps finished shards (re-hashed)
+and the recorded tensors of shards in progress, and continues from the state when the outputs
+hold every tensor the state claims, else sweeps again from the start (finished shards still kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from perta_stream import __version__
+from perta_stream.config.merge import DEFAULT_TAU, MergeConfig
+from perta_stream.config.unlearn import STATS_METHODS, UnlearnConfig
+from perta_stream.distributed import LaunchInfo
+from perta_stream.errors import PertaStreamError, PlanError, UsageError
+from perta_stream.memory import current_rss_bytes, format_bytes, peak_rss_bytes
+from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
+from perta_stream.plan.one_pass_plan import (
+    PassComparison,
+    compare_passes,
+    merge_buffer_bytes,
+    merge_device_bytes,
+    one_pass_outputs,
+    theta0_loaded_bytes,
+)
+from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_stats
+from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
+from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
+
+if TYPE_CHECKING:
+    from perta_stream.compute.stats.resume_state import ResumeState
+    from perta_stream.config.stats import StatsConfig
+    from perta_stream.pipelines.unlearn import UnlearnResult
+    from perta_stream.sinks.layered_output import LayeredModelOutput
+    from perta_stream.sinks.stats_output import ResumedRun
+    from perta_stream.sinks.stats_store import StatsStore
+    from perta_stream.sources.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR_NAME = ".perta_one_pass_state"
+NOT_SAVED = "(computed in the same pass, not saved)"
+MERGE_CHUNK_BYTES = 2**20
+
+
+def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
+    """Statistics and merge in one sweep; one output per (method, α).
+
+    Raises:
+        PlanError: every problem `merge` finds from headers, the output locations, the statistics
+            model not matching θ_0, all at once, before anything is written.
+        ModelNotSupportedError, DatasetError, CheckpointError, WriteError: as `stats` and `merge`.
+        OutputExistsError, ResumeError: an output's `.partial/` exists without `resume`, or was
+            started with other inputs or options.
+    """
+    from perta_stream.pipelines.unlearn import UnlearnResult
+
+    started = time.perf_counter()
+    import torch  # noqa: F401  (imported before the baseline RSS the merge budget adds to)
+
+    if LaunchInfo.from_env() is not None:
+        raise UsageError(
+            "--one-pass runs in one process (each layer's statistics of every sample must be complete before it is merged); "
+            "run it without torchrun / accelerate launch, or use the two-pass way, whose statistics run under a launcher"
+        )
+    stats_config, stats_problems = _stats_config(config)
+    if config.config_only:
+        if stats_config is None:
+            raise PlanError("cannot plan the one pass", stats_problems)
+        comparison, stats_plan = _config_only_comparison(config, stats_config)
+        text = f"{stats_plan.to_text()}\n{comparison.to_text()}"
+        return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
+    with ExitStack() as stack:
+        inputs, sources, problems = _open_models(config, stack)
+        outputs = one_pass_outputs(config.out, config.methods, config.alphas)
+        plan, problems = _plan(config, inputs, outputs, stats_problems + problems)
+        if problems or plan is None or stats_config is None:
+            raise PlanError("cannot unlearn in one pass", list(dict.fromkeys(problems)))
+        for _, _, out_dir in outputs:
+            AtomicOutputDir(out_dir, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
+        if config.save_stats:
+            AtomicOutputDir(config.save_stats, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
+        stats_checkpoint, stats_source = inputs["stats"], sources["stats"]
+        shape = ModelShape.from_config(stats_checkpoint.config, ties_embeddings=stats_checkpoint.ties_embeddings, where=f"{config.effective_stats_model}/config.json")
+        prepared = _prepare_sweep(stats_config, stats_checkpoint, shape)
+        compute_dtype_bytes = 4 if prepared["compute_dtype"] == "float32" else 2
+        comparison = _comparison(config, prepared["plan"], plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
+        if config.dry_run:
+            text = "\n".join([prepared["plan"].to_text(), describe_plan(plan), comparison.to_text()])
+            return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
+        logger.info("%s\n%s", prepared["plan"].to_text(), comparison.to_text())
+        locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
+    elapsed_s = time.perf_counter() - started
+    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
+
+
+# ---------------------------------------------------------------- options and inputs
+def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]:
+    """The statistics options of the sweep, as `unlearn` would give them to `stats`, or their
+    problems (a missing data file, ...) to report with the others."""
+    wanted = set(config.stat_methods) | (set(config.kinds) if config.save_stats else set())
+    options: dict[str, Any] = {}
+    if config.stats_dtype is not None:
+        options["stats_dtype"] = config.stats_dtype
+    if config.checkpoint_interval_s is not None:
+        options["checkpoint_interval_s"] = config.checkpoint_interval_s
+    if config.boundary_budget_bytes is not None:
+        options["boundary_budget_bytes"] = config.boundary_budget_bytes
+    try:
+        return _make_stats_config(config, wanted, options), []
+    except PlanError as exc:
+        return None, list(exc.problems)
+
+
+def _make_stats_config(config: UnlearnConfig, wanted: set[str], options: dict[str, Any]) -> StatsConfig:
+    from perta_stream.config.stats import STATS_KINDS, StatsConfig
+
+    return StatsConfig(
+        model=config.effective_stats_model,
+        forget=str(config.forget),
+        retain=str(config.retain),
+        out=config.save_stats or str(partial_path(one_pass_outputs(config.out, config.methods, config.alphas)[0][2]) / STATE_DIR_NAME),
+        kinds=tuple(kind for kind in STATS_KINDS if kind in wanted),
+        fraction=config.fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        device=config.device,
+        compute_dtype=config.compute_dtype,
+        question_key=config.question_key,
+        answer_key=config.answer_key,
+        system_prompt=config.system_prompt,
+        dry_run=config.dry_run,
+        config_only=config.config_only,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        **options,
+    )
+
+
+def _open_models(config: UnlearnConfig, stack: ExitStack) -> tuple[dict[str, Checkpoint], dict[str, Any], list[str]]:
+    """θ_0, θ_full, θ_fgt and the statistics model (θ_0 itself unless --stats-model) from their headers."""
+    from perta_stream.sources.resolve import open_checkpoint
+
+    inputs: dict[str, Checkpoint] = {}
+    sources: dict[str, Any] = {}
+    problems: list[str] = []
+    locations = dict(zip(MODEL_ROLES, (config.theta0, config.full, config.fgt)))
+    if config.effective_stats_model != config.theta0:
+        locations["stats"] = config.effective_stats_model
+    for role, location in locations.items():
+        try:
+            inputs[role], sources[role] = open_checkpoint(location, "stats model" if role == "stats" else role)
+            stack.callback(sources[role].close)
+        except PlanError as exc:
+            problems.extend(exc.problems)
+        except PertaStreamError as exc:
+            problems.append(str(exc))
+    if "stats" not in locations and "theta0" in inputs:
+        inputs["stats"], sources["stats"] = inputs["theta0"], sources["theta0"]
+    return inputs, sources, problems
+
+
+def _plan(
+    config: UnlearnConfig, inputs: dict[str, Checkpoint], outputs: tuple[tuple[str, float, str], ...], problems: list[str]
+) -> tuple[MergePlan | None, list[str]]:
+    """The merge plan (θ_full's layout) plus the one-pass checks: outputs, statistics model."""
+    from perta_stream.errors import ModelNotSupportedError
+
+    folders = [out_dir for _, _, out_dir in outputs]
+    if len(set(folders)) != len(folders):
+        problems.append(f"--out {config.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders")
+    named = {"theta0": config.theta0, "full": config.full, "fgt": config.fgt, "forget": str(config.forget), "retain": str(config.retain)}
+    if config.stats_model:
+        named["stats model"] = config.stats_model
+    for out_dir in folders:
+        problems += check_output_location(out_dir, overwrite=config.overwrite, inputs=named, record=(MERGE_RECORD_NAME, MERGE_RECORD_FORMAT))
+    if config.save_stats:
+        problems += check_output_location(config.save_stats, overwrite=config.overwrite, inputs=named, record=(STATS_RECORD_NAME, STATS_FORMAT))
+    stats = inputs.get("stats")
+    if stats is not None:
+        try:
+            ModelShape.from_config(stats.config, ties_embeddings=stats.ties_embeddings, where=f"{stats.location}/config.json")
+        except ModelNotSupportedError as exc:
+            problems.append(str(exc))
+    models = {role: inputs[role] for role in MODEL_ROLES if role in inputs}
+    if len(models) < len(MODEL_ROLES):
+        return None, problems
+    plan, problems = plan_merge(
+        models,
+        method="tv",  # the statistics are not files here; they are checked against θ_0 below
+        alphas=config.alphas,
+        out_dirs=tuple(folders),
+        out_dtype=config.out_dtype,
+        max_shard_bytes=config.max_shard_bytes,
+        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        # Small chunks: the merge step's buffers add to the sweep's memory, and the kernel works
+        # in cache-sized blocks anyway (a larger chunk only saves read calls).
+        chunk_bytes=MERGE_CHUNK_BYTES,
+        baseline_rss_bytes=current_rss_bytes(),
+        problems=problems,
+    )
+    if plan is not None and stats is not None and stats is not inputs["theta0"]:
+        mismatched = [
+            task.tensor_name
+            for task in plan.tasks
+            if task.action == "merge" and (task.tensor_name not in stats.tensors or stats.tensors[task.tensor_name].shape != task.shape)
+        ]
+        if mismatched:
+            problems.append(
+                f"the statistics model {stats.location} does not match the models: tensor {mismatched[0]!r} is missing or shaped "
+                f"differently ({len(mismatched)} tensor(s) in all); take the statistics at θ_0 or a fine-tune of it"
+            )
+            plan = None
+    return (None if problems else plan), problems
+
+
+def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape) -> dict[str, Any]:
+    """Tokenizer, encoded data, device and dtype, and the statistics plan, as `stats` makes them."""
+    from perta_stream.devices import resolve_device
+    from perta_stream.pipelines.stats import DATASETS, _encode_dataset, _load_tokenizer
+
+    tokenizer = _load_tokenizer(stats_config.model)
+    datasets = {name: _encode_dataset(stats_config, getattr(stats_config, name), tokenizer) for name in DATASETS}
+    device = resolve_device(stats_config.device)
+    compute_dtype_name = stats_config.compute_dtype_on(device)
+    plan = plan_stats(
+        shape,
+        {n: info.shape for n, info in checkpoint.tensors.items()},
+        lengths={name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()},
+        batch_size=stats_config.batch_size,
+        kinds=stats_config.kinds,
+        stats_dtype_bytes=4 if stats_config.stats_dtype == "F32" else 2,
+        compute_dtype_bytes=4 if compute_dtype_name == "float32" else 2,
+        boundary_budget_bytes=stats_config.boundary_budget_bytes,
+        device=device,
+        weight_bytes={n: info.nbytes for n, info in checkpoint.tensors.items()},
+    )
+    return {"tokenizer": tokenizer, "datasets": datasets, "device": device, "compute_dtype": compute_dtype_name, "plan": plan}
+
+
+# ---------------------------------------------------------------- the plan next to two passes
+def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]], compute_dtype_bytes: int) -> PassComparison:
+    merged = [task for task in plan.tasks if task.action == "merge"]
+    numel = sum(task.numel for task in merged)
+    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
+    widest = [max((t.sources[role].itemsize for t in plan.tasks if role in t.sources), default=0) for role in MODEL_ROLES]
+    out_itemsize = max((int(t.out_spec.nbytes / max(t.numel, 1)) for t in plan.tasks), default=4)
+    return compare_passes(
+        stats_read_bytes=stats_plan.bytes_read,
+        stats_bytes=stats_plan.bytes_written,
+        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
+        stats_peak_host_bytes=stats_plan.peak_host_bytes,
+        stats_peak_device_bytes=stats_plan.peak_device_bytes,
+        model_read_bytes=plan.bytes_to_read,
+        theta0_loaded_bytes=theta0_loaded_bytes(
+            {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
+        )
+        if config.effective_stats_model == config.theta0
+        else 0,
+        output_bytes=sum(shard.nbytes for shard in plan.shards),
+        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
+        stat_methods=len(config.stat_methods),
+        stats_per_method_bytes=2 * numel * stats_itemsize,
+        merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
+        merge_buffer_bytes=merge_buffer_bytes(
+            plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
+        ),
+        merge_device_bytes=merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
+        save_stats=bool(config.save_stats),
+        device=stats_plan.device,
+    )
+
+
+def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) -> tuple[PassComparison, StatsPlan]:
+    """The figures from a config.json alone (e.g. configs/llama-70b-config.json): no weights needed."""
+    import math
+
+    from perta_stream.pipelines.stats import _config_only_plan
+
+    stats_plan = _config_only_plan(stats_config).plan
+    shape_config = json.loads(_config_path(stats_config.model).read_text(encoding="utf-8"))
+    shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
+    numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
+    model_bytes = numel * shape.weight_dtype_bytes
+    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
+    chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
+    stored_dtype = {4: "F32", 2: "BF16"}.get(shape.weight_dtype_bytes, "BF16")
+    compute_dtype_bytes = 4 if stats_config.compute_dtype_on(stats_plan.device) == "float32" else 2
+    comparison = compare_passes(
+        stats_read_bytes=stats_plan.bytes_read,
+        stats_bytes=stats_plan.bytes_written,
+        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
+        stats_peak_host_bytes=stats_plan.peak_host_bytes,
+        stats_peak_device_bytes=stats_plan.peak_device_bytes,
+        model_read_bytes=3 * model_bytes,
+        theta0_loaded_bytes=theta0_loaded_bytes(
+            {name: (dims, stored_dtype) for name, dims in shape.tensor_shapes().items()}, shape.num_layers, compute_dtype_bytes
+        ),
+        output_bytes=model_bytes,
+        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
+        stat_methods=len(config.stat_methods),
+        stats_per_method_bytes=2 * numel * stats_itemsize,
+        merge_peak_host_bytes=config.max_memory_bytes,
+        merge_buffer_bytes=merge_buffer_bytes(
+            chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
+        ),
+        merge_device_bytes=merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
+        save_stats=bool(config.save_stats),
+        device=stats_plan.device,
+    )
+    return comparison, stats_plan
+
+
+def _config_path(model: str) -> Path:
+    path = Path(model)
+    return path / "config.json" if path.is_dir() else path
+
+
+# ---------------------------------------------------------------- the sweep
+def _fingerprint(config: UnlearnConfig, plan: MergePlan, stats_identity: dict[str, Any], method: str, alpha: float) -> str:
+    """What one output's bytes depend on: the statistics' identity, the inputs, the arithmetic, the layout."""
+    identity = {
+        "tool_version": __version__,
+        "one_pass": True,
+        "stats": stats_identity,
+        "inputs": {role: checkpoint.header_sha256 for role, checkpoint in sorted(plan.inputs.items())},
+        "input_files": {role: checkpoint.file_identity() for role, checkpoint in sorted(plan.inputs.items())},
+        "method": method,
+        "alpha": alpha,
+        "tau": _tau(config, method),
+        "uniform_weight": config.uniform_weight,
+        "fallback_weight": config.fallback_weight,
+        "out_dtype": config.out_dtype,
+        "shards": [[shard.file_name, [task.tensor_name for task in shard.tasks]] for shard in plan.shards],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _tau(config: UnlearnConfig, method: str) -> float | None:
+    if method not in STATS_METHODS:
+        return None
+    return config.tau if config.tau is not None else DEFAULT_TAU[method]
+
+
+def _execute(
+    config: UnlearnConfig,
+    stats_config: StatsConfig,
+    plan: MergePlan,
+    inputs: dict[str, Checkpoint],
+    sources: dict[str, Any],
+    stats_checkpoint: Checkpoint,
+    stats_source: Any,
+    shape: ModelShape,
+    prepared: dict[str, Any],
+    outputs: tuple[tuple[str, float, str], ...],
+    started: float,
+) -> list[str]:
+    """Open the outputs, sweep, finish every output; returns the output folders."""
+    from perta_stream.compute.merge_kernel import MergeKernel
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.pipelines.group_merge import GroupMerger, MethodOutputs
+    from perta_stream.pipelines.merge import finalize_output
+    from perta_stream.pipelines.stats import DATASETS, _run_identity, _stats_record
+    from perta_stream.sinks.layered_output import LayeredModelOutput
+    from perta_stream.sinks.model_output import LocalModelOutput
+    from perta_stream.sinks.stats_output import StatsOutput
+    from perta_stream.sinks.stats_store import StatsStore
+
+    datasets, device_name, compute_dtype_name = prepared["datasets"], prepared["device"], prepared["compute_dtype"]
+    stats_identity = _run_identity(stats_config, stats_checkpoint, datasets, device_name, compute_dtype_name)
+    layout = {shard.file_name: [task.out_spec for task in shard.tasks] for shard in plan.shards}
+    with ExitStack() as stack:
+        layered: dict[tuple[str, float], LayeredModelOutput] = {}
+        fingerprints = []
+        for method, alpha, out_dir in outputs:
+            local = LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume)
+            stack.callback(local.close)
+            fingerprint = _fingerprint(config, plan, stats_identity, method, alpha)
+            fingerprints.append(fingerprint)
+            kept = local.open(fingerprint)
+            if kept:
+                logger.info("resuming %s: %d of %d shards kept", out_dir, len(kept), len(plan.shards))
+            layered[(method, alpha)] = LayeredModelOutput(local, layout, fingerprint)
+            stack.callback(layered[(method, alpha)].close)
+        # Without --save-stats, the sweep's resume state and boundary spill live inside the
+        # first output's partial folder, and go when it is committed.
+        identity = stats_identity if config.save_stats else {**stats_identity, "one_pass_outputs": fingerprints}
+        stats_output = stack.enter_context(
+            StatsOutput(stats_config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=stats_config.checkpoint_interval_s)
+        )
+        resumed = stats_output.open(identity)
+        store = None
+        if config.save_stats:
+            store = StatsStore(
+                stats_output.partial,
+                datasets=DATASETS,
+                kinds=stats_config.kinds,
+                groups=group_tensor_names(stats_checkpoint.tensors, shape.num_layers),
+                shapes={n: info.shape for n, info in stats_checkpoint.tensors.items()},
+                stats_dtype=stats_config.stats_dtype,
+                finished=resumed.finished,
+                on_shard_finished=stats_output.shard_finished,
+            )
+        methods = [
+            MethodOutputs(
+                MergeKernel(
+                    method=method,
+                    alphas=config.alphas,
+                    tau=_tau(config, method) or 1.0,
+                    uniform_weight=config.uniform_weight,
+                    fallback_weight=config.fallback_weight,
+                    stat_roles=STAT_ROLES.get(method, ()),
+                    allow_nonfinite=config.allow_nonfinite,
+                ),
+                tuple(layered[(method, alpha)] for alpha in config.alphas),
+            )
+            for method in config.methods
+        ]
+        merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype)
+        merger.copy_tasks()
+        BoundaryStore.remove_leftovers(stats_output.partial)
+        report: dict[str, Any] = {"mean_loss": dict(resumed.mean_loss)}
+        hasher = TensorHasher()  # the statistics model's content identity, as `stats` records it
+        if any(output.missing_shards() for output in layered.values()) or (store is not None and not store.complete):
+            start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan)
+            theta0_loaded = stats_checkpoint is inputs["theta0"]  # the sweep's weights are θ_0's
+            report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start, theta0_loaded, hasher)
+        else:
+            logger.info("resuming: every output shard and statistic is on disk already; finishing the outputs")
+        for output in layered.values():
+            missing = output.missing_shards()
+            if missing:
+                raise PertaStreamError(f"{output.output.location}: shards never completed: {missing[:3]}; rerun with --resume")
+        content_sha256 = hasher.complete(stats_checkpoint, stats_source)
+        if store is not None:
+            record = _stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started)
+            record["model"]["content_sha256"] = content_sha256
+            store.finish(record)
+            stats_output.commit()
+        else:
+            stats_output.close()
+            shutil.rmtree(stats_output.partial, ignore_errors=True)
+        locations = []
+        elapsed_s = time.perf_counter() - started
+        extra = {
+            "one_pass": {
+                "methods": list(config.methods),
+                "alphas": list(config.alphas),
+                "stats_saved_to": config.save_stats,
+                "stats_kinds": list(stats_config.kinds),
+                "stats_dtype": stats_config.stats_dtype,
+                "mean_loss": report.get("mean_loss", {}),
+            }
+        }
+        for method, alpha, out_dir in outputs:
+            output = layered[(method, alpha)]
+            output.close()
+            output.drop_progress_record()
+            merge_config = _merge_config(config, method, alpha, out_dir)
+            finished = output.output.finished_shards()
+            records = [finished[shard.file_name] for shard in plan.shards]
+            stats_content = content_sha256 if method in STAT_ROLES else None
+            locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
+        return locations
+
+
+def _merge_config(config: UnlearnConfig, method: str, alpha: float, out_dir: str) -> MergeConfig:
+    """The options of the one `merge` this output is equal to (its run record says them)."""
+    return MergeConfig(
+        theta0=config.theta0,
+        full=config.full,
+        fgt=config.fgt,
+        out=out_dir,
+        method=method,
+        stats=(config.save_stats or NOT_SAVED) if method in STATS_METHODS else None,
+        stats_at=config.stats_at,
+        alphas=(alpha,),
+        tau=config.tau if method in STATS_METHODS else None,
+        uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight,
+        out_dtype=config.out_dtype,
+        max_shard_bytes=config.max_shard_bytes,
+        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        overwrite=config.overwrite,
+        resume=config.resume,
+    )
+
+
+def _usable_state(
+    resumed: ResumedRun, store: StatsStore | None, outputs: list[LayeredModelOutput], checkpoint: Checkpoint, shape: ModelShape, plan: MergePlan
+) -> ResumeState | None:
+    """The saved state to continue from, when every group it has passed is saved and merged; else None."""
+    from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
+    from perta_stream.pipelines.stats import DATASETS
+
+    if resumed.next_layer is None:
+        return None
+    passed = groups_before(resumed.next_layer, shape.num_layers)
+    groups = group_tensor_names(checkpoint.tensors, shape.num_layers)
+    merged = {task.tensor_name for task in plan.tasks if task.action == "merge"}
+    names = [name for group in passed for name in groups.get(group, []) if name in merged]
+    stats_kept = store is None or all(store.has_group(dataset, group) for dataset in DATASETS for group in passed)
+    if stats_kept and all(output.has_tensor(name) for output in outputs for name in names):
+        logger.info("continuing from the state saved at %s", position_name(resumed.next_layer))
+        return ResumeState(resumed.next_layer, resumed.mean_loss, resumed.tensors)
+    logger.warning("what the state saved at %s claims is not all on disk; sweeping from the start (finished shards are kept)", position_name(resumed.next_layer))
+    return None
+
+
+class _RememberingLoader:
+    """The sweep's weight loader, keeping the group it gave last: θ_0's tensors of the layer (or
+    head) whose statistics finish next, so the merge step need not read them again."""
+
+    def __init__(self, loader: Any):
+        self._loader = loader
+        self.last: dict[str, Any] = {}
+
+    def load(self, tensor_names: Any) -> dict[str, Any]:
+        self.last = self._loader.load(tensor_names)
+        return self.last
+
+    def prefetch(self, tensor_names: Any) -> None:
+        self._loader.prefetch(tensor_names)
+
+
+def merge_in_background(device_type: str) -> bool:
+    """Whether a finished group is merged while the next one is computed.
+
+    On CUDA, yes: a 70B layer's merge reads and writes gigabytes (minutes over 80 layers if the
+    GPU waited), at the cost of one more group of host statistics. On CPU the merge is small
+    next to the layer's compute, so the sweep waits for it and holds no more statistics than
+    `stats` does.
+    """
+    return device_type != "cpu"
+
+
+def _sweep(
+    stats_config: StatsConfig,
+    checkpoint: Checkpoint,
+    source: Any,
+    prepared: dict[str, Any],
+    stats_output: Any,
+    store: StatsStore | None,
+    merger: Any,
+    start: ResumeState | None,
+    theta0_loaded: bool,
+    hasher: TensorHasher,
+) -> dict[str, Any]:
+    """The statistics engine, with a sink that saves (optionally) and merges each finished group
+    (and hashes the statistics model's tensors as they are read)."""
+    import torch
+
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.skeleton import build_skeleton
+    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.pipelines.stats import DATASETS, _batches, _pad_token_id
+    from perta_stream.sinks.background_writer import BackgroundWriter
+    from perta_stream.sources.layer_weights import ModuleWeightLoader
+
+    device = torch.device(prepared["device"])
+    compute_dtype = getattr(torch, prepared["compute_dtype"])
+    skeleton = build_skeleton(
+        checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(stats_config.model)
+    )
+    pad_id = _pad_token_id(prepared["tokenizer"])
+    batches = {name: _batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
+    held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
+    overlap = merge_in_background(device.type)
+
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as plain_loader, BoundaryStore(
+        stats_config.boundary_budget_bytes, spill_parent=stats_output.partial
+    ) as boundaries, BackgroundWriter() as writer:
+
+        loader = _RememberingLoader(plain_loader)
+
+        def finished_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
+            # The engine finishes a group right after computing it with the weights it loaded last.
+            theta0 = {name: tensor for name, tensor in loader.last.items() if name in stats} if theta0_loaded else {}
+
+            def job() -> None:
+                # A group is merged once both datasets' statistics are in; the forget half waits
+                # (its memory with it) for the retain half, which the engine finishes next.
+                try:
+                    if store is not None:
+                        store.write_group(dataset, group, stats)
+                except BaseException:
+                    give_back()
+                    raise
+                held.setdefault(group, {})[dataset] = (stats, give_back)
+                if len(held[group]) < len(DATASETS):
+                    return
+                parts = held.pop(group)
+                try:
+                    merger.merge({name: part for name, (part, _) in parts.items()}, theta0)
+                finally:
+                    for _, release in parts.values():
+                        release()
+
+            writer.submit(job)
+            if dataset == DATASETS[-1] and not overlap:
+                writer.flush()
+
+        def offer_state(state: ResumeState) -> None:
+            # A saved state claims every group before it: saved, merged and recorded first.
+            def settle() -> None:
+                writer.flush()
+                merger.checkpoint()
+
+            stats_output.offer_state(state, before_save=settle)
+
+        engine = StreamingStatsEngine(
+            skeleton, loader, boundaries, finished_group, kinds=stats_config.kinds, device=device, compute_dtype=compute_dtype, on_resume_point=offer_state
+        )
+        report = engine.run(batches, start=start)
+    logger.info(
+        "boundaries: peak %s in RAM, %s on disk (%d spilled); merge step read %s",
+        format_bytes(report.boundary_peak_ram_bytes),
+        format_bytes(report.boundary_peak_disk_bytes),
+        report.boundary_spilled,
+        format_bytes(merger.bytes_read),
+    )
+    return {"mean_loss": dict(report.mean_loss)}

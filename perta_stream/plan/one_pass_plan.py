@@ -1,0 +1,184 @@
+"""What a one-pass unlearn writes where, and what it costs next to the two-pass way (header-only).
+
+One pass: a single layer-major statistics sweep at θ_0; as each group's statistics complete,
+its tensors are merged into every output (one per (method, α)). Two passes: `stats` writes the
+statistics directory, then one `merge` per method reads it back with the three models. The
+figures below are what `unlearn --one-pass --dry-run` prints for both, so a user can see the
+disk and the time they save before starting; they are derived from the statistics plan
+(plan/stats_plan.py) and the sizes of the tensors to merge, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from perta_stream.config.merge import output_dirs
+from perta_stream.dtypes import DTYPE_BYTES
+from perta_stream.memory import format_bytes
+from perta_stream.plan.stats_plan import EMBED_GROUP, group_tensor_names
+
+
+# The merge kernel's float32 block scratch (compute/merge_kernel.py: 5 vectors of 64 Ki elements);
+# plan/ does not import torch code, so the size is restated here.
+KERNEL_SCRATCH_BYTES = 5 * 4 * (1 << 16)
+# Stored dtype -> the compute dtype sizes (bfloat16: 2, float32: 4) that hold its values exactly.
+_EXACT_COMPUTE_BYTES = {"BF16": (2, 4), "F16": (4,), "F32": (4,)}
+
+
+def one_pass_outputs(out: str, methods: tuple[str, ...], alphas: tuple[float, ...]) -> tuple[tuple[str, float, str], ...]:
+    """(method, α, folder) of every output, in method then α order.
+
+    One method uses `out` as `merge` does (see config.merge.output_dirs for several α). Several
+    methods fill a `{method}` placeholder of `out`, or else go to `out/<method>`, each with the
+    α layout of `merge` below it.
+    """
+    if len(methods) == 1 and "{method}" not in out:
+        return tuple((methods[0], alpha, folder) for alpha, folder in zip(alphas, output_dirs(out, alphas)))
+    found = []
+    for method in methods:
+        base = out.replace("{method}", method) if "{method}" in out else os.path.join(out, method)
+        found += [(method, alpha, folder) for alpha, folder in zip(alphas, output_dirs(base, alphas))]
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class WayCost:
+    """The disk traffic and peak memory of one way of unlearning (bytes)."""
+
+    bytes_read: int
+    bytes_written: int
+    scratch_disk_bytes: int
+    peak_host_bytes: int
+    peak_device_bytes: int
+
+
+@dataclass(frozen=True)
+class PassComparison:
+    """One pass next to two passes, with the parts the totals are made of."""
+
+    one_pass: WayCost
+    two_pass: WayCost
+    outputs: int
+    output_bytes: int
+    stats_bytes: int
+    saved_stats_bytes: int
+    boundary_spill_bytes: int
+    device: str
+
+    def to_text(self) -> str:
+        rows = [
+            ("bytes read", "bytes_read"),
+            ("bytes written", "bytes_written"),
+            ("scratch disk", "scratch_disk_bytes"),
+            ("peak host RAM", "peak_host_bytes"),
+            (f"peak {self.device} memory", "peak_device_bytes"),
+        ]
+        lines = [
+            f"one pass vs two passes ({self.outputs} output(s) of {format_bytes(self.output_bytes)} each; "
+            f"statistics {format_bytes(self.stats_bytes)}, boundary spill {format_bytes(self.boundary_spill_bytes)})",
+            f"  {'':<20} {'one pass':>12} {'two passes':>12}",
+        ]
+        for label, attribute in rows:
+            lines.append(f"  {label:<20} {format_bytes(getattr(self.one_pass, attribute)):>12} {format_bytes(getattr(self.two_pass, attribute)):>12}")
+        lines.append(
+            "  scratch disk = boundary spill + outputs"
+            + (f" + saved statistics ({format_bytes(self.saved_stats_bytes)})" if self.saved_stats_bytes else "")
+            + " (one pass); + the statistics directory (two passes)"
+        )
+        return "\n".join(lines)
+
+
+def compare_passes(
+    *,
+    stats_read_bytes: int,
+    stats_bytes: int,
+    boundary_spill_bytes: int,
+    stats_peak_host_bytes: int,
+    stats_peak_device_bytes: int,
+    model_read_bytes: int,
+    theta0_loaded_bytes: int,
+    output_bytes: int,
+    outputs_per_method: tuple[int, ...],
+    stat_methods: int,
+    stats_per_method_bytes: int,
+    merge_peak_host_bytes: int,
+    merge_buffer_bytes: int,
+    merge_device_bytes: int,
+    save_stats: bool,
+    device: str,
+) -> PassComparison:
+    """The two ways' costs.
+
+    Args:
+        stats_read_bytes, stats_bytes, boundary_spill_bytes, stats_peak_*: from the statistics
+            plan (the weights the sweep reads; every statistic it computes, at the storage dtype).
+        model_read_bytes: θ_0 + θ_full + θ_fgt bytes of the tensors to merge (one merge reads them once).
+        theta0_loaded_bytes: θ_0 bytes the one pass's merge step takes from the sweep's loaded
+            weights instead of reading them again.
+        output_bytes: one output's size; outputs_per_method: α count per method.
+        stat_methods: how many of the methods read statistics (grad, fisher);
+            stats_per_method_bytes: the forget and retain statistics one such merge reads.
+        merge_peak_host_bytes: a plain merge's estimated peak RSS;
+            merge_buffer_bytes, merge_device_bytes: what the one-pass merge step adds to the
+            sweep's host and device memory.
+        save_stats: the one pass also writes the statistics directory (`--save-stats`).
+    """
+    outputs = sum(outputs_per_method)
+    all_outputs = outputs * output_bytes
+    saved = stats_bytes if save_stats else 0
+    one = WayCost(
+        # The merge step reads θ_full's and θ_fgt's tensors (and the θ_0 tensors the sweep has
+        # not loaded) once, and reads each finished output shard back once to hash it.
+        bytes_read=stats_read_bytes + model_read_bytes - theta0_loaded_bytes + all_outputs,
+        bytes_written=all_outputs + boundary_spill_bytes + saved,
+        scratch_disk_bytes=all_outputs + boundary_spill_bytes + saved,
+        peak_host_bytes=stats_peak_host_bytes + merge_buffer_bytes,
+        peak_device_bytes=stats_peak_device_bytes + merge_device_bytes,
+    )
+    two = WayCost(
+        bytes_read=stats_read_bytes + len(outputs_per_method) * model_read_bytes + stat_methods * stats_per_method_bytes,
+        bytes_written=stats_bytes + boundary_spill_bytes + all_outputs,
+        scratch_disk_bytes=stats_bytes + boundary_spill_bytes + all_outputs,
+        peak_host_bytes=max(stats_peak_host_bytes, merge_peak_host_bytes),
+        peak_device_bytes=stats_peak_device_bytes,
+    )
+    return PassComparison(one, two, outputs, output_bytes, stats_bytes, saved, boundary_spill_bytes, device)
+
+
+def theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
+    """θ_0 bytes the merge step takes from the sweep's loaded weights: every layer and head tensor
+    when the compute dtype holds the stored one exactly (not the embedding: it is loaded at the
+    start of the sweep and merged at its end)."""
+    groups = group_tensor_names(tensors, num_layers)
+    return sum(
+        math.prod(tensors[name][0]) * DTYPE_BYTES[tensors[name][1]]
+        for group, names in groups.items()
+        if group != EMBED_GROUP
+        for name in names
+        if compute_dtype_bytes in _EXACT_COMPUTE_BYTES.get(tensors[name][1], ())
+    )
+
+
+def merge_device_bytes(shapes: dict[str, tuple[int, ...]], num_layers: int, compute_dtype_bytes: int, device: str) -> int:
+    """On CUDA, the layer being merged in the background keeps its weights on the device a little
+    longer (the merge reads θ_0 from them): one more layer beside the sweep's two."""
+    if device == "cpu":
+        return 0
+    groups = group_tensor_names(shapes, num_layers)
+    return max(sum(math.prod(shapes[name]) for name in names) for names in groups.values()) * compute_dtype_bytes
+
+
+def merge_buffer_bytes(
+    chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
+) -> int:
+    """What the merge step adds to the sweep's host memory: its chunk buffers and the kernel's
+    blocks, and on CUDA one more group of float32 statistics (the group being merged in the
+    background while the next one is computed)."""
+    buffers = chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + KERNEL_SCRATCH_BYTES
+    if device == "cpu":
+        return buffers
+    groups = group_tensor_names(shapes, num_layers)
+    largest = max(sum(math.prod(shapes[name]) for name in names) for names in groups.values())
+    return buffers + largest * 4 * kinds
