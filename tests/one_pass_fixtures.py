@@ -65,7 +65,7 @@ def two_pass(
     for method in methods:
         outs[method] = out / method
         tau_args = ["--tau", tau] if tau else []
-        assert main(["merge", *model_args(ws, kind), "--method", method, "--stats", str(stats), "--alpha", ",".join(alphas), "--out", str(outs[method]), "--max-memory", "4GiB", "-q", *tau_args]) == 0
+        assert main(["merge", *model_args(ws, kind), "--method", method, "--stats", str(stats), "--alpha", ",".join(alphas), "--out", str(outs[method]), "--max-memory", "4GiB", "--stats-at", stats_model, "-q", *tau_args]) == 0
     return outs
 
 
