@@ -246,10 +246,10 @@ def _plan(
 def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape) -> dict[str, Any]:
     """Tokenizer, encoded data, device and dtype, and the statistics plan, as `stats` makes them."""
     from perta_stream.devices import resolve_device
-    from perta_stream.pipelines.stats import DATASETS, _encode_dataset, _load_tokenizer
+    from perta_stream.sources.encoded_data import DATASETS, encode_dataset, load_tokenizer
 
-    tokenizer = _load_tokenizer(stats_config.model)
-    datasets = {name: _encode_dataset(stats_config, getattr(stats_config, name), tokenizer) for name in DATASETS}
+    tokenizer = load_tokenizer(stats_config.model)
+    datasets = {name: encode_dataset(stats_config, getattr(stats_config, name), tokenizer) for name in DATASETS}
     device = resolve_device(stats_config.device)
     compute_dtype_name = stats_config.compute_dtype_on(device)
     plan = plan_stats(
@@ -304,9 +304,9 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
     """The figures from a config.json alone (e.g. configs/llama-70b-config.json): no weights needed."""
     import math
 
-    from perta_stream.pipelines.stats import _config_only_plan
+    from perta_stream.pipelines.stats import config_only_plan
 
-    stats_plan = _config_only_plan(stats_config).plan
+    stats_plan = config_only_plan(stats_config).plan
     shape_config = json.loads(_config_path(stats_config.model).read_text(encoding="utf-8"))
     shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
     numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
@@ -389,14 +389,15 @@ def _execute(
     from perta_stream.compute.stats.boundaries import BoundaryStore
     from perta_stream.pipelines.group_merge import GroupMerger, MethodOutputs
     from perta_stream.pipelines.merge import finalize_output
-    from perta_stream.pipelines.stats import DATASETS, _run_identity, _stats_record
+    from perta_stream.sinks.stats_record import run_identity, stats_record
+    from perta_stream.sources.encoded_data import DATASETS
     from perta_stream.sinks.layered_output import LayeredModelOutput
     from perta_stream.sinks.model_output import LocalModelOutput
     from perta_stream.sinks.stats_output import StatsOutput
     from perta_stream.sinks.stats_store import StatsStore
 
     datasets, device_name, compute_dtype_name = prepared["datasets"], prepared["device"], prepared["compute_dtype"]
-    stats_identity = _run_identity(stats_config, stats_checkpoint, datasets, device_name, compute_dtype_name)
+    stats_identity = run_identity(stats_config, stats_checkpoint, datasets, device_name, compute_dtype_name)
     layout = {shard.file_name: [task.out_spec for task in shard.tasks] for shard in plan.shards}
     with ExitStack() as stack:
         layered: dict[tuple[str, float], LayeredModelOutput] = {}
@@ -462,8 +463,7 @@ def _execute(
                 raise PertaStreamError(f"{output.output.location}: shards never completed: {missing[:3]}; rerun with --resume")
         content_sha256 = hasher.complete(stats_checkpoint, stats_source)
         if store is not None:
-            record = _stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started)
-            record["model"]["content_sha256"] = content_sha256
+            record = stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
             store.finish(record)
             stats_output.commit()
         else:
@@ -520,7 +520,7 @@ def _usable_state(
 ) -> ResumeState | None:
     """The saved state to continue from, when every group it has passed is saved and merged; else None."""
     from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
-    from perta_stream.pipelines.stats import DATASETS
+    from perta_stream.sources.encoded_data import DATASETS
 
     if resumed.next_layer is None:
         return None
@@ -582,7 +582,8 @@ def _sweep(
     from perta_stream.compute.stats.boundaries import BoundaryStore
     from perta_stream.compute.stats.skeleton import build_skeleton
     from perta_stream.compute.stats.streaming import StreamingStatsEngine
-    from perta_stream.pipelines.stats import DATASETS, _batches, _pad_token_id
+    from perta_stream.compute.stats.batching import make_batches
+    from perta_stream.sources.encoded_data import DATASETS, pad_token_id
     from perta_stream.sinks.background_writer import BackgroundWriter
     from perta_stream.sources.layer_weights import ModuleWeightLoader
 
@@ -591,8 +592,8 @@ def _sweep(
     skeleton = build_skeleton(
         checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(stats_config.model)
     )
-    pad_id = _pad_token_id(prepared["tokenizer"])
-    batches = {name: _batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
+    pad_id = pad_token_id(prepared["tokenizer"])
+    batches = {name: make_batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
     held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
     overlap = merge_in_background(device.type)
 

@@ -17,31 +17,29 @@ continues; with deterministic (CPU) kernels the output is byte-identical to an u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from perta_stream import __version__
+from perta_stream.compute.stats.batching import make_batches, rank_share
 from perta_stream.config.stats import StatsConfig
 from perta_stream.devices import resolve_device
 from perta_stream.distributed import DistContext, distributed
 from perta_stream.errors import CheckpointError, PlanError, UsageError
-from perta_stream.memory import format_bytes, peak_rss_bytes
-from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_batches, plan_stats
+from perta_stream.memory import format_bytes
+from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_stats
 from perta_stream.sinks.background_writer import BackgroundWriter
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
+from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.encoded_data import DATASETS, DatasetInfo, encode_dataset, estimated_lengths, load_tokenizer, pad_token_id
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
-from perta_stream.hashing import file_sha256
-from perta_stream.sources.qa_dataset import QASample, load_qa_samples, select_fraction
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
@@ -51,26 +49,6 @@ if TYPE_CHECKING:
     from perta_stream.sinks.stats_store import StatsStore
 
 logger = logging.getLogger(__name__)
-
-DATASETS = ("forget", "retain")
-# Characters per token when a plan has no tokenizer (--config-only): typical of English BPE.
-_CHARS_PER_TOKEN = 4
-_TEMPLATE_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """One data file as the run used it (the `datasets` entries of perta_stats.json)."""
-
-    path: str
-    sha256: str
-    num_records: int
-    num_samples: int
-    num_tokens: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "num_records": self.num_records, "num_samples": self.num_samples, "num_tokens": self.num_tokens}
-
 
 @dataclass(frozen=True)
 class StatsResult:
@@ -110,7 +88,7 @@ def run_stats(config: StatsConfig) -> StatsResult:
     """
     started = time.perf_counter()
     if config.config_only:
-        return _config_only_plan(config)
+        return config_only_plan(config)
     from perta_stream.sources.resolve import open_checkpoint
 
     checkpoint, source = open_checkpoint(config.model, "model")
@@ -127,8 +105,8 @@ def run_stats(config: StatsConfig) -> StatsResult:
                 raise PlanError("cannot write the statistics", problems)
             # Checked here, by every rank, before minutes of tokenizing and loading.
             AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
-        tokenizer = _load_tokenizer(config.model)
-        datasets = {name: _encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
+        tokenizer = load_tokenizer(config.model)
+        datasets = {name: encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
         device = resolve_device(config.device)
         compute_dtype_name = config.compute_dtype_on(device)
         plan = plan_stats(
@@ -190,16 +168,16 @@ def _compute(
     skeleton = build_skeleton(
         checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(config.model)
     )
-    pad_id = _pad_token_id(tokenizer)
-    shares = {name: _rank_share(samples, dist) for name, (_, samples) in datasets.items()}
+    pad_id = pad_token_id(tokenizer)
+    shares = {name: rank_share(samples, dist) for name, (_, samples) in datasets.items()}
     if dist.is_distributed:
         logger.info("rank %d of %d sweeps %s", dist.rank, dist.world_size, ", ".join(f"{len(share)} {name} samples" for name, share in shares.items()))
-    batches = {name: _batches(name, share, config.batch_size, pad_id) for name, share in shares.items()}
+    batches = {name: make_batches(name, share, config.batch_size, pad_id) for name, share in shares.items()}
     if not dist.is_main:
         return _compute_rank(config, checkpoint, source, skeleton, batches, device, compute_dtype, plan, dist)
 
     with StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s) as output:
-        resumed = output.open(_run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
+        resumed = output.open(run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
         # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
         # resume state stay for --resume (the boundary spill directory is deleted on the way out).
         store = StatsStore(
@@ -221,8 +199,7 @@ def _compute(
         hasher = TensorHasher()
         if not store.complete:
             report = _sweep(config, checkpoint, source, skeleton, batches, device, compute_dtype, store, output, start, dist, hasher)
-        record = _stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started)
-        record["model"]["content_sha256"] = hasher.complete(checkpoint, source)
+        record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, hasher.complete(checkpoint, source))
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
@@ -257,15 +234,9 @@ def _sweep(
     dist: DistContext,
     hasher: TensorHasher,
 ) -> EngineReport:
-    """Run the engine over every batch, writing each finished group on a background thread
-    (and hashing the model's tensors as they are read)."""
-    from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.streaming import StreamingStatsEngine
-    from perta_stream.sources.layer_weights import ModuleWeightLoader
-
-    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as loader, BoundaryStore(
-        config.boundary_budget_bytes, spill_parent=output.partial
-    ) as boundaries, BackgroundWriter() as writer:
+    """Rank 0's sweep: each finished group is written on a background thread, resume states are
+    offered at resume points, the model's tensors are hashed as they are read."""
+    with BackgroundWriter() as writer:
 
         def write_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
             def job() -> None:
@@ -280,18 +251,14 @@ def _sweep(
             # A saved state claims every group before it; those must be on disk first.
             output.offer_state(state, before_save=writer.flush)
 
-        engine = StreamingStatsEngine(
-            skeleton,
-            loader,
-            boundaries,
-            write_group,
-            kinds=config.kinds,
-            device=device,
-            compute_dtype=compute_dtype,
-            dist=dist,
+        report = run_engine(
+            config, checkpoint, source, skeleton, batches, device, compute_dtype, dist,
+            write_group=write_group,
+            spill_parent=output.partial,
             on_resume_point=None if dist.is_distributed else offer_state,
-        )
-        report = engine.run(batches, start=start)
+            start=start,
+            hasher=hasher,
+        )  # fmt: skip
     logger.info(
         "boundaries: peak %s in RAM, %s on disk (%d spilled)",
         format_bytes(report.boundary_peak_ram_bytes),
@@ -301,85 +268,37 @@ def _sweep(
     return report
 
 
-def _stats_record(
+def run_engine(
     config: StatsConfig,
     checkpoint: Checkpoint,
-    shape: ModelShape,
-    datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]],
-    device_name: str,
-    compute_dtype_name: str,
-    started: float,
-) -> dict[str, Any]:
-    """`perta_stats.json`: what was computed, from what, and how (METHOD.md section 6)."""
-    from perta_stream.compute.prompts import LOSS_DEFINITION
+    source: ByteSource,
+    skeleton: Any,
+    batches: dict[str, list[Batch]],
+    device: Any,
+    compute_dtype: Any,
+    dist: DistContext,
+    *,
+    write_group: Callable[[str, str, dict[str, dict[str, Any]], Callable[[], None]], None],
+    spill_parent: Path | None,
+    on_resume_point: Callable[[ResumeState], None] | None,
+    start: ResumeState | None,
+    hasher: TensorHasher | None,
+) -> EngineReport:
+    """The one engine set-up of every sweep (rank 0, other ranks, the one-pass unlearn): weights
+    read (and hashed) a group ahead, boundaries in RAM then spilled, each finished group handed
+    to `write_group`."""
+    from perta_stream.compute.stats.boundaries import BoundaryStore
+    from perta_stream.compute.stats.streaming import StreamingStatsEngine
+    from perta_stream.sources.layer_weights import ModuleWeightLoader
 
-    return {
-        "format": STATS_FORMAT,
-        "format_version": 1,
-        "tool_version": __version__,
-        "model": {
-            "location": str(config.model),
-            "header_sha256": checkpoint.header_sha256,
-            "files": checkpoint.file_identity(),
-            "model_type": shape.model_type,
-        },
-        "kinds": list(config.kinds),
-        "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
-        "compute_dtype": compute_dtype_name,
-        "device": device_name,
-        "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
-        "fraction": config.fraction,
-        "seed": config.seed,
-        "max_length": config.max_length,
-        "question_key": config.question_key,
-        "answer_key": config.answer_key,
-        "system_prompt": config.system_prompt,
-        "loss": LOSS_DEFINITION,
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
-
-
-def _run_identity(
-    config: StatsConfig, checkpoint: Checkpoint, datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]], device_name: str, compute_dtype_name: str
-) -> dict[str, Any]:
-    """Everything the statistics' bytes depend on; its digest is the fingerprint a resume must match.
-
-    The options are listed one by one so that a refused resume can name what changed; the
-    digest of the token ids also covers what no option shows (a tokenizer or chat template
-    changed in place). --out, --overwrite, --boundary-budget and --checkpoint-interval change
-    where and how the work is done, not the result, and are left out.
-    """
-    tokens = hashlib.sha256()
-    for name, (_, samples) in datasets.items():
-        tokens.update(json.dumps([name, [[s.input_ids, s.labels] for s in samples]]).encode())
-    return {
-        "tool_version": __version__,
-        "model_header_sha256": checkpoint.header_sha256,
-        "model_files": checkpoint.file_identity(),
-        **{f"{name}_sha256": info.sha256 for name, (info, _) in datasets.items()},
-        "kinds": list(config.kinds),
-        "fraction": config.fraction,
-        "seed": config.seed,
-        "max_length": config.max_length,
-        "batch_size": config.batch_size,
-        "question_key": config.question_key,
-        "answer_key": config.answer_key,
-        "system_prompt": config.system_prompt,
-        "stats_dtype": config.stats_dtype,
-        "device": device_name,
-        "compute_dtype": compute_dtype_name,
-        "token_ids_sha256": tokens.hexdigest(),
-    }
-
-
-def _rank_share(samples: list[EncodedSample], dist: DistContext) -> list[EncodedSample]:
-    """This rank's samples: every world_size-th one in order of length, so that each rank gets
-    a similar number of samples and of tokens."""
-    if not dist.is_distributed:
-        return samples
-    by_length = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
-    return [samples[i] for i in sorted(by_length[dist.rank :: dist.world_size])]
+    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as loader, BoundaryStore(
+        config.boundary_budget_bytes, spill_parent=spill_parent
+    ) as boundaries:
+        engine = StreamingStatsEngine(
+            skeleton, loader, boundaries, write_group,
+            kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist, on_resume_point=on_resume_point,
+        )  # fmt: skip
+        return engine.run(batches, start=start)
 
 
 def _compute_rank(
@@ -398,13 +317,10 @@ def _compute_rank(
     Its engine sums every group with the other ranks' and leaves the writing to rank 0; this rank
     touches no output and spills boundaries to the system temp folder.
     """
-    from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.streaming import StreamingStatsEngine
-    from perta_stream.sources.layer_weights import ModuleWeightLoader
-
-    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype) as loader, BoundaryStore(config.boundary_budget_bytes) as boundaries:
-        engine = StreamingStatsEngine(skeleton, loader, boundaries, _rank_zero_writes, kinds=config.kinds, device=device, compute_dtype=compute_dtype, dist=dist)
-        report = engine.run(batches)
+    report = run_engine(
+        config, checkpoint, source, skeleton, batches, device, compute_dtype, dist,
+        write_group=_rank_zero_writes, spill_parent=None, on_resume_point=None, start=None, hasher=None,
+    )  # fmt: skip
     out, record = dist.broadcast_object(None)
     return _result(plan, Path(out), record, report)
 
@@ -426,54 +342,7 @@ def _rank_zero_writes(dataset: str, group: str, stats: dict[str, dict[str, Any]]
     raise AssertionError(f"rank > 0 was asked to write {dataset} {group}; only rank 0 writes statistics")
 
 
-def _load_tokenizer(location: str) -> Any:
-    from transformers import AutoTokenizer
-
-    from perta_stream.sources.resolve import is_hub_location
-
-    try:
-        if is_hub_location(location):
-            repo, _, revision = location[len("hf://") :].partition("@")
-            return AutoTokenizer.from_pretrained(repo, revision=revision or None, trust_remote_code=False)
-        # trust_remote_code=False: Python files of a model folder never run, whatever stdin says.
-        return AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{location}: no usable tokenizer ({exc}); save the tokenizer next to the weights (tokenizer.save_pretrained)") from None
-
-
-def _encode_dataset(config: StatsConfig, path: str, tokenizer: Any) -> tuple[DatasetInfo, list[EncodedSample]]:
-    from perta_stream.compute.prompts import encode_sample
-
-    samples = load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key)
-    chosen = select_fraction(samples, config.fraction, config.seed)
-    encoded = [
-        encode_sample(tokenizer, s.question, s.answer, max_length=config.max_length, system_prompt=config.system_prompt, where=f"{path}, record {s.index}")
-        for s in chosen
-    ]
-    info = DatasetInfo(path=str(path), sha256=file_sha256(path), num_records=len(samples), num_samples=len(chosen), num_tokens=sum(len(e.input_ids) for e in encoded))
-    return info, encoded
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    # Any id works (padding is masked everywhere); prefer the tokenizer's own.
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-def _batches(dataset: str, samples: list[EncodedSample], batch_size: int, pad_id: int) -> list[Batch]:
-    from perta_stream.compute.prompts import collate
-    from perta_stream.compute.stats.streaming import Batch
-
-    batches = []
-    for index, members in enumerate(plan_batches([len(s.input_ids) for s in samples], batch_size)):
-        tensors = collate([samples[i] for i in members], pad_id)
-        batches.append(Batch(dataset=dataset, index=index, input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"], labels=tensors["labels"]))
-    return batches
-
-
-def _config_only_plan(config: StatsConfig) -> StatsResult:
+def config_only_plan(config: StatsConfig) -> StatsResult:
     config_path = Path(config.model)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -486,7 +355,7 @@ def _config_only_plan(config: StatsConfig) -> StatsResult:
     from perta_stream.compute.stats.skeleton import config_tensor_shapes
 
     shape = ModelShape.from_config(model_config, where=str(config_path))
-    lengths = {name: [_estimate_tokens(s, config) for s in _selected(config, getattr(config, name))] for name in DATASETS}
+    lengths = {name: estimated_lengths(config, getattr(config, name)) for name in DATASETS}
     device = "cpu" if config.device == "cpu" else "cuda"
     plan = plan_stats(
         shape,
@@ -502,12 +371,3 @@ def _config_only_plan(config: StatsConfig) -> StatsResult:
         tokens_estimated=True,
     )
     return StatsResult(plan=plan, plan_text=plan.to_text())
-
-
-def _selected(config: StatsConfig, path: str) -> list[QASample]:
-    return select_fraction(load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key), config.fraction, config.seed)
-
-
-def _estimate_tokens(sample: QASample, config: StatsConfig) -> int:
-    characters = len(sample.question) + len(sample.answer) + len(config.system_prompt or "")
-    return min(config.max_length, math.ceil(characters / _CHARS_PER_TOKEN) + _TEMPLATE_TOKENS)
