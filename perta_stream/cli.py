@@ -119,6 +119,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set (quick runs)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
+    parser.add_argument(
+        "--labels",
+        default="open_unlearning",
+        choices=("open_unlearning", "assistant_turn", "end_of_turn"),
+        help="which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')",
+    )
+    parser.add_argument("--holdout", help="question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak")
     _add_common(parser)
 
 

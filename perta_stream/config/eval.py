@@ -9,6 +9,9 @@ from pathlib import Path
 from perta_stream.errors import PlanError
 
 DEVICES = ("auto", "cpu", "cuda")
+# How chat-template answers are labelled (compute/prompts.py LabelConvention); open-unlearning's
+# is the default so that numbers compare with theirs.
+LABEL_CONVENTIONS = ("open_unlearning", "assistant_turn", "end_of_turn")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -30,6 +33,10 @@ class EvalConfig:
         max_items: evaluate only the first N items of each set (quick runs); None = all.
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         system_prompt: an optional system prompt for chat-template models.
+        labels: which tokens of a chat-template answer are scored (LABEL_CONVENTIONS; README,
+            "Label conventions").
+        holdout: a question-answer file the model never saw (TOFU's holdout split); with it the
+            forget-vs-holdout membership AUC is computed, and PrivLeak when the retain logs have one.
     """
 
     model: str
@@ -43,6 +50,8 @@ class EvalConfig:
     max_items: int | None = None
     device: str = "auto"
     system_prompt: str | None = None
+    labels: str = "open_unlearning"
+    holdout: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tofu_dir:
@@ -78,6 +87,10 @@ class EvalConfig:
             problems.append(f"--max-items must be at least 1, got {self.max_items}")
         if self.device not in DEVICES:
             problems.append(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.labels not in LABEL_CONVENTIONS:
+            problems.append(f"--labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
+        if self.holdout is not None and not Path(self.holdout).is_file():
+            problems.append(f"--holdout {self.holdout} does not exist; give a .jsonl/.json file of question-answer records the model never saw")
         return problems
 
     @property
@@ -98,6 +111,8 @@ class EvalConfig:
             max_items=args.max_items,
             device=args.device,
             system_prompt=args.system_prompt,
+            labels=args.labels,
+            holdout=args.holdout,
         )
 
     def to_dict(self) -> dict:
@@ -114,4 +129,6 @@ class EvalConfig:
             "max_items": self.max_items,
             "device": self.device,
             "system_prompt": self.system_prompt,
+            "labels": self.labels,
+            "holdout": self.holdout,
         }
