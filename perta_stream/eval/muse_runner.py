@@ -50,7 +50,11 @@ def score_muse(
     verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
     knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS,
 ) -> MuseScores:
-    """Every MUSE metric the data allows; PrivLeak only when `reference_auc` (the retrained model's) is given."""
+    """Every MUSE metric the data allows; PrivLeak only when `reference_auc` (the retrained model's) is given.
+
+    Raises:
+        EvaluationError: a privleak text of a single token (nothing to score), or a reference AUC of 0.
+    """
     tokenizer = loaded.tokenizer
     scorer = muse.make_muse_rouge_scorer()
     per_item: dict[str, dict[str, list]] = {}
