@@ -110,3 +110,16 @@ def test_eval_refuses_unknown_labels_and_a_retain_record_on_another_holdout(work
     retain = run_eval(_config(workdir, "retain", "retain_other.json", holdout=str(other)))
     with pytest.raises(EvaluationError, match="another holdout file"):
         run_eval(_config(workdir, "model", "y.json", holdout=str(workdir / "holdout.jsonl"), retain_logs=str(retain.json_path)))
+
+
+def test_privleak_is_left_empty_when_the_retain_models_auc_is_zero():
+    from perta_stream.eval.runner import SetScores, summarize_metrics
+
+    def scores(name: str, **extra) -> SetScores:
+        return SetScores(name=name, answer_loss=(1.0,), correct_loss=(1.0,), perturbed_loss=((1.0,),), probability=(0.5,), truth_ratio=(1.0,),
+                         rouge_l_recall=(0.5,), generation=("x",), probability_metric=0.5, truth_ratio_metric=0.5, rouge_l_metric=0.5, **extra)
+
+    sets = {"forget": scores("forget", extraction_strength=(0.5,), min_k_score=(1.0,)), **{n: scores(n) for n in ("retain", "real_authors", "world_facts")}}
+    metrics = summarize_metrics(sets, None, holdout_min_k=[2.0], reference_auc=0.0)
+    assert metrics["mia_min_k_auc"] == 0.0 and metrics["privleak"] is None
+    assert summarize_metrics(sets, None, holdout_min_k=[2.0], reference_auc=0.5)["privleak"] == pytest.approx(-100.0)

@@ -147,7 +147,7 @@ def format_markdown(record: dict) -> str:
         elif key == "mia_min_k_auc" and value is None:
             definition += "; not computed: no --holdout given"
         elif key == "privleak" and value is None:
-            definition += "; not computed: needs --holdout and --retain-logs whose record has the AUC on the same holdout"
+            definition += "; not computed: needs --holdout and --retain-logs with the AUC on the same holdout, and that AUC above 0"
         lines.append(f"| {key} | {shown} | {definition} |")
     lines += ["", "| set | items |", "| --- | ---: |"]
     lines += [f"| {name} | {count} |" for name, count in record["sample_counts"].items()]

@@ -12,6 +12,7 @@ computed by `summarize_metrics`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from perta_stream.eval.report import UTILITY_KEYS
 from perta_stream.eval.scoring import answer_losses, greedy_generations, token_scores
 from perta_stream.sources.hf_model import LoadedModel
 from perta_stream.sources.tofu import TofuSet
+
+logger = logging.getLogger(__name__)
 
 # Sets whose probability is normalized against the perturbed answers (the README's definition).
 _NORMALIZED_PROBABILITY_SETS = frozenset({"real_authors", "world_facts"})
@@ -185,5 +188,12 @@ def summarize_metrics(
     values["forget_extraction_strength"] = m.mean(forget.extraction_strength) if forget.extraction_strength else None
     auc = mem.mia_auc(forget.min_k_score, holdout_min_k) if holdout_min_k and forget.min_k_score else None
     values["mia_min_k_auc"] = auc
-    values["privleak"] = None if auc is None or reference_auc is None else mem.privleak(auc, reference_auc)
+    values["privleak"] = None
+    if auc is not None and reference_auc is not None:
+        if reference_auc > 0.0:
+            values["privleak"] = mem.privleak(auc, reference_auc)
+        else:
+            # PrivLeak is relative to the retain model's AUC; at 0 (its forget and holdout scores
+            # fully separated, likely with few items) it is undefined, not an error of this model.
+            logger.warning("PrivLeak not computed: the retain model's membership AUC is 0 (forget and holdout fully separated)")
     return values
