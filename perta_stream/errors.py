@@ -83,6 +83,15 @@ class EvaluationError(PertaStreamError, ValueError):
     """Evaluation inputs that do not fit together (model and tokenizer, split, retain logs)."""
 
 
+class ModelFetchError(PertaStreamError, OSError):
+    """A model recipe that cannot be fetched or converted (package index unreachable, a hash
+    mismatch, a missing converter package, a damaged cached copy)."""
+
+
+class ModelDownloadError(ModelFetchError):
+    """The package that carries a model's weights could not be downloaded (no package index)."""
+
+
 class DistributedError(PertaStreamError, RuntimeError):
     """A multi-process run (torchrun, accelerate launch) whose launcher settings are inconsistent,
     or in which another rank failed."""

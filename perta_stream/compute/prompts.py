@@ -8,6 +8,7 @@ means the same thing everywhere: the mean token negative log-likelihood over the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from perta_stream.errors import DatasetError
@@ -18,6 +19,27 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
 LOSS_DEFINITION = "mean token NLL over answer (+EOS/end-of-turn) tokens; prompt masked; chat template when present"
+
+
+class LabelConvention(str, Enum):
+    """Which tokens of a chat-template sample are labelled (scored); METHOD.md section 2 and README.
+
+    For a plain `Question: ... Answer:` prompt all three label the answer and EOS. With a chat
+    template they differ after the answer; for a ChatML template (SmolLM2, Qwen) whose assistant
+    turn renders as `answer<|im_end|>\n`:
+
+    - `assistant_turn`: every token the assistant turn adds: answer, `<|im_end|>`, newline. What
+      statistics and fine-tuning use.
+    - `end_of_turn`: the answer and the first EOS / end-of-turn token after it; the template's
+      trailing tokens are dropped.
+    - `open_unlearning`: as open-unlearning's TOFU data does it: the assistant turn, then the EOS
+      token appended when the rendered conversation does not already end with it (so ChatML
+      gets `answer<|im_end|>\n<|im_end|>`). The evaluation's default, for comparability.
+    """
+
+    ASSISTANT_TURN = "assistant_turn"
+    END_OF_TURN = "end_of_turn"
+    OPEN_UNLEARNING = "open_unlearning"
 
 
 @dataclass(frozen=True)
@@ -33,19 +55,29 @@ class EncodedSample:
 
 
 def encode_sample(
-    tokenizer: Any, question: str, answer: str, *, max_length: int, system_prompt: str | None = None, where: str = "sample"
+    tokenizer: Any,
+    question: str,
+    answer: str,
+    *,
+    max_length: int,
+    system_prompt: str | None = None,
+    labels: LabelConvention = LabelConvention.ASSISTANT_TURN,
+    where: str = "sample",
 ) -> EncodedSample:
     """Tokenize one (question, answer) pair for the answer-only loss.
 
     With a chat template: user turn = question, assistant turn = answer; the prompt is the
-    template up to the generation prompt, the answer is everything the assistant turn adds. Without
-    one: `Question: {q}\\nAnswer:` then ` {a}` and EOS, tokenized in two pieces so the boundary is
-    exact. Past `max_length`, tokens are cut from the start of the prompt.
+    template up to the generation prompt, the labelled answer is what the assistant turn adds,
+    cut or extended as `labels` says (LabelConvention). Without one: `Question: {q}\\nAnswer:` then
+    ` {a}` and EOS, tokenized in two pieces so the boundary is exact. Past `max_length`, tokens
+    are cut from the start of the prompt.
 
     Raises:
         DatasetError: the answer alone does not fit in `max_length`, or the template is inconsistent.
     """
     prompt_ids, answer_ids = _split_prompt_answer(tokenizer, question, answer, system_prompt, where)
+    if getattr(tokenizer, "chat_template", None):
+        answer_ids = _apply_label_convention(answer_ids, tokenizer.eos_token_id, LabelConvention(labels))
     if not answer_ids:
         raise DatasetError(f"{where}: the answer encodes to no tokens")
     if len(answer_ids) > max_length:
@@ -100,6 +132,15 @@ def _split_prompt_answer(tokenizer: Any, question: str, answer: str, system_prom
     if tokenizer.eos_token_id is None:
         raise DatasetError(f"{where}: the tokenizer has no EOS token and no chat template; set one before use")
     return prompt_ids, answer_ids + [tokenizer.eos_token_id]
+
+
+def _apply_label_convention(turn_ids: list[int], eos_token_id: int | None, labels: LabelConvention) -> list[int]:
+    # turn_ids: every token the assistant turn adds (the assistant_turn convention).
+    if eos_token_id is None or labels is LabelConvention.ASSISTANT_TURN:
+        return turn_ids
+    if labels is LabelConvention.END_OF_TURN:
+        return turn_ids[: turn_ids.index(eos_token_id) + 1] if eos_token_id in turn_ids else turn_ids
+    return turn_ids if turn_ids and turn_ids[-1] == eos_token_id else turn_ids + [eos_token_id]
 
 
 def _as_ids(rendered: Any) -> list[int]:

@@ -10,6 +10,9 @@ from perta_stream.config.locations import normalize_inputs
 from perta_stream.devices import device_problem
 from perta_stream.errors import PlanError
 
+# How chat-template answers are labelled (compute/prompts.py LabelConvention); open-unlearning's
+# is the default so that numbers compare with theirs.
+LABEL_CONVENTIONS = ("open_unlearning", "assistant_turn", "end_of_turn")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -33,6 +36,10 @@ class EvalConfig:
         system_prompt: an optional system prompt for chat-template models.
         overwrite: replace an existing `out` (and its `.md`); a file inside the evaluated model
             or the TOFU folder is never replaced.
+        labels: which tokens of a chat-template answer are scored (LABEL_CONVENTIONS; README,
+            "Label conventions").
+        holdout: a question-answer file the model never saw (TOFU's holdout split); with it the
+            forget-vs-holdout membership AUC is computed, and PrivLeak when the retain logs have one.
     """
 
     model: str
@@ -47,6 +54,8 @@ class EvalConfig:
     device: str = "auto"
     system_prompt: str | None = None
     overwrite: bool = False
+    labels: str = "open_unlearning"
+    holdout: str | None = None
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "model")
@@ -85,6 +94,10 @@ class EvalConfig:
             problems.append(f"--max-items must be at least 1, got {self.max_items}")
         if device_problem(self.device):
             problems.append(str(device_problem(self.device)))
+        if self.labels not in LABEL_CONVENTIONS:
+            problems.append(f"--labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
+        if self.holdout is not None and not Path(self.holdout).is_file():
+            problems.append(f"--holdout {self.holdout} does not exist; give a .jsonl/.json file of question-answer records the model never saw")
         return problems
 
     @property
@@ -121,6 +134,8 @@ class EvalConfig:
             device=args.device,
             system_prompt=args.system_prompt,
             overwrite=getattr(args, "overwrite", False),
+            labels=args.labels,
+            holdout=args.holdout,
         )
 
     def to_dict(self) -> dict:
@@ -137,4 +152,6 @@ class EvalConfig:
             "max_items": self.max_items,
             "device": self.device,
             "system_prompt": self.system_prompt,
+            "labels": self.labels,
+            "holdout": self.holdout,
         }

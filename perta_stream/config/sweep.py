@@ -6,9 +6,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from perta_stream.config.eval import LABEL_CONVENTIONS, TOFU_SPLITS
 from perta_stream.config.locations import normalize_inputs
 from perta_stream.devices import device_problem
-from perta_stream.config.eval import TOFU_SPLITS
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -41,6 +41,8 @@ class SweepConfig:
         tau: weight exponent for grad and fisher; None means each method's default.
         uniform_weight, fallback_weight: as in `perta-stream merge`.
         eval_batch_size, max_length, max_new_tokens, max_items, device, system_prompt: evaluation options.
+        labels, holdout: evaluation options too (EvalConfig): the answer-label convention, and a
+            holdout file that gives every row its membership AUC and PrivLeak.
         keep_models: keep the merged checkpoints under `models/` (else each is deleted once evaluated).
         max_memory_bytes: what each merge may add to the process's resident memory (the sweep
             process already holds torch and the evaluations' allocations when a merge starts).
@@ -68,6 +70,8 @@ class SweepConfig:
     max_items: int | None = None
     device: str = "auto"
     system_prompt: str | None = None
+    labels: str = "open_unlearning"
+    holdout: str | None = None
     keep_models: bool = True
     max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
     overwrite: bool = False
@@ -117,6 +121,10 @@ class SweepConfig:
             found.append(f"--max-items must be at least 1, got {self.max_items}")
         if device_problem(self.device):
             found.append(str(device_problem(self.device)))
+        if self.labels not in LABEL_CONVENTIONS:
+            found.append(f"labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
+        if self.holdout is not None and not Path(self.holdout).is_file():
+            found.append(f"holdout {self.holdout} does not exist; give a question-answer file the models never saw")
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
@@ -189,6 +197,8 @@ class SweepConfig:
             "max_items": self.max_items,
             "device": self.device,
             "system_prompt": self.system_prompt,
+            "labels": self.labels,
+            "holdout": self.holdout,
             "keep_models": self.keep_models,
             "max_memory_bytes": self.max_memory_bytes,
         }

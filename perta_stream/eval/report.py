@@ -20,7 +20,10 @@ UTILITY_SETS = ("retain", "real_authors", "world_facts")
 # The 9 numbers whose harmonic mean is model utility, in table order.
 UTILITY_KEYS = tuple(f"{set_name}_{part}" for set_name in UTILITY_SETS for part in ("probability", "rouge_l", "truth_ratio"))
 FORGET_KEYS = ("forget_quality", "forget_truth_ratio", "forget_probability", "forget_rouge_l")
-METRIC_KEYS = ("forget_quality", "model_utility", "forget_truth_ratio", "forget_probability", "forget_rouge_l", *UTILITY_KEYS)
+# open-unlearning's other defaults: extraction strength on the forget set, and PrivLeak from the
+# forget-vs-holdout membership AUC (None without a holdout set / the retain model's AUC).
+MEMORIZATION_KEYS = ("forget_extraction_strength", "mia_min_k_auc", "privleak")
+METRIC_KEYS = ("forget_quality", "model_utility", "forget_truth_ratio", "forget_probability", "forget_rouge_l", *MEMORIZATION_KEYS, *UTILITY_KEYS)
 
 _DESCRIPTIONS = {
     "forget_quality": "KS-test p-value of forget-set truth ratios vs. the retain model (higher = closer to retain)",
@@ -28,6 +31,9 @@ _DESCRIPTIONS = {
     "forget_truth_ratio": "forget set: mean of min(TR, 1/TR)",
     "forget_probability": "forget set: mean P~(answer)",
     "forget_rouge_l": "forget set: mean ROUGE-L recall of greedy generations",
+    "forget_extraction_strength": "forget set: mean extraction strength, 1 - (shortest answer prefix from which the rest is reproduced)/length",
+    "mia_min_k_auc": "P(forget answer's Min-40% NLL > holdout answer's); near 0 = forget set recognisable, 0.5 = not",
+    "privleak": "100 (AUC - AUC of the retain model) / AUC of the retain model; 0 is ideal, negative = under-unlearned",
 }
 for _set in UTILITY_SETS:
     _DESCRIPTIONS[f"{_set}_probability"] = f"{_set}: " + ("mean P~(answer)" if _set == "retain" else "mean normalized probability")
@@ -72,6 +78,8 @@ class RetainLogs:
 
     path: Path
     forget_truth_ratios: tuple[float, ...]
+    mia_auc: float | None = None
+    holdout_sha256: str | None = None
 
 
 def load_retain_logs(path: str | os.PathLike, *, split: str, forget_sha256: str, forget_count: int) -> RetainLogs:
@@ -103,7 +111,14 @@ def load_retain_logs(path: str | os.PathLike, *, split: str, forget_sha256: str,
             f"--retain-logs {path} has {len(ratios)} forget items, this evaluation has {forget_count}; "
             "use the same --max-items for both models"
         )
-    return RetainLogs(path=Path(path), forget_truth_ratios=tuple(float(r) for r in ratios))
+    auc = record.get("metrics", {}).get("mia_min_k_auc")
+    holdout = record.get("data_files", {}).get("holdout", {})
+    return RetainLogs(
+        path=Path(path),
+        forget_truth_ratios=tuple(float(r) for r in ratios),
+        mia_auc=float(auc) if isinstance(auc, (int, float)) else None,
+        holdout_sha256=holdout.get("sha256"),
+    )
 
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
@@ -117,7 +132,8 @@ def format_markdown(record: dict) -> str:
         f"# TOFU evaluation: {record['model']}",
         "",
         f"split `{record['split']}`, TOFU data `{record['tofu_dir']}`"
-        + (f", first {record['max_items']} items of each set" if record.get("max_items") else ""),
+        + (f", first {record['max_items']} items of each set" if record.get("max_items") else "")
+        + (f", answer labels `{record['config']['labels']}`" if record.get("config", {}).get("labels") else ""),
         "",
         "| metric | value | definition |",
         "| --- | ---: | --- |",
@@ -128,6 +144,10 @@ def format_markdown(record: dict) -> str:
         definition = _DESCRIPTIONS[key]
         if key == "forget_quality" and value is None:
             definition += "; not computed: no --retain-logs given"
+        elif key == "mia_min_k_auc" and value is None:
+            definition += "; not computed: no --holdout given"
+        elif key == "privleak" and value is None:
+            definition += "; not computed: needs --holdout and --retain-logs with the AUC on the same holdout, and that AUC above 0"
         lines.append(f"| {key} | {shown} | {definition} |")
     lines += ["", "| set | items |", "| --- | ---: |"]
     lines += [f"| {name} | {count} |" for name, count in record["sample_counts"].items()]

@@ -9,11 +9,21 @@ order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from perta_stream.compute.prompts import collate, encode_prompt, encode_sample, per_sample_loss
+from perta_stream.compute.prompts import IGNORE_INDEX, EncodedSample, LabelConvention, collate, encode_prompt, encode_sample, per_sample_loss
 from perta_stream.progress import progress
 from perta_stream.sources.hf_model import LoadedModel
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per labelled token of one sample: its NLL, the model's argmax guess and the true token."""
+
+    nll: tuple[float, ...]
+    predicted: tuple[int, ...]
+    targets: tuple[int, ...]
 
 
 def answer_losses(
@@ -23,6 +33,7 @@ def answer_losses(
     batch_size: int,
     max_length: int,
     system_prompt: str | None = None,
+    labels: LabelConvention = LabelConvention.ASSISTANT_TURN,
     desc: str = "answer likelihoods",
 ) -> list[float]:
     """L(q, a) for every (question, answer) pair, in input order.
@@ -33,7 +44,7 @@ def answer_losses(
     import torch
 
     encoded = [
-        encode_sample(loaded.tokenizer, question, answer, max_length=max_length, system_prompt=system_prompt, where=f"{desc}, pair {i}")
+        encode_sample(loaded.tokenizer, question, answer, max_length=max_length, system_prompt=system_prompt, labels=labels, where=f"{desc}, pair {i}")
         for i, (question, answer) in enumerate(pairs)
     ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -53,6 +64,39 @@ def answer_losses(
     return losses
 
 
+def token_scores(loaded: LoadedModel, samples: Sequence[EncodedSample], *, batch_size: int, desc: str = "token scores") -> list[TokenScores]:
+    """The NLL and the argmax prediction at every labelled token of each sample, in input order.
+
+    Position t predicts token t+1 (as in `per_sample_loss`), so the scores of a sample are read at
+    the positions whose next token is labelled.
+    """
+    import torch
+
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    scores: list[TokenScores | None] = [None] * len(samples)
+    with progress(total=len(samples), desc=desc, unit="sample", unit_scale=False) as bar, torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch_indices = order[start : start + batch_size]
+            batch = collate([samples[i] for i in batch_indices], loaded.pad_token_id)
+            logits = loaded.model(
+                input_ids=batch["input_ids"].to(loaded.input_device),
+                attention_mask=batch["attention_mask"].to(loaded.input_device),
+            ).logits[:, :-1, :].float()
+            targets = batch["labels"][:, 1:].to(logits.device)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            for row, index in enumerate(batch_indices):
+                scored = targets[row] != IGNORE_INDEX
+                row_targets = targets[row][scored]
+                row_log_probs = log_probs[row][scored]
+                scores[index] = TokenScores(
+                    nll=tuple((-row_log_probs.gather(1, row_targets[:, None])[:, 0]).tolist()),
+                    predicted=tuple(row_log_probs.argmax(dim=-1).tolist()),
+                    targets=tuple(row_targets.tolist()),
+                )
+            bar.update(len(batch_indices))
+    return scores  # type: ignore[return-value]
+
+
 def greedy_generations(
     loaded: LoadedModel,
     questions: Sequence[str],
@@ -69,9 +113,16 @@ def greedy_generations(
     attention mask keeps the padding out (transformers derives positions from it). A prompt is
     cut from its start to `max_length` tokens.
     """
+    prompts = [encode_prompt(loaded.tokenizer, q, max_length=max_length, system_prompt=system_prompt) for q in questions]
+    return greedy_continuations(loaded, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc)
+
+
+def greedy_continuations(
+    loaded: LoadedModel, prompts: Sequence[tuple[int, ...]], *, batch_size: int, max_new_tokens: int, desc: str = "generations"
+) -> list[str]:
+    """The greedy continuation of each token-id prompt, decoded without special tokens, in input order."""
     import torch
 
-    prompts = [encode_prompt(loaded.tokenizer, q, max_length=max_length, system_prompt=system_prompt) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     stop_ids = _stop_token_ids(loaded)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from perta_stream import __version__
+from perta_stream.compute.prompts import LabelConvention
 from perta_stream.config.eval import EvalConfig
+from perta_stream.errors import EvaluationError
+from perta_stream.hashing import file_sha256
 from perta_stream.sinks.atomic_file import write_text_atomically
 from perta_stream.eval.report import (
     RECORD_FORMAT,
@@ -20,8 +24,9 @@ from perta_stream.eval.report import (
     load_retain_logs,
     write_json_atomic,
 )
-from perta_stream.eval.runner import score_set, summarize_metrics
+from perta_stream.eval.runner import memorization_scores, score_set, summarize_metrics
 from perta_stream.sources.hf_model import load_model_and_tokenizer
+from perta_stream.sources.qa_dataset import load_qa_samples
 from perta_stream.sources.tofu import load_eval_sets
 
 __all__ = ["EvalConfig", "EvalResult", "run_eval"]
@@ -48,6 +53,13 @@ def run_eval(config: EvalConfig) -> EvalResult:
         forget = sets["forget"]
         retain_logs = load_retain_logs(config.retain_logs, split=config.split, forget_sha256=forget.sha256, forget_count=len(forget.items))
 
+    holdout = _load_holdout(config)
+    if holdout is not None and retain_logs is not None and retain_logs.holdout_sha256 not in (None, holdout[1]):
+        raise EvaluationError(
+            f"--retain-logs {config.retain_logs} measured its membership AUC on another holdout file than --holdout {config.holdout}; "
+            "evaluate both models with the same holdout"
+        )
+    labels = LabelConvention(config.labels)
     loaded = load_model_and_tokenizer(config.model, device=config.device)
     scores = {
         name: score_set(
@@ -57,10 +69,21 @@ def run_eval(config: EvalConfig) -> EvalResult:
             max_length=config.max_length,
             max_new_tokens=config.max_new_tokens,
             system_prompt=config.system_prompt,
+            labels=labels,
         )
         for name, tofu_set in sets.items()
     }
-    metrics = summarize_metrics(scores, None if retain_logs is None else retain_logs.forget_truth_ratios)
+    holdout_min_k: list[float] | None = None
+    if holdout is not None:
+        _, holdout_min_k = memorization_scores(
+            loaded, holdout[0], batch_size=config.batch_size, max_length=config.max_length, system_prompt=config.system_prompt, labels=labels, desc="holdout: memorization"
+        )
+    metrics = summarize_metrics(
+        scores,
+        None if retain_logs is None else retain_logs.forget_truth_ratios,
+        holdout_min_k=holdout_min_k,
+        reference_auc=None if retain_logs is None or holdout is None else retain_logs.mia_auc,
+    )
     elapsed_s = time.perf_counter() - started
 
     sample_counts = {name: len(tofu_set.items) for name, tofu_set in sets.items()}
@@ -74,11 +97,17 @@ def run_eval(config: EvalConfig) -> EvalResult:
         "retain_logs": config.retain_logs,
         "metrics": metrics,
         "sample_counts": sample_counts,
-        "data_files": {name: {"file": tofu_set.path.name, "sha256": tofu_set.sha256} for name, tofu_set in sets.items()},
+        "data_files": {
+            **{name: {"file": tofu_set.path.name, "sha256": tofu_set.sha256} for name, tofu_set in sets.items()},
+            **({"holdout": {"file": Path(config.holdout).name, "sha256": holdout[1]}} if holdout is not None and config.holdout else {}),
+        },
         "config": config.to_dict(),
         "device": str(loaded.input_device),
         "elapsed_s": elapsed_s,
-        "per_item": {name: set_scores.per_item() for name, set_scores in scores.items()},
+        "per_item": {
+            **{name: set_scores.per_item() for name, set_scores in scores.items()},
+            **({"holdout": {"min_k_score": holdout_min_k}} if holdout_min_k is not None else {}),
+        },
     }
     json_path = write_json_atomic(config.out, record)
     markdown_path = write_text_atomically(config.markdown_path, format_markdown(record))
@@ -92,3 +121,13 @@ def run_eval(config: EvalConfig) -> EvalResult:
         sample_counts=sample_counts,
         elapsed_s=elapsed_s,
     )
+
+
+def _load_holdout(config: EvalConfig) -> tuple[list[tuple[str, str]], str] | None:
+    """The holdout (question, answer) pairs, cut to --max-items like the other sets, and the file's sha256."""
+    if config.holdout is None:
+        return None
+    samples = load_qa_samples(config.holdout)
+    if config.max_items is not None:
+        samples = samples[: config.max_items]
+    return [(s.question, s.answer) for s in samples], file_sha256(config.holdout)

@@ -177,6 +177,8 @@ def _eval_config(config: SweepConfig, model_dir: str, out: str, retain_logs: str
         max_items=config.max_items,
         device=config.device,
         system_prompt=config.system_prompt,
+        labels=config.labels,
+        holdout=config.holdout,
     )
 
 

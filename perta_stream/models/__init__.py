@@ -1,0 +1,1 @@
+"""Recipes that make real pretrained checkpoints available offline (`perta-stream models fetch`)."""
