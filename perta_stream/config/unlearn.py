@@ -145,6 +145,42 @@ class UnlearnConfig:
     def effective_stats_model(self) -> str:
         return self.stats_model or self.theta0
 
+    def stats_config(self, *, out: str, kinds: tuple[str, ...], overwrite: bool) -> Any:
+        """The `StatsConfig` of this run's statistics (into `out`), as `stats` would be given them.
+
+        Raises:
+            PlanError: the statistics options are invalid (e.g. a missing data file).
+        """
+        from perta_stream.config.stats import StatsConfig
+
+        options: dict[str, Any] = {}
+        for name in ("stats_dtype", "checkpoint_interval_s", "boundary_budget_bytes"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)  # else the `stats` default
+        return StatsConfig(
+            model=self.effective_stats_model,
+            forget=str(self.forget),
+            retain=str(self.retain),
+            out=out,
+            kinds=kinds,
+            fraction=self.fraction,
+            seed=self.seed,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            question_key=self.question_key,
+            answer_key=self.answer_key,
+            system_prompt=self.system_prompt,
+            dry_run=self.dry_run,
+            config_only=self.config_only,
+            overwrite=overwrite,
+            resume=self.resume,
+            # Whatever --stats-dir says, it never replaces one of the models of this run.
+            other_inputs={"theta0": self.theta0, "full": self.full, "fgt": self.fgt},
+            **options,
+        )
+
     @property
     def stats_at(self) -> str:
         """Which merge input the statistics are taken at (the merge checks them against its bytes)."""

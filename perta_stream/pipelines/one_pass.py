@@ -49,7 +49,7 @@ from perta_stream.plan.one_pass_plan import (
     one_pass_outputs,
     theta0_loaded_bytes,
 )
-from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names, plan_stats
+from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
@@ -126,44 +126,15 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
 def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]:
     """The statistics options of the sweep, as `unlearn` would give them to `stats`, or their
     problems (a missing data file, ...) to report with the others."""
+    from perta_stream.config.stats import STATS_KINDS
+
     wanted = set(config.stat_methods) | (set(config.kinds) if config.save_stats else set())
-    options: dict[str, Any] = {}
-    if config.stats_dtype is not None:
-        options["stats_dtype"] = config.stats_dtype
-    if config.checkpoint_interval_s is not None:
-        options["checkpoint_interval_s"] = config.checkpoint_interval_s
-    if config.boundary_budget_bytes is not None:
-        options["boundary_budget_bytes"] = config.boundary_budget_bytes
+    # Without --save-stats the sweep's resume state lives inside the first output's partial folder.
+    out = config.save_stats or str(partial_path(one_pass_outputs(config.out, config.methods, config.alphas)[0][2]) / STATE_DIR_NAME)
     try:
-        return _make_stats_config(config, wanted, options), []
+        return config.stats_config(out=out, kinds=tuple(kind for kind in STATS_KINDS if kind in wanted), overwrite=config.overwrite), []
     except PlanError as exc:
         return None, list(exc.problems)
-
-
-def _make_stats_config(config: UnlearnConfig, wanted: set[str], options: dict[str, Any]) -> StatsConfig:
-    from perta_stream.config.stats import STATS_KINDS, StatsConfig
-
-    return StatsConfig(
-        model=config.effective_stats_model,
-        forget=str(config.forget),
-        retain=str(config.retain),
-        out=config.save_stats or str(partial_path(one_pass_outputs(config.out, config.methods, config.alphas)[0][2]) / STATE_DIR_NAME),
-        kinds=tuple(kind for kind in STATS_KINDS if kind in wanted),
-        fraction=config.fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        device=config.device,
-        compute_dtype=config.compute_dtype,
-        question_key=config.question_key,
-        answer_key=config.answer_key,
-        system_prompt=config.system_prompt,
-        dry_run=config.dry_run,
-        config_only=config.config_only,
-        overwrite=config.overwrite,
-        resume=config.resume,
-        **options,
-    )
 
 
 def _open_models(config: UnlearnConfig, stack: ExitStack) -> tuple[dict[str, Checkpoint], dict[str, Any], list[str]]:
@@ -244,27 +215,11 @@ def _plan(
 
 
 def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape) -> dict[str, Any]:
-    """Tokenizer, encoded data, device and dtype, and the statistics plan, as `stats` makes them."""
-    from perta_stream.devices import resolve_device
-    from perta_stream.sources.encoded_data import DATASETS, encode_dataset, load_tokenizer
+    """Tokenizer, encoded data, device and dtype, and the statistics plan, exactly as `stats` makes them."""
+    from perta_stream.pipelines.stats import prepare_sweep
 
-    tokenizer = load_tokenizer(stats_config.model)
-    datasets = {name: encode_dataset(stats_config, getattr(stats_config, name), tokenizer) for name in DATASETS}
-    device = resolve_device(stats_config.device)
-    compute_dtype_name = stats_config.compute_dtype_on(device)
-    plan = plan_stats(
-        shape,
-        {n: info.shape for n, info in checkpoint.tensors.items()},
-        lengths={name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()},
-        batch_size=stats_config.batch_size,
-        kinds=stats_config.kinds,
-        stats_dtype_bytes=4 if stats_config.stats_dtype == "F32" else 2,
-        compute_dtype_bytes=4 if compute_dtype_name == "float32" else 2,
-        boundary_budget_bytes=stats_config.boundary_budget_bytes,
-        device=device,
-        weight_bytes={n: info.nbytes for n, info in checkpoint.tensors.items()},
-    )
-    return {"tokenizer": tokenizer, "datasets": datasets, "device": device, "compute_dtype": compute_dtype_name, "plan": plan}
+    prepared = prepare_sweep(stats_config, checkpoint, shape)
+    return {"tokenizer": prepared.tokenizer, "datasets": prepared.datasets, "device": prepared.device, "compute_dtype": prepared.compute_dtype, "plan": prepared.plan}
 
 
 # ---------------------------------------------------------------- the plan next to two passes

@@ -105,22 +105,8 @@ def run_stats(config: StatsConfig) -> StatsResult:
                 raise PlanError("cannot write the statistics", problems)
             # Checked here, by every rank, before minutes of tokenizing and loading.
             AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
-        tokenizer = load_tokenizer(config.model)
-        datasets = {name: encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
-        device = resolve_device(config.device)
-        compute_dtype_name = config.compute_dtype_on(device)
-        plan = plan_stats(
-            shape,
-            {n: info.shape for n, info in checkpoint.tensors.items()},
-            lengths={name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()},
-            batch_size=config.batch_size,
-            kinds=config.kinds,
-            stats_dtype_bytes=4 if config.stats_dtype == "F32" else 2,
-            compute_dtype_bytes=4 if compute_dtype_name == "float32" else 2,
-            boundary_budget_bytes=config.boundary_budget_bytes,
-            device=device,
-            weight_bytes={n: info.nbytes for n, info in checkpoint.tensors.items()},
-        )
+        prepared = prepare_sweep(config, checkpoint, shape)
+        tokenizer, datasets, device, compute_dtype_name, plan = prepared.tokenizer, prepared.datasets, prepared.device, prepared.compute_dtype, prepared.plan
         if config.dry_run:
             return StatsResult(plan=plan, plan_text=plan.to_text())
         logger.info("%s", plan.to_text())
@@ -135,6 +121,42 @@ def run_stats(config: StatsConfig) -> StatsResult:
             return _compute(config, checkpoint, source, shape, tokenizer, datasets, device, compute_dtype_name, plan, started, dist)
     finally:
         source.close()
+
+
+@dataclass(frozen=True)
+class PreparedSweep:
+    """What a sweep needs before it starts: tokenizer, encoded data, device, compute dtype, plan."""
+
+    tokenizer: Any
+    datasets: dict[str, tuple[DatasetInfo, list[EncodedSample]]]
+    device: str
+    compute_dtype: str
+    plan: StatsPlan
+
+
+def prepare_sweep(config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape) -> PreparedSweep:
+    """Encode both data files and plan the sweep (shared by `stats` and the one-pass unlearn).
+
+    Raises:
+        CheckpointError: no tokenizer. DatasetError: a bad data file. UsageError: no such device.
+    """
+    tokenizer = load_tokenizer(config.model)
+    datasets = {name: encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
+    device = resolve_device(config.device)
+    compute_dtype_name = config.compute_dtype_on(device)
+    plan = plan_stats(
+        shape,
+        {n: info.shape for n, info in checkpoint.tensors.items()},
+        lengths={name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()},
+        batch_size=config.batch_size,
+        kinds=config.kinds,
+        stats_dtype_bytes=4 if config.stats_dtype == "F32" else 2,
+        compute_dtype_bytes=4 if compute_dtype_name == "float32" else 2,
+        boundary_budget_bytes=config.boundary_budget_bytes,
+        device=device,
+        weight_bytes={n: info.nbytes for n, info in checkpoint.tensors.items()},
+    )
+    return PreparedSweep(tokenizer, datasets, device, compute_dtype_name, plan)
 
 
 def _compute(

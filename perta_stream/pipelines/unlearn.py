@@ -231,38 +231,9 @@ def _ensure_stats(config: UnlearnConfig, stats_dir: str) -> tuple[bool, str | No
 
 
 def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any:
-    from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
 
-    options: dict[str, Any] = {}
-    if config.stats_dtype is not None:
-        options["stats_dtype"] = config.stats_dtype
-    if config.checkpoint_interval_s is not None:
-        options["checkpoint_interval_s"] = config.checkpoint_interval_s
-    if config.boundary_budget_bytes is not None:
-        options["boundary_budget_bytes"] = config.boundary_budget_bytes
-    stats_config = StatsConfig(
-        model=config.effective_stats_model,
-        forget=str(config.forget),
-        retain=str(config.retain),
-        out=stats_dir,
-        kinds=config.kinds,
-        fraction=config.fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        device=config.device,
-        compute_dtype=config.compute_dtype,
-        question_key=config.question_key,
-        answer_key=config.answer_key,
-        system_prompt=config.system_prompt,
-        dry_run=config.dry_run,
-        overwrite=overwrite,
-        resume=config.resume,
-        # Whatever --stats-dir says, it never replaces one of the models of this run.
-        other_inputs={"theta0": config.theta0, "full": config.full, "fgt": config.fgt},
-        **options,
-    )
+    stats_config = config.stats_config(out=stats_dir, kinds=config.kinds, overwrite=overwrite)
     result = run_stats(stats_config)
     if not config.dry_run:
         logger.info("%s", result.summary())
