@@ -279,7 +279,7 @@ def test_unlearn_resumes_its_statistics_and_its_merge(workspace, monkeypatch, tm
     argv = ["unlearn", "--theta0", model, "--full", model, "--fgt", model, "--forget", forget, "--retain", retain, "--out", str(tmp_path / "clean")]
     config = UnlearnConfig.from_cli(build_parser().parse_args(argv + ["--resume"]))
     unlearn._run_stats(config, str(tmp_path / "stats"), overwrite=False)
-    assert seen[0].resume and unlearn._merge_config(config, str(tmp_path / "stats")).resume
+    assert seen[0].resume and config.merge_config(out=config.out, method=config.method, alphas=config.alphas, stats=str(tmp_path / "stats")).resume
     assert not UnlearnConfig.from_cli(build_parser().parse_args(argv)).resume
 
 

@@ -181,6 +181,35 @@ class UnlearnConfig:
             **options,
         )
 
+    def merge_config(self, *, out: str, method: str, alphas: tuple[float, ...], stats: str | None) -> Any:
+        """The `MergeConfig` of this run's merge of `method` at `alphas` into `out`, its statistics
+        in `stats` (None for tv and uniform)."""
+        from perta_stream.config.merge import MergeConfig
+        from perta_stream.memory import current_rss_bytes
+
+        return MergeConfig(
+            theta0=self.theta0,
+            full=self.full,
+            fgt=self.fgt,
+            out=out,
+            method=method,
+            stats=stats,
+            alphas=alphas,
+            tau=self.tau if method in STATS_METHODS else None,
+            uniform_weight=self.uniform_weight,
+            fallback_weight=self.fallback_weight,
+            out_dtype=self.out_dtype,
+            max_shard_bytes=self.max_shard_bytes,
+            # Statistics may have run in this process (torch, the tokenizer); the budget is what the
+            # merge may add on top of what the process holds when it starts.
+            max_memory_bytes=current_rss_bytes() + self.max_memory_bytes,
+            dry_run=self.dry_run,
+            overwrite=self.overwrite,
+            resume=self.resume and not out.startswith("hf://"),
+            allow_nonfinite=self.allow_nonfinite,
+            stats_at=self.stats_at,
+        )
+
     @property
     def stats_at(self) -> str:
         """Which merge input the statistics are taken at (the merge checks them against its bytes)."""

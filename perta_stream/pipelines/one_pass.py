@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
-from perta_stream.config.merge import DEFAULT_TAU, MergeConfig
+from perta_stream.config.merge import DEFAULT_TAU
 from perta_stream.config.unlearn import STATS_METHODS, UnlearnConfig
 from perta_stream.distributed import LaunchInfo
 from perta_stream.errors import PertaStreamError, PlanError, UsageError
@@ -344,12 +344,11 @@ def _execute(
     from perta_stream.compute.stats.boundaries import BoundaryStore
     from perta_stream.pipelines.group_merge import GroupMerger, MethodOutputs
     from perta_stream.pipelines.merge import finalize_output
-    from perta_stream.sinks.stats_record import run_identity, stats_record
-    from perta_stream.sources.encoded_data import DATASETS
+    from perta_stream.pipelines.stats import open_store
     from perta_stream.sinks.layered_output import LayeredModelOutput
     from perta_stream.sinks.model_output import LocalModelOutput
     from perta_stream.sinks.stats_output import StatsOutput
-    from perta_stream.sinks.stats_store import StatsStore
+    from perta_stream.sinks.stats_record import run_identity, stats_record
 
     datasets, device_name, compute_dtype_name = prepared["datasets"], prepared["device"], prepared["compute_dtype"]
     stats_identity = run_identity(stats_config, stats_checkpoint, datasets, device_name, compute_dtype_name)
@@ -376,16 +375,7 @@ def _execute(
         resumed = stats_output.open(identity)
         store = None
         if config.save_stats:
-            store = StatsStore(
-                stats_output.partial,
-                datasets=DATASETS,
-                kinds=stats_config.kinds,
-                groups=group_tensor_names(stats_checkpoint.tensors, shape.num_layers),
-                shapes={n: info.shape for n, info in stats_checkpoint.tensors.items()},
-                stats_dtype=stats_config.stats_dtype,
-                finished=resumed.finished,
-                on_shard_finished=stats_output.shard_finished,
-            )
+            store = open_store(stats_config, stats_checkpoint, shape, stats_output, resumed)
         methods = [
             MethodOutputs(
                 MergeKernel(
@@ -440,34 +430,14 @@ def _execute(
             output = layered[(method, alpha)]
             output.close()
             output.drop_progress_record()
-            merge_config = _merge_config(config, method, alpha, out_dir)
+            # The options of the one `merge` this output is equal to (its run record says them).
+            stats = (config.save_stats or NOT_SAVED) if method in STATS_METHODS else None
+            merge_config = config.merge_config(out=out_dir, method=method, alphas=(alpha,), stats=stats)
             finished = output.output.finished_shards()
             records = [finished[shard.file_name] for shard in plan.shards]
             stats_content = content_sha256 if method in STAT_ROLES else None
             locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         return locations
-
-
-def _merge_config(config: UnlearnConfig, method: str, alpha: float, out_dir: str) -> MergeConfig:
-    """The options of the one `merge` this output is equal to (its run record says them)."""
-    return MergeConfig(
-        theta0=config.theta0,
-        full=config.full,
-        fgt=config.fgt,
-        out=out_dir,
-        method=method,
-        stats=(config.save_stats or NOT_SAVED) if method in STATS_METHODS else None,
-        stats_at=config.stats_at,
-        alphas=(alpha,),
-        tau=config.tau if method in STATS_METHODS else None,
-        uniform_weight=config.uniform_weight,
-        fallback_weight=config.fallback_weight,
-        out_dtype=config.out_dtype,
-        max_shard_bytes=config.max_shard_bytes,
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
-        overwrite=config.overwrite,
-        resume=config.resume,
-    )
 
 
 def _usable_state(

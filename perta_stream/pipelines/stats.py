@@ -183,7 +183,6 @@ def _compute(
     from perta_stream.compute.stats.skeleton import build_skeleton
     from perta_stream.compute.stats.streaming import EngineReport
     from perta_stream.sinks.stats_output import StatsOutput
-    from perta_stream.sinks.stats_store import StatsStore
 
     device = torch.device(device_name)
     compute_dtype = getattr(torch, compute_dtype_name)
@@ -202,16 +201,7 @@ def _compute(
         resumed = output.open(run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
         # From here on a failure leaves `<out>.partial/` as it is: finished shards and the latest
         # resume state stay for --resume (the boundary spill directory is deleted on the way out).
-        store = StatsStore(
-            output.partial,
-            datasets=DATASETS,
-            kinds=config.kinds,
-            groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
-            shapes={n: info.shape for n, info in checkpoint.tensors.items()},
-            stats_dtype=config.stats_dtype,
-            finished=resumed.finished,
-            on_shard_finished=output.shard_finished,
-        )
+        store = open_store(config, checkpoint, shape, output, resumed)
         start = _resume_start(resumed, store, shape)
         if resumed.finished:
             where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
@@ -226,6 +216,22 @@ def _compute(
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
         return _result(plan, out, record, report)
+
+
+def open_store(config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape, output: StatsOutput, resumed: ResumedRun) -> StatsStore:
+    """The statistics store inside `output`'s partial folder, keeping the shards a resume verified."""
+    from perta_stream.sinks.stats_store import StatsStore
+
+    return StatsStore(
+        output.partial,
+        datasets=DATASETS,
+        kinds=config.kinds,
+        groups=group_tensor_names(checkpoint.tensors, shape.num_layers),
+        shapes={n: info.shape for n, info in checkpoint.tensors.items()},
+        stats_dtype=config.stats_dtype,
+        finished=resumed.finished,
+        on_shard_finished=output.shard_finished,
+    )
 
 
 def _resume_start(resumed: ResumedRun, store: StatsStore, shape: ModelShape) -> ResumeState | None:

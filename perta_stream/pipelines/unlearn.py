@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.merge import MergeConfig
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import StatisticsError
-from perta_stream.memory import current_rss_bytes
 
 __all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
 
@@ -188,7 +186,7 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
         return UnlearnResult((), stats_dir, reused, "\n".join(plans), stats_s, 0.0, time.perf_counter() - started, 0)
 
     merge_started = time.perf_counter()
-    merged = run_merge(_merge_config(config, stats_dir))
+    merged = run_merge(config.merge_config(out=config.out, method=config.method, alphas=config.alphas, stats=stats_dir))
     merge_s = time.perf_counter() - merge_started
     if merged.plan_text is not None:
         plans.append(merged.plan_text)
@@ -238,28 +236,3 @@ def _run_stats(config: UnlearnConfig, stats_dir: str, *, overwrite: bool) -> Any
     if not config.dry_run:
         logger.info("%s", result.summary())
     return result
-
-
-def _merge_config(config: UnlearnConfig, stats_dir: str | None) -> MergeConfig:
-    return MergeConfig(
-        theta0=config.theta0,
-        full=config.full,
-        fgt=config.fgt,
-        out=config.out,
-        method=config.method,
-        stats=stats_dir,
-        alphas=config.alphas,
-        tau=config.tau,
-        uniform_weight=config.uniform_weight,
-        fallback_weight=config.fallback_weight,
-        out_dtype=config.out_dtype,
-        max_shard_bytes=config.max_shard_bytes,
-        # Statistics may have run in this process (torch, the tokenizer); the budget is what the
-        # merge may add on top of what the process holds when it starts.
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
-        dry_run=config.dry_run,
-        overwrite=config.overwrite,
-        resume=config.resume and not config.out.startswith("hf://"),
-        allow_nonfinite=config.allow_nonfinite,
-        stats_at=config.stats_at,
-    )
