@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU checks as one run on a CUDA machine: the tests marked `gpu`, then benchmarks/gpu_stats.py.
+# The GPU checks as one run on a CUDA machine: the tests marked `gpu`, benchmarks/gpu_one_pass.py
+# and benchmarks/gpu_stats.py.
 #
 #     bash benchmarks/gpu_check.sh [LOG_DIR] [STEP ...]   # PYTHON=... to choose the interpreter (default python3)
 #
-# STEP is `gpu-tests`, `benchmark` (the default is both, about 9 minutes at most) or `cpu-tests`
+# STEP is `gpu-tests`, `one-pass`, `benchmark` (the default is all three, about 9 minutes at most;
+# GPU_STATS_FLAGS passes flags to gpu_stats.py) or `cpu-tests`
 # (`pytest -m "not gpu"`, the whole CPU suite on the machine's cores, up to 9 minutes: run it as a
 # call of its own). Each step has its own time limit, so that a hung step cannot take another's
 # time. The logs and the benchmark's results (stats_gpu.json, stats_gpu.md) are copied to LOG_DIR
-# (default benchmarks/results). Exits non-zero when a step failed.
+# (default benchmarks/results): at most 8 files. Exits non-zero when a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${1:-benchmarks/results}
 shift $(($# > 0 ? 1 : 0))
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(gpu-tests benchmark)
+[ ${#steps[@]} -eq 0 ] && steps=(gpu-tests one-pass benchmark)
 python=${PYTHON:-python3}
 mkdir -p "$log_dir"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,16 +24,24 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   "$python" -c 'import sys, torch, transformers; print(sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
   "$python" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -n 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  df -h . /tmp 2>&1
 } | tee "$log_dir/gpu_environment.log"
 
 failed=0
 for step in "${steps[@]}"; do
   case $step in
     gpu-tests)
-      timeout 200 "$python" -m pytest -m gpu -p no:cacheprovider -rA tests 2>&1 | tee "$log_dir/gpu_tests.log"
+      timeout 130 "$python" -m pytest -m gpu -p no:cacheprovider -rA tests 2>&1 | tee "$log_dir/gpu_tests.log"
       rc=${PIPESTATUS[0]} ;;
+    one-pass)
+      timeout 230 "$python" benchmarks/gpu_one_pass.py 2>&1 | tee "$log_dir/one_pass_gpu.log"
+      rc=${PIPESTATUS[0]}
+      if [ "$log_dir" != benchmarks/results ]; then
+        cp benchmarks/results/one_pass_gpu.json benchmarks/results/one_pass_gpu.md "$log_dir"/ 2>/dev/null
+      fi ;;
     benchmark)
-      timeout 330 "$python" benchmarks/gpu_stats.py 2>&1 | tee "$log_dir/gpu_benchmark.log"
+      # shellcheck disable=SC2086  # the flags are words
+      timeout 200 "$python" benchmarks/gpu_stats.py ${GPU_STATS_FLAGS:-} 2>&1 | tee "$log_dir/gpu_benchmark.log"
       rc=${PIPESTATUS[0]}
       if [ "$log_dir" != benchmarks/results ]; then
         cp benchmarks/results/stats_gpu.json benchmarks/results/stats_gpu.md "$log_dir"/ 2>/dev/null
@@ -40,7 +50,7 @@ for step in "${steps[@]}"; do
       timeout 540 "$python" -m pytest -m "not gpu" -p no:cacheprovider -q --durations=15 tests 2>&1 | tee "$log_dir/cpu_tests.log"
       rc=${PIPESTATUS[0]} ;;
     *)
-      echo "unknown step $step (gpu-tests, benchmark, cpu-tests)" >&2
+      echo "unknown step $step (gpu-tests, one-pass, benchmark, cpu-tests)" >&2
       rc=2 ;;
   esac
   echo "$step: exit $rc"

@@ -240,7 +240,7 @@ def head(args: argparse.Namespace, device, shape: dict) -> dict:
             "torch_path_s_per_batch": torch_path, "over_plain_backward": seconds / without_statistics, "peak_device_bytes": peak_device_bytes}
 
 
-KERNEL_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (256, 64, 32, 8, 3)]
+KERNEL_TILES = [(64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4), (128, 64, 64, 8, 3), (256, 64, 32, 8, 3)]
 """(out_rows, in_cols, tokens, num_warps, num_stages) tried for the kernel alone; the first is DEFAULT_TILES."""
 
 
@@ -313,6 +313,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=96, help="tokens per sample in the per-layer timing (TOFU samples are 60-150)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-end-to-end", action="store_true", help="leave out part 1 (benchmarks/gpu_one_pass.py runs a whole model end to end)")
     parser.add_argument("--tokens", type=int, default=61976, help="padded tokens of the 70B run to extrapolate (see --dry-run)")
     args = parser.parse_args()
 
@@ -328,7 +329,7 @@ def main() -> None:
     if args.smoke:
         args.seq_len, args.repeats = min(args.seq_len, 32), 1
     # Each part is printed as soon as it is measured, so that a run cut short still reports.
-    e2e = _reported("end_to_end", end_to_end(args, device))
+    e2e = None if args.skip_end_to_end else _reported("end_to_end", end_to_end(args, device))
     layer = _reported("llama70b_layer", one_layer(args, device, shape))
     head_numbers = _reported("llama70b_head", head(args, device, shape))
     tilings = kernel_tiles(args, device, shape) if _kernel_in_use(args, device) else []
@@ -366,7 +367,6 @@ def main() -> None:
               "settings": vars(args), "end_to_end": e2e, "llama70b_layer": layer, "llama70b_head": head_numbers,
               "kernel_tiles": tilings, "read_bytes_per_s": read_bytes_per_s, "stats_write": writes, "extrapolation_70b": extrapolation}
     rows = [
-        {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30},
         {"what": "70B layer forward (per batch)", "seconds": layer["forward_s_per_batch"], "tokens/s": 1 / layer["forward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B layer backward + per-sample stats (per batch)", "seconds": layer["backward_s_per_batch"], "tokens/s": 1 / layer["backward_s_per_token"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
         {"what": "70B layer backward, no statistics (per batch)", "seconds": layer["backward_without_statistics_s_per_batch"], "tokens/s": layer["tokens_per_batch"] / layer["backward_without_statistics_s_per_batch"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30},
@@ -375,7 +375,7 @@ def main() -> None:
         {"what": f"70B run extrapolated ({args.tokens} tokens)", "seconds": total_s, "tokens/s": args.tokens / total_s, "peak device (GiB)": extrapolation["peak_device_bytes_estimate"] / 2**30},
     ]
     if layer["triton_kernel"]:
-        rows[4:4] = [{"what": "70B layer backward + per-sample stats, torch path (per batch)", "seconds": layer["backward_torch_path_s_per_batch"],
+        rows[3:3] = [{"what": "70B layer backward + per-sample stats, torch path (per batch)", "seconds": layer["backward_torch_path_s_per_batch"],
                       "tokens/s": layer["tokens_per_batch"] / layer["backward_torch_path_s_per_batch"], "peak device (GiB)": layer["peak_device_bytes"] / 2**30}]
         rows.insert(-1, {"what": "70B head + per-sample stats, torch path (per batch)", "seconds": head_numbers["torch_path_s_per_batch"],
                          "tokens/s": args.batch_size * args.seq_len / head_numbers["torch_path_s_per_batch"], "peak device (GiB)": head_numbers["peak_device_bytes"] / 2**30})
@@ -383,6 +383,8 @@ def main() -> None:
     for entry in tilings:
         if "s_per_call" in entry and entry["s_per_call"] < fastest.get(entry["weight"], {"s_per_call": math.inf})["s_per_call"]:
             fastest[entry["weight"]] = entry
+    if e2e is not None:
+        rows.insert(0, {"what": f"end to end, {e2e['parameters'] / 1e9:.2f} B params, {e2e['layers']} layers", "seconds": e2e["wall_s"], "tokens/s": e2e["tokens_per_s"], "peak device (GiB)": e2e["peak_device_bytes"] / 2**30})
     notes = [
         f"per-sample products: {'the fused Triton kernel' if layer['triton_kernel'] else 'the torch path (Triton kernel not in use)'}; "
         f"backward + statistics over plain backward: layer {layer['backward_over_plain_backward']:.2f}x, head {head_numbers['over_plain_backward']:.2f}x",
@@ -391,9 +393,10 @@ def main() -> None:
         extrapolation["method"],
         f"layer read speed {read_bytes_per_s / 1e9:.2f} GB/s (cold page cache); statistics write speed {write_bytes_per_s / 1e9:.2f} GB/s "
         f"(one 70B layer's grad + fisher shards, hashed, fsynced); {stats_bytes / 1e12:.2f} TB of float32 statistics in all",
-        f"end to end: peak device memory {e2e['peak_device_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_device_bytes'] / 2**30:.2f}), "
-        f"peak RSS {e2e['peak_rss_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_host_bytes'] / 2**30:.2f})",
     ]
+    if e2e is not None:
+        notes.append(f"end to end: peak device memory {e2e['peak_device_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_device_bytes'] / 2**30:.2f}), "
+                     f"peak RSS {e2e['peak_rss_bytes'] / 2**30:.2f} GiB (the plan estimated {e2e['plan_peak_host_bytes'] / 2**30:.2f})")
     if args.smoke:
         # A smoke run checks the script; its numbers mean nothing and are not kept.
         print(json.dumps(rows, indent=2))
