@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.devices import device_problem
+from perta_stream.config.options import from_options, integer, option, options_from_cli
+from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
 
 # How chat-template answers are labelled (compute/prompts.py LabelConvention); open-unlearning's
@@ -15,6 +17,8 @@ from perta_stream.errors import PlanError
 LABEL_CONVENTIONS = ("open_unlearning", "assistant_turn", "end_of_turn")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
+LABELS_HELP = "which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')"
+HOLDOUT_HELP = "question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak"
 
 
 @dataclass(frozen=True)
@@ -42,20 +46,20 @@ class EvalConfig:
             forget-vs-holdout membership AUC is computed, and PrivLeak when the retain logs have one.
     """
 
-    model: str
-    split: str
-    out: str
-    tofu_dir: str = ""
-    retain_logs: str | None = None
-    batch_size: int = 8
-    max_length: int = 512
-    max_new_tokens: int = 200
-    max_items: int | None = None
-    device: str = "auto"
-    system_prompt: str | None = None
-    overwrite: bool = False
-    labels: str = "open_unlearning"
-    holdout: str | None = None
+    model: str = option(help="checkpoint directory (model and tokenizer)")
+    split: str = option(help="forget01, forget05 or forget10")
+    out: str = option(help="JSON record to write (the Markdown table goes next to it, .md)")
+    tofu_dir: str = option("", flags=("--tofu",), help="TOFU data directory (default: the subset bundled with perta_stream)")
+    retain_logs: str | None = option(None, help="the eval JSON of the retain-only model on the same split (gives forget quality)")
+    batch_size: int = option(8, help="samples per forward pass and per generate call (default 8)")
+    max_length: int = option(512, help="tokens per sample; prompts are cut first (default 512)")
+    max_new_tokens: int = option(200, help="greedy generation length for ROUGE-L (default 200)")
+    max_items: int | None = option(None, parse=integer, help="evaluate only the first N items of each set (quick runs)")
+    device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
+    system_prompt: str | None = option(None, help="system prompt for models with a chat template")
+    overwrite: bool = option(False, help="replace an existing --out record (never a file inside the model)")
+    labels: str = option("open_unlearning", choices=LABEL_CONVENTIONS, help=LABELS_HELP)
+    holdout: str | None = option(None, help=HOLDOUT_HELP)
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "model")
@@ -121,22 +125,13 @@ class EvalConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EvalConfig":
-        return cls(
-            model=args.model,
-            split=args.split,
-            out=args.out,
-            tofu_dir=args.tofu or "",
-            retain_logs=args.retain_logs,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_new_tokens=args.max_new_tokens,
-            max_items=args.max_items,
-            device=args.device,
-            system_prompt=args.system_prompt,
-            overwrite=getattr(args, "overwrite", False),
-            labels=args.labels,
-            holdout=args.holdout,
-        )
+        """Build from parsed `perta-stream eval` arguments (and its --config file)."""
+        return cls.from_options(options_from_cli(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "EvalConfig":
+        """Build from options named as the flags (YAML keys, API keywords); every problem at once."""
+        return from_options(cls, options, title="invalid eval options")
 
     def to_dict(self) -> dict:
         """The resolved options, as saved into the JSON record."""
