@@ -80,6 +80,10 @@ class StatsOptions:
         help="save the sweep's state for --resume at most this often, after the head or a backward layer (default 300; 0: after each)",
     )
 
+    def encoding(self) -> dict[str, Any]:
+        """The options the chosen, encoded samples depend on (recorded, and matched before a reuse)."""
+        return {name: getattr(self, name) for name in ("fraction", "seed", "max_length", "question_key", "answer_key", "system_prompt")}
+
     def stats_option_problems(self) -> list[str]:
         """Every problem with these options (empty when they are usable)."""
         problems: list[str] = []
