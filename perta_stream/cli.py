@@ -66,17 +66,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
 
 
-# ---------------------------------------------------------------- merge
-def _add_merge(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "merge",
-        help="theta_out = theta_full - alpha * W * (theta_fgt - theta0), streamed shard by shard",
-        description="Stream theta0, theta_full, theta_fgt (and statistics) into a new sharded checkpoint.",
-    )
-    add_options(parser, MergeConfig)
-    _add_common(parser)
-
-
 def _run_merge(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.merge import run_merge
 
@@ -92,17 +81,6 @@ def _print_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- eval
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "eval",
-        help="TOFU metrics of a model: forget quality, model utility and their parts (JSON + Markdown)",
-        description="Evaluate a model on a TOFU forget split and the utility sets, as the TOFU benchmark defines them.",
-    )
-    add_options(parser, EvalConfig)
-    _add_common(parser)
-
-
 def _run_eval(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.eval import run_eval
 
@@ -111,17 +89,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(result.summary(), file=sys.stderr)
     print(result.markdown_path.read_text(encoding="utf-8"), end="")
     return EXIT_OK
-
-
-# ---------------------------------------------------------------- finetune
-def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "finetune",
-        help="full fine-tuning on question-answer pairs with the answer-only loss (small models, the demo)",
-        description="Fine-tune a causal LM on a .jsonl/.json file of question-answer records and write a checkpoint.",
-    )
-    add_options(parser, FinetuneConfig)
-    _add_common(parser)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
@@ -157,52 +124,16 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- stats
-def _add_stats(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "stats",
-        help="per-parameter gradient statistics (mean gradient, exact Fisher) on the forget and retain sets",
-        description="Layer-streamed exact per-sample gradient statistics of a model on two data files (METHOD.md 2-3, 6).",
-    )
-    add_options(parser, StatsConfig)
-    _add_common(parser)
-
-
 def _run_stats(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.stats import run_stats
 
     return _print_result(run_stats(StatsConfig.from_cli(args)), args)
 
 
-# ---------------------------------------------------------------- unlearn
-def _add_unlearn(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "unlearn",
-        help="statistics (reused when already computed for the same inputs) + merge, from flags or --config YAML",
-        description="Compute or reuse gradient statistics, then merge theta_full - alpha * W * (theta_fgt - theta0). "
-        "Flags override the keys of --config.",
-    )
-    # No flag is required here: a --config file may give any of them (UnlearnConfig reads it too).
-    add_options(parser, UnlearnConfig, required=False, help_overrides=UNLEARN_HELP)
-    _add_common(parser)
-
-
 def _run_unlearn(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.unlearn import run_unlearn
 
     return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
-
-
-# ---------------------------------------------------------------- sweep
-def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "sweep",
-        help="several methods x alphas from one statistics directory -> table, JSON and trade-off plot",
-        description="Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
-        "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
-    )
-    add_options(parser, SweepConfig)
-    _add_common(parser)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -304,24 +235,65 @@ def _run_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The commands whose flags are generated from a config's fields (config/options.py).
-COMMAND_CONFIGS: dict[str, type] = {
-    "merge": MergeConfig,
-    "eval": EvalConfig,
-    "finetune": FinetuneConfig,
-    "stats": StatsConfig,
-    "unlearn": UnlearnConfig,
-    "sweep": SweepConfig,
+# The commands whose flags are generated from their config's fields (config/options.py):
+# name -> (config, one-line help, description).
+COMMAND_CONFIGS: dict[str, tuple[type, str, str]] = {
+    "merge": (
+        MergeConfig,
+        "theta_out = theta_full - alpha * W * (theta_fgt - theta0), streamed shard by shard",
+        "Stream theta0, theta_full, theta_fgt (and statistics) into a new sharded checkpoint.",
+    ),
+    "eval": (
+        EvalConfig,
+        "TOFU metrics of a model: forget quality, model utility and their parts (JSON + Markdown)",
+        "Evaluate a model on a TOFU forget split and the utility sets, as the TOFU benchmark defines them.",
+    ),
+    "finetune": (
+        FinetuneConfig,
+        "full fine-tuning on question-answer pairs with the answer-only loss (small models, the demo)",
+        "Fine-tune a causal LM on a .jsonl/.json file of question-answer records and write a checkpoint.",
+    ),
+    "stats": (
+        StatsConfig,
+        "per-parameter gradient statistics (mean gradient, exact Fisher) on the forget and retain sets",
+        "Layer-streamed exact per-sample gradient statistics of a model on two data files (METHOD.md 2-3, 6).",
+    ),
+    "unlearn": (
+        UnlearnConfig,
+        "statistics (reused when already computed for the same inputs) + merge, from flags or --config YAML",
+        "Compute or reuse gradient statistics, then merge theta_full - alpha * W * (theta_fgt - theta0). "
+        "Flags override the keys of --config.",
+    ),
+    "sweep": (
+        SweepConfig,
+        "several methods x alphas from one statistics directory -> table, JSON and trade-off plot",
+        "Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
+        "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
+    ),
 }
 
+
+def _config_command(name: str) -> Callable[[argparse._SubParsersAction], None]:
+    """The `_add_<name>` of a config-backed command: its flags are its config's option fields."""
+
+    def add(sub: argparse._SubParsersAction) -> None:
+        config, help_text, description = COMMAND_CONFIGS[name]
+        parser = sub.add_parser(name, help=help_text, description=description)
+        # unlearn requires no flag: its --config file may give any of them (UnlearnConfig reads it too).
+        add_options(parser, config, required=name != "unlearn", help_overrides=UNLEARN_HELP if name == "unlearn" else None)
+        _add_common(parser)
+
+    return add
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
-    "merge": (_add_merge, _run_merge),
-    "eval": (_add_eval, _run_eval),
-    "finetune": (_add_finetune, _run_finetune),
+    "merge": (_config_command("merge"), _run_merge),
+    "eval": (_config_command("eval"), _run_eval),
+    "finetune": (_config_command("finetune"), _run_finetune),
     "verify": (_add_verify, _run_verify),
-    "stats": (_add_stats, _run_stats),
-    "unlearn": (_add_unlearn, _run_unlearn),
-    "sweep": (_add_sweep, _run_sweep),
+    "stats": (_config_command("stats"), _run_stats),
+    "unlearn": (_config_command("unlearn"), _run_unlearn),
+    "sweep": (_config_command("sweep"), _run_sweep),
     "demo": (_add_demo, _run_demo),
     "convert": (_add_convert, _run_convert),
     "models": (_add_models, _run_models),

@@ -27,7 +27,7 @@ def _flags(command: str) -> dict[str, tuple[str, ...]]:
 
 @pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
 def test_every_flag_is_a_config_field_with_the_same_spellings(command):
-    config = COMMAND_CONFIGS[command]
+    config = COMMAND_CONFIGS[command][0]
     table = options_of(config)
     field_names = {item.name for item in fields(config)}
     flags = _flags(command)

@@ -18,7 +18,7 @@ import argparse
 import difflib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from perta_stream.errors import PlanError, UsageError

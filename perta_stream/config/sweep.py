@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.eval import HOLDOUT_HELP, LABEL_CONVENTIONS, LABELS_HELP, TOFU_SPLITS
+from perta_stream.config.eval import TOFU_SPLITS, EvalOptions
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.config.options import from_options, integer, negated_switch, number, numbers, option, options_from_cli, size, words
-from perta_stream.devices import DEVICE_HELP, device_problem
+from perta_stream.config.options import from_options, negated_switch, number, numbers, option, options_from_cli, size, words
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
 
@@ -25,7 +24,7 @@ PLOT_NAME = "tradeoff.png"
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(EvalOptions):
     """Merge θ_full with every method at every α, evaluate each result, and tabulate and plot them.
 
     Attributes:
@@ -59,20 +58,12 @@ class SweepConfig:
     retain_model: str | None = option(None, help="theta_ret, evaluated first (forget-quality reference and a table row)")
     retain_logs: str | None = option(None, help="instead of --retain-model: its `perta-stream eval` JSON")
     split: str = option("forget01", help="TOFU forget split (default forget01)")
-    tofu_dir: str = option("", flags=("--tofu",), help="TOFU data folder (default: the copy bundled with perta_stream)")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, flags=("--method", "--methods"), parse=words, help="comma-separated (default tv,uniform,grad,fisher)")
     alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, flags=("--alpha", "--alphas"), parse=numbers, help="comma-separated (default 0.5,1,2)")
     tau: float | None = option(None, parse=number, help="weight exponent for grad and fisher (default: each method's)")
     uniform_weight: float = option(0.5, help="W for uniform (default 0.5)")
     fallback_weight: float = option(0.5, help="W where both statistics are 0 (default 0.5)")
     eval_batch_size: int = option(8, help="samples per evaluation forward pass")
-    max_length: int = option(512, help="tokens per evaluated sample")
-    max_new_tokens: int = option(200, help="greedy generation length for ROUGE-L")
-    max_items: int | None = option(None, parse=integer, help="evaluate only the first N items of each set")
-    device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
-    system_prompt: str | None = option(None, help="optional system prompt for chat-template models")
-    labels: str = option("open_unlearning", choices=LABEL_CONVENTIONS, help=LABELS_HELP)
-    holdout: str | None = option(None, help=HOLDOUT_HELP)
     keep_models: bool = option(True, flags=("--delete-models",), parse=negated_switch, help="delete each merged model once evaluated")
     max_memory_bytes: int = option(
         DEFAULT_MAX_MEMORY_BYTES, flags=("--max-memory",), parse=size, help="memory the merge may add to this process (default 512MiB)"
@@ -82,10 +73,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
-        if not self.tofu_dir:
-            from perta_stream.sources.tofu import bundled_tofu_dir
-
-            object.__setattr__(self, "tofu_dir", str(bundled_tofu_dir()))
+        self.resolve_tofu_dir()
         problems = self.problems()
         if problems:
             raise PlanError("invalid sweep options", problems)
@@ -117,17 +105,9 @@ class SweepConfig:
             found.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON `perta-stream eval` wrote for θ_ret")
         if self.split not in TOFU_SPLITS:
             found.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
-        for flag, value in (("--eval-batch-size", self.eval_batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
-            if value < 1:
-                found.append(f"{flag} must be at least 1, got {value}")
-        if self.max_items is not None and self.max_items < 1:
-            found.append(f"--max-items must be at least 1, got {self.max_items}")
-        if device_problem(self.device):
-            found.append(str(device_problem(self.device)))
-        if self.labels not in LABEL_CONVENTIONS:
-            found.append(f"labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
-        if self.holdout is not None and not Path(self.holdout).is_file():
-            found.append(f"holdout {self.holdout} does not exist; give a question-answer file the models never saw")
+        if self.eval_batch_size < 1:
+            found.append(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        found += self.eval_option_problems()
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
