@@ -99,10 +99,10 @@ def end_to_end(args: argparse.Namespace, device) -> dict:
     result = run_stats(StatsConfig(model=str(work / "model"), forget=str(forget), retain=str(retain), out=str(work / "out"), device=device.type, batch_size=args.batch_size))
     wall_s = time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
-    tokens = sum(d["num_tokens"] for d in result.record["datasets"].values())
+    tokens = sum(d["num_tokens"] for d in result.record.datasets.values())
     return {"hidden": hidden, "layers": layers, "parameters": parameters, "samples_per_set": samples, "tokens": tokens, "wall_s": wall_s,
             "tokens_per_s": tokens / wall_s, "peak_device_bytes": _peak_device_bytes(device), "plan_peak_device_bytes": result.plan.peak_device_bytes,
-            "peak_rss_bytes": result.record["peak_rss_bytes"], "plan_peak_host_bytes": result.plan.peak_host_bytes}
+            "peak_rss_bytes": result.record.peak_rss_bytes, "plan_peak_host_bytes": result.plan.peak_host_bytes}
 
 
 @contextlib.contextmanager

@@ -5,21 +5,20 @@
     ps.merge(theta0="base/", full="full/", fgt="forget/", out="clean/", method="fisher", stats="stats/", alpha=[0.5, 1])
 
 Every keyword is a flag of the command line with `-` written `_` (`--max-memory 2G` is
-`max_memory="2G"`). The keywords are read from the command line's own parser and each value goes
-through the flag's own parsing, so the two cannot drift apart: a keyword the command does not have
-is a UsageError that names the closest flag. Values may be given as the flag's text (`"0.5,1"`,
-`"2G"`) or as Python values (`[0.5, 1]`, paths). `max_memory` is what the call may add to the
-memory the process already holds (a notebook has loaded other things before).
+`max_memory="2G"`), and `config="run.yaml"` reads a YAML file of them as `--config` does. Both
+the flags and the keywords come from the same metadata on the config's fields
+(config/options.py), and each value goes through the option's own parsing, so the two cannot
+drift apart: a keyword the command does not have is an error that names the closest one. Values
+may be given as the flag's text (`"0.5,1"`, `"2G"`) or as Python values (`[0.5, 1]`, paths).
+`max_memory` is what the call may add to the memory the process already holds (a notebook has
+loaded other things before).
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
+import dataclasses
 import os
 from typing import Any
-
-from perta_stream.errors import UsageError
 
 __all__ = ["evaluate", "merge", "stats", "sweep", "unlearn"]
 
@@ -43,9 +42,10 @@ def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.P
     from perta_stream.memory import current_rss_bytes
     from perta_stream.pipelines.merge import run_merge
 
-    config = MergeConfig.from_cli(_namespace("merge", dict(theta0=theta0, full=full, fgt=fgt, out=out, **options)))
-    if "max_memory" in options:
-        config = _replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
+    given = _options(MergeConfig, dict(theta0=theta0, full=full, fgt=fgt, out=out, **options))
+    config = MergeConfig.from_options(given)
+    if given.get("max_memory") is not None:
+        config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
     return run_merge(config)
 
 
@@ -59,11 +59,14 @@ def stats(*, model: str | os.PathLike, forget: str | os.PathLike, retain: str | 
 
     Returns:
         StatsResult (the output folder and its record, or the plan of a dry run).
+
+    Raises:
+        PlanError: an unknown keyword, a bad value or invalid options, all listed at once.
     """
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
 
-    return run_stats(StatsConfig.from_cli(_namespace("stats", dict(model=model, forget=forget, retain=retain, **options))))
+    return run_stats(StatsConfig.from_options(_options(StatsConfig, dict(model=model, forget=forget, retain=retain, **options))))
 
 
 def unlearn(**options: Any) -> Any:
@@ -75,11 +78,14 @@ def unlearn(**options: Any) -> Any:
 
     Returns:
         UnlearnResult.
+
+    Raises:
+        UsageError: an unknown keyword, a bad value or invalid options, all listed at once.
     """
     from perta_stream.config.unlearn import UnlearnConfig
     from perta_stream.pipelines.unlearn import run_unlearn
 
-    return run_unlearn(UnlearnConfig.from_cli(_namespace("unlearn", options)))
+    return run_unlearn(UnlearnConfig.from_options(_options(UnlearnConfig, options)))
 
 
 def evaluate(*, model: str | os.PathLike, split: str, out: str | os.PathLike, **options: Any) -> Any:
@@ -87,11 +93,14 @@ def evaluate(*, model: str | os.PathLike, split: str, out: str | os.PathLike, **
 
     Returns:
         EvalResult (every metric and the paths of the JSON record and Markdown table).
+
+    Raises:
+        PlanError: an unknown keyword, a bad value or invalid options, all listed at once.
     """
     from perta_stream.config.eval import EvalConfig
     from perta_stream.pipelines.eval import run_eval
 
-    return run_eval(EvalConfig.from_cli(_namespace("eval", dict(model=model, split=split, out=out, **options))))
+    return run_eval(EvalConfig.from_options(_options(EvalConfig, dict(model=model, split=split, out=out, **options))))
 
 
 def sweep(**options: Any) -> Any:
@@ -99,73 +108,20 @@ def sweep(**options: Any) -> Any:
 
     Returns:
         SweepResult.
+
+    Raises:
+        UsageError: an unknown keyword, a bad value or invalid options, all listed at once.
     """
     from perta_stream.config.sweep import SweepConfig
     from perta_stream.pipelines.sweep import run_sweep
 
-    return run_sweep(SweepConfig.from_cli(_namespace("sweep", options)))
+    return run_sweep(SweepConfig.from_options(_options(SweepConfig, options)))
 
 
-def _namespace(command: str, options: dict[str, Any]) -> argparse.Namespace:
-    """The parsed arguments `perta-stream <command>` would produce for these keywords."""
-    from perta_stream.cli import build_parser, command_parser
+def _options(cls: type, keywords: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a call, under the keys of its `config=` YAML file (if any), each named by
+    its canonical keyword (`alphas=` is `alpha`)."""
+    from perta_stream.config.options import with_config_file
 
-    parser = command_parser(build_parser(), command)
-    arguments = [action for action in parser._actions if action.dest not in ("help", "verbose")]
-    # Every spelling of a flag is a keyword (`--stats`/`--stats-dir`: stats= and stats_dir=).
-    by_keyword = {keyword_of(flag): action for action in arguments for flag in action.option_strings if flag.startswith("--")}
-    by_keyword.update({action.dest: action for action in arguments if not action.option_strings})
-    values = {action.dest: action.default for action in arguments}
-    given: set[str] = set()
-    problems: list[str] = []
-    for keyword, value in options.items():
-        action = by_keyword.get(keyword)
-        if action is None:
-            close = difflib.get_close_matches(keyword, list(by_keyword), n=1)
-            problems.append(f"{command}() has no keyword {keyword!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-            continue
-        if action.dest in given:
-            problems.append(f"{command}() got {keyword!r} and another spelling of the same option")
-        given.add(action.dest)
-        try:
-            values[action.dest] = _value(action, value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-            problems.append(f"{command}({keyword}=...): {exc}")
-    missing = [action for action in arguments if action.required and values.get(action.dest) is None]
-    problems += [f"{command}() needs {keyword_of(action.option_strings[0])}=..." for action in missing]
-    if problems:
-        raise UsageError("; ".join(problems))
-    return argparse.Namespace(command=command, verbose=False, **values)
-
-
-def keyword_of(flag: str) -> str:
-    """The Python keyword of a flag: `--max-memory` -> `max_memory`."""
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _value(action: argparse.Action, value: Any) -> Any:
-    """A keyword's value as the flag would have parsed it."""
-    if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise TypeError(f"expected True or False, got {value!r}")
-        return value
-    if value is None:
-        return None
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(item) for item in value)
-    if action.type is not None and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        value = action.type(str(value)) if action.type is not int or not isinstance(value, int) else value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # a size or dtype flag (`max_memory=2**30`) is text on the command line
-    if action.choices is not None and value not in action.choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
-        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    return value
-
-
-def _replace(config: Any, **changes: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
+    path = keywords.pop("config", None)
+    return with_config_file(cls, path, keywords)

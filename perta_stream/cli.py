@@ -17,7 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from perta_stream import __version__
-from perta_stream.devices import DEVICE_HELP
+from perta_stream.config.eval import EvalConfig
+from perta_stream.config.finetune import FinetuneConfig
+from perta_stream.config.merge import MergeConfig
+from perta_stream.config.options import add_options, float_list, load_config_file
+from perta_stream.config.stats import StatsConfig
+from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
+from perta_stream.config.sweep import SweepConfig
+from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import PertaStreamError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -54,81 +61,12 @@ def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers") from None
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
 
 
-# ---------------------------------------------------------------- merge
-def _add_merge(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "merge",
-        help="theta_out = theta_full - alpha * W * (theta_fgt - theta0), streamed shard by shard",
-        description="Stream theta0, theta_full, theta_fgt (and statistics) into a new sharded checkpoint.",
-    )
-    parser.add_argument("--theta0", required=True, help="the original model (directory or hf://org/name[@rev])")
-    parser.add_argument("--full", required=True, help="the model to clean (fine-tuned on forget + retain)")
-    parser.add_argument("--fgt", required=True, help="the model fine-tuned on the forget set only")
-    parser.add_argument("--out", required=True, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
-    parser.add_argument("--method", default="tv", choices=["tv", "uniform", "grad", "fisher", "task_arithmetic"])
-    parser.add_argument("--stats", help="statistics directory from `perta-stream stats` (grad and fisher)")
-    parser.add_argument(
-        "--stats-at",
-        default="theta0",
-        choices=["theta0", "full", "fgt"],
-        help="the input the statistics were computed at (default theta0); its bytes must be the ones the statistics record",
-    )
-    parser.add_argument("--alpha", type=_float_list, default=(1.0,), help="scale of the task vector; several: 0.5,1,2 (one pass, one output each)")
-    parser.add_argument("--tau", type=float, help="exponent of the weights (default 1 for grad, 2 for fisher)")
-    parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for --method uniform")
-    parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are exactly 0")
-    parser.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
-    parser.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB); default: theta_full's layout")
-    parser.add_argument(
-        "--max-memory", help="peak RSS budget for the whole process (default 512MiB, or $PERTA_MAX_MEMORY)"
-    )
-    parser.add_argument("--chunk-size", help="bytes per input chunk (default: derived from --max-memory)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without writing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (only an earlier merge output or an empty folder)")
-    parser.add_argument("--allow-nonfinite", action="store_true", help="merge NaN and infinite input values through instead of stopping")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run of the same command from <out>.partial/ (finished shards are re-hashed and kept)",
-    )
-    parser.add_argument(
-        "--drop-page-cache",
-        action="store_true",
-        help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else",
-    )
-    _add_hub_output_flags(parser)
-    _add_common(parser)
-
-
-def _add_hub_output_flags(parser: argparse.ArgumentParser) -> None:
-    """Options of an `--out hf://ORG/NAME[@BRANCH]` push (the token comes from HF_TOKEN or `hf auth login`)."""
-    hub = parser.add_argument_group("pushing to the Hub (--out hf://ORG/NAME)")
-    hub.add_argument("--private", action="store_true", help="create the repo private; refuse to push to an existing public repo")
-    hub.add_argument("--revision", help="branch to commit to (created from the default branch when missing)")
-    hub.add_argument("--commit-message", help="title of the single commit that adds the model")
-    hub.add_argument("--create-repo", action="store_true", help="create the repo when it does not exist")
-    hub.add_argument(
-        "--max-local-shards",
-        type=int,
-        default=2,
-        help="output shards kept on local disk at once while they wait for upload (default 2)",
-    )
-
-
 def _run_merge(args: argparse.Namespace) -> int:
-    from perta_stream.config.merge import MergeConfig
     from perta_stream.pipelines.merge import run_merge
 
     return _print_result(run_merge(MergeConfig.from_cli(args)), args)
@@ -143,37 +81,7 @@ def _print_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- eval
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "eval",
-        help="TOFU metrics of a model: forget quality, model utility and their parts (JSON + Markdown)",
-        description="Evaluate a model on a TOFU forget split and the utility sets, as the TOFU benchmark defines them.",
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (model and tokenizer)")
-    parser.add_argument("--split", required=True, help="forget01, forget05 or forget10")
-    parser.add_argument("--out", required=True, help="JSON record to write (the Markdown table goes next to it, .md)")
-    parser.add_argument("--tofu", help="TOFU data directory (default: the subset bundled with perta_stream)")
-    parser.add_argument("--retain-logs", help="the eval JSON of the retain-only model on the same split (gives forget quality)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass and per generate call (default 8)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; prompts are cut first (default 512)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L (default 200)")
-    parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set (quick runs)")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
-    parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out record (never a file inside the model)")
-    parser.add_argument(
-        "--labels",
-        default="open_unlearning",
-        choices=("open_unlearning", "assistant_turn", "end_of_turn"),
-        help="which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')",
-    )
-    parser.add_argument("--holdout", help="question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak")
-    _add_common(parser)
-
-
 def _run_eval(args: argparse.Namespace) -> int:
-    from perta_stream.config.eval import EvalConfig
     from perta_stream.pipelines.eval import run_eval
 
     result = run_eval(EvalConfig.from_cli(args))
@@ -183,34 +91,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- finetune
-def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "finetune",
-        help="full fine-tuning on question-answer pairs with the answer-only loss (small models, the demo)",
-        description="Fine-tune a causal LM on a .jsonl/.json file of question-answer records and write a checkpoint.",
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory to start from (model and tokenizer)")
-    parser.add_argument("--data", required=True, help=".jsonl or .json file of question-answer records")
-    parser.add_argument("--out", required=True, help="output checkpoint directory")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the data (default 3)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default 1e-5)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per optimizer step (default 4)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; prompts are cut first (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="data order and initialization seed (default 0)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices (default 0.01)")
-    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="share of steps of linear warmup (default 0.1)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping by global norm, 0 = off (default 1)")
-    parser.add_argument("--question-key", default="question", help="record field holding the question")
-    parser.add_argument("--answer-key", default="answer", help="record field holding the answer")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
-    parser.add_argument("--system-prompt", help="system prompt for models with a chat template")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _add_common(parser)
-
-
 def _run_finetune(args: argparse.Namespace) -> int:
-    from perta_stream.config.finetune import FinetuneConfig
     from perta_stream.pipelines.finetune import run_finetune
 
     result = run_finetune(FinetuneConfig.from_cli(args))
@@ -243,156 +124,19 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- stats
-def _add_stats(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "stats",
-        help="per-parameter gradient statistics (mean gradient, exact Fisher) on the forget and retain sets",
-        description="Layer-streamed exact per-sample gradient statistics of a model on two data files (METHOD.md 2-3, 6).",
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory or hf://org/name[@rev] (with --config-only: a config.json)")
-    parser.add_argument("--forget", required=True, help="forget-set data file (.jsonl or a .json array of records)")
-    parser.add_argument("--retain", required=True, help="retain-set data file (.jsonl or a .json array of records)")
-    parser.add_argument("--out", help="statistics directory to create (not needed with --dry-run)")
-    parser.add_argument("--kinds", default="grad,fisher", help="statistics to compute: grad, fisher or grad,fisher (default)")
-    parser.add_argument("--fraction", type=float, default=1.0, help="seeded random fraction of each data file (default 1.0: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --fraction subset (default 0)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample; the prompt is cut from its start, never the answer (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per batch on the compute device (default 8)")
-    parser.add_argument("--device", default="auto", help=f"compute device: {DEVICE_HELP} (default auto)")
-    parser.add_argument(
-        "--compute-dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="dtype of weights and activations (default auto: float32 on cpu, bfloat16 on cuda); statistics accumulate in float32",
-    )
-    parser.add_argument("--stats-dtype", default="float32", help="storage dtype of the statistics: float32 (default) or bfloat16")
-    parser.add_argument("--question-key", default="question", help="record field holding the question (default question)")
-    parser.add_argument("--answer-key", default="answer", help="record field holding the answer (default answer)")
-    parser.add_argument("--system-prompt", help="system turn for the chat template (or a line before the plain prompt)")
-    parser.add_argument("--boundary-budget", default="2GiB", help="host RAM for layer-boundary hidden states before spilling to disk (default 2GiB)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan (bytes, boundary storage, memory, FLOPs) and exit")
-    parser.add_argument("--config-only", action="store_true", help="with --dry-run: plan from config.json alone, no weights needed")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted run of the same command from <out>.partial/ (finished shards are re-hashed and kept)",
-    )
-    parser.add_argument(
-        "--checkpoint-interval",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="save the sweep's state for --resume at most this often, after the head or a backward layer (default 300; 0: after each)",
-    )
-    _add_common(parser)
-
-
 def _run_stats(args: argparse.Namespace) -> int:
-    from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
 
     return _print_result(run_stats(StatsConfig.from_cli(args)), args)
 
 
-# ---------------------------------------------------------------- unlearn
-def _add_unlearn(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "unlearn",
-        help="statistics (reused when already computed for the same inputs) + merge, from flags or --config YAML",
-        description="Compute or reuse gradient statistics, then merge theta_full - alpha * W * (theta_fgt - theta0). "
-        "Flags override the keys of --config.",
-    )
-    # Defaults are None here so that only flags given on the command line override the YAML.
-    parser.add_argument("--config", help="a YAML file of options (keys are the flag names); see configs/")
-    parser.add_argument("--theta0", help="the original model (directory or hf://org/name[@rev])")
-    parser.add_argument("--full", help="the model to clean (fine-tuned on forget + retain)")
-    parser.add_argument("--fgt", help="the model fine-tuned on the forget set only")
-    parser.add_argument("--out", help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
-    parser.add_argument("--method", help="tv (or task_arithmetic), uniform, grad or fisher (default fisher); with --one-pass several, e.g. grad,fisher")
-    parser.add_argument("--alpha", type=_float_list, help="scale(s) of the task vector, e.g. 0.5,1,2 (default 1)")
-    parser.add_argument("--forget", help="forget data file (.jsonl/.json) for the statistics")
-    parser.add_argument("--retain", help="retain data file (.jsonl/.json) for the statistics")
-    parser.add_argument("--stats", "--stats-dir", dest="stats_dir", help="statistics directory to reuse or create (default: perta_stats/ next to --out)")
-    parser.add_argument("--stats-model", help="checkpoint the statistics are taken at (default: --theta0)")
-    parser.add_argument("--kinds", help="statistics to compute when missing (default grad,fisher)")
-    parser.add_argument("--fraction", type=float, help="seeded share of each data file for the statistics (default 1)")
-    parser.add_argument("--seed", type=int, help="seed of --fraction (default 0)")
-    parser.add_argument("--max-length", type=int, help="tokens per sample (default 512)")
-    parser.add_argument("--batch-size", type=int, help="samples per statistics batch (default 8)")
-    parser.add_argument("--device", help=f"statistics device: {DEVICE_HELP} (default auto)")
-    parser.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], help="statistics compute dtype (default auto: float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--stats-dtype", help="storage dtype of the statistics: float32 or bfloat16")
-    parser.add_argument("--question-key", help="question field of the records (default question)")
-    parser.add_argument("--answer-key", help="answer field of the records (default answer)")
-    parser.add_argument("--system-prompt", help="optional system prompt for chat-template models")
-    parser.add_argument("--recompute-stats", action="store_true", help="replace a statistics directory computed from other inputs")
-    parser.add_argument("--tau", type=float, help="weight exponent (default 1 for grad, 2 for fisher)")
-    parser.add_argument("--uniform-weight", type=float, help="W for --method uniform (default 0.5)")
-    parser.add_argument("--fallback-weight", type=float, help="W where both statistics are exactly 0 (default 0.5)")
-    parser.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
-    parser.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB)")
-    parser.add_argument("--max-memory", help="memory the merge may add to this process (default 512MiB)")
-    parser.add_argument("--dry-run", action="store_true", help="say what would be reused or computed, print the plan, write nothing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--allow-nonfinite", action="store_true", help="merge NaN and infinite input values through instead of stopping")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run: the statistics and the merge from their .partial/ folders")
-    parser.add_argument("--checkpoint-interval", type=float, metavar="SECONDS", help="save the statistics' resume state at most this often (default 300)")
-    parser.add_argument("--boundary-budget", help="host RAM for the statistics' layer-boundary states before spilling to disk (default 2GiB)")
-    parser.add_argument(
-        "--one-pass",
-        action="store_true",
-        help="statistics and merge in one layer-major sweep: each layer is merged as its statistics complete, none are stored",
-    )
-    parser.add_argument("--save-stats", metavar="DIR", help="with --one-pass: also write the statistics directory to DIR (for later merges)")
-    parser.add_argument("--config-only", action="store_true", help="with --one-pass --dry-run: plan from the stats model's config.json alone")
-    _add_common(parser)
-
-
 def _run_unlearn(args: argparse.Namespace) -> int:
-    from perta_stream.config.unlearn import UnlearnConfig
     from perta_stream.pipelines.unlearn import run_unlearn
 
     return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
 
 
-# ---------------------------------------------------------------- sweep
-def _add_sweep(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "sweep",
-        help="several methods x alphas from one statistics directory -> table, JSON and trade-off plot",
-        description="Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
-        "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
-    )
-    parser.add_argument("--theta0", required=True, help="the original model")
-    parser.add_argument("--full", required=True, help="the model to clean")
-    parser.add_argument("--fgt", required=True, help="the model fine-tuned on the forget set only")
-    parser.add_argument("--out", required=True, help="the sweep's output folder")
-    parser.add_argument("--stats", help="statistics directory (needed by grad and fisher)")
-    parser.add_argument("--retain-model", help="theta_ret, evaluated first (forget-quality reference and a table row)")
-    parser.add_argument("--retain-logs", help="instead of --retain-model: its `perta-stream eval` JSON")
-    parser.add_argument("--split", default="forget01", help="TOFU forget split (default forget01)")
-    parser.add_argument("--tofu", help="TOFU data folder (default: the copy bundled with perta_stream)")
-    parser.add_argument("--method", "--methods", dest="methods", default="tv,uniform,grad,fisher", help="comma-separated (default tv,uniform,grad,fisher)")
-    parser.add_argument("--alpha", "--alphas", dest="alphas", type=_float_list, default=(0.5, 1.0, 2.0), help="comma-separated (default 0.5,1,2)")
-    parser.add_argument("--tau", type=float, help="weight exponent for grad and fisher (default: each method's)")
-    parser.add_argument("--uniform-weight", type=float, default=0.5, help="W for uniform (default 0.5)")
-    parser.add_argument("--fallback-weight", type=float, default=0.5, help="W where both statistics are 0 (default 0.5)")
-    parser.add_argument("--eval-batch-size", type=int, default=8, help="samples per evaluation forward pass")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per evaluated sample")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation length for ROUGE-L")
-    parser.add_argument("--max-items", type=int, help="evaluate only the first N items of each set")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default auto)")
-    parser.add_argument("--system-prompt", help="optional system prompt for chat-template models")
-    parser.add_argument("--delete-models", action="store_true", help="delete each merged model once evaluated")
-    parser.add_argument("--max-memory", default="512MiB", help="memory the merge may add to this process (default 512MiB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _add_common(parser)
-
-
 def _run_sweep(args: argparse.Namespace) -> int:
-    from perta_stream.config.sweep import SweepConfig
     from perta_stream.pipelines.sweep import run_sweep
 
     result = run_sweep(SweepConfig.from_cli(args))
@@ -415,7 +159,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rebuild", action="store_true", help="ignore and replace this recipe's cached results")
     parser.add_argument("--split", choices=["forget01", "forget10"], help="TOFU forget split (default forget01)")
     parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
-    parser.add_argument("--alpha", "--alphas", dest="alphas", type=_float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
+    parser.add_argument("--alpha", "--alphas", dest="alphas", type=float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
     parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
@@ -491,14 +235,65 @@ def _run_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The commands whose flags are generated from their config's fields (config/options.py):
+# name -> (config, one-line help, description).
+COMMAND_CONFIGS: dict[str, tuple[type, str, str]] = {
+    "merge": (
+        MergeConfig,
+        "theta_out = theta_full - alpha * W * (theta_fgt - theta0), streamed shard by shard",
+        "Stream theta0, theta_full, theta_fgt (and statistics) into a new sharded checkpoint.",
+    ),
+    "eval": (
+        EvalConfig,
+        "TOFU metrics of a model: forget quality, model utility and their parts (JSON + Markdown)",
+        "Evaluate a model on a TOFU forget split and the utility sets, as the TOFU benchmark defines them.",
+    ),
+    "finetune": (
+        FinetuneConfig,
+        "full fine-tuning on question-answer pairs with the answer-only loss (small models, the demo)",
+        "Fine-tune a causal LM on a .jsonl/.json file of question-answer records and write a checkpoint.",
+    ),
+    "stats": (
+        StatsConfig,
+        "per-parameter gradient statistics (mean gradient, exact Fisher) on the forget and retain sets",
+        "Layer-streamed exact per-sample gradient statistics of a model on two data files (METHOD.md 2-3, 6).",
+    ),
+    "unlearn": (
+        UnlearnConfig,
+        "statistics (reused when already computed for the same inputs) + merge, from flags or --config YAML",
+        "Compute or reuse gradient statistics, then merge theta_full - alpha * W * (theta_fgt - theta0). "
+        "Flags override the keys of --config.",
+    ),
+    "sweep": (
+        SweepConfig,
+        "several methods x alphas from one statistics directory -> table, JSON and trade-off plot",
+        "Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
+        "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
+    ),
+}
+
+
+def _config_command(name: str) -> Callable[[argparse._SubParsersAction], None]:
+    """The `_add_<name>` of a config-backed command: its flags are its config's option fields."""
+
+    def add(sub: argparse._SubParsersAction) -> None:
+        config, help_text, description = COMMAND_CONFIGS[name]
+        parser = sub.add_parser(name, help=help_text, description=description)
+        # unlearn requires no flag: its --config file may give any of them (UnlearnConfig reads it too).
+        add_options(parser, config, required=name != "unlearn", help_overrides=UNLEARN_HELP if name == "unlearn" else None)
+        _add_common(parser)
+
+    return add
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
-    "merge": (_add_merge, _run_merge),
-    "eval": (_add_eval, _run_eval),
-    "finetune": (_add_finetune, _run_finetune),
+    "merge": (_config_command("merge"), _run_merge),
+    "eval": (_config_command("eval"), _run_eval),
+    "finetune": (_config_command("finetune"), _run_finetune),
     "verify": (_add_verify, _run_verify),
-    "stats": (_add_stats, _run_stats),
-    "unlearn": (_add_unlearn, _run_unlearn),
-    "sweep": (_add_sweep, _run_sweep),
+    "stats": (_config_command("stats"), _run_stats),
+    "unlearn": (_config_command("unlearn"), _run_unlearn),
+    "sweep": (_config_command("sweep"), _run_sweep),
     "demo": (_add_demo, _run_demo),
     "convert": (_add_convert, _run_convert),
     "models": (_add_models, _run_models),
@@ -517,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.choices[name]
         command.formatter_class = argparse.RawDescriptionHelpFormatter
         command.epilog = f"example:\n  {_EXAMPLES[name]}"
-        if name != "unlearn" and not any("--config" in action.option_strings for action in command._actions):
-            # unlearn merges its YAML itself (its keys predate this and include aliases).
-            command.add_argument("--config", help="a YAML file of options; keys are the flag names, flags given here win")
+        command.add_argument("--config", help="a YAML file of options; keys are the flag names, flags given here win")
     return parser
 
 
@@ -533,7 +326,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     arguments = list(sys.argv[1:] if argv is None else argv)
     name = next((word for word in arguments if word in _COMMANDS), None)
     config_path = _flag_value(arguments, "--config")
-    if name is not None and name != "unlearn" and config_path is not None:
+    if name is not None and config_path is not None:
         # The file's keys become the command's defaults before parsing, so a flag given on the
         # command line wins and an option the file gives is no longer missing.
         command = command_parser(parser, name)
@@ -572,8 +365,6 @@ def _config_file_defaults(command: argparse.ArgumentParser, path: str) -> dict[s
     Raises:
         UsageError: an unknown key (with the closest flag), or an unreadable file.
     """
-    from perta_stream.config.unlearn import load_config_file
-
     # Every spelling of a flag is a key (`alpha` and `alphas` in sweep).
     by_key = {
         flag.lstrip("-").replace("-", "_"): action

@@ -62,7 +62,7 @@ def test_streamed_statistics_equal_dense_reference(workspace: dict[str, Path], k
 def test_bfloat16_compute_is_as_accurate_as_dense_bfloat16_autograd(workspace: dict[str, Path], kind: str) -> None:
     # The CUDA default (bfloat16 layers, float32 accumulation), run here on the CPU.
     result = _run(workspace, kind, f"out-{kind}-bf16", device="cpu", compute_dtype="bfloat16")
-    assert result.record["compute_dtype"] == "bfloat16"
+    assert result.record.compute_dtype == "bfloat16"
     assert_at_bfloat16_floor(result.out, workspace[kind], {"forget": workspace["forget"], "retain": workspace["retain"]}, device="cpu")
 
 

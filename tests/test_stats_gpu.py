@@ -24,7 +24,7 @@ def _run_cuda(tmp_path: Path, kind: str, **options) -> tuple[object, Path, dict[
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_cuda_float32_equals_dense_reference(tmp_path: Path, kind: str) -> None:
     result, model_dir, data = _run_cuda(tmp_path, kind, compute_dtype="float32")
-    assert result.record["device"] == "cuda" and result.record["compute_dtype"] == "float32"
+    assert result.record.device == "cuda" and result.record.compute_dtype == "float32"
     assert_equal_to_dense_reference(result.out, model_dir, data, tolerance=TOLERANCE)
 
 
@@ -32,7 +32,7 @@ def test_cuda_float32_equals_dense_reference(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_cuda_bfloat16_is_as_accurate_as_dense_bfloat16_autograd(tmp_path: Path, kind: str) -> None:
     result, model_dir, data = _run_cuda(tmp_path, kind)
-    assert result.record["device"] == "cuda" and result.record["compute_dtype"] == "bfloat16"
+    assert result.record.device == "cuda" and result.record.compute_dtype == "bfloat16"
     assert_at_bfloat16_floor(result.out, model_dir, data, device="cuda")
 
 

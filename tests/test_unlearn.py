@@ -281,3 +281,19 @@ def test_unlearn_cli_from_yaml_reuses_statistics(tiny_models, tmp_path, capsys):
     assert main(["unlearn", "--config", str(path)]) == 0
     assert "reused statistics" in capsys.readouterr().err
     assert (tmp_path / "merged" / "perta_merge.json").is_file()
+
+
+def test_the_statistics_record_round_trips_every_key_in_order():
+    from perta_stream.sources.stats_dir import StatsRecord
+
+    written = {
+        "format": "perta_stats", "format_version": 1, "tool_version": "0",
+        "model": {"location": "m", "header_sha256": "h", "files": ["m", []], "content_sha256": "c", "model_type": "llama"},
+        "kinds": ["grad", "fisher"], "stats_dtype": "float32", "compute_dtype": "float32", "device": "cpu",
+        "datasets": {"forget": {"path": "f", "sha256": "f"}, "retain": {"path": "r", "sha256": "r"}},
+        "fraction": 1.0, "seed": 0, "max_length": 512, "question_key": "question", "answer_key": "answer",
+        "system_prompt": None, "loss": "answer tokens", "elapsed_s": 1.5, "peak_rss_bytes": 7,
+    }  # fmt: skip
+    assert list(StatsRecord.from_json(written).to_json().items()) == list(written.items())
+    older = StatsRecord.from_json({"format": "perta_stats", "model": "not a mapping", "kinds": "grad"})
+    assert older.model.content_sha256 is None and older.kinds == () and older.fraction is None

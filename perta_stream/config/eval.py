@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.devices import device_problem
+from perta_stream.config.options import from_options, integer, option, options_from_cli
+from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
 
 # How chat-template answers are labelled (compute/prompts.py LabelConvention); open-unlearning's
@@ -15,54 +17,86 @@ from perta_stream.errors import PlanError
 LABEL_CONVENTIONS = ("open_unlearning", "assistant_turn", "end_of_turn")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
+LABELS_HELP = "which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')"
+HOLDOUT_HELP = "question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak"
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate and how.
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    """How a model is evaluated on TOFU: the options `eval` and `sweep` share, declared once.
 
     Attributes:
-        model: the checkpoint directory (model and tokenizer files).
-        split: the forget split, `forget01`, `forget05` or `forget10` (forget05 needs a TOFU
-            directory that holds it; the bundled data has forget01 and forget10).
-        out: the JSON record to write; the Markdown table goes next to it (`.md`).
         tofu_dir: the TOFU data directory; empty means the copy bundled with perta_stream.
-        retain_logs: the JSON record of the retain-only model on the same split (gives forget quality).
-        batch_size: samples per forward pass (likelihoods) and per generate call.
         max_length: tokens per sample; the prompt's start is cut first, answers never.
         max_new_tokens: greedy generation length for ROUGE-L.
         max_items: evaluate only the first N items of each set (quick runs); None = all.
-        device: `auto` (CUDA when available), `cpu` or `cuda`.
+        device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
         system_prompt: an optional system prompt for chat-template models.
-        overwrite: replace an existing `out` (and its `.md`); a file inside the evaluated model
-            or the TOFU folder is never replaced.
         labels: which tokens of a chat-template answer are scored (LABEL_CONVENTIONS; README,
             "Label conventions").
         holdout: a question-answer file the model never saw (TOFU's holdout split); with it the
             forget-vs-holdout membership AUC is computed, and PrivLeak when the retain logs have one.
     """
 
-    model: str
-    split: str
-    out: str
-    tofu_dir: str = ""
-    retain_logs: str | None = None
-    batch_size: int = 8
-    max_length: int = 512
-    max_new_tokens: int = 200
-    max_items: int | None = None
-    device: str = "auto"
-    system_prompt: str | None = None
-    overwrite: bool = False
-    labels: str = "open_unlearning"
-    holdout: str | None = None
+    tofu_dir: str = option("", flags=("--tofu",), help="TOFU data directory (default: the subset bundled with perta_stream)")
+    max_length: int = option(512, help="tokens per sample; prompts are cut first (default 512)")
+    max_new_tokens: int = option(200, help="greedy generation length for ROUGE-L (default 200)")
+    max_items: int | None = option(None, parse=integer, help="evaluate only the first N items of each set (quick runs)")
+    device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
+    system_prompt: str | None = option(None, help="system prompt for models with a chat template")
+    labels: str = option("open_unlearning", choices=LABEL_CONVENTIONS, help=LABELS_HELP)
+    holdout: str | None = option(None, help=HOLDOUT_HELP)
 
-    def __post_init__(self) -> None:
-        normalize_inputs(self, "model")
+    def resolve_tofu_dir(self) -> None:
+        """An empty tofu_dir becomes the bundled copy (called from `__post_init__`)."""
         if not self.tofu_dir:
             from perta_stream.sources.tofu import bundled_tofu_dir
 
             object.__setattr__(self, "tofu_dir", str(bundled_tofu_dir()))
+
+    def eval_option_problems(self) -> list[str]:
+        problems: list[str] = []
+        if not Path(self.tofu_dir).is_dir():
+            problems.append(f"--tofu {self.tofu_dir} is not a directory; give the folder holding the TOFU .jsonl files")
+        for flag, value in (("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1, got {value}")
+        if self.max_items is not None and self.max_items < 1:
+            problems.append(f"--max-items must be at least 1, got {self.max_items}")
+        if device_problem(self.device):
+            problems.append(str(device_problem(self.device)))
+        if self.labels not in LABEL_CONVENTIONS:
+            problems.append(f"--labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
+        if self.holdout is not None and not Path(self.holdout).is_file():
+            problems.append(f"--holdout {self.holdout} does not exist; give a .jsonl/.json file of question-answer records the model never saw")
+        return problems
+
+
+@dataclass(frozen=True)
+class EvalConfig(EvalOptions):
+    """What to evaluate and how: the shared `EvalOptions` and these.
+
+    Attributes:
+        model: the checkpoint directory (model and tokenizer files).
+        split: the forget split, `forget01`, `forget05` or `forget10` (forget05 needs a TOFU
+            directory that holds it; the bundled data has forget01 and forget10).
+        out: the JSON record to write; the Markdown table goes next to it (`.md`).
+        retain_logs: the JSON record of the retain-only model on the same split (gives forget quality).
+        batch_size: samples per forward pass (likelihoods) and per generate call.
+        overwrite: replace an existing `out` (and its `.md`); a file inside the evaluated model
+            or the TOFU folder is never replaced.
+    """
+
+    model: str = option(help="checkpoint directory (model and tokenizer)")
+    split: str = option(help="forget01, forget05 or forget10")
+    out: str = option(help="JSON record to write (the Markdown table goes next to it, .md)")
+    retain_logs: str | None = option(None, help="the eval JSON of the retain-only model on the same split (gives forget quality)")
+    batch_size: int = option(8, help="samples per forward pass and per generate call (default 8)")
+    overwrite: bool = option(False, help="replace an existing --out record (never a file inside the model)")
+
+    def __post_init__(self) -> None:
+        normalize_inputs(self, "model")
+        self.resolve_tofu_dir()
         problems = self.problems()
         if problems:
             raise PlanError("invalid eval options", problems)
@@ -74,8 +108,6 @@ class EvalConfig:
             problems.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
         if not self.model.startswith("hf://") and not Path(self.model).is_dir():
             problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
-        if not Path(self.tofu_dir).is_dir():
-            problems.append(f"--tofu {self.tofu_dir} is not a directory; give the folder holding the TOFU .jsonl files")
         if self.retain_logs is not None:
             if not Path(self.retain_logs).is_file():
                 problems.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON that `perta-stream eval` wrote for the retain-only model")
@@ -87,17 +119,9 @@ class EvalConfig:
             problems.append(f"--out {self.out} is a directory; give a .json file path")
         else:
             problems += self._output_problems()
-        for flag, value in (("--batch-size", self.batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
-            if value < 1:
-                problems.append(f"{flag} must be at least 1, got {value}")
-        if self.max_items is not None and self.max_items < 1:
-            problems.append(f"--max-items must be at least 1, got {self.max_items}")
-        if device_problem(self.device):
-            problems.append(str(device_problem(self.device)))
-        if self.labels not in LABEL_CONVENTIONS:
-            problems.append(f"--labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
-        if self.holdout is not None and not Path(self.holdout).is_file():
-            problems.append(f"--holdout {self.holdout} does not exist; give a .jsonl/.json file of question-answer records the model never saw")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        problems += self.eval_option_problems()
         return problems
 
     @property
@@ -121,22 +145,13 @@ class EvalConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EvalConfig":
-        return cls(
-            model=args.model,
-            split=args.split,
-            out=args.out,
-            tofu_dir=args.tofu or "",
-            retain_logs=args.retain_logs,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            max_new_tokens=args.max_new_tokens,
-            max_items=args.max_items,
-            device=args.device,
-            system_prompt=args.system_prompt,
-            overwrite=getattr(args, "overwrite", False),
-            labels=args.labels,
-            holdout=args.holdout,
-        )
+        """Build from parsed `perta-stream eval` arguments (and its --config file)."""
+        return cls.from_options(options_from_cli(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "EvalConfig":
+        """Build from options named as the flags (YAML keys, API keywords); every problem at once."""
+        return from_options(cls, options, title="invalid eval options")
 
     def to_dict(self) -> dict:
         """The resolved options, as saved into the JSON record."""

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.devices import device_problem
+from perta_stream.config.options import from_options, option, options_from_cli
+from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
 
 
@@ -35,22 +36,22 @@ class FinetuneConfig:
         max_grad_norm: gradient clipping by global norm; 0 switches it off.
     """
 
-    model: str
-    data: str
-    out: str
-    epochs: int = 3
-    lr: float = 1e-5
-    batch_size: int = 4
-    max_length: int = 512
-    seed: int = 0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    question_key: str = "question"
-    answer_key: str = "answer"
-    overwrite: bool = False
-    device: str = "auto"
-    system_prompt: str | None = None
-    max_grad_norm: float = 1.0
+    model: str = option(help="checkpoint directory to start from (model and tokenizer)")
+    data: str = option(help=".jsonl or .json file of question-answer records")
+    out: str = option(help="output checkpoint directory")
+    epochs: int = option(3, help="passes over the data (default 3)")
+    lr: float = option(1e-5, help="peak AdamW learning rate (default 1e-5)")
+    batch_size: int = option(4, help="samples per optimizer step (default 4)")
+    max_length: int = option(512, help="tokens per sample; prompts are cut first (default 512)")
+    seed: int = option(0, help="data order and initialization seed (default 0)")
+    weight_decay: float = option(0.01, help="AdamW weight decay on matrices (default 0.01)")
+    warmup_ratio: float = option(0.1, help="share of steps of linear warmup (default 0.1)")
+    question_key: str = option("question", help="record field holding the question")
+    answer_key: str = option("answer", help="record field holding the answer")
+    overwrite: bool = option(False, help="replace an existing --out")
+    device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
+    system_prompt: str | None = option(None, help="system prompt for models with a chat template")
+    max_grad_norm: float = option(1.0, help="gradient clipping by global norm, 0 = off (default 1)")
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "model")
@@ -91,24 +92,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "FinetuneConfig":
-        return cls(
-            model=args.model,
-            data=args.data,
-            out=args.out,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            weight_decay=args.weight_decay,
-            warmup_ratio=args.warmup_ratio,
-            question_key=args.question_key,
-            answer_key=args.answer_key,
-            overwrite=args.overwrite,
-            device=args.device,
-            system_prompt=args.system_prompt,
-            max_grad_norm=args.max_grad_norm,
-        )
+        """Build from parsed `perta-stream finetune` arguments (and its --config file)."""
+        return from_options(cls, options_from_cli(args, cls), title="invalid finetune options")
 
     def to_dict(self) -> dict:
         """The resolved options, as saved into the output's `perta_finetune.json`."""

@@ -6,9 +6,10 @@ import argparse
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.dtypes import parse_user_dtype
+from perta_stream.config.options import RESUME_HELP, dtype, from_options, given_options, number, numbers, option, size
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
 
@@ -68,22 +69,63 @@ def arithmetic_problems(
     return found
 
 
-@dataclass(frozen=True)
-class MergeConfig:
-    """What `run_merge` does.
+@dataclass(frozen=True, kw_only=True)
+class MergeOptions:
+    """The inputs, arithmetic and output options `merge` and `unlearn` share, declared once.
 
     Attributes:
         theta0, full, fgt: checkpoint directories or `hf://org/name[@revision]`.
         out: output directory (see `output_dirs` for several alphas), or `hf://org/name` to push.
-        method: `tv` (W = 1), `uniform` (W = uniform_weight), `grad` or `fisher` (W from `stats`).
-        stats: statistics directory written by `perta-stream stats` (grad and fisher only).
         alphas: one or more task-vector scales; all are written in one pass over the inputs.
         tau: weight exponent; None means 1 for grad, 2 for fisher.
         uniform_weight: W of the uniform method, in [0, 1].
         fallback_weight: W where both statistics are exactly 0, in [0, 1].
         out_dtype: safetensors dtype of every output tensor, or None for theta_full's per tensor.
         max_shard_bytes: re-shard the output to at most this many bytes per shard; None keeps theta_full's layout.
-        max_memory_bytes: budget for the peak RSS of the whole process.
+        max_memory_bytes: the memory budget (merge: the peak RSS of the whole process; unlearn:
+            what its merge may add to the process).
+        allow_nonfinite: merge NaN and infinite input values through instead of stopping.
+    """
+
+    theta0: str = option(help="the original model (directory, hf://org/name[@rev] or a Hub id)")
+    full: str = option(help="the model to clean (fine-tuned on forget + retain)")
+    fgt: str = option(help="the model fine-tuned on the forget set only")
+    out: str = option(help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
+    alphas: tuple[float, ...] = option(
+        (1.0,), flags=("--alpha", "--alphas"), parse=numbers, help="scale(s) of the task vector, e.g. 0.5,1,2: one pass, one output each (default 1)"
+    )
+    tau: float | None = option(None, parse=number, help="exponent of the weights (default 1 for grad, 2 for fisher)")
+    uniform_weight: float = option(0.5, help="W for --method uniform (default 0.5)")
+    fallback_weight: float = option(0.5, help="W where both statistics are exactly 0 (default 0.5)")
+    out_dtype: str | None = option(None, parse=dtype, help="float32, bfloat16 or float16 (default: theta_full's dtype per tensor)")
+    max_shard_bytes: int | None = option(None, flags=("--max-shard-size",), parse=size, help="re-shard the output (e.g. 5GB); default: theta_full's layout")
+    max_memory_bytes: int = option(
+        flags=("--max-memory",),
+        parse=size,
+        default_factory=default_max_memory_bytes,
+        help="peak RSS budget for the whole process (default 512MiB, or $PERTA_MAX_MEMORY)",
+    )
+    allow_nonfinite: bool = option(False, help="merge NaN and infinite input values through instead of stopping")
+
+    def merge_option_problems(self) -> list[str]:
+        return arithmetic_problems(self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha")
+
+
+_HUB = "pushing to the Hub (--out hf://ORG/NAME)"
+# merge's default is the one method that needs no --stats; unlearn computes statistics, so its default is fisher.
+MERGE_METHOD_HELP = (
+    "tv (mergekit: task_arithmetic), uniform, grad or fisher (default tv, the one method that needs no --stats; "
+    "unlearn, which computes the statistics, defaults to fisher)"
+)
+
+
+@dataclass(frozen=True)
+class MergeConfig(MergeOptions):
+    """What `run_merge` does: the shared `MergeOptions` and these.
+
+    Attributes:
+        method: `tv` (W = 1), `uniform` (W = uniform_weight), `grad` or `fisher` (W from `stats`).
+        stats: statistics directory written by `perta-stream stats` (grad and fisher only).
         chunk_bytes: bytes of one input chunk; None derives it from the budget.
         dry_run: plan and report, write nothing.
         overwrite: replace existing outputs.
@@ -91,37 +133,30 @@ class MergeConfig:
         drop_page_cache: advise the kernel to drop input pages once read.
         hub_private, hub_revision, hub_commit_message, hub_create_repo: options for an `hf://` output.
         hub_max_local_shards: output shards an `hf://` output keeps on local disk at once (>= 1).
-        allow_nonfinite: merge NaN and infinite input values through instead of stopping.
         stats_at: the input the statistics were computed at (`theta0`, `full` or `fgt`); the merge
             hashes that input's bytes while reading them and refuses to commit when they are not
             the bytes the statistics were computed from.
     """
 
-    theta0: str
-    full: str
-    fgt: str
-    out: str
-    method: str = "tv"
-    stats: str | None = None
-    alphas: tuple[float, ...] = (1.0,)
-    tau: float | None = None
-    uniform_weight: float = 0.5
-    fallback_weight: float = 0.5
-    out_dtype: str | None = None
-    max_shard_bytes: int | None = None
-    max_memory_bytes: int = field(default_factory=default_max_memory_bytes)
-    chunk_bytes: int | None = None
-    dry_run: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    drop_page_cache: bool = False
-    hub_private: bool = False
-    hub_revision: str | None = None
-    hub_commit_message: str | None = None
-    hub_create_repo: bool = False
-    hub_max_local_shards: int = 2
-    allow_nonfinite: bool = False
-    stats_at: str = "theta0"
+    method: str = option("tv", flags=("--method", "--methods"), choices=(*METHODS, *METHOD_ALIASES), help=MERGE_METHOD_HELP)
+    stats: str | None = option(None, flags=("--stats", "--stats-dir"), help="statistics directory from `perta-stream stats` (grad and fisher)")
+    stats_at: str = option(
+        "theta0",
+        choices=STATS_AT,
+        help="the input the statistics were computed at (default theta0); its bytes must be the ones the statistics record",
+    )
+    chunk_bytes: int | None = option(None, flags=("--chunk-size",), parse=size, help="bytes per input chunk (default: derived from --max-memory)")
+    dry_run: bool = option(False, help="print the plan and exit without writing")
+    overwrite: bool = option(False, help="replace an existing --out (only an earlier merge output or an empty folder)")
+    resume: bool = option(False, help=RESUME_HELP)
+    drop_page_cache: bool = option(False, help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else")
+    hub_private: bool = option(False, flags=("--private",), group=_HUB, help="create the repo private; refuse to push to an existing public repo")
+    hub_revision: str | None = option(None, flags=("--revision",), group=_HUB, help="branch to commit to (created from the default branch when missing)")
+    hub_commit_message: str | None = option(None, flags=("--commit-message",), group=_HUB, help="title of the single commit that adds the model")
+    hub_create_repo: bool = option(False, flags=("--create-repo",), group=_HUB, help="create the repo when it does not exist")
+    hub_max_local_shards: int = option(
+        2, flags=("--max-local-shards",), group=_HUB, help="output shards kept on local disk at once while they wait for upload (default 2)"
+    )
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,9 +184,7 @@ class MergeConfig:
             found.append(f"--method {self.method} needs --stats DIR (compute it with `perta-stream stats`)")
         if self.method in ("tv", "uniform") and self.stats:
             found.append(f"--stats is not used by --method {self.method}; drop it or use --method grad/fisher")
-        found += arithmetic_problems(
-            self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha"
-        )
+        found += self.merge_option_problems()
         if self.tau is not None and self.method in ("tv", "uniform"):
             found.append(f"--tau is not used by --method {self.method}")
         if self.stats_at not in STATS_AT:
@@ -192,35 +225,16 @@ class MergeConfig:
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "MergeConfig":
         """Build from parsed `perta-stream merge` arguments (sizes and dtypes parsed here)."""
+        return cls.from_options(given_options(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "MergeConfig":
+        """Build from options named as the flags (YAML keys, API keywords).
+
+        Raises:
+            UsageError: every unknown or invalid option, at once.
+        """
         try:
-            return cls(
-                theta0=args.theta0,
-                full=args.full,
-                fgt=args.fgt,
-                out=args.out,
-                method=args.method,
-                stats=args.stats,
-                alphas=tuple(args.alpha),
-                tau=args.tau,
-                uniform_weight=args.uniform_weight,
-                fallback_weight=args.fallback_weight,
-                out_dtype=parse_user_dtype(args.out_dtype) if args.out_dtype else None,
-                max_shard_bytes=parse_size(args.max_shard_size, what="--max-shard-size") if args.max_shard_size else None,
-                max_memory_bytes=(
-                    parse_size(args.max_memory, what="--max-memory") if args.max_memory else default_max_memory_bytes()
-                ),
-                chunk_bytes=parse_size(args.chunk_size, what="--chunk-size") if args.chunk_size else None,
-                dry_run=args.dry_run,
-                overwrite=args.overwrite,
-                resume=getattr(args, "resume", False),
-                drop_page_cache=getattr(args, "drop_page_cache", False),
-                hub_private=getattr(args, "private", False),
-                hub_revision=getattr(args, "revision", None),
-                hub_commit_message=getattr(args, "commit_message", None),
-                hub_create_repo=getattr(args, "create_repo", False),
-                hub_max_local_shards=getattr(args, "max_local_shards", 2),
-                allow_nonfinite=getattr(args, "allow_nonfinite", False),
-                stats_at=getattr(args, "stats_at", "theta0"),
-            )
+            return from_options(cls, options, title="invalid merge options")
         except PlanError as exc:
             raise UsageError(str(exc)) from None

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.devices import device_problem
-from perta_stream.dtypes import parse_user_dtype
-from perta_stream.errors import PlanError, UsageError
-from perta_stream.sizes import parse_size
+from perta_stream.config.options import RESUME_HELP, empty_is_none, from_options, given_options, option, size_or_zero, words
+from perta_stream.devices import DEVICE_HELP, device_problem
+from perta_stream.errors import PlanError
 
 STATS_KINDS = ("grad", "fisher")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -27,67 +26,66 @@ DEFAULT_BOUNDARY_BUDGET_BYTES = 2 * 2**30
 DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
 
 
-@dataclass(frozen=True)
-class StatsConfig:
-    """Options of one statistics run.
+def _stats_dtype(value: object, flag: str) -> str:
+    from perta_stream.dtypes import parse_user_dtype
+
+    return parse_user_dtype(str(value), allowed=STATS_DTYPES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsOptions:
+    """How statistics are computed: the options `stats` and `unlearn` share, declared once.
 
     Attributes:
-        model: checkpoint directory or `hf://org/name[@rev]`; with `config_only`, a config.json
-            file or a directory holding one.
-        forget, retain: data files (JSON Lines or a JSON array of records).
-        out: the statistics directory to create (not needed for a dry run).
         kinds: `grad` (mean gradient) and/or `fisher` (mean squared per-sample gradient).
         fraction, seed: a seeded random subset of each data file (1.0: all samples).
         max_length: tokens per sample (prompt cut from its start; answers are never cut).
         batch_size: samples per batch on the compute device.
-        device: `auto` (cuda when available), `cpu` or `cuda`.
+        device: `auto` (cuda when available), `cpu`, `cuda` or `cuda:N`.
         compute_dtype: dtype of the layers' weights and activations: `auto` (float32 on cpu,
             bfloat16 on cuda), `float32` or `bfloat16`; statistics accumulate in float32 always.
         stats_dtype: storage dtype of the statistics, `F32` or `BF16` (accumulation is float32).
         question_key, answer_key: field names of the records.
         system_prompt: optional system turn of the chat template (or a line before the prompt).
-        dry_run: print the plan only; config_only: plan from config.json, without weights.
         boundary_budget_bytes: host RAM for layer-boundary states before spilling to disk.
-        overwrite: replace an existing `out`.
-        resume: continue an interrupted identical run from `<out>.partial/` (finished shards are
-            re-hashed and kept, the sweep restarts from its latest saved state).
         checkpoint_interval_s: the least time between two saved resume states (at the resume
             points after the head and after each backward layer); 0 saves at every one.
-        other_inputs: role -> path of the inputs of a surrounding run (unlearn's theta0, full,
-            fgt) that `out` must not overlap.
     """
 
-    model: str
-    forget: str
-    retain: str
-    out: str | None = None
-    kinds: tuple[str, ...] = STATS_KINDS
-    fraction: float = 1.0
-    seed: int = 0
-    max_length: int = 512
-    batch_size: int = 8
-    device: str = "auto"
-    compute_dtype: str = "auto"
-    stats_dtype: str = "F32"
-    question_key: str = "question"
-    answer_key: str = "answer"
-    system_prompt: str | None = None
-    dry_run: bool = False
-    config_only: bool = False
-    boundary_budget_bytes: int = DEFAULT_BOUNDARY_BUDGET_BYTES
-    overwrite: bool = False
-    resume: bool = False
-    checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
-    other_inputs: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
-    extra_problems: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    kinds: tuple[str, ...] = option(STATS_KINDS, parse=words, help="statistics to compute: grad, fisher or grad,fisher (default)")
+    fraction: float = option(1.0, help="seeded random fraction of each data file (default 1.0: all)")
+    seed: int = option(0, help="seed of the --fraction subset (default 0)")
+    max_length: int = option(512, help="tokens per sample; the prompt is cut from its start, never the answer (default 512)")
+    batch_size: int = option(8, help="samples per batch on the compute device (default 8)")
+    device: str = option("auto", help=f"compute device: {DEVICE_HELP} (default auto)")
+    compute_dtype: str = option(
+        "auto",
+        choices=COMPUTE_DTYPES,
+        help="dtype of weights and activations (default auto: float32 on cpu, bfloat16 on cuda); statistics accumulate in float32",
+    )
+    stats_dtype: str = option("F32", parse=_stats_dtype, help="storage dtype of the statistics: float32 (default) or bfloat16")
+    question_key: str = option("question", help="record field holding the question (default question)")
+    answer_key: str = option("answer", help="record field holding the answer (default answer)")
+    system_prompt: str | None = option(None, parse=empty_is_none, help="system turn for the chat template (or a line before the plain prompt)")
+    boundary_budget_bytes: int = option(
+        DEFAULT_BOUNDARY_BUDGET_BYTES,
+        flags=("--boundary-budget",),
+        parse=size_or_zero,
+        help="host RAM for layer-boundary hidden states before spilling to disk (default 2GiB; 0: spill all)",
+    )
+    checkpoint_interval_s: float = option(
+        DEFAULT_CHECKPOINT_INTERVAL_S,
+        flags=("--checkpoint-interval",),
+        metavar="SECONDS",
+        help="save the sweep's state for --resume at most this often, after the head or a backward layer (default 300; 0: after each)",
+    )
 
-    def __post_init__(self) -> None:
-        normalize_inputs(self, "model")
-        problems = list(self.extra_problems) + self._problems()
-        if problems:
-            raise PlanError("stats options are invalid", problems)
+    def encoding(self) -> dict[str, Any]:
+        """The options the chosen, encoded samples depend on (recorded, and matched before a reuse)."""
+        return {name: getattr(self, name) for name in ("fraction", "seed", "max_length", "question_key", "answer_key", "system_prompt")}
 
-    def _problems(self) -> list[str]:
+    def stats_option_problems(self) -> list[str]:
+        """Every problem with these options (empty when they are usable)."""
         problems: list[str] = []
         if not self.kinds:
             problems.append("--kinds is empty; choose grad, fisher or grad,fisher")
@@ -119,6 +117,50 @@ class StatsConfig:
                 problems.append(f"{flag} is empty")
         if self.question_key and self.question_key == self.answer_key:
             problems.append(f"--question-key and --answer-key are both {self.question_key!r}")
+        return problems
+
+    def compute_dtype_on(self, device: str) -> str:
+        """The compute dtype's name on `device` (`cpu` or `cuda`): `auto` is float32 on cpu, bfloat16 on cuda."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        return "float32" if device == "cpu" else "bfloat16"
+
+
+@dataclass(frozen=True)
+class StatsConfig(StatsOptions):
+    """Options of one statistics run: the shared `StatsOptions` and these.
+
+    Attributes:
+        model: checkpoint directory or `hf://org/name[@rev]`; with `config_only`, a config.json
+            file or a directory holding one.
+        forget, retain: data files (JSON Lines or a JSON array of records).
+        out: the statistics directory to create (not needed for a dry run).
+        dry_run: print the plan only; config_only: plan from config.json, without weights.
+        overwrite: replace an existing `out`.
+        resume: continue an interrupted identical run from `<out>.partial/` (finished shards are
+            re-hashed and kept, the sweep restarts from its latest saved state).
+        other_inputs: role -> path of the inputs of a surrounding run (unlearn's theta0, full,
+            fgt) that `out` must not overlap.
+    """
+
+    model: str = option(help="checkpoint directory or hf://org/name[@rev] (with --config-only: a config.json)")
+    forget: str = option(help="forget-set data file (.jsonl or a .json array of records)")
+    retain: str = option(help="retain-set data file (.jsonl or a .json array of records)")
+    out: str | None = option(None, help="statistics directory to create (not needed with --dry-run)")
+    dry_run: bool = option(False, help="print the plan (bytes, boundary storage, memory, FLOPs) and exit")
+    config_only: bool = option(False, help="with --dry-run: plan from config.json alone, no weights needed")
+    overwrite: bool = option(False, help="replace an existing --out")
+    resume: bool = option(False, help=RESUME_HELP)
+    other_inputs: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        normalize_inputs(self, "model")
+        problems = self.stats_option_problems() + self._problems()
+        if problems:
+            raise PlanError("stats options are invalid", problems)
+
+    def _problems(self) -> list[str]:
+        problems: list[str] = []
         if self.config_only and not self.dry_run:
             problems.append("--config-only only plans (it has no weights to compute with); add --dry-run")
         if self.out is None and not self.dry_run:
@@ -137,12 +179,6 @@ class StatsConfig:
             problems.append("--config-only needs a local config.json, not a Hub repo")
         return problems
 
-    def compute_dtype_on(self, device: str) -> str:
-        """The compute dtype's name on `device` (`cpu` or `cuda`): `auto` is float32 on cpu, bfloat16 on cuda."""
-        if self.compute_dtype != "auto":
-            return self.compute_dtype
-        return "float32" if device == "cpu" else "bfloat16"
-
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "StatsConfig":
         """Build from parsed `stats` arguments; every bad value is reported at once.
@@ -150,39 +186,13 @@ class StatsConfig:
         Raises:
             PlanError: listing every invalid option.
         """
-        problems: list[str] = []
-        stats_dtype = "F32"
-        try:
-            stats_dtype = parse_user_dtype(args.stats_dtype, allowed=STATS_DTYPES)
-        except UsageError as exc:
-            problems.append(f"--stats-dtype: {exc}")
-        budget = DEFAULT_BOUNDARY_BUDGET_BYTES
-        try:
-            budget = 0 if str(args.boundary_budget).strip() == "0" else parse_size(args.boundary_budget, what="--boundary-budget")
-        except UsageError as exc:
-            problems.append(str(exc))
-        kinds = tuple(part.strip().lower() for part in str(args.kinds).split(",") if part.strip())
-        return cls(
-            model=os.fspath(args.model),
-            forget=os.fspath(args.forget),
-            retain=os.fspath(args.retain),
-            out=os.fspath(args.out) if args.out is not None else None,
-            kinds=kinds,
-            fraction=args.fraction,
-            seed=args.seed,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            device=args.device,
-            compute_dtype=args.compute_dtype,
-            stats_dtype=stats_dtype,
-            question_key=args.question_key,
-            answer_key=args.answer_key,
-            system_prompt=args.system_prompt or None,
-            dry_run=args.dry_run,
-            config_only=args.config_only,
-            boundary_budget_bytes=budget,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            checkpoint_interval_s=args.checkpoint_interval,
-            extra_problems=tuple(problems),
-        )
+        return cls.from_options(given_options(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "StatsConfig":
+        """Build from options named as the flags (YAML keys, API keywords).
+
+        Raises:
+            PlanError: listing every invalid option.
+        """
+        return from_options(cls, options, title="stats options are invalid")

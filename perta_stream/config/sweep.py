@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from perta_stream.config.eval import LABEL_CONVENTIONS, TOFU_SPLITS
+from perta_stream.config.eval import TOFU_SPLITS, EvalOptions
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.devices import device_problem
+from perta_stream.config.options import from_options, negated_switch, number, numbers, option, options_from_cli, size, words
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
-from perta_stream.sizes import parse_size
 
 DEFAULT_METHODS = ("tv", "uniform", "grad", "fisher")
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0)
@@ -24,7 +24,7 @@ PLOT_NAME = "tradeoff.png"
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(EvalOptions):
     """Merge θ_full with every method at every α, evaluate each result, and tabulate and plot them.
 
     Attributes:
@@ -50,39 +50,30 @@ class SweepConfig:
         title: the plot's title (a default when empty).
     """
 
-    theta0: str
-    full: str
-    fgt: str
-    out: str
-    stats: str | None = None
-    retain_model: str | None = None
-    retain_logs: str | None = None
-    split: str = "forget01"
-    tofu_dir: str = ""
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    tau: float | None = None
-    uniform_weight: float = 0.5
-    fallback_weight: float = 0.5
-    eval_batch_size: int = 8
-    max_length: int = 512
-    max_new_tokens: int = 200
-    max_items: int | None = None
-    device: str = "auto"
-    system_prompt: str | None = None
-    labels: str = "open_unlearning"
-    holdout: str | None = None
-    keep_models: bool = True
-    max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES
-    overwrite: bool = False
+    theta0: str = option(help="the original model")
+    full: str = option(help="the model to clean")
+    fgt: str = option(help="the model fine-tuned on the forget set only")
+    out: str = option(help="the sweep's output folder")
+    stats: str | None = option(None, flags=("--stats", "--stats-dir"), help="statistics directory (needed by grad and fisher)")
+    retain_model: str | None = option(None, help="theta_ret, evaluated first (forget-quality reference and a table row)")
+    retain_logs: str | None = option(None, help="instead of --retain-model: its `perta-stream eval` JSON")
+    split: str = option("forget01", help="TOFU forget split (default forget01)")
+    methods: tuple[str, ...] = option(DEFAULT_METHODS, flags=("--method", "--methods"), parse=words, help="comma-separated (default tv,uniform,grad,fisher)")
+    alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, flags=("--alpha", "--alphas"), parse=numbers, help="comma-separated (default 0.5,1,2)")
+    tau: float | None = option(None, parse=number, help="weight exponent for grad and fisher (default: each method's)")
+    uniform_weight: float = option(0.5, help="W for uniform (default 0.5)")
+    fallback_weight: float = option(0.5, help="W where both statistics are 0 (default 0.5)")
+    eval_batch_size: int = option(8, help="samples per evaluation forward pass")
+    keep_models: bool = option(True, flags=("--delete-models",), parse=negated_switch, help="delete each merged model once evaluated")
+    max_memory_bytes: int = option(
+        DEFAULT_MAX_MEMORY_BYTES, flags=("--max-memory",), parse=size, help="memory the merge may add to this process (default 512MiB)"
+    )
+    overwrite: bool = option(False, help="replace an existing --out")
     title: str = ""
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
-        if not self.tofu_dir:
-            from perta_stream.sources.tofu import bundled_tofu_dir
-
-            object.__setattr__(self, "tofu_dir", str(bundled_tofu_dir()))
+        self.resolve_tofu_dir()
         problems = self.problems()
         if problems:
             raise PlanError("invalid sweep options", problems)
@@ -114,17 +105,9 @@ class SweepConfig:
             found.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON `perta-stream eval` wrote for θ_ret")
         if self.split not in TOFU_SPLITS:
             found.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
-        for flag, value in (("--eval-batch-size", self.eval_batch_size), ("--max-length", self.max_length), ("--max-new-tokens", self.max_new_tokens)):
-            if value < 1:
-                found.append(f"{flag} must be at least 1, got {value}")
-        if self.max_items is not None and self.max_items < 1:
-            found.append(f"--max-items must be at least 1, got {self.max_items}")
-        if device_problem(self.device):
-            found.append(str(device_problem(self.device)))
-        if self.labels not in LABEL_CONVENTIONS:
-            found.append(f"labels {self.labels!r} is not one of {', '.join(LABEL_CONVENTIONS)}")
-        if self.holdout is not None and not Path(self.holdout).is_file():
-            found.append(f"holdout {self.holdout} does not exist; give a question-answer file the models never saw")
+        if self.eval_batch_size < 1:
+            found.append(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
+        found += self.eval_option_problems()
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
@@ -144,33 +127,14 @@ class SweepConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "SweepConfig":
-        """Build from parsed `perta-stream sweep` arguments."""
+        """Build from parsed `perta-stream sweep` arguments (and its --config file)."""
+        return cls.from_options(options_from_cli(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "SweepConfig":
+        """Build from options named as the flags (YAML keys, API keywords); every problem at once."""
         try:
-            return cls(
-                theta0=args.theta0,
-                full=args.full,
-                fgt=args.fgt,
-                out=args.out,
-                stats=args.stats,
-                retain_model=args.retain_model,
-                retain_logs=args.retain_logs,
-                split=args.split,
-                tofu_dir=args.tofu or "",
-                methods=tuple(part.strip() for part in args.methods.split(",") if part.strip()),
-                alphas=tuple(args.alphas),
-                tau=args.tau,
-                uniform_weight=args.uniform_weight,
-                fallback_weight=args.fallback_weight,
-                eval_batch_size=args.eval_batch_size,
-                max_length=args.max_length,
-                max_new_tokens=args.max_new_tokens,
-                max_items=args.max_items,
-                device=args.device,
-                system_prompt=args.system_prompt,
-                keep_models=not args.delete_models,
-                max_memory_bytes=parse_size(args.max_memory, what="--max-memory"),
-                overwrite=args.overwrite,
-            )
+            return from_options(cls, options, title="invalid sweep options")
         except PlanError as exc:
             raise UsageError(str(exc)) from None
 

@@ -298,9 +298,8 @@ def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[st
         StatisticsError: the statistics were computed at other bytes (or by a version that did
             not record them); nothing has been committed.
     """
-    record = read_stats_record(str(config.stats))
-    model = record.get("model") if isinstance(record.get("model"), dict) else {}
-    expected = model.get("content_sha256")
+    model = read_stats_record(str(config.stats)).model
+    expected = model.content_sha256
     checkpoint = plan.inputs[config.stats_at]
     flag = STATS_AT_FLAGS[config.stats_at]
     if not isinstance(expected, str):
@@ -312,7 +311,7 @@ def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[st
     actual = hasher.complete(checkpoint, sources[config.stats_at])
     if actual != expected:
         raise StatisticsError(
-            f"statistics {config.stats} were computed at {model.get('location')!r}, whose tensors differ from those of "
+            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
             f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
             f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
             "pass --stats-at full or fgt if they were computed at that input"

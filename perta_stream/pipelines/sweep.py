@@ -22,6 +22,8 @@ from pathlib import Path
 from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.merge import MergeConfig, format_alpha
+from perta_stream.config.eval import EvalOptions
+from perta_stream.config.options import field_values
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
 from perta_stream.errors import OutputExistsError
 from perta_stream.memory import current_rss_bytes, peak_rss_bytes
@@ -166,19 +168,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
 def _eval_config(config: SweepConfig, model_dir: str, out: str, retain_logs: str | None) -> EvalConfig:
     return EvalConfig(
-        model=model_dir,
-        split=config.split,
-        out=out,
-        tofu_dir=config.tofu_dir,
-        retain_logs=retain_logs,
-        batch_size=config.eval_batch_size,
-        max_length=config.max_length,
-        max_new_tokens=config.max_new_tokens,
-        max_items=config.max_items,
-        device=config.device,
-        system_prompt=config.system_prompt,
-        labels=config.labels,
-        holdout=config.holdout,
+        **field_values(config, EvalOptions), model=model_dir, split=config.split, out=out, retain_logs=retain_logs, batch_size=config.eval_batch_size
     )
 
 

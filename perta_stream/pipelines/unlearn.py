@@ -21,6 +21,7 @@ from typing import Any
 
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import StatisticsError
+from perta_stream.sources.stats_dir import StatsRecord
 
 __all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
 
@@ -114,42 +115,36 @@ def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
         model_files=checkpoint.file_identity(),
         forget_sha256=hashes["--forget"],
         retain_sha256=hashes["--retain"],
-        fraction=config.fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        question_key=config.question_key,
-        answer_key=config.answer_key,
-        system_prompt=config.system_prompt,
+        **config.encoding(),
         kinds=(config.method,),
     )
 
 
-def stats_mismatches(record: dict[str, Any], expected: StatsIdentity) -> list[str]:
-    """Every way a `perta_stats.json` record differs from what `expected` needs (empty: reusable).
-
-    The statistics may hold more kinds than needed; everything else must be equal.
+def stats_mismatches(record: StatsRecord | dict[str, Any], expected: StatsIdentity) -> list[str]:
+    """Every way a statistics record (`perta_stats.json`) differs from what `expected` needs
+    (empty: reusable). The statistics may hold more kinds than needed; everything else must be equal.
     """
+    if isinstance(record, dict):
+        record = StatsRecord.from_json(record)
     found: list[str] = []
-    model = record.get("model") if isinstance(record.get("model"), dict) else {}
-    if model.get("header_sha256") != expected.model_header_sha256:
-        found.append(f"computed at another model ({model.get('location')!r}, header sha256 {str(model.get('header_sha256'))[:12]}…)")
-    elif model.get("files") != expected.model_files:
-        found.append(f"computed at {model.get('location')!r}, whose files (folder, shard sizes and times) are not the stats model's now")
-    datasets = record.get("datasets") if isinstance(record.get("datasets"), dict) else {}
+    model = record.model
+    if model.header_sha256 != expected.model_header_sha256:
+        found.append(f"computed at another model ({model.location!r}, header sha256 {str(model.header_sha256)[:12]}…)")
+    elif model.files != expected.model_files:
+        found.append(f"computed at {model.location!r}, whose files (folder, shard sizes and times) are not the stats model's now")
     for name, sha256 in (("forget", expected.forget_sha256), ("retain", expected.retain_sha256)):
-        entry = datasets.get(name) if isinstance(datasets.get(name), dict) else {}
+        entry = record.datasets.get(name, {})
         if entry.get("sha256") != sha256:
             found.append(f"computed on another {name} file ({entry.get('path')!r})")
-    fraction = record.get("fraction")
+    fraction = record.fraction
     if not isinstance(fraction, (int, float)) or not math.isclose(float(fraction), expected.fraction, rel_tol=0, abs_tol=1e-12):
         found.append(f"fraction {fraction} instead of {expected.fraction}")
     for key in ("seed", "max_length", "question_key", "answer_key", "system_prompt"):
-        if record.get(key) != getattr(expected, key):
-            found.append(f"{key} {record.get(key)!r} instead of {getattr(expected, key)!r}")
-    kinds = record.get("kinds") if isinstance(record.get("kinds"), list) else []
-    missing = [kind for kind in expected.kinds if kind not in kinds]
+        if getattr(record, key) != getattr(expected, key):
+            found.append(f"{key} {getattr(record, key)!r} instead of {getattr(expected, key)!r}")
+    missing = [kind for kind in expected.kinds if kind not in record.kinds]
     if missing:
-        found.append(f"holds {', '.join(kinds) or 'no kinds'}, not {', '.join(missing)}")
+        found.append(f"holds {', '.join(record.kinds) or 'no kinds'}, not {', '.join(missing)}")
     return found
 
 

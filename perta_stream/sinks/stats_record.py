@@ -1,7 +1,8 @@
-"""The record of a statistics directory (`perta_stats.json`) and the identity a resume must match.
+"""The record of a statistics directory (`perta_stats.json`, `StatsRecord`) as a run fills it
+in, and the identity a resume must match.
 
 `stats` and the one-pass unlearn (with --save-stats) write the same record, so a later `merge`
-or `unlearn` reads either the same way.
+or `unlearn` reads either the same way (`read_stats_record`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
 from perta_stream.memory import peak_rss_bytes
-from perta_stream.sources.stats_dir import STATS_FORMAT
+from perta_stream.sources.stats_dir import StatsModelInfo, StatsRecord
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
@@ -32,7 +33,7 @@ def stats_record(
     compute_dtype_name: str,
     started: float,
     content_sha256: str,
-) -> dict[str, Any]:
+) -> StatsRecord:
     """`perta_stats.json`: what was computed, from what, and how (METHOD.md section 6).
 
     `content_sha256` identifies the model by its tensors' bytes (sources/content_digest.py);
@@ -40,32 +41,25 @@ def stats_record(
     """
     from perta_stream.compute.prompts import LOSS_DEFINITION
 
-    return {
-        "format": STATS_FORMAT,
-        "format_version": 1,
-        "tool_version": __version__,
-        "model": {
-            "location": str(config.model),
-            "header_sha256": checkpoint.header_sha256,
-            "files": checkpoint.file_identity(),
-            "content_sha256": content_sha256,
-            "model_type": shape.model_type,
-        },
-        "kinds": list(config.kinds),
-        "stats_dtype": "float32" if config.stats_dtype == "F32" else "bfloat16",
-        "compute_dtype": compute_dtype_name,
-        "device": device_name,
-        "datasets": {name: info.to_json() for name, (info, _) in datasets.items()},
-        "fraction": config.fraction,
-        "seed": config.seed,
-        "max_length": config.max_length,
-        "question_key": config.question_key,
-        "answer_key": config.answer_key,
-        "system_prompt": config.system_prompt,
-        "loss": LOSS_DEFINITION,
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
+    return StatsRecord(
+        tool_version=__version__,
+        model=StatsModelInfo(
+            location=str(config.model),
+            header_sha256=checkpoint.header_sha256,
+            files=checkpoint.file_identity(),
+            content_sha256=content_sha256,
+            model_type=shape.model_type,
+        ),
+        kinds=tuple(config.kinds),
+        stats_dtype="float32" if config.stats_dtype == "F32" else "bfloat16",
+        compute_dtype=compute_dtype_name,
+        device=device_name,
+        datasets={name: info.to_json() for name, (info, _) in datasets.items()},
+        **config.encoding(),
+        loss=LOSS_DEFINITION,
+        elapsed_s=round(time.perf_counter() - started, 3),
+        peak_rss_bytes=peak_rss_bytes(),
+    )
 
 
 def run_identity(

@@ -28,6 +28,7 @@ from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.errors import PertaStreamError, WriteError
 from perta_stream.plan.stats_plan import ROUNDING_CHUNK_ELEMENTS
 from perta_stream.sinks.shard_writer import ShardRecord, ShardWriter, TensorSpec
+from perta_stream.sources.stats_dir import StatsRecord
 
 STATS_RECORD_NAME = "perta_stats.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -170,7 +171,7 @@ class StatsStore:
         if self._on_shard_finished is not None:
             self._on_shard_finished(ShardRecord(relative, record.size_bytes, record.sha256))
 
-    def finish(self, record: Mapping[str, object]) -> None:
+    def finish(self, record: StatsRecord) -> None:
         """Write every sub-directory's index, then `perta_stats.json`.
 
         Raises:
@@ -186,7 +187,7 @@ class StatsStore:
         for dataset in self._datasets:
             for kind in self._kinds:
                 _write_json(self.root / stats_subdir(dataset, kind) / INDEX_NAME, index)
-        _write_json(self.root / STATS_RECORD_NAME, dict(record))
+        _write_json(self.root / STATS_RECORD_NAME, record.to_json())
 
 
 def _numel(shape: Sequence[int]) -> int:

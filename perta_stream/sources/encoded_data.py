@@ -76,6 +76,11 @@ def encode_dataset(config: StatsConfig, path: str, tokenizer: Any) -> tuple[Data
     return info, encoded
 
 
+def encode_datasets(config: StatsConfig, tokenizer: Any) -> dict[str, tuple[DatasetInfo, list[EncodedSample]]]:
+    """Both data files of a statistics run (forget, retain), encoded as `encode_dataset` does."""
+    return {name: encode_dataset(config, getattr(config, name), tokenizer) for name in DATASETS}
+
+
 def estimated_lengths(config: StatsConfig, path: str) -> list[int]:
     """Token counts of the chosen samples without a tokenizer (a config-only plan): from characters."""
     chosen = select_fraction(load_qa_samples(path, question_key=config.question_key, answer_key=config.answer_key), config.fraction, config.seed)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perta_stream.errors import PertaStreamError, PlanError, StatisticsError
 from perta_stream.sources.byte_source import ByteSource
@@ -15,8 +17,95 @@ STATS_RECORD_NAME = "perta_stats.json"
 STATS_FORMAT = "perta_stats"
 
 
-def read_stats_record(stats_dir: str | os.PathLike) -> dict:
-    """The parsed `perta_stats.json` of a statistics directory.
+@dataclass(frozen=True)
+class StatsModelInfo:
+    """The model a statistics directory was computed at.
+
+    Attributes:
+        location: the --model given.
+        header_sha256, files: `Checkpoint.header_sha256` and `Checkpoint.file_identity()`.
+        content_sha256: the digest of its tensors' bytes (sources/content_digest.py); None in
+            records of versions that did not write it.
+        model_type: config.json's model_type.
+    """
+
+    location: str | None = None
+    header_sha256: str | None = None
+    files: Any = None
+    content_sha256: str | None = None
+    model_type: str | None = None
+
+
+@dataclass(frozen=True)
+class StatsRecord:
+    """`perta_stats.json`, the one schema of a statistics directory: what was computed, from
+    what, and how (METHOD.md section 6). `stats` and the one-pass unlearn write it; merge, the
+    merge's statistics check and unlearn's reuse check read it.
+
+    Reading is lenient (a field a record lacks, or holds with the wrong type, is None), so a
+    reader reports what differs instead of failing on an older or damaged record.
+    """
+
+    model: StatsModelInfo
+    kinds: tuple[str, ...]
+    stats_dtype: str | None
+    compute_dtype: str | None
+    device: str | None
+    datasets: dict[str, dict[str, Any]]
+    fraction: float | None
+    seed: int | None
+    max_length: int | None
+    question_key: str | None
+    answer_key: str | None
+    system_prompt: str | None
+    loss: Any = None
+    elapsed_s: float | None = None
+    peak_rss_bytes: int | None = None
+    tool_version: str | None = None
+    format_version: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written (the key order of every perta_stats.json so far)."""
+        return {
+            "format": STATS_FORMAT,
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "model": {
+                "location": self.model.location,
+                "header_sha256": self.model.header_sha256,
+                "files": self.model.files,
+                "content_sha256": self.model.content_sha256,
+                "model_type": self.model.model_type,
+            },
+            "kinds": list(self.kinds),
+            **{name: getattr(self, name) for name in _PLAIN_FIELDS},
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> "StatsRecord":
+        """Read a parsed perta_stats.json (lenient, see the class's docstring)."""
+        model = record.get("model") if isinstance(record.get("model"), dict) else {}
+        kinds = record.get("kinds") if isinstance(record.get("kinds"), list) else []
+        datasets = record.get("datasets") if isinstance(record.get("datasets"), dict) else {}
+        return cls(
+            model=StatsModelInfo(**{name: model.get(name) for name in ("location", "header_sha256", "files", "content_sha256", "model_type")}),
+            kinds=tuple(str(kind) for kind in kinds),
+            datasets={str(name): entry if isinstance(entry, dict) else {} for name, entry in datasets.items()},
+            format_version=record.get("format_version", 1),
+            tool_version=record.get("tool_version"),
+            **{name: record.get(name) for name in _PLAIN_FIELDS if name != "datasets"},
+        )
+
+
+# The record's top-level fields after `kinds`, in the order they are written.
+_PLAIN_FIELDS = (
+    "stats_dtype", "compute_dtype", "device", "datasets", "fraction", "seed", "max_length",
+    "question_key", "answer_key", "system_prompt", "loss", "elapsed_s", "peak_rss_bytes",
+)  # fmt: skip
+
+
+def read_stats_record(stats_dir: str | os.PathLike) -> StatsRecord:
+    """The `perta_stats.json` of a statistics directory.
 
     Raises:
         StatisticsError: the directory or record is missing or is not a perta_stats record.
@@ -32,7 +121,7 @@ def read_stats_record(stats_dir: str | os.PathLike) -> dict:
         raise StatisticsError(f"{path} is not valid JSON ({exc}); recompute the statistics") from None
     if not isinstance(record, dict) or record.get("format") != STATS_FORMAT:
         raise StatisticsError(f"{path} is not a perta_stats record; recompute the statistics")
-    return record
+    return StatsRecord.from_json(record)
 
 
 def open_stats(
@@ -53,7 +142,7 @@ def open_stats(
     except StatisticsError as exc:
         problems.append(str(exc))
         return checkpoints, sources
-    kinds = record.get("kinds", [])
+    kinds = record.kinds
     for role in roles:
         kind = role.split(".", 1)[1]
         if kind not in kinds:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Any
 
 from perta_stream.plan.stats_plan import plan_batches
 
@@ -10,6 +11,16 @@ if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
     from perta_stream.compute.stats.streaming import Batch
     from perta_stream.distributed import DistContext
+
+logger = logging.getLogger(__name__)
+
+
+def sweep_batches(datasets: dict[str, tuple[Any, list[EncodedSample]]], batch_size: int, pad_id: int, dist: DistContext) -> dict[str, list[Batch]]:
+    """Each data set's batches for this rank's sweep (all samples outside a launcher)."""
+    shares = {name: rank_share(samples, dist) for name, (_, samples) in datasets.items()}
+    if dist.is_distributed:
+        logger.info("rank %d of %d sweeps %s", dist.rank, dist.world_size, ", ".join(f"{len(share)} {name} samples" for name, share in shares.items()))
+    return {name: make_batches(name, share, batch_size, pad_id) for name, share in shares.items()}
 
 
 def make_batches(dataset: str, samples: list[EncodedSample], batch_size: int, pad_id: int) -> list[Batch]:
