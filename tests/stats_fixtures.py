@@ -117,16 +117,30 @@ def tiny_config(kind: str, vocab: int, pad_token_id: int):
     raise ValueError(kind)
 
 
-def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "24KB") -> Path:
+def save_tiny_model(
+    root: Path,
+    kind: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "24KB",
+    vocab_size: int | None = None,
+    anisotropic_embedding: float = 0.0,
+) -> Path:
     """Save a random tiny model of family `kind` with its tokenizer; returns the directory.
 
     `llama` (tied, padding_idx), `qwen2` (untied, biases, chat template), `mistral` (untied,
-    sliding window 5), or a family of FAMILY_OPTIONS.
+    sliding window 5), or a family of FAMILY_OPTIONS. `vocab_size`: the model's vocabulary when
+    larger than the tokenizer's (the ids past it are never used, but every sum over the vocabulary
+    is as long as a real model's). `anisotropic_embedding` > 0: every embedding row is that times
+    (its own N(0, I) draw + one N(0, I) vector shared by all rows), so the rows share a direction
+    as real ones do (SmolLM2-135M: the mean row is 2.2 long, the rows 3.2), which the gradient's
+    sum over the vocabulary at the head's input cancels.
     """
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer(chat_template=CHAT_TEMPLATE if kind == "qwen2" else None)
-    config = tiny_config(kind, len(tokenizer), tokenizer.pad_token_id)
+    config = tiny_config(kind, vocab_size or len(tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():
@@ -137,6 +151,9 @@ def save_tiny_model(root: Path, kind: str, *, seed: int = 0, dtype: torch.dtype 
                 parameter.add_(0.1 * torch.randn_like(parameter))
             elif "experts" in name or name.endswith("mlp.gate.weight"):
                 parameter.copy_(0.2 * torch.randn_like(parameter))
+        if anisotropic_embedding:
+            embedding = model.get_input_embeddings().weight
+            embedding.copy_(anisotropic_embedding * (torch.randn_like(embedding) + torch.randn_like(embedding[0])))
     out = root / kind
     model.save_pretrained(out, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out)

@@ -62,18 +62,18 @@ def real_stats(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return result.out, data
 
 
-# Measured on this CPU: the engine's retain gradient (one 50-token sample, "What's the gender of
-# Aman Belay?") is 7.6e-4 (worst tensor, every one of the 272 tensors above 1e-5) from float64
-# autograd, where dense float32 autograd is 1.9e-5; the forget pair agrees (engine 1.0e-5 / 3.3e-5
-# on grad / fisher, dense float32 8.2e-6 / 2.1e-5). Strict: the test reports when the engine is fixed.
-_RETAIN_DISCREPANCY = pytest.mark.xfail(strict=True, reason="engine differs from per-sample autograd on SmolLM2's single retain sample (7.6e-4 vs a 1.9e-5 float32 floor); see the comment above")
-
-
-@pytest.mark.parametrize("dataset", ["forget", pytest.param("retain", marks=_RETAIN_DISCREPANCY)])
+# Measured on this CPU, worst tensor from float64 autograd (grad / fisher): the retain set's one
+# 50-token sample ("What's the gender of Aman Belay?", 10 scored positions) 1.4e-5 / 5.5e-5, dense
+# float32 autograd 1.9e-5 / 5.1e-5; the forget pair 9.1e-6 / 2.9e-5, dense 8.2e-6 / 2.1e-5. The
+# retain sample was 7.6e-4 / 1.8e-3 off (272 / 271 of the 272 tensors above 1e-5) while the head's
+# input gradient was one float32 matmul over the vocabulary, which MKL's sgemm sums far less
+# accurately for 10 rows than for 12 or more (compute/stats/head_projection.py;
+# test_stats_exactness reproduces it on a tiny model).
+@pytest.mark.parametrize("dataset", ["forget", "retain"])
 def test_real_model_statistics_equal_dense_per_sample_autograd(smollm2: Path, real_stats: tuple[Path, dict[str, Path]], dataset: str) -> None:
     out, data = real_stats
     # Exact values from float64 autograd. Through 30 layers any float32 computation is ~1e-5
-    # off on some norm weights (measured: dense float32 autograd up to 2.1e-5 on a fisher), so the
+    # off on some tensors (measured: dense float32 autograd up to 5.1e-5 on a fisher), so the
     # float32 engine must be within 1e-5 of the exact values or, on its worst tensor, within twice
     # what dense float32 autograd reaches on its worst.
     exact = reference_stats(smollm2, data[dataset], dtype=torch.float64)

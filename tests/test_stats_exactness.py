@@ -12,7 +12,17 @@ from safetensors import safe_open
 from perta_stream.config.stats import StatsConfig
 from perta_stream.pipelines.stats import run_stats
 from perta_stream.sources.qa_dataset import load_qa_samples, select_fraction
-from stats_fixtures import assert_at_bfloat16_floor, assert_equal_to_dense_reference, load_stats_dir, reference_stats, relative_error, save_tiny_model, write_data
+from stats_fixtures import (
+    FORGET_RECORDS,
+    assert_at_bfloat16_floor,
+    assert_equal_to_dense_reference,
+    load_stats_dir,
+    reference_stats,
+    relative_error,
+    save_tiny_model,
+    write_data,
+    write_jsonl,
+)
 
 TOLERANCE = 1e-5
 
@@ -56,6 +66,18 @@ def test_streamed_statistics_equal_dense_reference(workspace: dict[str, Path], k
         assert all(t.dtype == torch.float32 for t in streamed.values())
     if kind == "llama":
         assert "lm_head.weight" not in expected_shapes  # tied: stored once, under the embedding's name
+
+
+def test_one_short_sample_over_a_real_sized_vocabulary(tmp_path: Path) -> None:
+    # One sample alone in its batch, 10 answer tokens: the head's input gradient sums over a
+    # 49152-word vocabulary for 10 positions, which MKL's sgemm does far less accurately than for
+    # 12 or more (head_projection.py). Measured here, worst tensor from float64 autograd (grad /
+    # fisher): 7.4e-5 / 1.3e-4 with one matmul, 1.3e-6 / 1.7e-6 summed in vocabulary blocks, dense
+    # float32 autograd 2.1e-6 / 3.2e-6.
+    model = save_tiny_model(tmp_path / "models", "llama", vocab_size=49152, anisotropic_embedding=0.5)
+    one = write_jsonl(tmp_path / "one.jsonl", FORGET_RECORDS[:1])
+    result = run_stats(StatsConfig(model=str(model), forget=str(one), retain=str(one), out=str(tmp_path / "out"), batch_size=2, device="cpu"))
+    assert_equal_to_dense_reference(result.out, model, {"forget": one}, tolerance=TOLERANCE)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

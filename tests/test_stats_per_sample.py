@@ -183,3 +183,21 @@ def test_scored_positions_give_the_per_sample_loss_from_fewer_logits() -> None:
     assert torch.allclose(mean_target_nll(scored_logits, targets), per_sample_loss(logits, labels), rtol=1e-6, atol=0)
     nothing = torch.full((2, 5), IGNORE_INDEX)
     assert scored_positions(nothing)[0].shape == (2, 0) and valid_extents(torch.zeros(2, 0, dtype=torch.bool)) == [0, 0]
+
+
+def test_head_projection_backpropagates_the_matmul_in_vocabulary_blocks() -> None:
+    # A vocabulary that ends in a partial block, [samples, positions, ...] gradients, hooks intact.
+    from perta_stream.compute.stats.head_projection import VOCAB_BLOCK_ROWS, VocabularyBlockedBackward
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3 * VOCAB_BLOCK_ROWS + 5, bias=False).requires_grad_(False)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    seen = []
+    head.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with VocabularyBlockedBackward(head):
+        logits = head(x)
+        logits.square().sum().backward()
+    assert torch.equal(logits, x @ head.weight.T) and seen == [logits.shape]
+    expected = (2 * logits.detach().double()) @ head.weight.double()
+    assert float((x.grad.double() - expected).norm() / expected.norm()) < 1e-6
+    assert "forward" not in vars(head)  # the module's own forward is back

@@ -31,6 +31,7 @@ import torch
 from perta_stream.compute.prompts import IGNORE_INDEX, mean_target_nll, scored_positions
 from perta_stream.distributed import SINGLE_PROCESS, DistContext
 from perta_stream.compute.stats.boundaries import BoundaryStore
+from perta_stream.compute.stats.head_projection import VocabularyBlockedBackward
 from perta_stream.compute.stats.resume_state import (
     EMBEDDING_STEP,
     ResumePointSink,
@@ -359,7 +360,9 @@ class StreamingStatsEngine:
                     positions, targets = scored_positions(batch.labels.to(self._device))
                     keep = [r.to(self._device) for r in sample_token_rows(batch.input_ids, self._embed_valid(batch))] if keep_tied_rows else None
                     scored_valid = targets != IGNORE_INDEX
-                    with torch.enable_grad(), PerSampleHooks(head, names, acc, scored_valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
+                    # The input gradient sums over the whole vocabulary: in blocks, so its float32
+                    # error does not depend on how many positions the batch scores (head_projection.py).
+                    with torch.enable_grad(), VocabularyBlockedBackward(lm_head), PerSampleHooks(head, names, acc, scored_valid, lm_head_path="lm_head" if keep else None, keep_rows=keep, scratch=self._scratch) as hooks:
                         scored = hidden[torch.arange(hidden.shape[0], device=self._device)[:, None], positions]
                         losses = mean_target_nll(skeleton.transform_logits(lm_head(norm(scored))), targets)
                         losses.sum().backward()
