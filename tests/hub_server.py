@@ -2,9 +2,9 @@
 
 It speaks the parts perta-stream uses: repo info with the file list (`/api/models/...`), file
 resolution with HEAD and Range (`/resolve/...`, LFS files redirected to a second "CDN" server on
-another port, as the real Hub redirects to its storage), repo and branch creation, the preupload
-and Git LFS batch endpoints, LFS uploads, and the NDJSON commit endpoint. Repos are versioned by
-commits whose files are content-addressed blobs on disk.
+another loopback address, as the real Hub redirects to its storage host), repo and branch
+creation, the preupload and Git LFS batch endpoints, LFS uploads, and the NDJSON commit endpoint.
+Repos are versioned by commits whose files are content-addressed blobs on disk.
 
 It also lets tests misbehave on purpose: refuse bad tokens (401), answer missing repos and
 revisions with the Hub's 404 error codes, inject transient or persistent failures on any route,
@@ -32,6 +32,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_THRESHOLD_BYTES = 10 * 2**20
 _BLOCK = 1 << 20
 _BAD_TOKEN = "Invalid credentials in Authorization header"
+# The "CDN" answers on another loopback address, as the real Hub's storage is another host:
+# huggingface_hub 1.30 to 2.0 (at least) keep the token on a redirect to the same host name
+# whatever the port (2.4 compares the whole origin), which a CDN on 127.0.0.1 would refuse (400).
+_HUB_HOST = "127.0.0.1"
+_CDN_HOST = "127.0.0.2"
 
 
 @dataclass
@@ -88,8 +93,8 @@ class HubServer:
         self._commit_counter = 0
         self.hub = _make_server(self, cdn=False)
         self.cdn = _make_server(self, cdn=True)
-        self.endpoint = f"http://127.0.0.1:{self.hub.server_address[1]}"
-        self.cdn_endpoint = f"http://127.0.0.1:{self.cdn.server_address[1]}"
+        self.endpoint = f"http://{_HUB_HOST}:{self.hub.server_address[1]}"
+        self.cdn_endpoint = f"http://{_CDN_HOST}:{self.cdn.server_address[1]}"
         self._threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self.hub, self.cdn)]
         for thread in self._threads:
             thread.start()
@@ -210,7 +215,7 @@ class HubServer:
 
 def _make_server(state: HubServer, *, cdn: bool) -> ThreadingHTTPServer:
     handler = type("Handler", (_Handler,), {"state": state, "is_cdn": cdn})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer((_CDN_HOST if cdn else _HUB_HOST, 0), handler)
     server.daemon_threads = True
     return server
 

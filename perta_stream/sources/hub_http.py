@@ -15,11 +15,13 @@ A signed location that has expired (401/403/404/410) is dropped and resolved aga
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -116,6 +118,22 @@ def hub_location_problem(location: str, flag: str) -> str | None:
     return None
 
 
+@functools.cache
+def hub_http_library() -> ModuleType:
+    """The HTTP library under huggingface_hub's client, whose exceptions its calls raise.
+
+    huggingface_hub 2.x is built on httpx2 and 1.x on httpx (the two share one API); this is the
+    only place that tells them apart. huggingface_hub exports its own as `huggingface_hub.utils.httpx`
+    from 1.30 on; before that a 1.x client always uses httpx.
+    """
+    from huggingface_hub import utils
+
+    library = getattr(utils, "httpx", None)
+    if library is None:
+        import httpx as library
+    return library
+
+
 def hub_endpoint() -> str:
     """The Hub huggingface_hub is configured for (`HF_ENDPOINT`, default https://huggingface.co)."""
     from huggingface_hub import constants
@@ -172,9 +190,7 @@ def hub_error(exc: BaseException, *, action: str, location: str) -> HubError:
                 "write access to the repo (or read access for inputs)"
             )
         return HubError(f"{action} {location}: the Hub answered HTTP {status}{detail}; retry later")
-    import httpx2
-
-    if isinstance(exc, httpx2.TransportError):
+    if isinstance(exc, hub_http_library().TransportError):
         return HubError(f"{action} {location}: cannot reach {endpoint} ({type(exc).__name__}: {_first_line(exc)}); check the network")
     return HubError(f"{action} {location}: {type(exc).__name__}: {_first_line(exc)}")
 
@@ -190,20 +206,18 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _is_known(exc: BaseException) -> bool:
-    import httpx2
     from huggingface_hub import errors as hf_errors
 
-    return isinstance(exc, HubError | _TransientStatus | _ShortBody | hf_errors.HfHubHTTPError | httpx2.TransportError)
+    return isinstance(exc, HubError | _TransientStatus | _ShortBody | hf_errors.HfHubHTTPError | hub_http_library().TransportError)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: timeouts, dropped connections, 408/429/5xx."""
-    import httpx2
     from huggingface_hub import errors as hf_errors
 
     if _name_not_resolved(exc):
         return False  # no network or no such host: retrying for half a minute changes nothing
-    if isinstance(exc, _TransientStatus | httpx2.TransportError):
+    if isinstance(exc, _TransientStatus | hub_http_library().TransportError):
         return True
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return False

@@ -139,8 +139,10 @@ def _meta_model(config_dict: Mapping[str, object], *, ties_embeddings: bool | No
     if ties_embeddings is not None:
         config.tie_word_embeddings = ties_embeddings
     # sdpa where the family allows it; Gemma 2 soft-caps its attention scores, which only the
-    # eager attention does, and eager attention adds its mask to the scores.
-    eager = not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", False)
+    # eager attention does, and eager attention adds its mask to the scores. transformers before
+    # 5.21 offers sdpa for Gemma 2 all the same and then skips the soft-capping, hence the second test.
+    supports_sdpa = getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", False)
+    eager = not supports_sdpa or getattr(config, "attn_logit_softcapping", None) is not None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if eager else "sdpa")
     model.eval()
