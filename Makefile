@@ -48,7 +48,8 @@ test-hub-lower: $(LOWER_VENV)/.installed
 	$(LOWER_VENV)/bin/python -m pytest -q $(LOWER_TESTS)
 
 # Every CPU benchmark with the settings README reports (over an hour on 2 cores); results in
-# benchmarks/results/. The GPU benchmark is benchmarks/gpu_stats.py, on a CUDA machine.
+# benchmarks/results/. The GPU benchmarks (benchmarks/gpu_stats.py, gpu_one_pass.py) run on a CUDA
+# machine through benchmarks/gpu_check.sh.
 bench: setup
 	$(PY) benchmarks/bench_merge.py --repeats 3
 	$(PY) benchmarks/bench_stats.py --samples 64 --repeats 3
