@@ -127,3 +127,32 @@ def output_digest(out: Path, record_name: str = "perta_merge.json") -> dict[str,
         record.pop(name, None)
     digest[record_name] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return digest
+
+
+def killer_script(wrapping: str) -> str:
+    """A child program for `python -c`: the real CLI, after `wrapping` (Python source) has wrapped
+    some method so that the process SIGKILLs itself at an exact point. The child is called with
+    `POINT COUNT CLI-ARGS...`; `wrapping` reads `point` and `count` and may call `die()` or
+    `die_after(owner, name)` (SIGKILL once the wrapped method has returned `count` times)."""
+    return _KILLER_HEAD + wrapping.strip("\n") + "\nfrom perta_stream.cli import main\nsys.exit(main(argv))\n"
+
+
+_KILLER_HEAD = r"""
+import os, signal, sys
+point, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+seen = [0]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def die_after(owner, name):
+    original = getattr(owner, name)
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        seen[0] += 1
+        if seen[0] == count:
+            die()
+        return result
+    setattr(owner, name, wrapped)
+
+"""

@@ -23,30 +23,13 @@ import pytest
 from one_pass_fixtures import assert_same_output, data_args, make_workspace, model_args
 from perta_stream.cli import main
 from perta_stream.sinks.resume_record import RESUME_RECORD_NAME
-from reliability_fixtures import cli_env, partial_of
+from reliability_fixtures import cli_env, killer_script, partial_of
 
 KILL_TIMEOUT_S = 180
 METHODS = "grad,fisher"
 ALPHAS = "0.5,1"
 
-KILLER = r"""
-import os, signal, sys
-point, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-seen = [0]
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def die_after(owner, name):
-    original = getattr(owner, name)
-    def wrapped(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        seen[0] += 1
-        if seen[0] == count:
-            die()
-        return result
-    setattr(owner, name, wrapped)
-
+KILLER = killer_script(r"""
 from perta_stream.pipelines import group_merge
 from perta_stream.sinks import model_output, output_dir, stats_output
 if point == "merged":
@@ -57,9 +40,7 @@ elif point == "shard-finished":
     die_after(model_output.LocalModelOutput, "shard_finished")
 elif point == "commit":
     output_dir.AtomicOutputDir.commit = lambda self: die()
-from perta_stream.cli import main
-sys.exit(main(argv))
-"""
+""")
 
 CONTINUED = "continuing from the state saved at"
 SWEPT_AGAIN = None

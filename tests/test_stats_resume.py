@@ -34,7 +34,7 @@ from perta_stream.errors import PlanError, ResumeError, UsageError
 from perta_stream.pipelines import stats as stats_pipeline
 from perta_stream.sinks.resume_record import RESUME_RECORD_NAME
 from perta_stream.sinks.stats_output import STATE_PREFIX
-from reliability_fixtures import cli_command, cli_env, output_digest, partial_of, refused
+from reliability_fixtures import cli_command, cli_env, killer_script, output_digest, partial_of, refused
 from stats_fixtures import fail_write_group, save_tiny_model, write_data, write_jsonl
 
 # Group order of a 2-layer model, each for forget then retain: head, layer 1, layer 0, embeddings.
@@ -42,24 +42,7 @@ GROUPS_PER_DATASET = 4
 KILL_TIMEOUT_S = 120
 
 # The child: the real CLI with one sink method wrapped to SIGKILL the process at an exact point.
-KILLER = r"""
-import os, signal, sys
-point, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-seen = [0]
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def die_after(owner, name):
-    original = getattr(owner, name)
-    def wrapped(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        seen[0] += 1
-        if seen[0] == count:
-            die()
-        return result
-    setattr(owner, name, wrapped)
-
+KILLER = killer_script(r"""
 from perta_stream.sinks import output_dir, stats_output, stats_store
 if point == "state-saved":
     die_after(stats_output.StatsOutput, "offer_state")
@@ -76,9 +59,7 @@ elif point == "state-rename":
     os.replace = replace_or_die
 elif point == "commit":
     output_dir.AtomicOutputDir.commit = lambda self: die()
-from perta_stream.cli import main
-sys.exit(main(argv))
-"""
+""")
 
 # name -> (model, where the child dies, on which occurrence, extra flags)
 KILLS = {
