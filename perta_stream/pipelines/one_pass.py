@@ -225,16 +225,12 @@ def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: Mod
 # ---------------------------------------------------------------- the plan next to two passes
 def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]], compute_dtype_bytes: int) -> PassComparison:
     merged = [task for task in plan.tasks if task.action == "merge"]
-    numel = sum(task.numel for task in merged)
-    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
     widest = [max((t.sources[role].itemsize for t in plan.tasks if role in t.sources), default=0) for role in MODEL_ROLES]
     out_itemsize = max((int(t.out_spec.nbytes / max(t.numel, 1)) for t in plan.tasks), default=4)
-    return compare_passes(
-        stats_read_bytes=stats_plan.bytes_read,
-        stats_bytes=stats_plan.bytes_written,
-        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
-        stats_peak_host_bytes=stats_plan.peak_host_bytes,
-        stats_peak_device_bytes=stats_plan.peak_device_bytes,
+    return _compare(
+        config,
+        stats_plan,
+        merged_numel=sum(task.numel for task in merged),
         model_read_bytes=plan.bytes_to_read,
         theta0_loaded_bytes=theta0_loaded_bytes(
             {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
@@ -242,16 +238,30 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         if config.effective_stats_model == config.theta0
         else 0,
         output_bytes=sum(shard.nbytes for shard in plan.shards),
-        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
-        stat_methods=len(config.stat_methods),
-        stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
         merge_buffer_bytes=merge_buffer_bytes(
             plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
         merge_device_bytes=merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
+    )
+
+
+def _compare(config: UnlearnConfig, stats_plan: StatsPlan, *, merged_numel: int, **model_figures: Any) -> PassComparison:
+    """`compare_passes` with the figures that come from the statistics plan and the options; the
+    model's figures (reads, output, merge memory) are given."""
+    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
+    return compare_passes(
+        stats_read_bytes=stats_plan.bytes_read,
+        stats_bytes=stats_plan.bytes_written,
+        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
+        stats_peak_host_bytes=stats_plan.peak_host_bytes,
+        stats_peak_device_bytes=stats_plan.peak_device_bytes,
+        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
+        stat_methods=len(config.stat_methods),
+        stats_per_method_bytes=2 * merged_numel * stats_itemsize,
         save_stats=bool(config.save_stats),
         device=stats_plan.device,
+        **model_figures,
     )
 
 
@@ -266,31 +276,23 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
     shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
     numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
     model_bytes = numel * shape.weight_dtype_bytes
-    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
     chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
     stored_dtype = {4: "F32", 2: "BF16"}.get(shape.weight_dtype_bytes, "BF16")
     compute_dtype_bytes = 4 if stats_config.compute_dtype_on(stats_plan.device) == "float32" else 2
-    comparison = compare_passes(
-        stats_read_bytes=stats_plan.bytes_read,
-        stats_bytes=stats_plan.bytes_written,
-        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
-        stats_peak_host_bytes=stats_plan.peak_host_bytes,
-        stats_peak_device_bytes=stats_plan.peak_device_bytes,
+    comparison = _compare(
+        config,
+        stats_plan,
+        merged_numel=numel,
         model_read_bytes=3 * model_bytes,
         theta0_loaded_bytes=theta0_loaded_bytes(
             {name: (dims, stored_dtype) for name, dims in shape.tensor_shapes().items()}, shape.num_layers, compute_dtype_bytes
         ),
         output_bytes=model_bytes,
-        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
-        stat_methods=len(config.stat_methods),
-        stats_per_method_bytes=2 * numel * stats_itemsize,
         merge_peak_host_bytes=config.max_memory_bytes,
         merge_buffer_bytes=merge_buffer_bytes(
             chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
         ),
         merge_device_bytes=merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
-        save_stats=bool(config.save_stats),
-        device=stats_plan.device,
     )
     return comparison, stats_plan
 
