@@ -29,6 +29,8 @@ set-up. Writes benchmarks/results/one_pass_gpu.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -39,10 +41,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info, write_results  # noqa: E402
-from gpu_stats import LLAMA_70B, SMOKE_70B  # noqa: E402
+from gpu_stats import LLAMA_70B, SMOKE_70B, cold_read_speed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_70B_CONFIG = ROOT / "configs" / "llama-70b-config.json"
@@ -131,23 +134,6 @@ def drop_from_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def cold_read_speed(path: Path) -> float:
-    """Bytes per second reading `path` once from the disk (evicted from the page cache first)."""
-    drop_from_page_cache(path.parent)
-    buffer = memoryview(bytearray(64 << 20))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        started = time.perf_counter()
-        offset = 0
-        while count := os.preadv(fd, [buffer], offset):
-            offset += count
-        seconds = time.perf_counter() - started
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return offset / seconds
-
-
 # Where the time goes: (module, class, method, what it stands for), summed over every thread.
 TIMED_CALLS = [
     ("perta_stream.pipelines.group_merge", "GroupMerger", "_read_chunk", "merge: read θ_full, θ_fgt"),
@@ -162,100 +148,75 @@ TIMED_CALLS = [
 ]
 
 
-class TimeSpent:
-    """Seconds spent in each of TIMED_CALLS while the context is open (a call inside another
-    timed call counts in both)."""
+class RunClock:
+    """What the running one pass does when, read off it by wrapping its methods (restored on exit):
+    when the engine starts each decoder layer (forward, then backward), the head and the embedding
+    step; the seconds of each group's merge; the seconds spent in each of TIMED_CALLS, summed over
+    every thread (a call inside another timed call counts in both); the padded tokens swept."""
 
     def __init__(self) -> None:
         import threading
 
+        self.events: list[tuple[str, float]] = []
+        self.merge_s: list[float] = []
         self.seconds: dict[str, float] = {}
+        self.padded_tokens = 0
         self._lock = threading.Lock()
-        self._undo: list = []
+        self._patches = contextlib.ExitStack()
 
-    def __enter__(self) -> "TimeSpent":
+    def __enter__(self) -> "RunClock":
         import importlib
 
-        for module_name, class_name, attribute, what in TIMED_CALLS:
-            owner = getattr(importlib.import_module(module_name), class_name)
-            original = getattr(owner, attribute)
-
-            def timed(*args, _original=original, _what=what, **kwargs):
-                started = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    with self._lock:
-                        self.seconds[_what] = self.seconds.get(_what, 0.0) + time.perf_counter() - started
-
-            setattr(owner, attribute, timed)
-            self._undo.append((owner, attribute, original))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for owner, attribute, original in reversed(self._undo):
-            setattr(owner, attribute, original)
-
-
-class LayerClock:
-    """When the engine starts each decoder layer (forward, then backward), the head and the
-    embedding step, and how long each group's merge took, read off the running one pass."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int, float]] = []
-        self.merge_s: list[float] = []
-        self.padded_tokens = 0
-        self._undo: list = []
-
-    def __enter__(self) -> "LayerClock":
         from perta_stream.compute.stats.streaming import StreamingStatsEngine
         from perta_stream.pipelines.group_merge import GroupMerger
 
-        self._wrap(StreamingStatsEngine, "_materialize_layer", lambda index, *rest: ("layer", index))
-        self._wrap(StreamingStatsEngine, "_head", lambda *args: ("head", -1))
-        self._wrap(StreamingStatsEngine, "_embedding", lambda *args: ("embedding", -1))
-        self._wrap(StreamingStatsEngine, "run", self._count_tokens)
-        original_merge = GroupMerger.merge
-
-        def timed_merge(merger, *args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original_merge(merger, *args, **kwargs)
-            finally:
-                self.merge_s.append(time.perf_counter() - started)
-
-        GroupMerger.merge = timed_merge
-        self._undo.append(lambda: setattr(GroupMerger, "merge", original_merge))
+        self._before(StreamingStatsEngine, "_materialize_layer", lambda *args: self.events.append(("layer", time.perf_counter())))
+        self._before(StreamingStatsEngine, "_head", lambda *args: self.events.append(("head", time.perf_counter())))
+        self._before(StreamingStatsEngine, "_embedding", lambda *args: self.events.append(("embedding", time.perf_counter())))
+        self._before(StreamingStatsEngine, "run", self._count_tokens)
+        self._timed(GroupMerger, "merge", self.merge_s.append)
+        for module_name, class_name, attribute, what in TIMED_CALLS:
+            self._timed(getattr(importlib.import_module(module_name), class_name), attribute, functools.partial(self._add, what))
         return self
 
-    def _wrap(self, owner: type, attribute: str, event) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self._patches.close()
+
+    def _before(self, owner: type, attribute: str, hook) -> None:
         original = getattr(owner, attribute)
 
-        def wrapped(engine, *args, **kwargs):
-            what, index = event(*args)
-            self.events.append((what, index, time.perf_counter()))
-            return original(engine, *args, **kwargs)
+        def wrapped(instance, *args, **kwargs):
+            hook(*args, **kwargs)
+            return original(instance, *args, **kwargs)
 
-        setattr(owner, attribute, wrapped)
-        self._undo.append(lambda: setattr(owner, attribute, original))
+        self._patches.enter_context(mock.patch.object(owner, attribute, wrapped))
 
-    def _count_tokens(self, batches, **kwargs) -> tuple[str, int]:
+    def _timed(self, owner: type, attribute: str, record) -> None:
+        original = getattr(owner, attribute)
+
+        def wrapped(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                record(time.perf_counter() - started)
+
+        self._patches.enter_context(mock.patch.object(owner, attribute, wrapped))
+
+    def _add(self, what: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[what] = self.seconds.get(what, 0.0) + seconds
+
+    def _count_tokens(self, batches, **kwargs) -> None:
         self.padded_tokens += sum(batch.num_tokens for dataset_batches in batches.values() for batch in dataset_batches)
-        return ("run", -1)
-
-    def __exit__(self, *exc: object) -> None:
-        for undo in reversed(self._undo):
-            undo()
 
     def layer_seconds(self, end: float) -> tuple[list[float], list[float]]:
         """Seconds per decoder layer in the forward sweep and in the backward sweep: each layer
         lasts until the engine starts the next thing."""
-        times = [t for _, _, t in self.events] + [end]
+        times = [t for _, t in self.events] + [end]
         phase = "forward"
         forward, backward = [], []
-        for position, (what, _, started) in enumerate(self.events):
-            if what == "run":
-                continue
+        for position, (what, started) in enumerate(self.events):
             if what == "head":
                 phase = "backward"
             elif what == "layer":
@@ -313,7 +274,7 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--device", device, "--out", str(out), "-q"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with LayerClock() as clock, TimeSpent() as spent:
+    with RunClock() as clock:
         started = time.perf_counter()
         status = cli_main(command)
         ended = time.perf_counter()
@@ -347,7 +308,7 @@ def main() -> None:
         "benchmark": "one_pass_gpu", "machine": machine_info(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "settings": vars(args), "model": {**built, "layers": args.layers},
         "disk_free_bytes": disk.free, "read_bytes_per_s": read_bytes_per_s, "write_bytes_per_s": write_bytes_per_s,
-        "wall_s": wall_s, "forward_layer_s": forward_s, "backward_layer_s": backward_s, "merge_s": clock.merge_s, "seconds_in": spent.seconds,
+        "wall_s": wall_s, "forward_layer_s": forward_s, "backward_layer_s": backward_s, "merge_s": clock.merge_s, "seconds_in": clock.seconds,
         "peak_device_bytes": peak_device_bytes, "peak_rss_bytes": peak_rss_bytes, "output_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")),
         "mean_loss": record.get("one_pass", {}).get("mean_loss"), "extrapolation_70b": extrapolation,
     }
