@@ -91,6 +91,23 @@ def test_merging_in_the_background_gives_the_same_bytes(workspace, tmp_path, mon
         assert_same_output(tmp_path / "one" / method, reference[method])
 
 
+def test_the_gpu_ways_merge_step_gives_the_same_bytes(workspace, tmp_path, monkeypatch):
+    # The CUDA way's merge step run on CPU: inputs staged into (device) buffers in chunks of the
+    # GPU's size (here small and dividing no tensor), one kernel block per chunk, in the background.
+    from perta_stream.pipelines import group_merge
+    from perta_stream.pipelines import one_pass as one_pass_pipeline
+
+    monkeypatch.setattr(group_merge, "merges_in_device_chunks", lambda device: True)
+    monkeypatch.setattr(group_merge, "DEVICE_CHUNK_ELEMENTS", 3001)
+    monkeypatch.setattr(one_pass_pipeline, "merge_in_background", lambda device_type: True)
+    alphas = ["0.5", "1"]
+    reference = two_pass(workspace, "llama", tmp_path / "two", ["grad", "fisher"], alphas, "--stats-dtype", "bfloat16")
+    assert one_pass(workspace, "llama", tmp_path / "one", ["grad", "fisher"], alphas, "--stats-dtype", "bfloat16") == 0
+    for method in ("grad", "fisher"):
+        for alpha, folder in alpha_dirs(tmp_path / "one" / method, alphas).items():
+            assert_same_output(folder, alpha_dirs(reference[method], alphas)[alpha])
+
+
 def test_statistics_at_another_model_give_the_same_bytes(workspace, tmp_path):
     # Statistics at θ_full: the merge step must read θ_0 from disk, not take the sweep's weights.
     reference = two_pass(workspace, "qwen2", tmp_path / "two", ["fisher"], ["1"], stats_model="full")
@@ -112,6 +129,12 @@ def _figure(text: str, label: str) -> tuple[str, str]:
     return " ".join(parts[-4:-2]), " ".join(parts[-2:])
 
 
+def _bytes(figure: str) -> int:
+    from perta_stream.sizes import parse_size
+
+    return parse_size(figure, what="figure")
+
+
 def test_config_only_plan_of_the_70b_model(workspace, capsys):
     from perta_stream.plan.stats_plan import ModelShape
 
@@ -127,6 +150,27 @@ def test_config_only_plan_of_the_70b_model(workspace, capsys):
     stats_tib = 4 * numel * 4 / 2**40
     assert two_written.endswith("TiB") and float(two_written.split()[0]) >= stats_tib
     assert not one_written.endswith("TiB")
+
+
+@pytest.mark.parametrize(("method", "tau", "on_gpu"), [("fisher", None, True), ("fisher", "1", True), ("grad", "2", True), ("grad", "3", False), ("fisher", "3", False)])
+def test_the_70b_plan_merges_on_the_gpu_only_where_its_arithmetic_is_the_cpus(workspace, capsys, method, tau, on_gpu):
+    # On the GPU the group's statistics wait on the device (not on the host) until merged; that
+    # is done only where every weight exponent is 0.5, 1 or 2 (bitwise the CPU's pow).
+    config_path = REPO / "configs" / "llama-70b-config.json"
+    args = ["unlearn", "--one-pass", "--dry-run", "--config-only", "--theta0", str(config_path), "--full", "x", "--fgt", "y", "--out", "o"]
+    args += [*data_args(workspace)[:4], "--method", method, "--device", "cuda", "--fraction", "0.2"]
+    figures = {}
+    for name, extra in (("tau", ["--tau", tau] if tau else []), ("cpu merge", ["--tau", "3"])):
+        assert main([*args, *extra]) == 0
+        text = capsys.readouterr().out.split("one pass vs two passes")[1]
+        figures[name] = [_bytes(_figure(text, label)[0]) for label in ("peak host RAM", "peak cuda memory")]
+    (host_one, device_one), (cpu_host_one, cpu_device_one) = figures["tau"], figures["cpu merge"]
+    largest_group = 128256 * 8192  # the head: its float32 statistics decide where the extra memory is
+    if on_gpu:
+        # The page-locked chunk buffers (128 MiB here) and the printed rounding take a little back.
+        assert device_one - cpu_device_one >= 2 * 4 * largest_group and cpu_host_one - host_one >= 4 * largest_group - 2**28
+    else:
+        assert (host_one, device_one) == (cpu_host_one, cpu_device_one)
 
 
 def test_bad_inputs_are_all_reported_before_anything_is_written(workspace, tmp_path):

@@ -12,6 +12,12 @@ buffers are allocated once and reused, so memory stays flat however large the mo
 before any arithmetic: a mixed-dtype op (float32 - bfloat16) would make torch allocate a
 float32 copy of its operand on every call.
 
+On a GPU the same ops run on device buffers, one block per chunk (a kernel launch per op, so
+larger blocks). Every op is a correctly rounded IEEE operation there too (torch's CUDA kernels
+are one op each, built without fast-math, so nothing is contracted into a fused multiply-add),
+and the result is bitwise the CPU's, except for a power with an exponent other than 0.5 or 2:
+see `weights.exponent_is_portable`.
+
 Non-finite values are refused unless allowed: a NaN or infinity in theta0, theta_full or theta_fgt
 always reaches the float32 result (inf - inf, 0 * inf and NaN are all non-finite), so one sum per
 block of each result and each statistic detects them (a sum is non-finite exactly when an element
@@ -61,6 +67,8 @@ class MergeKernel:
         tau, uniform_weight, fallback_weight: as in MergeConfig.
         stat_roles: the names of the (forget, retain) statistics inputs for grad/fisher.
         allow_nonfinite: merge NaN and infinite values through instead of raising NonFiniteValues.
+        device: where the arithmetic runs; `merge_chunk`'s inputs and outputs must be there.
+        block_elements: elements per block (the scratch buffers' length); None: BLOCK_ELEMENTS.
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class MergeKernel:
         fallback_weight: float,
         stat_roles: tuple[str, ...] = (),
         allow_nonfinite: bool = False,
+        device: torch.device | str = "cpu",
+        block_elements: int | None = None,
     ):
         self.method = method
         self.alphas = alphas
@@ -81,12 +91,14 @@ class MergeKernel:
         self.fallback_weight = fallback_weight
         self.stat_roles = stat_roles
         self.allow_nonfinite = allow_nonfinite
-        self._task_vector = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._weights = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._result = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._operand = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._spare = torch.empty(BLOCK_ELEMENTS, dtype=torch.float32)
-        self._larger_mask = torch.empty(BLOCK_ELEMENTS, dtype=torch.bool)
+        self._block_elements = block = block_elements or BLOCK_ELEMENTS
+        scratch = {"dtype": torch.float32, "device": device}
+        self._task_vector = torch.empty(block, **scratch)
+        self._weights = torch.empty(block, **scratch)
+        self._result = torch.empty(block, **scratch)
+        self._operand = torch.empty(block, **scratch)
+        self._spare = torch.empty(block, **scratch)
+        self._larger_mask = torch.empty(block, dtype=torch.bool, device=device)
 
     def merge_chunk(self, inputs: dict[str, torch.Tensor], outputs: list[torch.Tensor]) -> None:
         """Compute one chunk.
@@ -99,8 +111,8 @@ class MergeKernel:
             NonFiniteValues: an input holds NaN or infinity (unless allow_nonfinite).
         """
         total = inputs["full"].numel()
-        for start in range(0, total, BLOCK_ELEMENTS):
-            stop = min(total, start + BLOCK_ELEMENTS)
+        for start in range(0, total, self._block_elements):
+            stop = min(total, start + self._block_elements)
             self._merge_block(
                 {role: view[start:stop] for role, view in inputs.items()}, [output[start:stop] for output in outputs]
             )

@@ -39,6 +39,18 @@ def weight_exponent(method: str, tau: float) -> float:
     return tau if method == "grad" else tau / 2
 
 
+# Exponents whose power torch computes as a correctly rounded op on every device: 1 is no power
+# at all, 0.5 is sqrt and 2 is x·x (aten's pow special-cases both on CPU and CUDA). Any other
+# exponent goes through the platform's pow (SLEEF on CPU, CUDA's powf), whose last bit differs.
+PORTABLE_EXPONENTS = (0.5, 1.0, 2.0)
+
+
+def exponent_is_portable(method: str, tau: float) -> bool:
+    """Whether W of this method and τ is bitwise the same on every device (see PORTABLE_EXPONENTS);
+    tv and uniform have no power at all."""
+    return method not in ("grad", "fisher") or weight_exponent(method, tau) in PORTABLE_EXPONENTS
+
+
 def compute_weights(
     forget_stat: torch.Tensor,
     retain_stat: torch.Tensor,

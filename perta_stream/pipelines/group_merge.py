@@ -6,6 +6,13 @@ every method (one output per (method, α)), and write each output's chunk at its
 shard. This is the arithmetic of `merge` (compute/merge_kernel.py, the same kernel objects and
 the same chunk boundaries); the statistics are first rounded to the storage dtype the two-pass
 way would have written them in (`--stats-dtype`), so both ways give the same bytes.
+
+On a GPU the arithmetic runs where the statistics and θ_0 already are: only θ_full's and
+θ_fgt's chunks go to the device and the outputs' chunks come back, through page-locked host
+buffers, on a stream of its own (so the merge's waits do not wait for the sweep's queued work).
+The chunks are larger there (a kernel launch per op); the kernel's ops are the CPU's, so the
+bytes are the same (see compute/merge_kernel.py for the one exception, which the caller keeps on
+the CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan, TensorTask
+from perta_stream.plan.one_pass_plan import DEVICE_CHUNK_ELEMENTS
 from perta_stream.sinks.layered_output import LayeredModelOutput
 from perta_stream.sources.byte_source import ByteSource
 
@@ -30,6 +38,16 @@ _EXACT_IN = {
     "F32": (torch.float32, torch.float64),
     "F64": (torch.float64,),
 }
+def merges_in_device_chunks(device: torch.device) -> bool:
+    """Whether a merge on `device` stages its inputs into device buffers, DEVICE_CHUNK_ELEMENTS at
+    a time (on any device but the CPU)."""
+    return device.type != "cpu"
+
+
+def kernel_block_elements(device: torch.device) -> int | None:
+    """The merge kernel's block for a merge on `device`: a whole chunk on a GPU, else None (the
+    kernel's own cache-sized block)."""
+    return DEVICE_CHUNK_ELEMENTS if merges_in_device_chunks(device) else None
 
 
 @dataclass(frozen=True)
@@ -48,19 +66,35 @@ class GroupMerger:
         sources: role -> byte source of θ_0, θ_full and θ_fgt.
         methods: the kernels and outputs, per method.
         stats_dtype: the statistics' storage dtype (`F32` or `BF16`) the merge reads them in.
+        device: where the kernels run (theirs, built with `kernel_block_elements(device)`); the
+            statistics given to `merge` must be there.
     """
 
-    def __init__(self, plan: MergePlan, sources: Mapping[str, ByteSource], methods: Sequence[MethodOutputs], *, stats_dtype: str):
+    def __init__(
+        self, plan: MergePlan, sources: Mapping[str, ByteSource], methods: Sequence[MethodOutputs], *, stats_dtype: str, device: torch.device = torch.device("cpu")
+    ):
         self._plan = plan
         self._sources = sources
         self._methods = tuple(methods)
         self._stats_dtype = torch_dtype(stats_dtype)
         self._tasks = {task.tensor_name: task for task in plan.tasks}
+        self.device = device
+        on_device = merges_in_device_chunks(device)
+        self._chunk_elements = DEVICE_CHUNK_ELEMENTS if on_device else plan.chunk_elements
         widest = {role: max((t.sources[role].itemsize for t in plan.tasks if role in t.sources), default=1) for role in MODEL_INPUTS}
-        self._in = {role: torch.empty(plan.chunk_elements * size, dtype=torch.uint8) for role, size in widest.items()}
         out_itemsize = max((DTYPE_BYTES[t.out_dtype] for t in plan.tasks), default=4)
         count = max((len(m.outputs) for m in self._methods), default=0)
-        self._out = [torch.empty(plan.chunk_elements * out_itemsize, dtype=torch.uint8) for _ in range(count)]
+
+        def buffers(size: int, where: torch.device) -> torch.Tensor:
+            # Page-locked on the host when a device copies from or to it (full-speed DMA).
+            return torch.empty(self._chunk_elements * size, dtype=torch.uint8, device=where, pin_memory=device.type == "cuda" and where.type == "cpu")
+
+        host = torch.device("cpu")
+        self._in = {role: buffers(size, host) for role, size in widest.items()}
+        self._out = [buffers(out_itemsize, host) for _ in range(count)]
+        self._in_device = {role: buffers(size, device) for role, size in widest.items()} if on_device else {}
+        self._out_device = [buffers(out_itemsize, device) for _ in range(count)] if on_device else []
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.bytes_read = 0
 
     @property
@@ -76,11 +110,21 @@ class GroupMerger:
         """Merge the tensors of one finished group.
 
         Args:
-            stats: dataset -> tensor_name -> kind -> float32 statistic (CPU), both datasets.
+            stats: dataset -> tensor_name -> kind -> float32 statistic (on the merger's device), both datasets.
             theta0_loaded: θ_0's tensors of the group as the sweep loaded them (any device,
                 the compute dtype); each one whose dtype holds the stored values exactly is
                 used instead of reading θ_0 again.
         """
+        if self._stream is None:
+            self._merge_group(stats, theta0_loaded)
+            return
+        # The statistics and θ_0 were made on the sweep's stream; the merge's stream waits for them.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            self._merge_group(stats, theta0_loaded)
+        self._stream.synchronize()
+
+    def _merge_group(self, stats: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], theta0_loaded: Mapping[str, torch.Tensor] | None) -> None:
         names = sorted(set().union(*(set(per_dataset) for per_dataset in stats.values())))
         for tensor_name in names:
             task = self._tasks.get(tensor_name)
@@ -97,24 +141,32 @@ class GroupMerger:
         if not any(wanted):
             return
         out_itemsize = DTYPE_BYTES[task.out_dtype]
-        for start, count in self._plan.chunk_ranges(task):
+        out_dtype = torch_dtype(task.out_dtype)
+        for start, count in self._plan.chunk_ranges(task, self._chunk_elements):
             inputs = self._read_chunk(task, start, count, skip=("theta0",) if theta0 is not None else ())
+            merged = task.action == "merge"
+            if merged and self._in_device:
+                inputs = {role: self._in_device[role][: view.numel() * view.element_size()].view(view.dtype).copy_(view) for role, view in inputs.items()}
             if theta0 is not None:
-                inputs["theta0"] = theta0[start : start + count].to("cpu")
+                inputs["theta0"] = theta0[start : start + count].to(self.device)
             for method, targets in zip(self._methods, wanted):
                 if not targets:
                     continue
-                typed_outputs = [self._out[k][: count * out_itemsize].view(torch_dtype(task.out_dtype)) for k in range(len(method.outputs))]
-                if task.action == "merge":
+                typed_outputs = [self._out[k][: count * out_itemsize].view(out_dtype) for k in range(len(method.outputs))]
+                if merged:
                     chunk_inputs = dict(inputs)
                     for role in STAT_ROLES.get(method.kernel.method, ()):
                         # Rounded to the storage dtype as the two-pass way reads it from disk
                         # (a no-op copy for float32).
                         chunk_inputs[role] = stat_views[role][start : start + count].to(self._stats_dtype)
+                    kernel_outputs = [buffer[: count * out_itemsize].view(out_dtype) for buffer in self._out_device] or typed_outputs
                     try:
-                        method.kernel.merge_chunk(chunk_inputs, typed_outputs)
+                        method.kernel.merge_chunk(chunk_inputs, kernel_outputs[: len(method.outputs)])
                     except NonFiniteValues as exc:
                         raise nonfinite_error(task.tensor_name, exc) from None
+                    if self._out_device:
+                        for typed, computed in zip(typed_outputs, kernel_outputs):
+                            typed.copy_(computed)
                 else:
                     raw = self._in["full"][: count * task.sources["full"].itemsize]
                     for typed in typed_outputs:

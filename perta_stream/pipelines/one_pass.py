@@ -44,8 +44,7 @@ from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, des
 from perta_stream.plan.one_pass_plan import (
     PassComparison,
     compare_passes,
-    merge_buffer_bytes,
-    merge_device_bytes,
+    merge_step_bytes,
     one_pass_outputs,
     theta0_loaded_bytes,
 )
@@ -56,6 +55,8 @@ from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:
+    import torch
+
     from perta_stream.compute.stats.resume_state import ResumeState
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.unlearn import UnlearnResult
@@ -239,18 +240,38 @@ def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, s
         else 0,
         output_bytes=sum(shard.nbytes for shard in plan.shards),
         merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
-        merge_buffer_bytes=merge_buffer_bytes(
-            plan.chunk_elements, widest, out_itemsize, len(config.alphas), shapes, stats_plan.num_layers, len(stats_plan.kinds), stats_plan.device
-        ),
-        merge_device_bytes=merge_device_bytes(shapes, stats_plan.num_layers, compute_dtype_bytes, stats_plan.device),
+        merge_buffers=(plan.chunk_elements, widest, out_itemsize, shapes, compute_dtype_bytes),
     )
 
 
-def _compare(config: UnlearnConfig, stats_plan: StatsPlan, *, merged_numel: int, **model_figures: Any) -> PassComparison:
+def _compare(
+    config: UnlearnConfig,
+    stats_plan: StatsPlan,
+    *,
+    merged_numel: int,
+    merge_buffers: tuple[int, list[int], int, dict[str, tuple[int, ...]], int],
+    **model_figures: Any,
+) -> PassComparison:
     """`compare_passes` with the figures that come from the statistics plan and the options; the
-    model's figures (reads, output, merge memory) are given."""
+    model's figures (reads, output, merge memory) are given, the merge step's memory as
+    (chunk elements, input itemsizes, output itemsize, tensor shapes, compute dtype bytes)."""
     stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
+    chunk_elements, input_itemsizes, out_itemsize, shapes, compute_dtype_bytes = merge_buffers
+    merge_host_bytes, merge_device_bytes = merge_step_bytes(
+        chunk_elements=chunk_elements,
+        input_itemsizes=input_itemsizes,
+        out_itemsize=out_itemsize,
+        outputs_per_method=len(config.alphas),
+        shapes=shapes,
+        num_layers=stats_plan.num_layers,
+        kinds=len(stats_plan.kinds),
+        compute_dtype_bytes=compute_dtype_bytes,
+        device=stats_plan.device,
+        merge_on_device=_merge_device(config, stats_plan.device).type != "cpu",
+    )
     return compare_passes(
+        merge_buffer_bytes=merge_host_bytes,
+        merge_device_bytes=merge_device_bytes,
         stats_read_bytes=stats_plan.bytes_read,
         stats_bytes=stats_plan.bytes_written,
         boundary_spill_bytes=stats_plan.boundary_spill_bytes,
@@ -289,10 +310,7 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         ),
         output_bytes=model_bytes,
         merge_peak_host_bytes=config.max_memory_bytes,
-        merge_buffer_bytes=merge_buffer_bytes(
-            chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, len(config.alphas), shape.tensor_shapes(), shape.num_layers, len(stats_plan.kinds), stats_plan.device
-        ),
-        merge_device_bytes=merge_device_bytes(shape.tensor_shapes(), shape.num_layers, compute_dtype_bytes, stats_plan.device),
+        merge_buffers=(chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, shape.tensor_shapes(), compute_dtype_bytes),
     )
     return comparison, stats_plan
 
@@ -342,9 +360,11 @@ def _execute(
     started: float,
 ) -> list[str]:
     """Open the outputs, sweep, finish every output; returns the output folders."""
+    import torch
+
     from perta_stream.compute.merge_kernel import MergeKernel
     from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.pipelines.group_merge import GroupMerger, MethodOutputs
+    from perta_stream.pipelines.group_merge import GroupMerger, MethodOutputs, kernel_block_elements
     from perta_stream.pipelines.merge import finalize_output
     from perta_stream.pipelines.stats import open_store
     from perta_stream.sinks.layered_output import LayeredModelOutput
@@ -378,6 +398,9 @@ def _execute(
         store = None
         if config.save_stats:
             store = open_store(stats_config, stats_checkpoint, shape, stats_output, resumed)
+        merge_device = _merge_device(config, device_name)
+        if merge_device.type != torch.device(device_name).type:
+            logger.info("merging on the CPU: with τ=%s a weight exponent is not 0.5, 1 or 2, whose powers are bitwise the same on the GPU", config.tau)
         methods = [
             MethodOutputs(
                 MergeKernel(
@@ -388,12 +411,14 @@ def _execute(
                     fallback_weight=config.fallback_weight,
                     stat_roles=STAT_ROLES.get(method, ()),
                     allow_nonfinite=config.allow_nonfinite,
+                    device=merge_device,
+                    block_elements=kernel_block_elements(merge_device),
                 ),
                 tuple(layered[(method, alpha)] for alpha in config.alphas),
             )
             for method in config.methods
         ]
-        merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype)
+        merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype, device=merge_device)
         merger.copy_tasks()
         BoundaryStore.remove_leftovers(stats_output.partial)
         report: dict[str, Any] = {"mean_loss": dict(resumed.mean_loss)}
@@ -440,6 +465,19 @@ def _execute(
             stats_content = content_sha256 if method in STAT_ROLES else None
             locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         return locations
+
+
+def _merge_device(config: UnlearnConfig, device_name: str) -> torch.device:
+    """Where the merge step runs: on the sweep's GPU, where the statistics and θ_0 already are
+    (nothing but θ_full, θ_fgt and the outputs crosses to the host), when its arithmetic is
+    bitwise the CPU's for every method (compute/weights.py: exponent_is_portable); else on the CPU."""
+    import torch
+
+    from perta_stream.compute.weights import exponent_is_portable
+
+    device = torch.device(device_name)
+    portable = all(exponent_is_portable(method, _tau(config, method) or 1.0) for method in config.methods)
+    return device if device.type == "cuda" and portable else torch.device("cpu")
 
 
 def _usable_state(
@@ -523,6 +561,8 @@ def _sweep(
     batches = {name: make_batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
     held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
     overlap = merge_in_background(device.type)
+    # Statistics the merge takes on the device stay there; the saved copy goes through the host.
+    on_host = merger.device.type == "cpu"
 
     with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as plain_loader, BoundaryStore(
         stats_config.boundary_budget_bytes, spill_parent=stats_output.partial
@@ -539,7 +579,7 @@ def _sweep(
                 # (its memory with it) for the retain half, which the engine finishes next.
                 try:
                     if store is not None:
-                        store.write_group(dataset, group, stats)
+                        store.write_group(dataset, group, stats if on_host else _to_host(stats))
                 except BaseException:
                     give_back()
                     raise
@@ -566,7 +606,15 @@ def _sweep(
             stats_output.offer_state(state, before_save=settle)
 
         engine = StreamingStatsEngine(
-            skeleton, loader, boundaries, finished_group, kinds=stats_config.kinds, device=device, compute_dtype=compute_dtype, on_resume_point=offer_state
+            skeleton,
+            loader,
+            boundaries,
+            finished_group,
+            kinds=stats_config.kinds,
+            device=device,
+            compute_dtype=compute_dtype,
+            on_resume_point=offer_state,
+            host_results=on_host,
         )
         report = engine.run(batches, start=start)
     logger.info(
@@ -577,3 +625,7 @@ def _sweep(
         format_bytes(merger.bytes_read),
     )
     return {"mean_loss": dict(report.mean_loss)}
+
+
+def _to_host(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: {kind: tensor.cpu() for kind, tensor in kinds.items()} for name, kinds in stats.items()}

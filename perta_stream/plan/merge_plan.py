@@ -105,12 +105,14 @@ class MergePlan:
     def single_file(self) -> bool:
         return len(self.shards) == 1 and self.shards[0].file_name == SINGLE_SHARD_NAME
 
-    def chunk_ranges(self, task: TensorTask) -> list[tuple[int, int]]:
-        """(first element, element count) of each chunk of a tensor, in order."""
+    def chunk_ranges(self, task: TensorTask, chunk_elements: int | None = None) -> list[tuple[int, int]]:
+        """(first element, element count) of each chunk of a tensor, in order (chunks of the
+        plan's size unless `chunk_elements` says otherwise)."""
         numel = task.numel
+        size = chunk_elements or self.chunk_elements
         if numel == 0:
             return [(0, 0)]
-        return [(start, min(self.chunk_elements, numel - start)) for start in range(0, numel, self.chunk_elements)]
+        return [(start, min(size, numel - start)) for start in range(0, numel, size)]
 
 
 def plan_merge(

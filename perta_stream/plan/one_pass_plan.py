@@ -20,9 +20,14 @@ from perta_stream.memory import format_bytes
 from perta_stream.plan.stats_plan import EMBED_GROUP, group_tensor_names
 
 
-# The merge kernel's float32 block scratch (compute/merge_kernel.py: 5 vectors of 64 Ki elements);
-# plan/ does not import torch code, so the size is restated here.
-KERNEL_SCRATCH_BYTES = 5 * 4 * (1 << 16)
+# The merge kernel's float32 scratch (compute/merge_kernel.py: 5 vectors and a bool mask of one
+# block; 64 Ki elements on the CPU); plan/ does not import torch code, so it is restated here.
+KERNEL_SCRATCH_VECTORS = 5
+KERNEL_SCRATCH_BYTES = KERNEL_SCRATCH_VECTORS * 4 * (1 << 16)
+# Elements per merge chunk, and kernel block, when the one pass merges on a GPU: 16 Mi elements
+# keep the per-op launch cost near a millisecond per chunk while each float32 scratch vector is
+# 64 MiB.
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 # Stored dtype -> the compute dtype sizes (bfloat16: 2, float32: 4) that hold its values exactly.
 _EXACT_COMPUTE_BYTES = {"BF16": (2, 4), "F16": (4,), "F32": (4,)}
 
@@ -161,24 +166,37 @@ def theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_lay
     )
 
 
-def merge_device_bytes(shapes: dict[str, tuple[int, ...]], num_layers: int, compute_dtype_bytes: int, device: str) -> int:
-    """On CUDA, the layer being merged in the background keeps its weights on the device a little
-    longer (the merge reads θ_0 from them): one more layer beside the sweep's two."""
-    if device == "cpu":
-        return 0
-    groups = group_tensor_names(shapes, num_layers)
-    return max(sum(math.prod(shapes[name]) for name in names) for names in groups.values()) * compute_dtype_bytes
+def merge_step_bytes(
+    *,
+    chunk_elements: int,
+    input_itemsizes: list[int],
+    out_itemsize: int,
+    outputs_per_method: int,
+    shapes: dict[str, tuple[int, ...]],
+    num_layers: int,
+    kinds: int,
+    compute_dtype_bytes: int,
+    device: str,
+    merge_on_device: bool,
+) -> tuple[int, int]:
+    """What the merge step adds to the sweep's (host, device) memory.
 
-
-def merge_buffer_bytes(
-    chunk_elements: int, input_itemsizes: list[int], out_itemsize: int, outputs_per_method: int, shapes: dict[str, tuple[int, ...]], num_layers: int, kinds: int, device: str
-) -> int:
-    """What the merge step adds to the sweep's host memory: its chunk buffers and the kernel's
-    blocks, and on CUDA one more group of float32 statistics (the group being merged in the
-    background while the next one is computed)."""
-    buffers = chunk_elements * (sum(input_itemsizes) + out_itemsize * outputs_per_method) + KERNEL_SCRATCH_BYTES
+    - CPU sweep: the chunk buffers (θ_0, θ_full, θ_fgt in, one out per α) and the kernel's blocks.
+    - GPU sweep, merge on the host: the same, plus one more group of float32 statistics on the
+      host (the group merged in the background while the next is computed); on the device, the
+      layer being merged keeps its weights a little longer (the merge reads θ_0 from them).
+    - GPU sweep, merge on the GPU: page-locked chunk buffers of DEVICE_CHUNK_ELEMENTS on the
+      host; on the device the same buffers, the kernel's scratch, that layer's weights, and the
+      group's statistics of both datasets, which stay where they were computed until merged.
+    """
+    per_element = sum(input_itemsizes) + out_itemsize * outputs_per_method
     if device == "cpu":
-        return buffers
+        return chunk_elements * per_element + KERNEL_SCRATCH_BYTES, 0
     groups = group_tensor_names(shapes, num_layers)
     largest = max(sum(math.prod(shapes[name]) for name in names) for names in groups.values())
-    return buffers + largest * 4 * kinds
+    layer_weights = largest * compute_dtype_bytes
+    if not merge_on_device:
+        return chunk_elements * per_element + KERNEL_SCRATCH_BYTES + largest * 4 * kinds, layer_weights
+    chunk_buffers = DEVICE_CHUNK_ELEMENTS * per_element
+    kernel_scratch = DEVICE_CHUNK_ELEMENTS * (KERNEL_SCRATCH_VECTORS * 4 + 1)
+    return chunk_buffers, chunk_buffers + kernel_scratch + layer_weights + 2 * largest * 4 * kinds

@@ -128,17 +128,19 @@ class StatsAccumulator:
         self.squares = {k: v.to(device) for k, v in self.squares.items()}
         return self
 
-    def results(self, num_samples: int, tensor_names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """tensor_name -> {"grad": mean gradient, "fisher": mean squared gradient}, float32 on CPU."""
+    def results(self, num_samples: int, tensor_names: Iterable[str] | None = None, *, to_host: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """tensor_name -> {"grad": mean gradient, "fisher": mean squared gradient}, float32, on
+        the CPU (`to_host`) or else the sums' own memory on their device (valid until `release`)."""
         names = list(tensor_names) if tensor_names is not None else list(self.sums or self.squares)
+        place = "cpu" if to_host else self._device
         out: dict[str, dict[str, torch.Tensor]] = {}
         for tensor_name in names:
             entry: dict[str, torch.Tensor] = {}
             # In place: an accumulator is finished once its results are taken.
             if self.wants_sums:
-                entry[GRAD] = self.sums[tensor_name].div_(num_samples).cpu()
+                entry[GRAD] = self.sums[tensor_name].div_(num_samples).to(place)
             if self.wants_squares:
-                entry[FISHER] = self.squares[tensor_name].div_(num_samples).cpu()
+                entry[FISHER] = self.squares[tensor_name].div_(num_samples).to(place)
             out[tensor_name] = entry
         return out
 

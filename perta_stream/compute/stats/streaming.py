@@ -107,6 +107,9 @@ class StreamingStatsEngine:
         on_resume_point: receives the sweep's state after the head and after each backward
             layer (None: no resume points, e.g. under a launcher, where each rank's boundary
             gradients are only a share).
+        host_results: the sink gets host copies of the statistics and the device memory is
+            reused at once; False hands the sink the device tensors themselves, and they stay
+            allocated until the sink calls `give_back` (for a consumer on the same device).
     """
 
     def __init__(
@@ -121,8 +124,10 @@ class StreamingStatsEngine:
         compute_dtype: torch.dtype,
         dist: DistContext = SINGLE_PROCESS,
         on_resume_point: ResumePointSink | None = None,
+        host_results: bool = True,
     ):
         self._dist = dist
+        self._host_results = host_results
         self._on_resume_point = on_resume_point
         self._skeleton = skeleton
         self._loader = loader
@@ -207,8 +212,8 @@ class StreamingStatsEngine:
             give_back()
             return
         # Statistics leave under the checkpoint's tensor names (fused experts split per expert).
-        results = self._skeleton.layout.to_checkpoint(acc.results(count, names))
-        if acc.device.type != "cpu":
+        results = self._skeleton.layout.to_checkpoint(acc.results(count, names, to_host=self._host_results))
+        if acc.device.type != "cpu" and self._host_results:
             # The results are host copies: the device memory can be reused right away.
             give_back()
             give_back = _nothing
