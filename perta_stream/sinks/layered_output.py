@@ -5,9 +5,12 @@ layer by layer from the last layer down (then the embeddings), while θ_full's s
 layers upwards. So every output shard is created at its full size up front (header written,
 data area sized) under `<shard>.inprogress`, and each merged chunk is written with `os.pwrite`
 at its own offset, in whatever order it comes. Once every tensor of a shard is in, the file is
-fsynced, hashed by reading it back (the one extra read of the output this costs is sequential,
-on another thread than the sweep), renamed to its final name and reported to the model output
-(`LocalModelOutput.shard_finished`), exactly as a merged shard is.
+fsynced, hashed by reading it back (the one extra read of the output this costs is sequential),
+renamed to its final name and reported to the model output (`LocalModelOutput.shard_finished`),
+exactly as a merged shard is. That finishing runs on a thread of its own, so the merge step goes
+on with the next tensors meanwhile: on a GPU the merge step's thread sets the pace of the whole
+pass, and sha256 alone runs at about 1 GB/s on one core. Finished shards are reported on the
+caller's thread, at the next write of a tensor, at a checkpoint and at the end.
 
 Resume: after each group the pipeline calls `checkpoint()`, which fdatasyncs the shards in
 progress and records, in `.perta_one_pass.json` (atomically, with the run's fingerprint), which
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from perta_stream.errors import PertaStreamError, WriteError
@@ -141,6 +145,8 @@ class LayeredModelOutput:
         self._fingerprint = fingerprint
         self._shard_of = {spec.tensor_name: name for name, specs in self._layout.items() for spec in specs}
         self._open: dict[str, _ShardInProgress] = {}
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finish")
+        self._finishing: dict[str, Future[ShardRecord]] = {}
         # Tensors an interrupted run recorded, in files still intact (a damaged file is redone).
         self._kept = {
             name: tensors
@@ -164,29 +170,38 @@ class LayeredModelOutput:
     def has_tensor(self, tensor_name: str) -> bool:
         """Whether the tensor is on disk already (a finished shard, or kept in a shard in progress)."""
         shard = self._shard_of[tensor_name]
-        if shard in self.output.finished_shards():
+        if shard in self._finishing or shard in self.output.finished_shards():
             return True
         if shard in self._open:
             return tensor_name not in self._open[shard].pending
         return tensor_name in self._kept.get(shard, ())
-
-    def shard_finished(self, tensor_name: str) -> bool:
-        return self._shard_of[tensor_name] in self.output.finished_shards()
 
     def write(self, tensor_name: str, byte_offset: int, data: memoryview) -> None:
         """Write bytes of a tensor at `byte_offset` within it."""
         self._shard(self._shard_of[tensor_name]).write(tensor_name, byte_offset, data)
 
     def tensor_done(self, tensor_name: str) -> None:
-        """Every byte of the tensor is written; finishes its shard when it was the last one."""
+        """Every byte of the tensor is written; finishes its shard (in the background) when it was the last one.
+
+        Raises:
+            WriteError: finishing an earlier shard failed.
+        """
         name = self._shard_of[tensor_name]
         shard = self._shard(name)
         shard.pending.discard(tensor_name)
         if not shard.pending:
-            record = shard.finish()
             del self._open[name]
             self._kept.pop(name, None)
-            self.output.shard_finished(record)
+            self._finishing[name] = self._finisher.submit(_finish, shard)
+        self._settle(wait=False)
+
+    def _settle(self, *, wait: bool) -> None:
+        """Report the shards whose finishing is over (every one when `wait`) to the output; raises
+        the first finishing's error."""
+        for name, future in list(self._finishing.items()):
+            if wait or future.done():
+                del self._finishing[name]
+                self.output.shard_finished(future.result())
 
     def _shard(self, name: str) -> _ShardInProgress:
         if name not in self._open:
@@ -195,6 +210,7 @@ class LayeredModelOutput:
 
     def checkpoint(self) -> None:
         """Make every written tensor durable, then record which ones a resume may keep."""
+        self._settle(wait=True)
         for shard in self._open.values():
             shard.sync()
         progress = {name: shard.written for name, shard in self._open.items()}
@@ -204,19 +220,37 @@ class LayeredModelOutput:
         write_bytes_atomically(self._record_path, (json.dumps(document, indent=1) + "\n").encode(), hint=RESUME_HINT)
 
     def missing_shards(self) -> list[str]:
+        self._settle(wait=True)
         return [name for name in self._layout if name not in self.output.finished_shards()]
 
     def close(self) -> None:
-        """Close the files in progress (they stay, with their record, for a resume)."""
-        for shard in self._open.values():
-            shard.close()
-        self._open.clear()
+        """Wait for the shards being finished, close the files in progress (they stay, with their
+        record, for a resume).
+
+        Raises:
+            WriteError: finishing a shard failed.
+        """
+        try:
+            self._settle(wait=True)
+        finally:
+            self._finisher.shutdown(wait=True)
+            for shard in self._open.values():
+                shard.close()
+            self._open.clear()
 
     def drop_progress_record(self) -> None:
         """Before the commit: a finished output carries no resume files."""
         self._record_path.unlink(missing_ok=True)
         for leftover in self.output.partial.glob(f"*{IN_PROGRESS_SUFFIX}"):
             leftover.unlink()
+
+
+def _finish(shard: _ShardInProgress) -> ShardRecord:
+    try:
+        return shard.finish()
+    except BaseException:
+        shard.close()
+        raise
 
 
 def _write_error(path: Path, exc: OSError) -> WriteError:
