@@ -489,3 +489,53 @@ def test_model_folder_download_takes_only_weights_configs_and_tokenizer(hub, mod
     assert "modeling_evil.py" not in names and "pytorch_model.bin" not in names
     for name in names:
         assert (local / name).read_bytes() == (folder / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def one_pass_workspace(tmp_path_factory):
+    """A one-pass unlearn's inputs and its local outputs (grad and fisher), the reference for its pushes."""
+    from one_pass_fixtures import data_args, make_workspace, model_args
+    from perta_stream.cli import main
+
+    root = tmp_path_factory.mktemp("one_pass_hub")
+    ws = make_workspace(root / "ws", kinds=("llama",))
+    args = ["unlearn", "--one-pass", *model_args(ws, "llama"), *data_args(ws), "--method", "grad,fisher", "--alpha", "1.5"]
+    assert main([*args, "--out", str(root / "local"), "-q"]) == 0
+    return args, root / "local"
+
+
+def _not_left_behind(tmp_root: Path) -> list[Path]:
+    return _staging_dirs(tmp_root) + sorted(tmp_root.glob("perta-one-pass-*"))
+
+
+def test_one_pass_pushes_each_output_in_one_commit_equal_to_the_local_one(hub, one_pass_workspace):
+    from perta_stream.cli import main
+
+    args, local = one_pass_workspace
+    commits_before = hub.commit_count
+    assert main([*args, "--out", "hf://org/one-pass-{method}", "--create-repo", "-q"]) == 0
+    assert hub.commit_count == commits_before + 2  # one commit per output
+    for method in ("grad", "fisher"):
+        pushed = hub.files(f"org/one-pass-{method}")
+        expected = {p.name: p.read_bytes() for p in (local / method).iterdir()}
+        assert set(pushed) == set(expected) | {".gitattributes"}
+        for name, data in expected.items():
+            if name not in ("README.md", "perta_merge.json"):
+                assert pushed[name] == data, name  # shards, index and side files, byte for byte
+        record = json.loads(pushed["perta_merge.json"])
+        assert record["method"] == method and record["shards"] == json.loads(expected["perta_merge.json"])["shards"]
+    assert _not_left_behind(Path(tempfile.tempdir)) == []
+
+
+def test_failed_one_pass_push_commits_nothing_and_leaves_nothing(hub, one_pass_workspace):
+    from perta_stream.cli import main
+
+    args, _ = one_pass_workspace
+    commits_before = hub.commit_count
+    hub.inject(r"^PUT /_lfs/upload/", status=507, times=None)
+    # An alpha no other run uses: shards the server's storage does not hold yet, so they are uploaded.
+    failed = [arg if arg != "1.5" else "0.25" for arg in args]
+    assert main([*failed, "--out", "hf://org/one-pass-failed-{method}", "--create-repo", "-q"]) != 0
+    assert hub.commit_count == commits_before
+    assert not any(name.endswith(".safetensors") for name in hub.files("org/one-pass-failed-grad"))
+    assert _not_left_behind(Path(tempfile.tempdir)) == []

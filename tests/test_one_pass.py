@@ -196,6 +196,10 @@ def test_bad_inputs_are_all_reported_before_anything_is_written(workspace, tmp_p
         (dict(method="grad", one_pass=True, stats_dir="s"), "two-pass way"),
         (dict(method="tv", one_pass=True), "needs no statistics"),
         (dict(method="grad,grad", one_pass=True), "same method twice"),
+        (dict(method="grad", one_pass=True, out="hf://org/x", resume=True), "which does not outlive the run"),
+        (dict(method="grad,fisher", one_pass=True, out="hf://org/x"), "need a {method} placeholder"),
+        (dict(method="grad", one_pass=True, save_stats="hf://org/s"), "local statistics directory"),
+        (dict(method="grad", one_pass=True, hub_create_repo=True), "--create-repo only applies to an hf:// --out"),
     ],
 )
 def test_one_pass_options_are_checked(options, message):

@@ -58,18 +58,19 @@ def test_every_command_spells_each_shared_option_the_same():
 
 
 def test_shared_option_groups_are_declared_once():
-    from perta_stream.config.merge import MergeConfig, MergeOptions
+    from perta_stream.config.merge import HubPushOptions, MergeConfig, MergeOptions
     from perta_stream.config.stats import StatsConfig, StatsOptions
     from perta_stream.config.unlearn import UnlearnConfig
 
-    for group, configs in ((StatsOptions, (StatsConfig, UnlearnConfig)), (MergeOptions, (MergeConfig, UnlearnConfig))):
+    groups = ((StatsOptions, (StatsConfig, UnlearnConfig)), (MergeOptions, (MergeConfig, UnlearnConfig)), (HubPushOptions, (MergeConfig, UnlearnConfig)))
+    for group, configs in groups:
         for config in configs:
             assert issubclass(config, group)
             # A config re-declaring a group's field would shadow the group's metadata.
             for item in fields(group):
                 assert options_of(config)[item.name] == options_of(group)[item.name], (config.__name__, item.name)
     # Only a config's own options and the groups': nothing copied.
-    own = {item.name for item in fields(UnlearnConfig)} - {item.name for item in fields(StatsOptions)} - {item.name for item in fields(MergeOptions)}
+    own = {item.name for item in fields(UnlearnConfig)} - {item.name for group, _ in groups for item in fields(group)}
     assert own == {"method", "forget", "retain", "stats_dir", "stats_model", "recompute_stats", "dry_run", "overwrite", "resume", "one_pass", "save_stats", "config_only"}
 
 

@@ -112,6 +112,44 @@ class MergeOptions:
 
 
 _HUB = "pushing to the Hub (--out hf://ORG/NAME)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubPushOptions:
+    """The options of an `hf://ORG/NAME` output, shared by `merge` and `unlearn`.
+
+    Attributes:
+        hub_private, hub_revision, hub_commit_message, hub_create_repo: as their flags say.
+        hub_max_local_shards: output shards kept on local disk at once while they wait for
+            upload (>= 1; a one-pass unlearn builds every shard locally, out of order).
+    """
+
+    hub_private: bool = option(False, flags=("--private",), group=_HUB, help="create the repo private; refuse to push to an existing public repo")
+    hub_revision: str | None = option(None, flags=("--revision",), group=_HUB, help="branch to commit to (created from the default branch when missing)")
+    hub_commit_message: str | None = option(None, flags=("--commit-message",), group=_HUB, help="title of the single commit that adds the model")
+    hub_create_repo: bool = option(False, flags=("--create-repo",), group=_HUB, help="create the repo when it does not exist")
+    hub_max_local_shards: int = option(
+        2, flags=("--max-local-shards",), group=_HUB, help="output shards kept on local disk at once while they wait for upload (default 2)"
+    )
+
+    def hub_push_problems(self, out: str) -> list[str]:
+        """Hub options given without a Hub `out`, and values out of range."""
+        from perta_stream.sources.hub_http import HUB_PREFIX
+
+        found = []
+        if not str(out).startswith(HUB_PREFIX):
+            options = {
+                "--private": self.hub_private,
+                "--revision": self.hub_revision is not None,
+                "--commit-message": self.hub_commit_message is not None,
+                "--create-repo": self.hub_create_repo,
+            }
+            for flag in (flag for flag, given in options.items() if given):
+                found.append(f"{flag} only applies to an hf:// --out; drop it or push with --out hf://ORG/NAME")
+        if self.hub_max_local_shards < 1:
+            found.append(f"--max-local-shards {self.hub_max_local_shards} must be at least 1")
+        return found
+
 # merge's default is the one method that needs no --stats; unlearn computes statistics, so its default is fisher.
 MERGE_METHOD_HELP = (
     "tv (mergekit: task_arithmetic), uniform, grad or fisher (default tv, the one method that needs no --stats; "
@@ -120,8 +158,8 @@ MERGE_METHOD_HELP = (
 
 
 @dataclass(frozen=True)
-class MergeConfig(MergeOptions):
-    """What `run_merge` does: the shared `MergeOptions` and these.
+class MergeConfig(MergeOptions, HubPushOptions):
+    """What `run_merge` does: the shared `MergeOptions` and `HubPushOptions`, and these.
 
     Attributes:
         method: `tv` (W = 1), `uniform` (W = uniform_weight), `grad` or `fisher` (W from `stats`).
@@ -131,8 +169,6 @@ class MergeConfig(MergeOptions):
         overwrite: replace existing outputs.
         resume: continue from `<out>.partial/` of an interrupted identical run.
         drop_page_cache: advise the kernel to drop input pages once read.
-        hub_private, hub_revision, hub_commit_message, hub_create_repo: options for an `hf://` output.
-        hub_max_local_shards: output shards an `hf://` output keeps on local disk at once (>= 1).
         stats_at: the input the statistics were computed at (`theta0`, `full` or `fgt`); the merge
             hashes that input's bytes while reading them and refuses to commit when they are not
             the bytes the statistics were computed from.
@@ -150,13 +186,6 @@ class MergeConfig(MergeOptions):
     overwrite: bool = option(False, help="replace an existing --out (only an earlier merge output or an empty folder)")
     resume: bool = option(False, help=RESUME_HELP)
     drop_page_cache: bool = option(False, help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else")
-    hub_private: bool = option(False, flags=("--private",), group=_HUB, help="create the repo private; refuse to push to an existing public repo")
-    hub_revision: str | None = option(None, flags=("--revision",), group=_HUB, help="branch to commit to (created from the default branch when missing)")
-    hub_commit_message: str | None = option(None, flags=("--commit-message",), group=_HUB, help="title of the single commit that adds the model")
-    hub_create_repo: bool = option(False, flags=("--create-repo",), group=_HUB, help="create the repo when it does not exist")
-    hub_max_local_shards: int = option(
-        2, flags=("--max-local-shards",), group=_HUB, help="output shards kept on local disk at once while they wait for upload (default 2)"
-    )
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -207,20 +236,9 @@ class MergeConfig(MergeOptions):
             problem = hub_location_problem(location.replace("{alpha}", "1"), flag)
             if problem:
                 found.append(problem)
-        if not str(self.out).startswith(HUB_PREFIX):
-            options = {
-                "--private": self.hub_private,
-                "--revision": self.hub_revision is not None,
-                "--commit-message": self.hub_commit_message is not None,
-                "--create-repo": self.hub_create_repo,
-            }
-            for flag in (flag for flag, given in options.items() if given):
-                found.append(f"{flag} only applies to an hf:// --out; drop it or push with --out hf://ORG/NAME")
-        elif self.resume:
+        if str(self.out).startswith(HUB_PREFIX) and self.resume:
             found.append("--resume applies to local outputs; a Hub push reruns and skips uploads the Hub already holds")
-        if self.hub_max_local_shards < 1:
-            found.append(f"--max-local-shards {self.hub_max_local_shards} must be at least 1")
-        return found
+        return found + self.hub_push_problems(self.out)
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "MergeConfig":

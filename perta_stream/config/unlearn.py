@@ -1,7 +1,8 @@
 """`UnlearnConfig`: the options of `perta-stream unlearn` (statistics, reused when present, then merge).
 
-It is built from the two option groups it shares with `stats` and `merge` (`StatsOptions`,
-`MergeOptions`: each option declared once, with its flag) and the options only unlearn has. The
+It is built from the option groups it shares with `stats` and `merge` (`StatsOptions`,
+`MergeOptions`, `HubPushOptions`: each option declared once, with its flag) and the options only
+unlearn has. The
 options come from flags, from a YAML file (`--config`), or both: the YAML gives the base and
 every flag given on the command line overrides its key. YAML keys are the flag names without the
 dashes (`max-length` or `max_length`); an unknown key is an error that names the closest one. By
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, MergeOptions, format_alpha, output_dirs
+from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
 from perta_stream.config.stats import StatsOptions
 from perta_stream.errors import PlanError, UsageError
@@ -29,10 +30,11 @@ CONFIG_COMMAND_PREFIX = "# perta-stream unlearn --config "
 
 
 @dataclass(frozen=True)
-class UnlearnConfig(StatsOptions, MergeOptions):
+class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     """What `run_unlearn` does: the statistics options (`StatsOptions`), the merge options
     (`MergeOptions`, `max_memory_bytes` being what the merge may add to the process's resident
-    memory when it starts, as statistics may have run in the same process), and these.
+    memory when it starts, as statistics may have run in the same process), the options of a
+    Hub output (`HubPushOptions`), and these.
 
     Attributes:
         method: tv, uniform, grad or fisher.
@@ -139,6 +141,7 @@ class UnlearnConfig(StatsOptions, MergeOptions):
         return MergeConfig(
             **{
                 **field_values(self, MergeOptions),
+                **field_values(self, HubPushOptions),
                 "alphas": alphas,
                 "tau": self.tau if method in STATS_METHODS else None,
                 # Statistics may have run in this process (torch, the tokenizer); the budget is what the
@@ -179,7 +182,7 @@ class UnlearnConfig(StatsOptions, MergeOptions):
             found.append(f"--method {self.method} lists several methods; that needs --one-pass (or run unlearn once per method)")
         if len(set(self.methods)) != len(self.methods):
             found.append(f"--method {self.method} lists the same method twice")
-        found += self._one_pass_problems()
+        found += self._one_pass_problems() + self.hub_push_problems(self.out)
         found += self.merge_option_problems() + self.stats_option_problems()
         if self.needs_stats or self.save_stats:
             for flag, value in (("--forget", self.forget), ("--retain", self.retain)):
@@ -207,8 +210,16 @@ class UnlearnConfig(StatsOptions, MergeOptions):
             return found
         if self.config_only and not self.dry_run:
             found.append("--config-only plans from config.json alone; it needs --dry-run")
-        if self.out.startswith("hf://") or self.save_stats and self.save_stats.startswith("hf://"):
-            found.append("--one-pass writes local folders; push an output afterwards, or unlearn without --one-pass")
+        if self.save_stats and self.save_stats.startswith("hf://"):
+            found.append("--save-stats writes a local statistics directory; give a local folder")
+        if self.out.startswith("hf://"):
+            if self.resume:
+                found.append(
+                    "--resume with an hf:// --out: a one-pass push stages its shards in a temporary folder, which does not "
+                    "outlive the run; rerun without --resume (bytes the Hub already holds are not uploaded again)"
+                )
+            if len(self.methods) > 1 and "{method}" not in self.out:
+                found.append("several methods pushed to the Hub need a {method} placeholder in --out")
         if self.stats_dir or self.recompute_stats:
             found.append("--stats-dir and --recompute-stats belong to the two-pass way; with --one-pass, --save-stats DIR writes the statistics")
         if self.one_pass and not self.needs_stats and not self.save_stats:

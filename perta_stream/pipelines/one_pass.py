@@ -28,7 +28,9 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,6 +53,7 @@ from perta_stream.plan.one_pass_plan import (
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
+from perta_stream.sources.resolve import is_hub_location
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.unlearn import UnlearnResult
     from perta_stream.sinks.layered_output import LayeredModelOutput
+    from perta_stream.sinks.model_output import ModelOutput
     from perta_stream.sinks.stats_output import ResumedRun
     from perta_stream.sinks.stats_store import StatsStore
     from perta_stream.sources.checkpoint import Checkpoint
@@ -106,7 +110,8 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         if problems or plan is None or stats_config is None:
             raise PlanError("cannot unlearn in one pass", list(dict.fromkeys(problems)))
         for _, _, out_dir in outputs:
-            AtomicOutputDir(out_dir, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
+            if not is_hub_location(out_dir):
+                AtomicOutputDir(out_dir, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         if config.save_stats:
             AtomicOutputDir(config.save_stats, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         stats_checkpoint, stats_source = inputs["stats"], sources["stats"]
@@ -130,8 +135,15 @@ def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]
     from perta_stream.config.stats import STATS_KINDS
 
     wanted = set(config.stat_methods) | (set(config.kinds) if config.save_stats else set())
-    # Without --save-stats the sweep's resume state lives inside the first output's partial folder.
-    out = config.save_stats or str(partial_path(one_pass_outputs(config.out, config.methods, config.alphas)[0][2]) / STATE_DIR_NAME)
+    # Without --save-stats the sweep's resume state lives inside the first output's partial folder
+    # (a push has none that outlives the run: a folder of its own in the temporary folder).
+    first_out = one_pass_outputs(config.out, config.methods, config.alphas)[0][2]
+    if config.save_stats:
+        out = config.save_stats
+    elif is_hub_location(first_out):
+        out = str(Path(tempfile.gettempdir()) / f"perta-one-pass-{uuid.uuid4().hex}")
+    else:
+        out = str(partial_path(first_out) / STATE_DIR_NAME)
     try:
         return config.stats_config(out=out, kinds=tuple(kind for kind in STATS_KINDS if kind in wanted), overwrite=config.overwrite), []
     except PlanError as exc:
@@ -174,7 +186,8 @@ def _plan(
     if config.stats_model:
         named["stats model"] = config.stats_model
     for out_dir in folders:
-        problems += check_output_location(out_dir, overwrite=config.overwrite, inputs=named, record=(MERGE_RECORD_NAME, MERGE_RECORD_FORMAT))
+        if not is_hub_location(out_dir):  # a push checks its repo when opened, before the sweep
+            problems += check_output_location(out_dir, overwrite=config.overwrite, inputs=named, record=(MERGE_RECORD_NAME, MERGE_RECORD_FORMAT))
     if config.save_stats:
         problems += check_output_location(config.save_stats, overwrite=config.overwrite, inputs=named, record=(STATS_RECORD_NAME, STATS_FORMAT))
     stats = inputs.get("stats")
@@ -368,7 +381,6 @@ def _execute(
     from perta_stream.pipelines.merge import finalize_output
     from perta_stream.pipelines.stats import open_store
     from perta_stream.sinks.layered_output import LayeredModelOutput
-    from perta_stream.sinks.model_output import LocalModelOutput
     from perta_stream.sinks.stats_output import StatsOutput
     from perta_stream.sinks.stats_record import run_identity, stats_record
 
@@ -379,14 +391,15 @@ def _execute(
         layered: dict[tuple[str, float], LayeredModelOutput] = {}
         fingerprints = []
         for method, alpha, out_dir in outputs:
-            local = LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume)
-            stack.callback(local.close)
+            output = _model_output(config, method, alpha, out_dir)
+            stack.callback(output.close)
+            stack.push(_abort_on_failure(output))
             fingerprint = _fingerprint(config, plan, stats_identity, method, alpha)
             fingerprints.append(fingerprint)
-            kept = local.open(fingerprint)
+            kept = output.open(fingerprint)
             if kept:
                 logger.info("resuming %s: %d of %d shards kept", out_dir, len(kept), len(plan.shards))
-            layered[(method, alpha)] = LayeredModelOutput(local, layout, fingerprint)
+            layered[(method, alpha)] = LayeredModelOutput(output, layout, fingerprint)
             stack.callback(layered[(method, alpha)].close)
         # Without --save-stats, the sweep's resume state and boundary spill live inside the
         # first output's partial folder, and go when it is committed.
@@ -395,6 +408,8 @@ def _execute(
             StatsOutput(stats_config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=stats_config.checkpoint_interval_s)
         )
         resumed = stats_output.open(identity)
+        if not config.save_stats and is_hub_location(outputs[0][2]):
+            stack.callback(shutil.rmtree, stats_output.partial, ignore_errors=True)  # nothing resumes a push
         store = None
         if config.save_stats:
             store = open_store(stats_config, stats_checkpoint, shape, stats_output, resumed)
@@ -465,6 +480,30 @@ def _execute(
             stats_content = content_sha256 if method in STAT_ROLES else None
             locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         return locations
+
+
+def _model_output(config: UnlearnConfig, method: str, alpha: float, out_dir: str) -> ModelOutput:
+    """A local folder, or a Hub push (staged locally, each shard uploaded once finished, one commit)."""
+    from perta_stream.sinks.model_output import LocalModelOutput
+
+    if not is_hub_location(out_dir):
+        return LocalModelOutput(out_dir, overwrite=config.overwrite, resume=config.resume)
+    from perta_stream.sinks.hub_output import HubModelOutput
+
+    stats = NOT_SAVED if method in STATS_METHODS else None
+    return HubModelOutput.from_config(out_dir, config.merge_config(out=out_dir, method=method, alphas=(alpha,), stats=stats))
+
+
+def _abort_on_failure(output: ModelOutput) -> Callable[..., bool]:
+    """An exit callback that drops what an output has unfinished when the run fails (a push
+    commits nothing and removes its staging folder)."""
+
+    def on_exit(exc_type: type[BaseException] | None, *_: object) -> bool:
+        if exc_type is not None:
+            output.abort()
+        return False
+
+    return on_exit
 
 
 def _merge_device(config: UnlearnConfig, device_name: str) -> torch.device:

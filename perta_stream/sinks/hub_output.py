@@ -9,7 +9,9 @@ nothing (already uploaded blobs stay unreferenced, invisible in the repo).
 
 Local disk holds at most `max_local_shards` output shards at a time (the one being written and
 those waiting for or in upload) plus the small side files: the writer waits for an upload to
-finish before it starts a shard beyond the bound.
+finish before it starts a shard beyond the bound. The one-pass unlearn builds its shards in the
+staging folder itself, out of order (sinks/layered_output.py), so no such bound holds there;
+they are uploaded in the same way as each is finished.
 
 Everything a push needs that can be checked without tensor bytes is checked in `open()`, before
 the merge streams anything: the repo exists (or is created when asked), the branch exists (or is
@@ -85,6 +87,7 @@ class HubModelOutput:
         self._api = make_api()
         self._staging: Path | None = None
         self._writer: ShardWriter | None = None
+        self._bounded: set[str] = set()  # shards begun through begin_shard (holding a slot)
         self._finished: dict[str, ShardRecord] = {}
         self._small_files: dict[str, bytes] = {}
         self._uploaded: dict[str, object] = {}
@@ -171,14 +174,21 @@ class HubModelOutput:
             self._raise_failure()
             if self._aborted.is_set():
                 raise HubError(f"--out {self.location}: the push was aborted")
-        self._writer = ShardWriter(self._staging_path(file_name), tensors, SAFETENSORS_METADATA)
+        self._writer = ShardWriter(self.staging_path(file_name), tensors, SAFETENSORS_METADATA)
         with self._lock:
+            self._bounded.add(file_name)
             self._staged_bytes += len(encode_header(tensors, SAFETENSORS_METADATA)) + sum(spec.nbytes for spec in tensors)
             self.peak_staged_bytes = max(self.peak_staged_bytes, self._staged_bytes)
         return self._writer
 
     def shard_finished(self, record: ShardRecord) -> None:
+        """Upload a shard complete under its final name in the staging folder (written by
+        `begin_shard`'s writer, or built there by another writer)."""
         self._writer = None
+        with self._lock:
+            if record.file_name not in self._bounded:
+                self._staged_bytes += record.size_bytes
+                self.peak_staged_bytes = max(self.peak_staged_bytes, self._staged_bytes)
         self._finished[record.file_name] = record
         assert self._pool is not None
         self._uploads.append(self._pool.submit(self._upload_shard, record))
@@ -190,7 +200,14 @@ class HubModelOutput:
         self._small_files[file_name] = bytes(data)
 
     def staging_path(self, file_name: str) -> Path:
-        return self._staging_path(file_name)
+        return self.partial / file_name
+
+    @property
+    def partial(self) -> Path:
+        """The local folder the output is staged in until the commit (a local output's `<out>.partial/`)."""
+        if self._staging is None:
+            raise HubError(f"--out {self.location}: the output was not opened")
+        return self._staging
 
     def commit(self) -> str:
         """Wait for the uploads, then make the one commit; return `hf://ORG/NAME@COMMIT[/FOLDER]`.
@@ -242,16 +259,11 @@ class HubModelOutput:
         """Nothing is held between runs (a commit or abort has already ended the upload)."""
 
     # ------------------------------------------------------------------ internals
-    def _staging_path(self, file_name: str) -> Path:
-        if self._staging is None:
-            raise HubError(f"--out {self.location}: the output was not opened")
-        return self._staging / file_name
-
     def _upload_shard(self, record: ShardRecord) -> None:
         """Pre-upload one finished shard, then delete it locally (runs on the upload thread)."""
         from huggingface_hub import CommitOperationAdd
 
-        path = self._staging_path(record.file_name)
+        path = self.staging_path(record.file_name)
         try:
             if self._aborted.is_set() or self._failure is not None:
                 return
@@ -277,7 +289,9 @@ class HubModelOutput:
             path.unlink(missing_ok=True)
             with self._lock:
                 self._staged_bytes -= record.size_bytes
-            self._slots.release()
+                held_slot = record.file_name in self._bounded
+            if held_slot:
+                self._slots.release()
 
     def _raise_failure(self) -> None:
         with self._lock:
