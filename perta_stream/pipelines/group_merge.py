@@ -38,6 +38,8 @@ _EXACT_IN = {
     "F32": (torch.float32, torch.float64),
     "F64": (torch.float64,),
 }
+
+
 def merges_in_device_chunks(device: torch.device) -> bool:
     """Whether a merge on `device` stages its inputs into device buffers, DEVICE_CHUNK_ELEMENTS at
     a time (on any device but the CPU)."""

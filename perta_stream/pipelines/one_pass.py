@@ -53,8 +53,8 @@ from perta_stream.plan.one_pass_plan import (
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
-from perta_stream.sources.resolve import is_hub_location
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.resolve import is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:
@@ -402,7 +402,8 @@ def _execute(
             layered[(method, alpha)] = LayeredModelOutput(output, layout, fingerprint)
             stack.callback(layered[(method, alpha)].close)
         # Without --save-stats, the sweep's resume state and boundary spill live inside the
-        # first output's partial folder, and go when it is committed.
+        # first output's partial folder, and go when it is committed (a push's in a temporary
+        # folder, removed however the run ends).
         identity = stats_identity if config.save_stats else {**stats_identity, "one_pass_outputs": fingerprints}
         stats_output = stack.enter_context(
             StatsOutput(stats_config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=stats_config.checkpoint_interval_s)
