@@ -148,7 +148,7 @@ TIMED_CALLS = [
     ("perta_stream.sources.layer_weights", "ModuleWeightLoader", "load", "sweep: wait for weights"),
     ("perta_stream.compute.stats.boundaries", "BoundaryStore", "put", "sweep: boundary put"),
     ("perta_stream.compute.stats.boundaries", "BoundaryStore", "pop", "sweep: boundary pop"),
-    ("perta_stream.compute.stats.streaming", "StreamingStatsEngine", "_finish_group", "sweep: statistics to host"),
+    ("perta_stream.compute.stats.streaming", "StreamingStatsEngine", "_finish_group", "sweep: finish a group (statistics to the host unless merged on the GPU)"),
 ]
 
 
