@@ -613,6 +613,11 @@ def _sweep(
         def finished_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
             # The engine finishes a group right after computing it with the weights it loaded last.
             theta0 = {name: tensor for name, tensor in loader.last.items() if name in stats} if theta0_loaded else {}
+            if dataset == DATASETS[-1]:
+                # The group's last use of the loaded weights (its job holds what it needs): freed
+                # with the layer, before the engine trims the heap, as in `stats`, instead of at
+                # the next load, where their pages would stay resident through the next layer.
+                loader.last = {}
 
             def job() -> None:
                 # A group is merged once both datasets' statistics are in; the forget half waits
