@@ -287,10 +287,10 @@ def _weights(forget: list[float], retain: list[float], *, method: str, tau: floa
     from perta_stream.compute.weights import compute_weights
 
     count = len(forget)
-    buffers = [torch.empty(count) for _ in range(3)]
+    buffers = [torch.empty(count) for _ in range(4)]
     return compute_weights(
         torch.tensor(forget), torch.tensor(retain), method=method, tau=tau, fallback_weight=fallback,
-        out=buffers[0], scratch=buffers[1], spare=buffers[2], larger_mask=torch.empty(count, dtype=torch.bool),
+        out=buffers[0], scratch=buffers[1], spare=buffers[2], other=buffers[3],
     ).clone()
 
 

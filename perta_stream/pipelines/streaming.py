@@ -149,7 +149,7 @@ def run_stream(
     reader = threading.Thread(target=guarded(read_all), name="perta-reader", daemon=True)
     writer = threading.Thread(target=guarded(write_all), name="perta-writer", daemon=True)
     # One intra-op thread for the kernel: the reader and the writer (which hashes every byte) keep
-    # the other cores busy, and splitting 64 Ki-element blocks across OpenMP threads costs more in
+    # the other cores busy, and splitting its cache-sized blocks across OpenMP threads costs more in
     # synchronization than it gains, badly so when the cores are shared.
     intra_op_threads = torch.get_num_threads()
     torch.set_num_threads(1)
