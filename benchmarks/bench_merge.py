@@ -112,6 +112,18 @@ def write_synthetic(path: Path, shapes: dict[str, tuple[int, ...]], *, seed: int
         (path / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def model_content_sha256(path: Path) -> str:
+    """The content digest `stats` records for the model it ran at (sources/content_digest.py)."""
+    from perta_stream.sources.content_digest import TensorHasher
+    from perta_stream.sources.resolve import open_checkpoint
+
+    checkpoint, source = open_checkpoint(str(path), "theta0")
+    try:
+        return TensorHasher().complete(checkpoint, source)
+    finally:
+        source.close()
+
+
 def make_inputs(work: Path, size_gb: float) -> dict[str, Path]:
     layers = layer_count_for(size_gb)
     root = work / f"{size_gb:g}gb"
@@ -124,7 +136,9 @@ def make_inputs(work: Path, size_gb: float) -> dict[str, Path]:
             write_synthetic(path, shapes, seed=seed, dtype="bfloat16", config=llama_config(layers))
         for seed, name in enumerate(("forget.fisher", "retain.fisher"), start=10):
             write_synthetic(stats / name, shapes, seed=seed, dtype="float32", config=None, positive=True)
-        (stats / "perta_stats.json").write_text(json.dumps({"format": "perta_stats", "format_version": 1, "kinds": ["fisher"]}))
+        # merge checks that statistics belong to θ_0 by its content digest, so the record names it.
+        model = {"location": str(paths["theta0"]), "content_sha256": model_content_sha256(paths["theta0"])}
+        (stats / "perta_stats.json").write_text(json.dumps({"format": "perta_stats", "format_version": 1, "kinds": ["fisher"], "model": model}))
         (root / ".complete").write_text("")
     return {**paths, "stats": stats}
 
