@@ -10,8 +10,11 @@ pass per operation would stream every intermediate through DRAM, while small blo
 per-op overhead (measured on a 2-core EPYC with 1 MiB of L2 per core and 32 MiB of L3, one
 thread, fisher / tv: 280 / 628 M elements/s with 64 Ki-element blocks, 389 / 967 with 256 Ki,
 378 / 1013 with 512 Ki, 190 / 492 with 4 Mi; with both cores 316 / 685, 555 / 1091, 589 / 1515,
-247 / 669). The scratch buffers are allocated once and reused, so memory stays flat however
-large the model is. Inputs are converted to float32 with `copy_`
+247 / 669). Larger blocks win in isolation, but no pipeline measured is bound by the kernel
+(merge and the CPU one pass wait on reading, hashing and writing: benchmarks/bench_merge.py and
+bench_one_pass.py ran as fast with 256 Ki), so the 64 Ki blocks and their 1.25 MiB of scratch
+stay. The scratch buffers are allocated once and reused, so memory stays flat however large the
+model is. Inputs are converted to float32 with `copy_`
 before any arithmetic: a mixed-dtype op (float32 - bfloat16) would make torch allocate a
 float32 copy of its operand on every call.
 
@@ -34,7 +37,7 @@ import torch
 from perta_stream.compute.weights import compute_weights
 from perta_stream.errors import NonFiniteError
 
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 16
 
 
 class NonFiniteValues(ArithmeticError):
