@@ -150,6 +150,7 @@ class HubPushOptions:
             found.append(f"--max-local-shards {self.hub_max_local_shards} must be at least 1")
         return found
 
+
 # merge's default is the one method that needs no --stats; unlearn computes statistics, so its default is fisher.
 MERGE_METHOD_HELP = (
     "tv (mergekit: task_arithmetic), uniform, grad or fisher (default tv, the one method that needs no --stats; "

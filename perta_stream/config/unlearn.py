@@ -2,12 +2,11 @@
 
 It is built from the option groups it shares with `stats` and `merge` (`StatsOptions`,
 `MergeOptions`, `HubPushOptions`: each option declared once, with its flag) and the options only
-unlearn has. The
-options come from flags, from a YAML file (`--config`), or both: the YAML gives the base and
-every flag given on the command line overrides its key. YAML keys are the flag names without the
-dashes (`max-length` or `max_length`); an unknown key is an error that names the closest one. By
-convention an example config's first line is the exact command that runs it, e.g.
-`# perta-stream unlearn --config configs/demo_fisher.yaml`.
+unlearn has. The options come from flags, from a YAML file (`--config`), or both: the YAML gives
+the base and every flag given on the command line overrides its key. YAML keys are the flag names
+without the dashes (`max-length` or `max_length`); an unknown key is an error that names the
+closest one. By convention an example config's first line is the exact command that runs it,
+e.g. `# perta-stream unlearn --config configs/demo_fisher.yaml`.
 """
 
 from __future__ import annotations
