@@ -50,6 +50,7 @@ from perta_stream.plan.one_pass_plan import (
     one_pass_outputs,
     theta0_loaded_bytes,
 )
+from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
@@ -116,13 +117,13 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
             AtomicOutputDir(config.save_stats, overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         stats_checkpoint, stats_source = inputs["stats"], sources["stats"]
         shape = ModelShape.from_config(stats_checkpoint.config, ties_embeddings=stats_checkpoint.ties_embeddings, where=f"{config.effective_stats_model}/config.json")
-        prepared = _prepare_sweep(stats_config, stats_checkpoint, shape)
-        compute_dtype_bytes = 4 if prepared["compute_dtype"] == "float32" else 2
-        comparison = _comparison(config, prepared["plan"], plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
+        prepared = prepare_sweep(stats_config, stats_checkpoint, shape)
+        compute_dtype_bytes = 4 if prepared.compute_dtype == "float32" else 2
+        comparison = _comparison(config, prepared.plan, plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
         if config.dry_run:
-            text = "\n".join([prepared["plan"].to_text(), describe_plan(plan), comparison.to_text()])
+            text = "\n".join([prepared.plan.to_text(), describe_plan(plan), comparison.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
-        logger.info("%s\n%s", prepared["plan"].to_text(), comparison.to_text())
+        logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
         locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
     elapsed_s = time.perf_counter() - started
     return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
@@ -226,14 +227,6 @@ def _plan(
             )
             plan = None
     return (None if problems else plan), problems
-
-
-def _prepare_sweep(stats_config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape) -> dict[str, Any]:
-    """Tokenizer, encoded data, device and dtype, and the statistics plan, exactly as `stats` makes them."""
-    from perta_stream.pipelines.stats import prepare_sweep
-
-    prepared = prepare_sweep(stats_config, checkpoint, shape)
-    return {"tokenizer": prepared.tokenizer, "datasets": prepared.datasets, "device": prepared.device, "compute_dtype": prepared.compute_dtype, "plan": prepared.plan}
 
 
 # ---------------------------------------------------------------- the plan next to two passes
@@ -384,7 +377,7 @@ def _execute(
     from perta_stream.sinks.stats_output import StatsOutput
     from perta_stream.sinks.stats_record import run_identity, stats_record
 
-    datasets, device_name, compute_dtype_name = prepared["datasets"], prepared["device"], prepared["compute_dtype"]
+    datasets, device_name, compute_dtype_name = prepared.datasets, prepared.device, prepared.compute_dtype
     stats_identity = run_identity(stats_config, stats_checkpoint, datasets, device_name, compute_dtype_name)
     layout = {shard.file_name: [task.out_spec for task in shard.tasks] for shard in plan.shards}
     with ExitStack() as stack:
@@ -543,11 +536,16 @@ def _usable_state(
 
 class _RememberingLoader:
     """The sweep's weight loader, keeping the group it gave last: θ_0's tensors of the layer (or
-    head) whose statistics finish next, so the merge step need not read them again."""
+    head) whose statistics finish next, so the merge step need not read them again. `wrap` gives
+    it the loader to forward to (`run_engine` makes that one)."""
 
-    def __init__(self, loader: Any):
-        self._loader = loader
+    def __init__(self) -> None:
+        self._loader: Any = None
         self.last: dict[str, Any] = {}
+
+    def wrap(self, loader: Any) -> "_RememberingLoader":
+        self._loader = loader
+        return self
 
     def load(self, tensor_names: Any) -> dict[str, Any]:
         self.last = self._loader.load(tensor_names)
@@ -572,7 +570,7 @@ def _sweep(
     stats_config: StatsConfig,
     checkpoint: Checkpoint,
     source: Any,
-    prepared: dict[str, Any],
+    prepared: PreparedSweep,
     stats_output: Any,
     store: StatsStore | None,
     merger: Any,
@@ -580,35 +578,21 @@ def _sweep(
     theta0_loaded: bool,
     hasher: TensorHasher,
 ) -> dict[str, Any]:
-    """The statistics engine, with a sink that saves (optionally) and merges each finished group
-    (and hashes the statistics model's tensors as they are read)."""
-    import torch
-
-    from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.skeleton import build_skeleton
-    from perta_stream.compute.stats.streaming import StreamingStatsEngine
-    from perta_stream.compute.stats.batching import make_batches
-    from perta_stream.sources.encoded_data import DATASETS, pad_token_id
+    """The statistics engine (`stats`'s set-up), with a sink that saves (optionally) and merges
+    each finished group (and hashes the statistics model's tensors as they are read)."""
+    from perta_stream.distributed import SINGLE_PROCESS
+    from perta_stream.pipelines.stats_steps import run_engine, sweep_inputs
     from perta_stream.sinks.background_writer import BackgroundWriter
-    from perta_stream.sources.layer_weights import ModuleWeightLoader
+    from perta_stream.sources.encoded_data import DATASETS
 
-    device = torch.device(prepared["device"])
-    compute_dtype = getattr(torch, prepared["compute_dtype"])
-    skeleton = build_skeleton(
-        checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(stats_config.model)
-    )
-    pad_id = pad_token_id(prepared["tokenizer"])
-    batches = {name: make_batches(name, samples, stats_config.batch_size, pad_id) for name, (_, samples) in prepared["datasets"].items()}
+    inputs = sweep_inputs(stats_config, checkpoint, source, prepared, SINGLE_PROCESS)
     held: dict[str, dict[str, tuple[dict, Callable[[], None]]]] = {}
-    overlap = merge_in_background(device.type)
+    overlap = merge_in_background(inputs.device.type)
     # Statistics the merge takes on the device stay there; the saved copy goes through the host.
     on_host = merger.device.type == "cpu"
+    loader = _RememberingLoader()
 
-    with ModuleWeightLoader(checkpoint, source, device=device, dtype=compute_dtype, hasher=hasher) as plain_loader, BoundaryStore(
-        stats_config.boundary_budget_bytes, spill_parent=stats_output.partial
-    ) as boundaries, BackgroundWriter() as writer:
-
-        loader = _RememberingLoader(plain_loader)
+    with BackgroundWriter() as writer:
 
         def finished_group(dataset: str, group: str, stats: dict[str, dict[str, Any]], give_back: Callable[[], None]) -> None:
             # The engine finishes a group right after computing it with the weights it loaded last.
@@ -650,18 +634,16 @@ def _sweep(
 
             stats_output.offer_state(state, before_save=settle)
 
-        engine = StreamingStatsEngine(
-            skeleton,
-            loader,
-            boundaries,
-            finished_group,
-            kinds=stats_config.kinds,
-            device=device,
-            compute_dtype=compute_dtype,
+        report = run_engine(
+            inputs,
+            write_group=finished_group,
+            spill_parent=stats_output.partial,
             on_resume_point=offer_state,
+            start=start,
+            hasher=hasher,
+            wrap_loader=loader.wrap,
             host_results=on_host,
         )
-        report = engine.run(batches, start=start)
     logger.info(
         "boundaries: peak %s in RAM, %s on disk (%d spilled); merge step read %s",
         format_bytes(report.boundary_peak_ram_bytes),

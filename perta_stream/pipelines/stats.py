@@ -23,19 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from perta_stream.compute.stats.batching import sweep_batches
 from perta_stream.config.stats import StatsConfig
 from perta_stream.distributed import DistContext, distributed
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.memory import format_bytes
-from perta_stream.pipelines.stats_steps import PreparedSweep, SweepInputs, open_store, plan_from_config, prepare_sweep, resume_start, sweep_and_write, sweep_other_rank
+from perta_stream.pipelines.stats_steps import (
+    PreparedSweep,
+    open_store,
+    plan_from_config,
+    prepare_sweep,
+    resume_start,
+    sweep_and_write,
+    sweep_inputs,
+    sweep_other_rank,
+)
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.encoded_data import pad_token_id
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME, StatsRecord
 
 if TYPE_CHECKING:
@@ -126,20 +133,12 @@ def _compute(
     Under a launcher every rank sweeps its share of the samples; rank 0 writes (its engine sums
     each group over the ranks first), the other ranks only compute.
     """
-    import torch
-
     from perta_stream.compute.stats.boundaries import BoundaryStore
-    from perta_stream.compute.stats.skeleton import build_skeleton
     from perta_stream.compute.stats.streaming import EngineReport
     from perta_stream.sinks.stats_output import StatsOutput
 
     datasets, device_name, compute_dtype_name, plan = prepared.datasets, prepared.device, prepared.compute_dtype, prepared.plan
-    device, compute_dtype = torch.device(device_name), getattr(torch, compute_dtype_name)
-    skeleton = build_skeleton(
-        checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(config.model)
-    )
-    batches = sweep_batches(datasets, config.batch_size, pad_token_id(prepared.tokenizer), dist)
-    inputs = SweepInputs(config, checkpoint, source, skeleton, batches, device, compute_dtype, dist)
+    inputs = sweep_inputs(config, checkpoint, source, prepared, dist)
     if not dist.is_main:
         report = sweep_other_rank(inputs)
         out, record = dist.broadcast_object(None)

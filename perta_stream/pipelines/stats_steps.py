@@ -1,8 +1,9 @@
 """The steps of a statistics sweep that `stats` and the one-pass unlearn share.
 
 `prepare_sweep` (encoded data, device, plan), `plan_from_config` (a config-only plan),
-`open_store` (the statistics store of an output), `run_engine` (the one engine factory: weights
-read a group ahead, boundaries in RAM then spilled), and the two ways `stats` drives the engine:
+`open_store` (the statistics store of an output), `sweep_inputs` and `run_engine` (the one engine
+factory: weights read a group ahead, boundaries in RAM then spilled), and the two ways `stats`
+drives the engine:
 `sweep_and_write` on rank 0 (groups written on a background thread, resume states offered) and
 `sweep_other_rank` on the ranks of a launcher that only compute.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from perta_stream.compute.stats.batching import sweep_batches
 from perta_stream.config.stats import StatsConfig
 from perta_stream.devices import resolve_device
 from perta_stream.distributed import DistContext
@@ -26,12 +28,12 @@ from perta_stream.sinks.background_writer import BackgroundWriter
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.encoded_data import DATASETS, DatasetInfo, encode_datasets, estimated_lengths, load_tokenizer
+from perta_stream.sources.encoded_data import DATASETS, DatasetInfo, encode_datasets, estimated_lengths, load_tokenizer, pad_token_id
 
 if TYPE_CHECKING:
     from perta_stream.compute.prompts import EncodedSample
     from perta_stream.compute.stats.resume_state import ResumeState
-    from perta_stream.compute.stats.streaming import Batch, EngineReport
+    from perta_stream.compute.stats.streaming import Batch, EngineReport, WeightLoader
     from perta_stream.sinks.stats_output import ResumedRun, StatsOutput
     from perta_stream.sinks.stats_store import StatsStore
 
@@ -147,6 +149,20 @@ class SweepInputs:
     dist: DistContext
 
 
+def sweep_inputs(config: StatsConfig, checkpoint: Checkpoint, source: ByteSource, prepared: PreparedSweep, dist: DistContext) -> SweepInputs:
+    """The engine's inputs for a prepared sweep: the model's skeleton, this rank's batches, the
+    device and dtype as torch objects."""
+    import torch
+
+    from perta_stream.compute.stats.skeleton import build_skeleton
+
+    skeleton = build_skeleton(
+        checkpoint.config, {n: info.shape for n, info in checkpoint.tensors.items()}, ties_embeddings=checkpoint.ties_embeddings, where=str(config.model)
+    )
+    batches = sweep_batches(prepared.datasets, config.batch_size, pad_token_id(prepared.tokenizer), dist)
+    return SweepInputs(config, checkpoint, source, skeleton, batches, torch.device(prepared.device), getattr(torch, prepared.compute_dtype), dist)
+
+
 def run_engine(
     inputs: SweepInputs,
     *,
@@ -155,9 +171,13 @@ def run_engine(
     on_resume_point: Callable[[ResumeState], None] | None,
     start: ResumeState | None,
     hasher: TensorHasher | None,
+    wrap_loader: Callable[[WeightLoader], WeightLoader] | None = None,
+    host_results: bool = True,
 ) -> EngineReport:
-    """The one engine set-up of every sweep (rank 0, other ranks): weights read (and hashed) a
-    group ahead, boundaries in RAM then spilled, each finished group handed to `write_group`."""
+    """The one engine set-up of every sweep (`stats` on every rank, the one-pass unlearn): weights
+    read (and hashed) a group ahead, boundaries in RAM then spilled, each finished group handed to
+    `write_group`. `wrap_loader` may wrap the weight loader the engine uses; `host_results` as in
+    StreamingStatsEngine."""
     from perta_stream.compute.stats.boundaries import BoundaryStore
     from perta_stream.compute.stats.streaming import StreamingStatsEngine
     from perta_stream.sources.layer_weights import ModuleWeightLoader
@@ -167,8 +187,9 @@ def run_engine(
         config.boundary_budget_bytes, spill_parent=spill_parent
     ) as boundaries:
         engine = StreamingStatsEngine(
-            inputs.skeleton, loader, boundaries, write_group,
+            inputs.skeleton, loader if wrap_loader is None else wrap_loader(loader), boundaries, write_group,
             kinds=config.kinds, device=device, compute_dtype=dtype, dist=inputs.dist, on_resume_point=on_resume_point,
+            host_results=host_results,
         )  # fmt: skip
         return engine.run(inputs.batches, start=start)
 
