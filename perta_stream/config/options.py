@@ -202,9 +202,10 @@ def add_options(
     `required`, the options without a default are required flags (a --config file may give them).
     """
     groups: dict[str, Any] = {}
+    table = options_of(cls)
     # The options a command needs come first in its help.
     for item in sorted(fields(cls), key=lambda item: item.default is not MISSING or item.default_factory is not MISSING):
-        meta = options_of(cls).get(item.name)
+        meta = table.get(item.name)
         if meta is None:
             continue
         target = parser if meta.group is None else groups.setdefault(meta.group, parser.add_argument_group(meta.group))
