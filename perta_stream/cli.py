@@ -22,8 +22,8 @@ from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.config.merge import MergeConfig
 from perta_stream.config.options import add_options, float_list, load_config_file
 from perta_stream.config.stats import StatsConfig
-from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
 from perta_stream.config.sweep import SweepConfig
+from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import PertaStreamError, UsageError
 

@@ -11,6 +11,7 @@ from perta_stream.cli import build_parser, main
 from perta_stream.config.unlearn import UnlearnConfig, config_command, load_config_file
 from perta_stream.errors import StatisticsError, UsageError
 from perta_stream.pipelines.unlearn import StatsIdentity, run_unlearn, stats_mismatches
+from perta_stream.sources.stats_dir import StatsRecord
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -127,7 +128,8 @@ def _identity(**changes) -> StatsIdentity:
     return StatsIdentity(**base)
 
 
-def _record(**changes) -> dict:
+def _record(**changes) -> StatsRecord:
+    """A statistics record as `perta_stats.json` holds it (read leniently, as from disk)."""
     record = {
         "format": "perta_stats",
         "model": {"location": "m", "header_sha256": "m" * 64, "files": ["m", []], "model_type": "llama"},
@@ -136,7 +138,7 @@ def _record(**changes) -> dict:
         "fraction": 1.0, "seed": 0, "max_length": 512, "question_key": "question", "answer_key": "answer", "system_prompt": None,
     }
     record.update(changes)
-    return record
+    return StatsRecord.from_json(record)
 
 
 def test_stats_identity_matches_and_more_kinds_are_fine():

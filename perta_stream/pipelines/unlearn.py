@@ -120,12 +120,10 @@ def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
     )
 
 
-def stats_mismatches(record: StatsRecord | dict[str, Any], expected: StatsIdentity) -> list[str]:
+def stats_mismatches(record: StatsRecord, expected: StatsIdentity) -> list[str]:
     """Every way a statistics record (`perta_stats.json`) differs from what `expected` needs
     (empty: reusable). The statistics may hold more kinds than needed; everything else must be equal.
     """
-    if isinstance(record, dict):
-        record = StatsRecord.from_json(record)
     found: list[str] = []
     model = record.model
     if model.header_sha256 != expected.model_header_sha256:
