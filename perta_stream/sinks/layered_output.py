@@ -6,7 +6,7 @@ layers upwards. So every output shard is created at its full size up front (head
 data area sized) under `<shard>.inprogress`, and each merged chunk is written with `os.pwrite`
 at its own offset, in whatever order it comes. Once every tensor of a shard is in, the file is
 fsynced, hashed by reading it back (the one extra read of the output this costs is sequential),
-renamed to its final name and reported to the model output (`LocalModelOutput.shard_finished`),
+renamed to its final name and reported to the model output (`shard_finished`),
 exactly as a merged shard is. That finishing runs on a thread of its own, so the merge step goes
 on with the next tensors meanwhile: on a GPU the merge step's thread sets the pace of the whole
 pass, and sha256 alone runs at about 1 GB/s on one core. Finished shards are reported on the
@@ -27,12 +27,16 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from perta_stream.errors import PertaStreamError, WriteError
 from perta_stream.sinks.atomic_file import write_bytes_atomically
 from perta_stream.sinks.model_output import SAFETENSORS_METADATA, LocalModelOutput
 from perta_stream.sinks.resume_record import RESUME_HINT
 from perta_stream.sinks.shard_writer import ShardRecord, TensorSpec, encode_header
+
+if TYPE_CHECKING:
+    from perta_stream.sinks.hub_output import HubModelOutput
 
 IN_PROGRESS_SUFFIX = ".inprogress"
 PROGRESS_RECORD_NAME = ".perta_one_pass.json"
@@ -131,15 +135,16 @@ class _ShardInProgress:
 
 
 class LayeredModelOutput:
-    """One merged checkpoint (a `LocalModelOutput`) filled tensor by tensor in any order.
+    """One merged checkpoint (a local folder or a Hub push) filled tensor by tensor in any order.
 
     Args:
-        output: the opened local output (its finished shards are kept and skipped).
+        output: the opened output (its finished shards are kept and skipped); shards are built
+            in its `partial` folder (a push's staging folder).
         shards: file name -> the shard's tensors in data order (θ_full's layout).
         fingerprint: the run's fingerprint; a progress record with another one is ignored.
     """
 
-    def __init__(self, output: LocalModelOutput, shards: Mapping[str, Sequence[TensorSpec]], fingerprint: str):
+    def __init__(self, output: LocalModelOutput | HubModelOutput, shards: Mapping[str, Sequence[TensorSpec]], fingerprint: str):
         self.output = output
         self._layout = {name: list(specs) for name, specs in shards.items()}
         self._fingerprint = fingerprint
