@@ -173,6 +173,20 @@ def test_the_70b_plan_merges_on_the_gpu_only_where_its_arithmetic_is_the_cpus(wo
         assert (host_one, device_one) == (cpu_host_one, cpu_device_one)
 
 
+def test_the_plan_counts_the_kernel_scratch_the_cpu_merge_allocates():
+    # plan/ restates the kernel's block size (it imports no torch code); the dry run's memory
+    # figure is only right while both agree.
+    import torch
+
+    from perta_stream.compute.merge_kernel import MergeKernel
+    from perta_stream.pipelines.group_merge import kernel_block_elements
+    from perta_stream.plan.one_pass_plan import KERNEL_SCRATCH_BYTES
+
+    kernel = MergeKernel(method="fisher", alphas=(1.0,), tau=2.0, uniform_weight=1.0, fallback_weight=0.5, stat_roles=("f", "r"), block_elements=kernel_block_elements(torch.device("cpu")))
+    scratch = [value for value in vars(kernel).values() if isinstance(value, torch.Tensor)]
+    assert sum(tensor.nbytes for tensor in scratch) == KERNEL_SCRATCH_BYTES
+
+
 def test_bad_inputs_are_all_reported_before_anything_is_written(workspace, tmp_path):
     out = workspace["llama.full"] / "inside"  # an output inside an input
     options = dict(theta0=str(workspace["llama.theta0"]), full=str(workspace["llama.full"]), fgt=str(workspace["qwen2.fgt"]))

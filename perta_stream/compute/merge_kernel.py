@@ -10,10 +10,10 @@ pass per operation would stream every intermediate through DRAM, while small blo
 per-op overhead (measured on a 2-core EPYC with 1 MiB of L2 per core and 32 MiB of L3, one
 thread, fisher / tv: 280 / 628 M elements/s with 64 Ki-element blocks, 389 / 967 with 256 Ki,
 378 / 1013 with 512 Ki, 190 / 492 with 4 Mi; with both cores 316 / 685, 555 / 1091, 589 / 1515,
-247 / 669). Larger blocks win in isolation, but no pipeline measured is bound by the kernel
-(merge and the CPU one pass wait on reading, hashing and writing: benchmarks/bench_merge.py and
-bench_one_pass.py ran as fast with 256 Ki), so the 64 Ki blocks and their 1.25 MiB of scratch
-stay. The scratch buffers are allocated once and reused, so memory stays flat however large the
+247 / 669). Larger blocks win in isolation, but `merge` is not bound by the kernel (it waits on
+reading, hashing and writing: benchmarks/bench_merge.py ran as fast with 256 Ki), so the 64 Ki
+blocks and their 1.25 MiB of scratch stay; beside a sweep the blocks are smaller still
+(SERIAL_BLOCK_ELEMENTS). The scratch buffers are allocated once and reused, so memory stays flat however large the
 model is. Inputs are converted to float32 with `copy_`
 before any arithmetic: a mixed-dtype op (float32 - bfloat16) would make torch allocate a
 float32 copy of its operand on every call.
@@ -38,6 +38,13 @@ from perta_stream.compute.weights import compute_weights
 from perta_stream.errors import NonFiniteError
 
 BLOCK_ELEMENTS = 1 << 16
+# Blocks no larger than torch's grain size (32 Ki elements), below which an elementwise op runs
+# on the calling thread alone. Beside a sweep whose intra-op threads are busy with the model
+# (the one-pass merge), splitting each small op over them costs more in synchronisation than it
+# gains: on the 2-core EPYC, benchmarks/bench_one_pass.py's 320 M elements (fisher) merged in
+# 8.2 s with 64 Ki blocks and in 2.4 s with 32 Ki; on a helper thread, 34 against 174 M elements/s.
+# (`merge` runs its kernel with one intra-op thread, so BLOCK_ELEMENTS is right there.)
+SERIAL_BLOCK_ELEMENTS = 1 << 15
 
 
 class NonFiniteValues(ArithmeticError):

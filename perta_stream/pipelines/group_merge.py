@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
+from perta_stream.compute.merge_kernel import SERIAL_BLOCK_ELEMENTS, MergeKernel, NonFiniteValues, nonfinite_error
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan, TensorTask
 from perta_stream.plan.one_pass_plan import DEVICE_CHUNK_ELEMENTS
@@ -46,10 +46,11 @@ def merges_in_device_chunks(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def kernel_block_elements(device: torch.device) -> int | None:
-    """The merge kernel's block for a merge on `device`: a whole chunk on a GPU, else None (the
-    kernel's own cache-sized block)."""
-    return DEVICE_CHUNK_ELEMENTS if merges_in_device_chunks(device) else None
+def kernel_block_elements(device: torch.device) -> int:
+    """The merge kernel's block for a merge on `device`: a whole chunk on a GPU; on the CPU,
+    blocks that torch computes on the merging thread alone (SERIAL_BLOCK_ELEMENTS), since the
+    merge runs between the sweep's layers, whose intra-op threads are the model's."""
+    return DEVICE_CHUNK_ELEMENTS if merges_in_device_chunks(device) else SERIAL_BLOCK_ELEMENTS
 
 
 @dataclass(frozen=True)

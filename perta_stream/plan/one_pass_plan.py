@@ -20,10 +20,11 @@ from perta_stream.memory import format_bytes
 from perta_stream.plan.stats_plan import EMBED_GROUP, group_tensor_names
 
 
-# The merge kernel's float32 scratch (compute/merge_kernel.py: 5 vectors of one block; 64 Ki
-# elements on the CPU); plan/ does not import torch code, so it is restated here.
+# The merge kernel's float32 scratch (compute/merge_kernel.py: 5 vectors of one block; on the
+# CPU the one pass's blocks are SERIAL_BLOCK_ELEMENTS, 32 Ki); plan/ does not import torch code,
+# so it is restated here.
 KERNEL_SCRATCH_VECTORS = 5
-KERNEL_SCRATCH_BYTES = KERNEL_SCRATCH_VECTORS * 4 * (1 << 16)
+KERNEL_SCRATCH_BYTES = KERNEL_SCRATCH_VECTORS * 4 * (1 << 15)
 # Elements per merge chunk, and kernel block, when the one pass merges on a GPU: 16 Mi elements
 # keep the per-op launch cost near a millisecond per chunk while each float32 scratch vector is
 # 64 MiB.
