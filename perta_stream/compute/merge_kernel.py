@@ -13,10 +13,10 @@ thread, fisher / tv: 280 / 628 M elements/s with 64 Ki-element blocks, 389 / 967
 247 / 669). Larger blocks win in isolation, but `merge` is not bound by the kernel (it waits on
 reading, hashing and writing: benchmarks/bench_merge.py ran as fast with 256 Ki), so the 64 Ki
 blocks and their 1.25 MiB of scratch stay; beside a sweep the blocks are smaller still
-(SERIAL_BLOCK_ELEMENTS). The scratch buffers are allocated once and reused, so memory stays flat however large the
-model is. Inputs are converted to float32 with `copy_`
-before any arithmetic: a mixed-dtype op (float32 - bfloat16) would make torch allocate a
-float32 copy of its operand on every call.
+(SERIAL_BLOCK_ELEMENTS). The scratch buffers are allocated once and reused, so memory stays flat
+however large the model is. Inputs are converted to float32 with `copy_` before any arithmetic:
+a mixed-dtype op (float32 - bfloat16) would make torch allocate a float32 copy of its operand on
+every call.
 
 On a GPU the same ops run on device buffers, one block per chunk (a kernel launch per op, so
 larger blocks). Every op is a correctly rounded IEEE operation there too (torch's CUDA kernels
@@ -41,7 +41,7 @@ BLOCK_ELEMENTS = 1 << 16
 # Blocks no larger than torch's grain size (32 Ki elements), below which an elementwise op runs
 # on the calling thread alone. Beside a sweep whose intra-op threads are busy with the model
 # (the one-pass merge), splitting each small op over them costs more in synchronisation than it
-# gains: on the 2-core EPYC, benchmarks/bench_one_pass.py's 320 M elements (fisher) merged in
+# gains: on the 2-core EPYC, benchmarks/bench_one_pass.py's 324 M elements (fisher) merged in
 # 8.2 s with 64 Ki blocks and in 2.4 s with 32 Ki; on a helper thread, 34 against 174 M elements/s.
 # (`merge` runs its kernel with one intra-op thread, so BLOCK_ELEMENTS is right there.)
 SERIAL_BLOCK_ELEMENTS = 1 << 15
