@@ -44,19 +44,24 @@ def machine_info() -> dict:
 
 
 def write_results(name: str, record: dict, table_rows: list[dict], *, title: str, notes: list[str] = ()) -> tuple[Path, Path]:
-    """benchmarks/results/<name>.json (the whole record) and <name>.md (a table of `table_rows`)."""
+    """benchmarks/results/<name>.json (the whole record) and <name>.md (a table of `table_rows`).
+
+    The record also holds the table under "table" (title, notes, columns, rows as printed), from
+    which the documentation renders it (tools/docs/benchmark_tables.py) beside the machine."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    columns = list(table_rows[0]) if table_rows else []
+    cells = [[_cell(row[c]) for c in columns] for row in table_rows]
+    record = {**record, "table": {"title": title, "notes": list(notes), "columns": columns, "rows": cells}}
     json_path = RESULTS_DIR / f"{name}.json"
     json_path.write_text(json.dumps(record, indent=2) + "\n")
-    columns = list(table_rows[0]) if table_rows else []
     lines = [f"# {title}", ""]
     lines += [f"- {note}" for note in notes]
     if notes:
         lines.append("")
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "---|" * len(columns))
-    for row in table_rows:
-        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    for row in cells:
+        lines.append("| " + " | ".join(row) + " |")
     md_path = RESULTS_DIR / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
