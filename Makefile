@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # pip would pull a multi-GB CUDA build. docker/Dockerfile pins the CUDA build of the same version.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-hub-lower bench clean
+.PHONY: setup demo test test-hub-lower bench docs docs-pages clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict turns a broken link, anchor,
+# snippet or API reference into a failure. docs-pages regenerates the committed CLI reference
+# (tests/test_docs_reference.py fails while it is stale).
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-pages: setup
+	$(PY) tools/docs/cli_reference.py --write
 
 # `make test` runs against the newest huggingface_hub (2.x, on httpx2) and transformers. This runs
 # the tests that go through huggingface_hub (the Hub client, hf:// locations, HTTP errors, and
@@ -61,4 +74,4 @@ bench: setup
 	$(PY) benchmarks/bench_tofu_forget10.py --rebuild
 
 clean:
-	rm -rf $(VENV) $(LOWER_VENV) .perta_cache .pytest_cache
+	rm -rf $(VENV) $(LOWER_VENV) .perta_cache .pytest_cache site

@@ -27,7 +27,9 @@ def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.P
     """`perta-stream merge`: θ_out = θ_full − α · W ⊙ (θ_fgt − θ_0), streamed.
 
     Args:
-        theta0, full, fgt: checkpoint folders, `hf://org/name[@rev]` or bare Hub ids.
+        theta0: the original model: a checkpoint folder, `hf://org/name[@rev]` or a bare Hub id.
+        full: the model to clean (θ_0 fine-tuned on forget ∪ retain), likewise.
+        fgt: θ_0 fine-tuned on the forget set only, likewise.
         out: the output folder (or `hf://org/name` to push).
         **options: any other flag of `perta-stream merge` (method, stats, alpha, tau, ...).
 
@@ -54,7 +56,8 @@ def stats(*, model: str | os.PathLike, forget: str | os.PathLike, retain: str | 
 
     Args:
         model: the checkpoint the statistics are taken at.
-        forget, retain: data files (.jsonl or a .json array of records).
+        forget: the forget set's data file (.jsonl or a .json array of records).
+        retain: the retain set's data file, likewise.
         **options: any other flag of `perta-stream stats` (out, kinds, fraction, device, ...).
 
     Returns:
