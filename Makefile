@@ -60,7 +60,7 @@ test-hub-lower: $(LOWER_VENV)/.installed
 	$(LOWER_VENV)/bin/python -m pip list 2>/dev/null | grep -E '^(huggingface_hub|httpx2?|transformers) '
 	$(LOWER_VENV)/bin/python -m pytest -q $(LOWER_TESTS)
 
-# Every CPU benchmark with the settings README reports (over an hour on 2 cores); results in
+# Every CPU benchmark with the settings docs/benchmarks.md reports (over an hour on 2 cores); results in
 # benchmarks/results/. The GPU benchmarks (benchmarks/gpu_stats.py, gpu_one_pass.py) run on a CUDA
 # machine through benchmarks/gpu_check.sh.
 bench: setup

@@ -22,7 +22,8 @@ LOSS_DEFINITION = "mean token NLL over answer (+EOS/end-of-turn) tokens; prompt 
 
 
 class LabelConvention(str, Enum):
-    """Which tokens of a chat-template sample are labelled (scored); METHOD.md section 2 and README.
+    """Which tokens of a chat-template sample are labelled (scored); METHOD.md section 2 and
+    docs/guides/from-open-unlearning.md.
 
     For a plain `Question: ... Answer:` prompt all three label the answer and EOS. With a chat
     template they differ after the answer; for a ChatML template (SmolLM2, Qwen) whose assistant

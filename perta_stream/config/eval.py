@@ -17,7 +17,7 @@ from perta_stream.errors import PlanError
 LABEL_CONVENTIONS = ("open_unlearning", "assistant_turn", "end_of_turn")
 # The TOFU splits a model can be evaluated on; each names its forget set's perturbed file.
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
-LABELS_HELP = "which tokens of a chat-template answer are scored (default open_unlearning; README, 'Label conventions')"
+LABELS_HELP = "which tokens of a chat-template answer are scored (default open_unlearning; docs: Coming from open-unlearning, 'Label conventions')"
 HOLDOUT_HELP = "question-answer file the model never saw (TOFU holdout): gives the membership AUC and PrivLeak"
 
 
@@ -32,8 +32,8 @@ class EvalOptions:
         max_items: evaluate only the first N items of each set (quick runs); None = all.
         device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
         system_prompt: an optional system prompt for chat-template models.
-        labels: which tokens of a chat-template answer are scored (LABEL_CONVENTIONS; README,
-            "Label conventions").
+        labels: which tokens of a chat-template answer are scored (LABEL_CONVENTIONS;
+            docs/guides/from-open-unlearning.md, "Label conventions").
         holdout: a question-answer file the model never saw (TOFU's holdout split); with it the
             forget-vs-holdout membership AUC is computed, and PrivLeak when the retain logs have one.
     """

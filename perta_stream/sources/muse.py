@@ -87,7 +87,7 @@ def load_muse_dir(root: str | os.PathLike) -> MuseData:
     if not verbmem and not knowmem and not privleak:
         raise DatasetError(
             f"MUSE data folder {root} holds none of verbmem/forget.json, knowmem/forget_qa.json, privleak/forget.json; "
-            "give a corpus folder in MUSE's layout (see README, 'MUSE')"
+            "give a corpus folder in MUSE's layout (see docs/guides/reproduce-paper.md, 'MUSE')"
         )
     return MuseData(root=directory, verbmem_forget=verbmem, knowmem=knowmem, privleak=privleak)
 
