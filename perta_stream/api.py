@@ -46,8 +46,9 @@ def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.P
 
     given = _options(MergeConfig, dict(theta0=theta0, full=full, fgt=fgt, out=out, **options))
     config = MergeConfig.from_options(given)
-    if given.get("max_memory") is not None:
-        config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
+    # The default budget too is on top of what the process holds: a merge after another call
+    # (ps.unlearn, a loaded model) would otherwise start above a whole-process 512 MiB.
+    config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
     return run_merge(config)
 
 

@@ -75,6 +75,11 @@ def test_api_memory_budget_is_what_the_call_adds(triplet, tmp_path, monkeypatch)
     theta0, full, fgt = triplet
     ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", max_memory="2G")
     assert seen["config"].max_memory_bytes == 3 * 2**30 + 2 * 2**30
+    # The default budget as well: a merge after ps.unlearn in one process starts above 512 MiB.
+    monkeypatch.delenv("PERTA_MAX_MEMORY", raising=False)
+    seen.clear()
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o")
+    assert seen["config"].max_memory_bytes == 3 * 2**30 + 512 * 2**20
 
 
 def test_every_command_reads_a_yaml_config_and_flags_win(triplet, tmp_path, capsys):
