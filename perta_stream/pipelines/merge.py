@@ -13,7 +13,7 @@ from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
 from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
-from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
+from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge, task_read_bytes
 from perta_stream.progress import progress
 from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
 from perta_stream.sinks.output_dir import check_output_location
@@ -21,7 +21,7 @@ from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import is_hub_location, open_checkpoint
+from perta_stream.sources.resolve import is_hub_location, open_model_input
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
 
@@ -92,6 +92,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         chunk_bytes=config.chunk_bytes,
         baseline_rss_bytes=current_rss_bytes(),
         problems=problems,
+        full_is_theta0=_same_model(inputs),
     )
     try:
         if problems or plan is None:
@@ -114,7 +115,7 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
     problems: list[str] = []
     for role, location in zip(MODEL_ROLES, (config.theta0, config.full, config.fgt)):
         try:
-            inputs[role], sources[role] = open_checkpoint(location, role, drop_page_cache=config.drop_page_cache)
+            inputs[role], sources[role] = open_model_input(location, role, drop_page_cache=config.drop_page_cache)
         except PlanError as exc:
             problems.extend(exc.problems)
         except PertaStreamError as exc:
@@ -124,6 +125,30 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
         inputs.update(stat_inputs)
         sources.update(stat_sources)
     return inputs, sources, problems
+
+
+def _same_model(inputs: dict) -> bool:
+    """θ_full and θ_0 are one checkpoint (sources/checkpoint.py: same_checkpoint)."""
+    from perta_stream.sources.checkpoint import same_checkpoint
+
+    theta0, full = inputs.get("theta0"), inputs.get("full")
+    return isinstance(theta0, Checkpoint) and isinstance(full, Checkpoint) and same_checkpoint(theta0, full)
+
+
+def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
+    """The statistics' content digest, when the merge does not stream the bytes of the model they
+    belong to (θ_0 with an adapter θ_fgt, θ_full another model) and that model's files are the
+    ones the statistics were computed from: same header digest, and, for local files, the same
+    resolved folder with every shard's size and modification time (a Hub model: the same commit).
+    This costs a stat per shard instead of a read of the whole model; None where it cannot
+    vouch (the model is then hashed, read whole, before anything is committed).
+    """
+    if config.method not in STAT_ROLES or config.stats_at != "theta0" or plan.fgt_adapter is None or plan.full_is_theta0:
+        return None
+    record = read_stats_record(str(config.stats))
+    theta0 = plan.inputs["theta0"]
+    same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
+    return record.model.content_sha256 if same and isinstance(record.model.content_sha256, str) else None
 
 
 def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
@@ -202,11 +227,14 @@ def _merge_into(
         stat_roles=STAT_ROLES.get(config.method, ()),
         allow_nonfinite=config.allow_nonfinite,
     )
-    remaining_bytes = sum(
-        info.nbytes for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks for info in task.sources.values()
-    )
-    # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed.
-    hasher = TensorHasher() if config.method in STAT_ROLES else None
+    remaining = [task for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks]
+    remaining_bytes = sum(info.nbytes for task in remaining for info in task.sources.values())  # what the progress bar counts
+    bytes_read = sum(task_read_bytes(task, plan.full_is_theta0) for task in remaining)
+    # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed
+    # (θ_0's as θ_full's when they are one model), unless its files vouch for them (an adapter θ_fgt).
+    by_files = stats_identity_by_files(config, plan)
+    hasher = TensorHasher() if config.method in STAT_ROLES and by_files is None else None
+    hash_role = "full" if plan.full_is_theta0 and config.stats_at == "theta0" else config.stats_at
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
     if dist.is_distributed:
@@ -224,7 +252,7 @@ def _merge_into(
                     watchdog=watchdog,
                     on_progress=bar.update,
                     hasher=hasher,
-                    hash_role=config.stats_at,
+                    hash_role=hash_role,
                 )
             except BaseException as exc:
                 for output in outputs:
@@ -237,7 +265,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = None if hasher is None else _check_stats_identity(config, plan, sources, hasher)
+            stats_content = by_files if hasher is None else _check_stats_identity(config, plan, sources, hasher, hash_role)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
@@ -255,7 +283,7 @@ def _merge_into(
         outputs=tuple(locations),
         plan_text=None,
         elapsed_s=time.perf_counter() - started,
-        bytes_read=remaining_bytes,
+        bytes_read=bytes_read,
         # Under a launcher, this rank's share (every rank reports its own reads and writes).
         bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
@@ -291,7 +319,7 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     return None
 
 
-def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher) -> str:
+def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher, hash_role: str) -> str:
     """The statistics' content digest, after checking it is that of the input they belong to.
 
     Raises:
@@ -308,7 +336,9 @@ def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[st
             f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
             "`perta-stream stats`"
         )
-    actual = hasher.complete(checkpoint, sources[config.stats_at])
+    if not isinstance(checkpoint, Checkpoint):
+        raise StatisticsError(f"statistics cannot have been computed at the adapter {flag} {checkpoint.location}; pass --stats-at theta0")
+    actual = hasher.complete(checkpoint, sources[hash_role])
     if actual != expected:
         raise StatisticsError(
             f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
