@@ -40,17 +40,31 @@ def make_adapter(base_dir: Path, out: Path, *, seed: int = 7, dtype: torch.dtype
     return out
 
 
-def peft_dense_fgt(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """θ_0 + the adapter, merged by peft (`merge_and_unload`) in float64: tensor_name -> tensor."""
+def peft_dense_fgt(base_dir: Path, adapter_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+    """θ_0 + the adapter, merged by peft (`merge_and_unload`) in float64: tensor_name -> tensor;
+    and, per LoRA-changed tensor, (s·|B|@|A| laid out as the tensor, rank): what float32 matmul
+    rounding is relative to (peft's own scaling and factors)."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import transpose
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
         peft_model = PeftModel.from_pretrained(model, adapter_dir).to(torch.float64)
+        magnitudes = {}
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.scaling:
+                if "default" in getattr(module, "lora_A", {}):
+                    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                    product = transpose(b.abs() @ a.abs(), module.fan_in_fan_out)
+                else:
+                    a, b = module.lora_embedding_A["default"], module.lora_embedding_B["default"]
+                    product = (b.abs() @ a.abs()).T
+                magnitudes[f"{name}.weight"] = (module.scaling["default"] * product.detach(), a.shape[0])
         merged = peft_model.merge_and_unload()
-    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}
+    return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}, magnitudes
 
 
 def peft_logits(base_dir: Path, adapter_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:
@@ -65,17 +79,3 @@ def peft_logits(base_dir: Path, adapter_dir: Path, input_ids: torch.Tensor) -> t
         with torch.no_grad():
             return peft_model(input_ids=input_ids).logits
 
-
-def factor_magnitudes(adapter_dir: Path) -> dict[str, float]:
-    """module -> s-free ‖|B|@|A|‖ of its LoRA factors (float64), to bound float32 matmul rounding."""
-    from safetensors.torch import load_file
-
-    tensors = {k.removeprefix("base_model.model."): v.double() for k, v in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
-    found = {}
-    for key, a in tensors.items():
-        for suffix_a, suffix_b in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
-            if key.endswith(suffix_a):
-                module = key[: -len(suffix_a) - 1]
-                b = tensors[f"{module}.{suffix_b}"]
-                found[f"{module}.weight"] = float((b.abs() @ a.abs()).norm())
-    return found

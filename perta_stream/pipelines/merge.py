@@ -135,16 +135,33 @@ def _same_model(inputs: dict) -> bool:
     return isinstance(theta0, Checkpoint) and isinstance(full, Checkpoint) and same_checkpoint(theta0, full)
 
 
-def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
-    """The statistics' content digest, when the merge does not stream the bytes of the model they
-    belong to (θ_0 with an adapter θ_fgt, θ_full another model) and that model's files are the
-    ones the statistics were computed from: same header digest, and, for local files, the same
-    resolved folder with every shard's size and modification time (a Hub model: the same commit).
-    This costs a stat per shard instead of a read of the whole model; None where it cannot
-    vouch (the model is then hashed, read whole, before anything is committed).
+def _settled_before(config: MergeConfig, plan: MergePlan) -> bool:
+    """The statistics belong to θ_0, which the merge does not stream (an adapter θ_fgt, θ_full another model)."""
+    return config.method in STAT_ROLES and config.stats_at == "theta0" and plan.fgt_adapter is not None and not plan.full_is_theta0
+
+
+def _adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource]) -> str | None:
+    """The statistics' content digest when θ_0 is not streamed (`_settled_before`), checked first.
+
+    By θ_0's files when they are the ones the statistics were computed from (a stat per shard);
+    else θ_0 is read whole and hashed (one model-size of reads) and compared.
+
+    Raises:
+        StatisticsError: the statistics were computed at other bytes; nothing is written.
     """
-    if config.method not in STAT_ROLES or config.stats_at != "theta0" or plan.fgt_adapter is None or plan.full_is_theta0:
+    if not _settled_before(config, plan):
         return None
+    by_files = stats_identity_by_files(config, plan)
+    if by_files is not None:
+        return by_files
+    logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) before merging", format_bytes(plan.inputs["theta0"].total_bytes))
+    return _check_stats_identity(config, plan, sources, TensorHasher(), "theta0")
+
+
+def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
+    """The statistics' recorded content digest, when θ_0's files are the ones the statistics
+    were computed from: same header digest, and, for local files, the same resolved folder with
+    every shard's size and modification time (a Hub model: the same commit); else None."""
     record = read_stats_record(str(config.stats))
     theta0 = plan.inputs["theta0"]
     same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
@@ -213,6 +230,8 @@ def _merge_into(
     from perta_stream.pipelines.streaming import run_stream
 
     run_fingerprint = fingerprint(config, plan)
+    # θ_0 is not streamed with an adapter θ_fgt: its identity is settled before anything is written.
+    settled = _adapter_stats_identity(config, plan, sources) if dist.is_main else None
     finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
     failure = _join_outputs(outputs, run_fingerprint, dist)
     # A shard counts as done only when every output has it; the others are rewritten identically.
@@ -232,8 +251,7 @@ def _merge_into(
     bytes_read = sum(task_read_bytes(task, plan.full_is_theta0) for task in remaining)
     # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed
     # (θ_0's as θ_full's when they are one model), unless its files vouch for them (an adapter θ_fgt).
-    by_files = stats_identity_by_files(config, plan)
-    hasher = TensorHasher() if config.method in STAT_ROLES and by_files is None else None
+    hasher = TensorHasher() if config.method in STAT_ROLES and not _settled_before(config, plan) else None
     hash_role = "full" if plan.full_is_theta0 and config.stats_at == "theta0" else config.stats_at
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
@@ -265,7 +283,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = by_files if hasher is None else _check_stats_identity(config, plan, sources, hasher, hash_role)
+            stats_content = settled if hasher is None else _check_stats_identity(config, plan, sources, hasher, hash_role)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
