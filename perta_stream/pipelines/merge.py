@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge, task_read_bytes
 from perta_stream.progress import progress
@@ -23,10 +23,10 @@ from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.resolve import is_hub_location, open_model_input
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
+from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_stats_identity, settled_before
+from perta_stream.sources.stats_dir import open_stats
 
 logger = logging.getLogger(__name__)
-STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
 
 
 @dataclass(frozen=True)
@@ -135,39 +135,6 @@ def _same_model(inputs: dict) -> bool:
     return isinstance(theta0, Checkpoint) and isinstance(full, Checkpoint) and same_checkpoint(theta0, full)
 
 
-def _settled_before(config: MergeConfig, plan: MergePlan) -> bool:
-    """The statistics belong to θ_0, which the merge does not stream (an adapter θ_fgt, θ_full another model)."""
-    return config.method in STAT_ROLES and config.stats_at == "theta0" and plan.fgt_adapter is not None and not plan.full_is_theta0
-
-
-def _adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource]) -> str | None:
-    """The statistics' content digest when θ_0 is not streamed (`_settled_before`), checked first.
-
-    By θ_0's files when they are the ones the statistics were computed from (a stat per shard);
-    else θ_0 is read whole and hashed (one model-size of reads) and compared.
-
-    Raises:
-        StatisticsError: the statistics were computed at other bytes; nothing is written.
-    """
-    if not _settled_before(config, plan):
-        return None
-    by_files = stats_identity_by_files(config, plan)
-    if by_files is not None:
-        return by_files
-    logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) before merging", format_bytes(plan.inputs["theta0"].total_bytes))
-    return _check_stats_identity(config, plan, sources, TensorHasher(), "theta0")
-
-
-def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
-    """The statistics' recorded content digest, when θ_0's files are the ones the statistics
-    were computed from: same header digest, and, for local files, the same resolved folder with
-    every shard's size and modification time (a Hub model: the same commit); else None."""
-    record = read_stats_record(str(config.stats))
-    theta0 = plan.inputs["theta0"]
-    same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
-    return record.model.content_sha256 if same and isinstance(record.model.content_sha256, str) else None
-
-
 def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
     """Identifies what the output bytes depend on: the inputs, the arithmetic options, the layout.
 
@@ -231,7 +198,7 @@ def _merge_into(
 
     run_fingerprint = fingerprint(config, plan)
     # θ_0 is not streamed with an adapter θ_fgt: its identity is settled before anything is written.
-    settled = _adapter_stats_identity(config, plan, sources) if dist.is_main else None
+    settled = adapter_stats_identity(config, plan, sources) if dist.is_main else None
     finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
     failure = _join_outputs(outputs, run_fingerprint, dist)
     # A shard counts as done only when every output has it; the others are rewritten identically.
@@ -251,7 +218,7 @@ def _merge_into(
     bytes_read = sum(task_read_bytes(task, plan.full_is_theta0) for task in remaining)
     # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed
     # (θ_0's as θ_full's when they are one model), unless its files vouch for them (an adapter θ_fgt).
-    hasher = TensorHasher() if config.method in STAT_ROLES and not _settled_before(config, plan) else None
+    hasher = TensorHasher() if config.method in STAT_ROLES and not settled_before(config, plan) else None
     hash_role = "full" if plan.full_is_theta0 and config.stats_at == "theta0" else config.stats_at
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
@@ -283,7 +250,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = settled if hasher is None else _check_stats_identity(config, plan, sources, hasher, hash_role)
+            stats_content = settled if hasher is None else check_stats_identity(config, plan, sources, hasher, hash_role)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
@@ -335,36 +302,6 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     except Exception as exc:
         return exc
     return None
-
-
-def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher, hash_role: str) -> str:
-    """The statistics' content digest, after checking it is that of the input they belong to.
-
-    Raises:
-        StatisticsError: the statistics were computed at other bytes (or by a version that did
-            not record them); nothing has been committed.
-    """
-    model = read_stats_record(str(config.stats)).model
-    expected = model.content_sha256
-    checkpoint = plan.inputs[config.stats_at]
-    flag = STATS_AT_FLAGS[config.stats_at]
-    if not isinstance(expected, str):
-        raise StatisticsError(
-            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
-            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
-            "`perta-stream stats`"
-        )
-    if not isinstance(checkpoint, Checkpoint):
-        raise StatisticsError(f"statistics cannot have been computed at the adapter {flag} {checkpoint.location}; pass --stats-at theta0")
-    actual = hasher.complete(checkpoint, sources[hash_role])
-    if actual != expected:
-        raise StatisticsError(
-            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
-            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
-            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
-            "pass --stats-at full or fgt if they were computed at that input"
-        )
-    return actual
 
 
 def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:

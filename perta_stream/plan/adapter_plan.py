@@ -88,10 +88,3 @@ def shape_problem(delta: AdapterDelta, shape: tuple[int, ...]) -> str | None:
             return f"gets trainable token indices beyond its {shape[0]} rows"
     return None
 
-
-def theta0_bytes_needed(delta: AdapterDelta, row_bytes: int) -> int:
-    """θ_0 bytes a merge reads for this change beyond the chunk's own (DoRA's rows: the whole
-    tensor once; trainable tokens: their rows)."""
-    if delta.low_rank is not None and delta.low_rank.magnitude is not None:
-        return -1  # the whole tensor: the caller knows its size
-    return len(delta.token_rows) * row_bytes
