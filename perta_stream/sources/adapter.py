@@ -19,6 +19,7 @@ does that the merge cannot reproduce exactly is refused here, each with one line
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -289,8 +290,6 @@ def build_adapter(location: str, role: str, raw_config: bytes, header: Safetenso
     Raises:
         PlanError: every refused feature and unknown tensor, at once.
     """
-    import hashlib
-
     from peft.utils.other import get_pattern_key
 
     where = f"{role} adapter {location}"
