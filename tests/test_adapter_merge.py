@@ -261,3 +261,23 @@ def test_stats_identity_without_streaming_theta0(models, tmp_path, capsys, monke
     (other / "perta_stats.json").write_text(json.dumps(record))
     args = ["--theta0", str(root / "theta0"), "--full", str(root / "full"), "--fgt", str(adapter), "--method", "fisher", "--stats", str(other), "--max-memory", "8GiB"]
     _cli_refuses(args, "whose tensors differ", tmp_path / "refused", capsys)
+
+
+def test_merge_with_an_adapter_fits_the_default_budget_without_importing_peft(models, tmp_path):
+    """The CLI in a fresh process (peft not imported): peft reads the config in a child process, so
+    the merge keeps --max-memory's default 512 MiB and gives the bytes of the in-process reading."""
+    import os
+    import subprocess
+    import sys
+
+    root, _, dtype, stats = models
+    adapter = make_adapter(root / "theta0", tmp_path / "adapter", dtype=dtype, **ADAPTERS["regex-patterns"])
+    _merge(root, adapter, tmp_path / "in-process", "tv", stats)
+    env = {k: v for k, v in os.environ.items() if k != "PERTA_MAX_MEMORY"}
+    command = [sys.executable, "-m", "perta_stream", "merge", "--theta0", str(root / "theta0"), "--full", str(root / "full"), "--fgt", str(adapter),
+               "--alpha", "0.5,2", "--chunk-size", str(CHUNK_BYTES), "--out", str(tmp_path / "child"), "-q"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for alpha in ALPHAS:
+        for name in shard_names(root / "full"):
+            assert (tmp_path / "child" / f"alpha_{alpha:g}" / name).read_bytes() == (tmp_path / "in-process" / f"alpha_{alpha:g}" / name).read_bytes()

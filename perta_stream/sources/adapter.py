@@ -24,6 +24,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,12 +227,43 @@ def _open_hub_adapter(location: str, role: str) -> tuple[Adapter, ByteSource]:
     return build_adapter(pinned, role, raw_config, header), source
 
 
-def read_lora_config(raw: bytes, where: str) -> dict:
-    """adapter_config.json through peft's config classes; the LoraConfig's fields as a dict.
+def peft_answer(request: dict) -> dict:
+    """Read `request["document"]` with peft's LoraConfig and match each of `request["modules"]`
+    against rank_pattern/alpha_pattern with peft's get_pattern_key: {"config": fields, "scales":
+    {module: [r, alpha]}}, or {"error": ...}. JSON in, JSON out: it runs in a child process."""
+    try:
+        from peft import LoraConfig, PeftConfig
+        from peft.utils.other import get_pattern_key
+    except ImportError:
+        return {"error": "import"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = PeftConfig.from_peft_type(**request["document"])
+    except (TypeError, ValueError, KeyError) as exc:
+        return {"error": "config", "message": str(exc)}
+    if not isinstance(config, LoraConfig):
+        return {"error": "type", "message": type(config).__name__}
+    fields = {name: getattr(config, name) for name in config.__dataclass_fields__}
+    ranks, alphas = config.rank_pattern or {}, config.alpha_pattern or {}
+    scales = {m: [ranks.get(get_pattern_key(list(ranks), m), config.r), alphas.get(get_pattern_key(list(alphas), m), config.lora_alpha)] for m in request["modules"]}
+    return json.loads(json.dumps({"config": fields, "scales": scales}, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+# Importing peft loads transformers (about 300 MB of RSS measured here), which would count against
+# a merge's --max-memory for the whole run, so peft reads the config in a child process, unless
+# this process has imported peft already (finetune, tests).
+_CHILD = "import json, sys\nfrom perta_stream.sources.adapter import peft_answer\nprint(json.dumps(peft_answer(json.load(sys.stdin))))"
+
+
+def read_lora_config(raw: bytes, where: str, modules: list[str]) -> tuple[dict, dict[str, tuple[int, float]]]:
+    """adapter_config.json through peft's config classes (in a child process, see _CHILD):
+    the LoraConfig's fields as a dict, and each module's (r, lora_alpha) after rank_pattern/alpha_pattern.
 
     Raises:
         CheckpointError: not JSON, or not a config peft can read.
         PlanError: not a LoRA adapter.
+        UsageError: peft is not installed.
     """
     try:
         document = json.loads(raw.decode("utf-8"))
@@ -244,20 +277,25 @@ def read_lora_config(raw: bytes, where: str) -> dict:
             f"cannot use {where}",
             [f"{where} is a {peft_type or 'untyped'} adapter; only LoRA adapters (LoRA, rsLoRA, DoRA) are task vectors perta-stream can read"],
         )
-    try:
-        from peft import LoraConfig, PeftConfig
-    except ImportError:
-        raise UsageError("reading a LoRA adapter needs peft: pip install 'perta_stream[adapters]'") from None
     document.pop("runtime_config", None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = PeftConfig.from_peft_type(**document)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where}: peft cannot read {ADAPTER_CONFIG_NAME} ({exc})") from None
-    if not isinstance(config, LoraConfig):
-        raise PlanError(f"cannot use {where}", [f"{where} is not a LoRA adapter ({type(config).__name__})"])
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+    request = {"document": document, "modules": modules}
+    if "peft" in sys.modules:
+        answer = peft_answer(request)
+    else:
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        completed = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request), capture_output=True, text=True, timeout=600, env=env)
+        try:
+            answer = json.loads(completed.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise CheckpointError(f"{where}: peft could not read {ADAPTER_CONFIG_NAME}: {completed.stderr.strip()[-300:]}") from None
+    if answer.get("error") == "import":
+        raise UsageError("reading a LoRA adapter needs peft: pip install 'perta_stream[adapters]'")
+    if answer.get("error") == "config":
+        raise CheckpointError(f"{where}: peft cannot read {ADAPTER_CONFIG_NAME} ({answer['message']})")
+    if answer.get("error") == "type":
+        raise PlanError(f"cannot use {where}", [f"{where} is not a LoRA adapter ({answer['message']})"])
+    return answer["config"], {module: (int(r), float(alpha)) for module, (r, alpha) in answer["scales"].items()}
 
 
 def config_problems(config: dict, where: str) -> list[str]:
@@ -290,10 +328,10 @@ def build_adapter(location: str, role: str, raw_config: bytes, header: Safetenso
     Raises:
         PlanError: every refused feature and unknown tensor, at once.
     """
-    from peft.utils.other import get_pattern_key
-
     where = f"{role} adapter {location}"
-    config = read_lora_config(raw_config, where)
+    names = [key.removeprefix(PEFT_PREFIX) for key in header.tensors]
+    candidates = sorted({name[: -len(suffix) - 1] for name in names for suffix in _LORA_SUFFIXES if name.endswith("." + suffix)})
+    config, scales = read_lora_config(raw_config, where, candidates)
     problems = config_problems(config, where)
     modules: dict[str, dict[str, TensorInfo]] = {}
     kinds: dict[str, str] = {}
@@ -320,7 +358,6 @@ def build_adapter(location: str, role: str, raw_config: bytes, header: Safetenso
             else:
                 # modules_to_save values, and the base layers peft saves with an embedding LoRA: full values.
                 _merge_delta(deltas, AdapterDelta(name.replace(BASE_LAYER_INFIX, "."), replacement=info), problems, where)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     for module, parts in modules.items():
         if "A" not in parts or "B" not in parts:
             problems.append(f"{where}: module {module} has {', '.join(sorted(parts))} but not both LoRA factors A and B")
@@ -328,11 +365,10 @@ def build_adapter(location: str, role: str, raw_config: bytes, header: Safetenso
         kind = kinds[module]
         a, b = parts["A"], parts["B"]
         rank = a.shape[0]
-        expected_rank = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config["r"])
+        expected_rank, alpha = scales[module]
         if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != rank or expected_rank != rank:
             problems.append(f"{where}: module {module} has factors {list(a.shape)} and {list(b.shape)}, not of rank {expected_rank} as its config says")
             continue
-        alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         transposed = kind == "embedding" or bool(config.get("fan_in_fan_out"))
         magnitude = parts.get("magnitude")
