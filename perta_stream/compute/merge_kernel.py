@@ -116,7 +116,9 @@ class MergeKernel:
         """Compute one chunk.
 
         Args:
-            inputs: role -> 1-D typed view of the chunk ("theta0", "full", "fgt" and the stat roles).
+            inputs: role -> 1-D typed view of the chunk ("theta0", "full", "fgt" and the stat roles);
+                "tv": a float32 task vector made elsewhere (an adapter's, compute/task_vector.py),
+                used instead of fgt - theta0, or added to it when both are given.
             outputs: one 1-D typed view per alpha, same length, in the output dtype; overwritten.
 
         Raises:
@@ -133,9 +135,14 @@ class MergeKernel:
         count = inputs["full"].numel()
         task_vector = self._task_vector[:count]
         operand = self._operand[:count]
-        task_vector.copy_(inputs["fgt"])
-        operand.copy_(inputs["theta0"])
-        task_vector.sub_(operand)
+        if "fgt" in inputs:
+            task_vector.copy_(inputs["fgt"])
+            operand.copy_(inputs["theta0"])
+            task_vector.sub_(operand)
+            if "tv" in inputs:
+                task_vector.add_(inputs["tv"])
+        else:
+            task_vector.copy_(inputs["tv"])
         if self.method == "uniform":
             task_vector.mul_(self.uniform_weight)
         elif self.method in ("grad", "fisher"):
@@ -161,7 +168,7 @@ class MergeKernel:
             # 1.0 * x == x exactly in IEEE arithmetic, so the multiply is skipped, not approximated.
             torch.sub(operand, task_vector if alpha == 1.0 else torch.mul(task_vector, alpha, out=scaled), out=result)
             if not self.allow_nonfinite and _has_nonfinite(result):
-                self._check_finite(inputs, ("theta0", "full", "fgt"))
+                self._check_finite(inputs, tuple(role for role in ("theta0", "full", "fgt", "tv") if role in inputs))
                 raise NonFiniteValues([])  # finite inputs, but the result overflows float32
             output.copy_(result)
             if output.dtype == torch.float16 and not self.allow_nonfinite and _has_nonfinite(output):

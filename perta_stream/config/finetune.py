@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.config.options import from_options, option, options_from_cli
+from perta_stream.config.options import from_options, integer, number, option, options_from_cli, words
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
 
@@ -34,6 +34,13 @@ class FinetuneConfig:
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         system_prompt: an optional system prompt for chat-template models.
         max_grad_norm: gradient clipping by global norm; 0 switches it off.
+        lora_rank: train a LoRA adapter of this rank (through peft) instead of every weight, and
+            write it in PEFT's format (adapter_config.json + adapter_model.safetensors); None:
+            full fine-tuning.
+        lora_alpha: the LoRA scale's numerator (s = alpha/r, alpha/√r with rsLoRA); None: 2·rank.
+        lora_targets: the modules that get a LoRA (peft's target_modules); default every linear
+            module of the decoder layers (peft's "all-linear").
+        lora_rslora: rank-stabilised scaling alpha/√r.
     """
 
     model: str = option(help="checkpoint directory to start from (model and tokenizer)")
@@ -52,6 +59,10 @@ class FinetuneConfig:
     device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
     system_prompt: str | None = option(None, help="system prompt for models with a chat template")
     max_grad_norm: float = option(1.0, help="gradient clipping by global norm, 0 = off (default 1)")
+    lora_rank: int | None = option(None, flags=("--lora",), parse=integer, metavar="R", help="train a rank-R LoRA adapter (peft) instead of every weight; writes PEFT's adapter format")
+    lora_alpha: float | None = option(None, parse=number, help="LoRA alpha (default 2 x rank)")
+    lora_targets: tuple[str, ...] = option(("all-linear",), parse=words, help="modules that get a LoRA, e.g. q_proj,v_proj (default all-linear)")
+    lora_rslora: bool = option(False, help="rank-stabilised LoRA scaling alpha/sqrt(r)")
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "model")
@@ -86,6 +97,10 @@ class FinetuneConfig:
             problems.append(f"--max-grad-norm must be non-negative (0 = off), got {self.max_grad_norm}")
         if not self.question_key or not self.answer_key:
             problems.append("--question-key and --answer-key must not be empty")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            problems.append(f"--lora must be a rank of at least 1, got {self.lora_rank}")
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_rslora or self.lora_targets != ("all-linear",)):
+            problems.append("--lora-alpha, --lora-targets and --lora-rslora apply to a LoRA fine-tune; add --lora R")
         if device_problem(self.device):
             problems.append(str(device_problem(self.device)))
         return problems
@@ -113,4 +128,8 @@ class FinetuneConfig:
             "device": self.device,
             "system_prompt": self.system_prompt,
             "max_grad_norm": self.max_grad_norm,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "lora_targets": list(self.lora_targets),
+            "lora_rslora": self.lora_rslora,
         }

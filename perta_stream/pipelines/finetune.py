@@ -99,6 +99,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         for s in samples
     ]
     model = loaded.model
+    if config.lora_rank is not None:
+        model = with_lora(model, config)
     model.train()
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * steps_per_epoch(len(encoded), config.batch_size)
@@ -119,14 +121,17 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
     model.eval()
     del optimizer
-    cast_to_dtypes(model, stored_dtypes, main_dtype)
-    model.config.dtype = main_dtype
+    if config.lora_rank is None:
+        cast_to_dtypes(model, stored_dtypes, main_dtype)
+        model.config.dtype = main_dtype
     output = AtomicOutputDir(config.out, overwrite=config.overwrite)
     if output.partial.exists():
         logger.warning("discarding %s left by an interrupted fine-tuning run", output.partial)
         output.discard()
     partial = output.open()
     with transformers_progress_bars(progress_enabled()):
+        # A PeftModel writes its adapter only (adapter_config.json, adapter_model.safetensors):
+        # PeftModel.from_pretrained(θ_0, out) loads it, and merge/unlearn take it as --fgt.
         model.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
     elapsed_s = time.perf_counter() - started
@@ -155,6 +160,21 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         epoch_losses=tuple(epoch_losses),
         elapsed_s=elapsed_s,
     )
+
+
+def with_lora(model, config: FinetuneConfig):  # noqa: ANN001, ANN201  (a transformers model in, a PeftModel out)
+    """The model with a LoRA of `config` on its target modules (peft), the base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_targets[0] if config.lora_targets == ("all-linear",) else list(config.lora_targets)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_rank,
+        target_modules=targets,
+        use_rslora=config.lora_rslora,
+        lora_dropout=0.0,
+    )
+    return get_peft_model(model, lora)
 
 
 def _most_common_float_dtype(dtypes: dict[str, "torch.dtype"]) -> "torch.dtype":

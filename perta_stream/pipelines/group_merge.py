@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from perta_stream.compute.merge_kernel import SERIAL_BLOCK_ELEMENTS, MergeKernel, NonFiniteValues, nonfinite_error
+from perta_stream.compute.task_vector import LoadedDelta, covering_rows, task_vector_chunk
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan, TensorTask
 from perta_stream.plan.one_pass_plan import DEVICE_CHUNK_ELEMENTS
 from perta_stream.sinks.layered_output import LayeredModelOutput
 from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.task_vector import DeltaReader
 
 MODEL_INPUTS = ("theta0", "full", "fgt")
 # The compute dtypes that hold every value of a stored dtype exactly: a θ_0 tensor the sweep has
@@ -99,6 +101,18 @@ class GroupMerger:
         self._out_device = [buffers(out_itemsize, device) for _ in range(count)] if on_device else []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.bytes_read = 0
+        self._deltas = DeltaReader(sources["fgt"], sources["theta0"], self._count_read) if plan.fgt_adapter is not None else None
+        self._tv = torch.empty(self._chunk_elements if self._deltas is not None else 0, dtype=torch.float32, device=device)
+        # θ_full = θ_0 with an adapter θ_fgt: the tensors the adapter leaves alone are written
+        # from the sweep's loaded θ_0 as their group finishes, not read again up front.
+        self.defers_untouched = plan.full_is_theta0 and self._deltas is not None
+
+    def _count_read(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+
+    def swept(self, task: TensorTask) -> bool:
+        """Whether the task is written as its group's statistics finish (else up front)."""
+        return task.action == "merge" or (self.defers_untouched and task.reason == "not changed by the fgt adapter")
 
     @property
     def outputs(self) -> list[LayeredModelOutput]:
@@ -107,7 +121,8 @@ class GroupMerger:
     def copy_tasks(self) -> None:
         """Write the tensors copied from θ_full (no statistics involved) into every output."""
         for task in self._plan.copied:
-            self._merge_task(task, {})
+            if not self.swept(task):
+                self._merge_task(task, {})
 
     def merge(self, stats: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], theta0_loaded: Mapping[str, torch.Tensor] | None = None) -> None:
         """Merge the tensors of one finished group.
@@ -131,11 +146,12 @@ class GroupMerger:
         names = sorted(set().union(*(set(per_dataset) for per_dataset in stats.values())))
         for tensor_name in names:
             task = self._tasks.get(tensor_name)
-            if task is None or task.action != "merge":
+            if task is None or not self.swept(task):
                 continue  # a tensor θ_full does not have, or one copied up front
             roles = {f"{dataset}.{kind}": tensors[tensor_name][kind].reshape(-1) for dataset, tensors in stats.items() for kind in tensors[tensor_name]}
             loaded = (theta0_loaded or {}).get(tensor_name)
-            if loaded is not None and loaded.dtype not in _EXACT_IN.get(task.sources["theta0"].dtype, ()):
+            stored = self._plan.inputs["theta0"].tensors[tensor_name].dtype
+            if loaded is not None and loaded.dtype not in _EXACT_IN.get(stored, ()):
                 loaded = None
             self._merge_task(task, roles, None if loaded is None else loaded.detach().reshape(-1))
 
@@ -145,13 +161,26 @@ class GroupMerger:
             return
         out_itemsize = DTYPE_BYTES[task.out_dtype]
         out_dtype = torch_dtype(task.out_dtype)
+        # θ_full's bytes are θ_0's when they are one checkpoint: taken from the sweep's copy too.
+        full_loaded = theta0 is not None and self._plan.full_is_theta0
+        skip = ("theta0",) * (theta0 is not None) + ("full",) * full_loaded
+        delta = self._deltas.load(task.delta, task.shape) if task.delta is not None and self._deltas is not None else None
+        if delta is not None and self.device.type != "cpu":
+            delta = LoadedDelta(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(delta).items()})
         for start, count in self._plan.chunk_ranges(task, self._chunk_elements):
-            inputs = self._read_chunk(task, start, count, skip=("theta0",) if theta0 is not None else ())
+            inputs = self._read_chunk(task, start, count, skip=skip)
             merged = task.action == "merge"
             if merged and self._in_device:
                 inputs = {role: self._in_device[role][: view.numel() * view.element_size()].view(view.dtype).copy_(view) for role, view in inputs.items()}
             if theta0 is not None:
                 inputs["theta0"] = theta0[start : start + count].to(self.device)
+                if full_loaded:
+                    inputs["full"] = inputs["theta0"]
+                if task.sources.get("theta0") is None:
+                    inputs.pop("theta0")
+            if delta is not None:
+                inputs["tv"] = self._tv[:count]
+                task_vector_chunk(delta, start, count, inputs["tv"], self._theta0_rows(task, delta, start, count, theta0))
             for method, targets in zip(self._methods, wanted):
                 if not targets:
                     continue
@@ -171,15 +200,24 @@ class GroupMerger:
                         for typed, computed in zip(typed_outputs, kernel_outputs):
                             typed.copy_(computed)
                 else:
-                    raw = self._in["full"][: count * task.sources["full"].itemsize]
                     for typed in typed_outputs:
-                        typed.view(torch.uint8).copy_(raw)
+                        # θ_full's stored values (or θ_0's as the sweep loaded them, exact in the stored dtype).
+                        typed.copy_(inputs["full"])
                 for k, output in enumerate(method.outputs):
                     if output in targets:
                         output.write(task.tensor_name, start * out_itemsize, memoryview(typed_outputs[k].view(torch.uint8).numpy()))
         for targets in wanted:
             for output in targets:
                 output.tensor_done(task.tensor_name)
+
+    def _theta0_rows(self, task: TensorTask, delta: LoadedDelta, start: int, count: int, theta0: torch.Tensor | None) -> torch.Tensor | None:
+        """θ_0's rows covering a chunk (DoRA, trainable tokens): from the sweep's copy, else read."""
+        if not delta.needs_theta0_rows:
+            return None
+        first, end = covering_rows(task.shape, start, count)
+        if theta0 is not None:
+            return theta0.reshape(task.shape)[first:end].to(self.device)
+        return self._deltas.theta0_rows(task.theta0_rows, first, end).to(self.device)
 
     def _read_chunk(self, task: TensorTask, start: int, count: int, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         typed: dict[str, torch.Tensor] = {}

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
-from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
+from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge, task_read_bytes
 from perta_stream.progress import progress
 from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
 from perta_stream.sinks.output_dir import check_output_location
@@ -21,12 +21,12 @@ from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import is_hub_location, open_checkpoint
+from perta_stream.sources.resolve import is_hub_location, open_model_input
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
+from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_stats_identity, settled_before
+from perta_stream.sources.stats_dir import open_stats
 
 logger = logging.getLogger(__name__)
-STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         chunk_bytes=config.chunk_bytes,
         baseline_rss_bytes=current_rss_bytes(),
         problems=problems,
+        full_is_theta0=_same_model(inputs),
     )
     try:
         if problems or plan is None:
@@ -114,7 +115,7 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
     problems: list[str] = []
     for role, location in zip(MODEL_ROLES, (config.theta0, config.full, config.fgt)):
         try:
-            inputs[role], sources[role] = open_checkpoint(location, role, drop_page_cache=config.drop_page_cache)
+            inputs[role], sources[role] = open_model_input(location, role, drop_page_cache=config.drop_page_cache)
         except PlanError as exc:
             problems.extend(exc.problems)
         except PertaStreamError as exc:
@@ -124,6 +125,14 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
         inputs.update(stat_inputs)
         sources.update(stat_sources)
     return inputs, sources, problems
+
+
+def _same_model(inputs: dict) -> bool:
+    """θ_full and θ_0 are one checkpoint (sources/checkpoint.py: same_checkpoint)."""
+    from perta_stream.sources.checkpoint import same_checkpoint
+
+    theta0, full = inputs.get("theta0"), inputs.get("full")
+    return isinstance(theta0, Checkpoint) and isinstance(full, Checkpoint) and same_checkpoint(theta0, full)
 
 
 def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
@@ -188,6 +197,8 @@ def _merge_into(
     from perta_stream.pipelines.streaming import run_stream
 
     run_fingerprint = fingerprint(config, plan)
+    # θ_0 is not streamed with an adapter θ_fgt: its identity is settled before anything is written.
+    settled = adapter_stats_identity(config, plan, sources) if dist.is_main else None
     finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
     failure = _join_outputs(outputs, run_fingerprint, dist)
     # A shard counts as done only when every output has it; the others are rewritten identically.
@@ -202,11 +213,13 @@ def _merge_into(
         stat_roles=STAT_ROLES.get(config.method, ()),
         allow_nonfinite=config.allow_nonfinite,
     )
-    remaining_bytes = sum(
-        info.nbytes for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks for info in task.sources.values()
-    )
-    # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed.
-    hasher = TensorHasher() if config.method in STAT_ROLES else None
+    remaining = [task for shard in plan.shards if shard.file_name not in skip_shards for task in shard.tasks]
+    remaining_bytes = sum(info.nbytes for task in remaining for info in task.sources.values())  # what the progress bar counts
+    bytes_read = sum(task_read_bytes(task, plan.full_is_theta0) for task in remaining)
+    # The statistics belong to one input (theta0 by default): its bytes are hashed while streamed
+    # (θ_0's as θ_full's when they are one model), unless its files vouch for them (an adapter θ_fgt).
+    hasher = TensorHasher() if config.method in STAT_ROLES and not settled_before(config, plan) else None
+    hash_role = "full" if plan.full_is_theta0 and config.stats_at == "theta0" else config.stats_at
     if done:
         logger.info("resuming: %d of %d shards already finished", len(done), len(plan.shards))
     if dist.is_distributed:
@@ -224,7 +237,7 @@ def _merge_into(
                     watchdog=watchdog,
                     on_progress=bar.update,
                     hasher=hasher,
-                    hash_role=config.stats_at,
+                    hash_role=hash_role,
                 )
             except BaseException as exc:
                 for output in outputs:
@@ -237,7 +250,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = None if hasher is None else _check_stats_identity(config, plan, sources, hasher)
+            stats_content = settled if hasher is None else check_stats_identity(config, plan, sources, hasher, hash_role)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
@@ -255,7 +268,7 @@ def _merge_into(
         outputs=tuple(locations),
         plan_text=None,
         elapsed_s=time.perf_counter() - started,
-        bytes_read=remaining_bytes,
+        bytes_read=bytes_read,
         # Under a launcher, this rank's share (every rank reports its own reads and writes).
         bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
@@ -289,34 +302,6 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     except Exception as exc:
         return exc
     return None
-
-
-def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher) -> str:
-    """The statistics' content digest, after checking it is that of the input they belong to.
-
-    Raises:
-        StatisticsError: the statistics were computed at other bytes (or by a version that did
-            not record them); nothing has been committed.
-    """
-    model = read_stats_record(str(config.stats)).model
-    expected = model.content_sha256
-    checkpoint = plan.inputs[config.stats_at]
-    flag = STATS_AT_FLAGS[config.stats_at]
-    if not isinstance(expected, str):
-        raise StatisticsError(
-            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
-            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
-            "`perta-stream stats`"
-        )
-    actual = hasher.complete(checkpoint, sources[config.stats_at])
-    if actual != expected:
-        raise StatisticsError(
-            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
-            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
-            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
-            "pass --stats-at full or fgt if they were computed at that input"
-        )
-    return actual
 
 
 def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:

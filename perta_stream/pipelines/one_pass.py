@@ -43,13 +43,8 @@ from perta_stream.distributed import LaunchInfo
 from perta_stream.errors import PertaStreamError, PlanError, UsageError
 from perta_stream.memory import current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
-from perta_stream.plan.one_pass_plan import (
-    PassComparison,
-    compare_passes,
-    merge_step_bytes,
-    one_pass_outputs,
-    theta0_loaded_bytes,
-)
+from perta_stream.plan.one_pass_plan import one_pass_outputs
+from perta_stream.pipelines.one_pass_costs import MERGE_CHUNK_BYTES, config_only_comparison, merge_device, one_pass_comparison, run_reads, tau_of
 from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
@@ -74,7 +69,6 @@ logger = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".perta_one_pass_state"
 NOT_SAVED = "(computed in the same pass, not saved)"
-MERGE_CHUNK_BYTES = 2**20
 
 
 def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
@@ -101,8 +95,8 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
     if config.config_only:
         if stats_config is None:
             raise PlanError("cannot plan the one pass", stats_problems)
-        comparison, stats_plan = _config_only_comparison(config, stats_config)
-        text = f"{stats_plan.to_text()}\n{comparison.to_text()}"
+        comparison, stats_plan, reads = config_only_comparison(config, stats_config)
+        text = f"{stats_plan.to_text()}\n{comparison.to_text()}\n{reads.to_text()}"
         return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
     with ExitStack() as stack:
         inputs, sources, problems = _open_models(config, stack)
@@ -119,9 +113,10 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         shape = ModelShape.from_config(stats_checkpoint.config, ties_embeddings=stats_checkpoint.ties_embeddings, where=f"{config.effective_stats_model}/config.json")
         prepared = prepare_sweep(stats_config, stats_checkpoint, shape)
         compute_dtype_bytes = 4 if prepared.compute_dtype == "float32" else 2
-        comparison = _comparison(config, prepared.plan, plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
+        comparison = one_pass_comparison(config, prepared.plan, plan, {n: info.shape for n, info in stats_checkpoint.tensors.items()}, compute_dtype_bytes)
         if config.dry_run:
-            text = "\n".join([prepared.plan.to_text(), describe_plan(plan), comparison.to_text()])
+            reads = run_reads(config, prepared.plan, plan, compute_dtype_bytes)
+            text = "\n".join([prepared.plan.to_text(), describe_plan(plan), comparison.to_text(), reads.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
         logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
         locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
@@ -153,7 +148,7 @@ def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]
 
 def _open_models(config: UnlearnConfig, stack: ExitStack) -> tuple[dict[str, Checkpoint], dict[str, Any], list[str]]:
     """θ_0, θ_full, θ_fgt and the statistics model (θ_0 itself unless --stats-model) from their headers."""
-    from perta_stream.sources.resolve import open_checkpoint
+    from perta_stream.sources.resolve import open_checkpoint, open_model_input
 
     inputs: dict[str, Checkpoint] = {}
     sources: dict[str, Any] = {}
@@ -163,7 +158,8 @@ def _open_models(config: UnlearnConfig, stack: ExitStack) -> tuple[dict[str, Che
         locations["stats"] = config.effective_stats_model
     for role, location in locations.items():
         try:
-            inputs[role], sources[role] = open_checkpoint(location, "stats model" if role == "stats" else role)
+            opener = open_model_input if role == "fgt" else open_checkpoint  # θ_fgt may be a LoRA adapter
+            inputs[role], sources[role] = opener(location, "stats model" if role == "stats" else role)
             stack.callback(sources[role].close)
         except PlanError as exc:
             problems.extend(exc.problems)
@@ -179,6 +175,7 @@ def _plan(
 ) -> tuple[MergePlan | None, list[str]]:
     """The merge plan (θ_full's layout) plus the one-pass checks: outputs, statistics model."""
     from perta_stream.errors import ModelNotSupportedError
+    from perta_stream.sources.checkpoint import same_checkpoint
 
     folders = [out_dir for _, _, out_dir in outputs]
     if len(set(folders)) != len(folders):
@@ -213,6 +210,7 @@ def _plan(
         chunk_bytes=MERGE_CHUNK_BYTES,
         baseline_rss_bytes=current_rss_bytes(),
         problems=problems,
+        full_is_theta0=same_checkpoint(inputs["theta0"], inputs["full"]),
     )
     if plan is not None and stats is not None and stats is not inputs["theta0"]:
         mismatched = [
@@ -229,103 +227,6 @@ def _plan(
     return (None if problems else plan), problems
 
 
-# ---------------------------------------------------------------- the plan next to two passes
-def _comparison(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, shapes: dict[str, tuple[int, ...]], compute_dtype_bytes: int) -> PassComparison:
-    merged = [task for task in plan.tasks if task.action == "merge"]
-    widest = [max((t.sources[role].itemsize for t in plan.tasks if role in t.sources), default=0) for role in MODEL_ROLES]
-    out_itemsize = max((int(t.out_spec.nbytes / max(t.numel, 1)) for t in plan.tasks), default=4)
-    return _compare(
-        config,
-        stats_plan,
-        merged_numel=sum(task.numel for task in merged),
-        model_read_bytes=plan.bytes_to_read,
-        theta0_loaded_bytes=theta0_loaded_bytes(
-            {t.tensor_name: (t.shape, t.sources["theta0"].dtype) for t in merged}, stats_plan.num_layers, compute_dtype_bytes
-        )
-        if config.effective_stats_model == config.theta0
-        else 0,
-        output_bytes=sum(shard.nbytes for shard in plan.shards),
-        merge_peak_host_bytes=plan.estimated_peak_rss_bytes,
-        merge_buffers=(plan.chunk_elements, widest, out_itemsize, shapes, compute_dtype_bytes),
-    )
-
-
-def _compare(
-    config: UnlearnConfig,
-    stats_plan: StatsPlan,
-    *,
-    merged_numel: int,
-    merge_buffers: tuple[int, list[int], int, dict[str, tuple[int, ...]], int],
-    **model_figures: Any,
-) -> PassComparison:
-    """`compare_passes` with the figures that come from the statistics plan and the options; the
-    model's figures (reads, output, merge memory) are given, the merge step's memory as
-    (chunk elements, input itemsizes, output itemsize, tensor shapes, compute dtype bytes)."""
-    stats_itemsize = 4 if (config.stats_dtype or "F32") == "F32" else 2
-    chunk_elements, input_itemsizes, out_itemsize, shapes, compute_dtype_bytes = merge_buffers
-    merge_host_bytes, merge_device_bytes = merge_step_bytes(
-        chunk_elements=chunk_elements,
-        input_itemsizes=input_itemsizes,
-        out_itemsize=out_itemsize,
-        outputs_per_method=len(config.alphas),
-        shapes=shapes,
-        num_layers=stats_plan.num_layers,
-        kinds=len(stats_plan.kinds),
-        compute_dtype_bytes=compute_dtype_bytes,
-        device=stats_plan.device,
-        merge_on_device=_merge_device(config, stats_plan.device).type != "cpu",
-    )
-    return compare_passes(
-        merge_buffer_bytes=merge_host_bytes,
-        merge_device_bytes=merge_device_bytes,
-        stats_read_bytes=stats_plan.bytes_read,
-        stats_bytes=stats_plan.bytes_written,
-        boundary_spill_bytes=stats_plan.boundary_spill_bytes,
-        stats_peak_host_bytes=stats_plan.peak_host_bytes,
-        stats_peak_device_bytes=stats_plan.peak_device_bytes,
-        outputs_per_method=tuple(len(config.alphas) for _ in config.methods),
-        stat_methods=len(config.stat_methods),
-        stats_per_method_bytes=2 * merged_numel * stats_itemsize,
-        save_stats=bool(config.save_stats),
-        device=stats_plan.device,
-        **model_figures,
-    )
-
-
-def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) -> tuple[PassComparison, StatsPlan]:
-    """The figures from a config.json alone (e.g. configs/llama-70b-config.json): no weights needed."""
-    import math
-
-    from perta_stream.pipelines.stats import config_only_plan
-
-    stats_plan = config_only_plan(stats_config).plan
-    shape_config = json.loads(_config_path(stats_config.model).read_text(encoding="utf-8"))
-    shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
-    numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
-    model_bytes = numel * shape.weight_dtype_bytes
-    chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
-    stored_dtype = {4: "F32", 2: "BF16"}.get(shape.weight_dtype_bytes, "BF16")
-    compute_dtype_bytes = 4 if stats_config.compute_dtype_on(stats_plan.device) == "float32" else 2
-    comparison = _compare(
-        config,
-        stats_plan,
-        merged_numel=numel,
-        model_read_bytes=3 * model_bytes,
-        theta0_loaded_bytes=theta0_loaded_bytes(
-            {name: (dims, stored_dtype) for name, dims in shape.tensor_shapes().items()}, shape.num_layers, compute_dtype_bytes
-        ),
-        output_bytes=model_bytes,
-        merge_peak_host_bytes=config.max_memory_bytes,
-        merge_buffers=(chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, shape.tensor_shapes(), compute_dtype_bytes),
-    )
-    return comparison, stats_plan
-
-
-def _config_path(model: str) -> Path:
-    path = Path(model)
-    return path / "config.json" if path.is_dir() else path
-
-
 # ---------------------------------------------------------------- the sweep
 def _fingerprint(config: UnlearnConfig, plan: MergePlan, stats_identity: dict[str, Any], method: str, alpha: float) -> str:
     """What one output's bytes depend on: the statistics' identity, the inputs, the arithmetic, the layout."""
@@ -337,19 +238,13 @@ def _fingerprint(config: UnlearnConfig, plan: MergePlan, stats_identity: dict[st
         "input_files": {role: checkpoint.file_identity() for role, checkpoint in sorted(plan.inputs.items())},
         "method": method,
         "alpha": alpha,
-        "tau": _tau(config, method),
+        "tau": tau_of(config, method),
         "uniform_weight": config.uniform_weight,
         "fallback_weight": config.fallback_weight,
         "out_dtype": config.out_dtype,
         "shards": [[shard.file_name, [task.tensor_name for task in shard.tasks]] for shard in plan.shards],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _tau(config: UnlearnConfig, method: str) -> float | None:
-    if method not in STATS_METHODS:
-        return None
-    return config.tau if config.tau is not None else DEFAULT_TAU[method]
 
 
 def _execute(
@@ -407,33 +302,33 @@ def _execute(
         store = None
         if config.save_stats:
             store = open_store(stats_config, stats_checkpoint, shape, stats_output, resumed)
-        merge_device = _merge_device(config, device_name)
-        if merge_device.type != torch.device(device_name).type:
+        merge_on = merge_device(config, device_name)
+        if merge_on.type != torch.device(device_name).type:
             logger.info("merging on the CPU: with τ=%s a weight exponent is not 0.5, 1 or 2, whose powers are bitwise the same on the GPU", config.tau)
         methods = [
             MethodOutputs(
                 MergeKernel(
                     method=method,
                     alphas=config.alphas,
-                    tau=_tau(config, method) or 1.0,
+                    tau=tau_of(config, method) or 1.0,
                     uniform_weight=config.uniform_weight,
                     fallback_weight=config.fallback_weight,
                     stat_roles=STAT_ROLES.get(method, ()),
                     allow_nonfinite=config.allow_nonfinite,
-                    device=merge_device,
-                    block_elements=kernel_block_elements(merge_device),
+                    device=merge_on,
+                    block_elements=kernel_block_elements(merge_on),
                 ),
                 tuple(layered[(method, alpha)] for alpha in config.alphas),
             )
             for method in config.methods
         ]
-        merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype, device=merge_device)
+        merger = GroupMerger(plan, sources, methods, stats_dtype=stats_config.stats_dtype, device=merge_on)
         merger.copy_tasks()
         BoundaryStore.remove_leftovers(stats_output.partial)
         report: dict[str, Any] = {"mean_loss": dict(resumed.mean_loss)}
         hasher = TensorHasher()  # the statistics model's content identity, as `stats` records it
         if any(output.missing_shards() for output in layered.values()) or (store is not None and not store.complete):
-            start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan)
+            start = _usable_state(resumed, store, list(layered.values()), stats_checkpoint, shape, plan, merger.swept)
             theta0_loaded = stats_checkpoint is inputs["theta0"]  # the sweep's weights are θ_0's
             report = _sweep(stats_config, stats_checkpoint, stats_source, prepared, stats_output, store, merger, start, theta0_loaded, hasher)
         else:
@@ -500,21 +395,14 @@ def _abort_on_failure(output: ModelOutput) -> Callable[..., bool]:
     return on_exit
 
 
-def _merge_device(config: UnlearnConfig, device_name: str) -> torch.device:
-    """Where the merge step runs: on the sweep's GPU, where the statistics and θ_0 already are
-    (nothing but θ_full, θ_fgt and the outputs crosses to the host), when its arithmetic is
-    bitwise the CPU's for every method (compute/weights.py: exponent_is_portable); else on the CPU."""
-    import torch
-
-    from perta_stream.compute.weights import exponent_is_portable
-
-    device = torch.device(device_name)
-    portable = all(exponent_is_portable(method, _tau(config, method) or 1.0) for method in config.methods)
-    return device if device.type == "cuda" and portable else torch.device("cpu")
-
-
 def _usable_state(
-    resumed: ResumedRun, store: StatsStore | None, outputs: list[LayeredModelOutput], checkpoint: Checkpoint, shape: ModelShape, plan: MergePlan
+    resumed: ResumedRun,
+    store: StatsStore | None,
+    outputs: list[LayeredModelOutput],
+    checkpoint: Checkpoint,
+    shape: ModelShape,
+    plan: MergePlan,
+    swept: Callable[[Any], bool],
 ) -> ResumeState | None:
     """The saved state to continue from, when every group it has passed is saved and merged; else None."""
     from perta_stream.compute.stats.resume_state import ResumeState, groups_before, position_name
@@ -524,7 +412,7 @@ def _usable_state(
         return None
     passed = groups_before(resumed.next_layer, shape.num_layers)
     groups = group_tensor_names(checkpoint.tensors, shape.num_layers)
-    merged = {task.tensor_name for task in plan.tasks if task.action == "merge"}
+    merged = {task.tensor_name for task in plan.tasks if swept(task)}
     names = [name for group in passed for name in groups.get(group, []) if name in merged]
     stats_kept = store is None or all(store.has_group(dataset, group) for dataset in DATASETS for group in passed)
     if stats_kept and all(output.has_tensor(name) for output in outputs for name in names):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
+from perta_stream.compute.task_vector import covering_rows, task_vector_chunk
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.memory import RssWatchdog
 from perta_stream.plan.merge_plan import PIPELINE_DEPTH, MergePlan, OutputShard, TensorTask
@@ -27,6 +28,7 @@ from perta_stream.sinks.model_output import ModelOutput
 from perta_stream.sinks.shard_writer import ShardWriter
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.task_vector import DeltaReader
 
 _POLL_S = 0.1
 _DONE = object()
@@ -85,10 +87,16 @@ def run_stream(
     """Stream every remaining chunk from `sources` through `kernel` into `outputs`.
 
     With `hasher`, the reader hashes every tensor of input `hash_role` as it reads it (the
-    content identity the statistics are checked against).
+    content identity the statistics are checked against). With an adapter θ_fgt, the reader
+    also reads each changed tensor's factors (sources/task_vector.py) and the compute stage
+    makes the chunk's task vector from them (compute/task_vector.py).
     """
     roles = sorted({role for task in plan.tasks for role in task.sources})
     in_sizes = {role: plan.chunk_elements * max(t.sources[role].itemsize for t in plan.tasks if role in t.sources) for role in roles}
+    delta_reader = None
+    if plan.fgt_adapter is not None:
+        in_sizes["tv"] = plan.chunk_elements * 4
+        delta_reader = DeltaReader(sources["fgt"], sources["theta0"])
     out_itemsize = max(DTYPE_BYTES[t.out_dtype] for t in plan.tasks)
     out_sizes = {str(k): plan.chunk_elements * out_itemsize for k in range(len(outputs))}
     free_inputs: queue.Queue = queue.Queue()
@@ -116,14 +124,24 @@ def run_stream(
     def read_all() -> None:
         for job in iter_jobs(plan, skip_shards):
             buffers = _get(free_inputs, stop)
+            prepared = None
+            task = job.task
+            if delta_reader is not None and task.delta is not None:
+                loaded = delta_reader.load(task.delta, task.shape)
+                rows = None
+                if loaded.needs_theta0_rows:
+                    rows = delta_reader.theta0_rows(task.theta0_rows, *covering_rows(task.shape, job.start, job.count))
+                prepared = (loaded, rows)
             for role, info in job.task.sources.items():
+                if role == "full" and plan.full_is_theta0 and "theta0" in job.task.sources:
+                    continue  # the same bytes as θ_0's, read once
                 nbytes = job.count * info.itemsize
                 offset = info.begin + job.start * info.itemsize
                 sources[role].read_into(info.file_name, offset, buffers.views[role][:nbytes])
                 sources[role].done_with(info.file_name, offset, nbytes)
                 if hasher is not None and role == hash_role:
                     hasher.update(job.task.tensor_name, buffers.views[role][:nbytes], last=offset + nbytes == info.end)
-            _put(filled, (job, buffers), stop)
+            _put(filled, (job, buffers, prepared), stop)
         _put(filled, _DONE, stop)
 
     def write_all() -> None:
@@ -156,7 +174,7 @@ def run_stream(
     reader.start()
     writer.start()
     try:
-        guarded(lambda: _compute_all(kernel, filled, computed, free_inputs, free_outputs, stop, watchdog, len(outputs)))()
+        guarded(lambda: _compute_all(kernel, filled, computed, free_inputs, free_outputs, stop, watchdog, len(outputs), plan.full_is_theta0))()
     except BaseException:
         stop.set()
         raise
@@ -181,22 +199,34 @@ def _compute_all(
     stop: threading.Event,
     watchdog: RssWatchdog,
     output_count: int,
+    full_is_theta0: bool = False,
 ) -> None:
     while True:
         item = _get(filled, stop)
         if item is _DONE:
             _put(computed, _DONE, stop)
             return
-        job, inputs = item
+        job, inputs, prepared = item
         outputs = _get(free_outputs, stop)
         task = job.task
         if task.action == "merge":
             typed_inputs = {role: inputs.typed(role, info.dtype, job.count) for role, info in task.sources.items()}
+            if "full" in typed_inputs and "theta0" in typed_inputs and full_is_theta0:
+                typed_inputs["full"] = typed_inputs["theta0"]
+            if prepared is not None:
+                loaded, rows = prepared
+                typed_inputs["tv"] = inputs.typed("tv", "F32", job.count)
+                task_vector_chunk(loaded, job.start, job.count, typed_inputs["tv"], rows)
             typed_outputs = [outputs.typed(str(k), task.out_dtype, job.count) for k in range(output_count)]
             try:
                 kernel.merge_chunk(typed_inputs, typed_outputs)
             except NonFiniteValues as exc:
                 raise nonfinite_error(task.tensor_name, exc) from None
+        elif task.out_dtype != task.sources["full"].dtype:
+            # θ_full's values in the output dtype (a tensor the adapter leaves alone, under --out-dtype).
+            source = inputs.typed("full", task.sources["full"].dtype, job.count)
+            for k in range(output_count):
+                outputs.typed(str(k), task.out_dtype, job.count).copy_(source)
         else:
             nbytes = job.count * task.sources["full"].itemsize
             for k in range(output_count):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
+from perta_stream.plan.adapter_plan import adapter_deltas
+from perta_stream.sources.adapter import Adapter, AdapterDelta
 from perta_stream.sources.checkpoint import OUTPUT_EMBEDDING_NAMES, Checkpoint, describe_tying
 from perta_stream.sources.safetensors_header import TensorInfo
 from perta_stream.sinks.shard_writer import TensorSpec
@@ -37,8 +39,11 @@ class TensorTask:
         action: "merge" or "copy".
         out_dtype: safetensors dtype written.
         shape: the tensor's shape.
-        sources: role -> where the input bytes are (copy tasks only have "full").
+        sources: role -> where the input bytes are (copy tasks only have "full"); with an adapter
+            θ_fgt, "fgt" and "theta0" only where the adapter saved full values of the tensor.
         reason: why a tensor is copied rather than merged.
+        delta: what an adapter θ_fgt changes in the tensor (its task vector), or None (dense θ_fgt).
+        theta0_rows: θ_0's tensor, when `delta` needs its rows (DoRA, trainable tokens).
     """
 
     tensor_name: str
@@ -47,6 +52,20 @@ class TensorTask:
     shape: tuple[int, ...]
     sources: dict[str, TensorInfo]
     reason: str = ""
+    delta: AdapterDelta | None = None
+    theta0_rows: TensorInfo | None = None
+
+    @property
+    def delta_bytes(self) -> int:
+        """Adapter and θ_0 bytes the task vector of this task reads besides its chunks."""
+        if self.delta is None:
+            return 0
+        extra = sum(info.nbytes for info in self.delta.infos if info is not self.delta.replacement)
+        if self.theta0_rows is not None:
+            row_bytes = self.theta0_rows.nbytes // max(1, self.shape[0])
+            dora = self.delta.low_rank is not None and self.delta.low_rank.magnitude is not None
+            extra += self.theta0_rows.nbytes if dora else len(self.delta.token_rows) * row_bytes
+        return extra
 
     @property
     def numel(self) -> int:
@@ -79,9 +98,10 @@ class MergePlan:
         bytes_to_write: output bytes written, summed over all alphas.
         estimated_peak_rss_bytes: baseline RSS + buffers + margin.
         max_memory_bytes: the budget the estimate was checked against.
+        full_is_theta0: θ_full and θ_0 are one checkpoint: a chunk both need is read once.
     """
 
-    inputs: dict[str, Checkpoint]
+    inputs: dict[str, Checkpoint | Adapter]
     shards: tuple[OutputShard, ...]
     chunk_elements: int
     bytes_to_read: int
@@ -92,6 +112,12 @@ class MergePlan:
     out_dirs: tuple[str, ...]
     method: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    full_is_theta0: bool = False
+
+    @property
+    def fgt_adapter(self) -> Adapter | None:
+        fgt = self.inputs.get("fgt")
+        return fgt if isinstance(fgt, Adapter) else None
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -127,13 +153,16 @@ def plan_merge(
     chunk_bytes: int | None,
     baseline_rss_bytes: int,
     problems: list[str],
+    full_is_theta0: bool = False,
 ) -> tuple[MergePlan | None, list[str]]:
     """Validate the inputs against each other and lay out the output.
 
     Args:
-        inputs: role -> checkpoint; roles are MODEL_ROLES plus STAT_ROLES[method] for grad/fisher.
+        inputs: role -> checkpoint; roles are MODEL_ROLES plus STAT_ROLES[method] for grad/fisher;
+            "fgt" may be a LoRA adapter (its task vector then comes from its factors).
         problems: problems found earlier (opening inputs, options); more are appended.
         baseline_rss_bytes: the process's RSS before any buffer is allocated.
+        full_is_theta0: θ_full and θ_0 are the same checkpoint (read a chunk both need once).
 
     Returns:
         (plan, problems): the plan is None when problems make it impossible to build.
@@ -142,6 +171,14 @@ def plan_merge(
     theta0, fgt = inputs.get("theta0"), inputs.get("fgt")
     if full is None or theta0 is None or fgt is None:
         return None, problems
+    if isinstance(full, Adapter) or isinstance(theta0, Adapter):
+        which = "full" if isinstance(full, Adapter) else "theta0"
+        problems.append(
+            f"--{which} {inputs[which].location} is an adapter; θ_0 must be a model, and θ_full an adapter is not supported yet: "
+            "merge that adapter into its base with peft (merge_and_unload) and pass the merged model"
+        )
+        return None, problems
+    deltas = adapter_deltas(fgt, theta0, problems) if isinstance(fgt, Adapter) else None
     tying_differs = _check_tying(inputs, problems)
     stat_roles = STAT_ROLES.get(method, ())
     if any(role not in inputs for role in stat_roles):
@@ -151,7 +188,12 @@ def plan_merge(
     tasks_by_name: dict[str, TensorTask] = {}
     stat_mismatches: dict[str, list[str]] = {role: [] for role in stat_roles}
     for tensor_name, full_info in full.tensors.items():
-        task = _plan_tensor(tensor_name, full_info, inputs, stat_roles, out_dtype, problems, stat_mismatches)
+        if deltas is not None:
+            task = _plan_adapter_tensor(tensor_name, full_info, theta0, deltas, stat_roles, out_dtype, problems)
+            if task is not None and task.action == "merge":
+                task = _with_stats(task, inputs, stat_roles, stat_mismatches)
+        else:
+            task = _plan_tensor(tensor_name, full_info, inputs, stat_roles, out_dtype, problems, stat_mismatches)
         if task is not None:
             tasks_by_name[tensor_name] = task
     for role, mismatches in stat_mismatches.items():
@@ -162,7 +204,7 @@ def plan_merge(
                 f"statistics {role} ({inputs[role].location}) do not match the model: {mismatches[0]}{more}; "
                 "recompute them for this model with `perta-stream stats` on theta0"
             )
-    for checkpoint in (theta0, fgt):
+    for checkpoint in (theta0, fgt) if deltas is None else (theta0,):
         for tensor_name in checkpoint.tensors:
             if tying_differs and tensor_name in OUTPUT_EMBEDDING_NAMES:
                 continue  # already explained by the tying mismatch
@@ -176,6 +218,9 @@ def plan_merge(
     shards = _layout(full, tasks_by_name, max_shard_bytes)
     widest = _widest_sources(tasks_by_name.values())
     input_bytes_per_element = sum(info.itemsize for info in widest)
+    if deltas is not None:
+        # The task vector of an adapter chunk (float32) and the θ_0 rows DoRA needs (float32), per buffer set.
+        input_bytes_per_element += 8
     output_bytes_per_element = max((DTYPE_BYTES[t.out_dtype] for t in tasks_by_name.values()), default=4) * len(alphas)
     per_element = PIPELINE_DEPTH * (input_bytes_per_element + output_bytes_per_element)
     available = max_memory_bytes - baseline_rss_bytes - RUNTIME_MARGIN_BYTES
@@ -185,7 +230,13 @@ def plan_merge(
     else:
         chunk_elements = min(MAX_CHUNK_ELEMENTS, max(0, available) // per_element)
         chunk_elements -= chunk_elements % 4096
-    estimate = baseline_rss_bytes + RUNTIME_MARGIN_BYTES + chunk_elements * per_element
+    # An adapter tensor's float32 factors, held while its chunks are computed (two tensors' in flight).
+    factor_bytes = 2 * max((sum(i.numel for i in t.delta.infos) * 4 for t in tasks_by_name.values() if t.delta is not None), default=0)
+    available -= factor_bytes
+    if chunk_bytes is None and deltas is not None:
+        chunk_elements = min(chunk_elements, max(0, available) // per_element)
+        chunk_elements -= chunk_elements % 4096
+    estimate = baseline_rss_bytes + RUNTIME_MARGIN_BYTES + chunk_elements * per_element + factor_bytes
     if chunk_elements < MIN_CHUNK_ELEMENTS and chunk_bytes is None:
         problems.append(
             f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers "
@@ -198,7 +249,7 @@ def plan_merge(
         )
     if problems:
         return None, problems
-    bytes_to_read = sum(info.nbytes for task in tasks_by_name.values() for info in task.sources.values())
+    bytes_to_read = sum(task_read_bytes(task, full_is_theta0) for task in tasks_by_name.values())
     bytes_to_write = sum(shard.nbytes for shard in shards) * len(alphas)
     plan = MergePlan(
         inputs=inputs,
@@ -211,13 +262,77 @@ def plan_merge(
         alphas=alphas,
         out_dirs=out_dirs,
         method=method,
+        full_is_theta0=full_is_theta0,
     )
     return plan, problems
 
 
+def task_read_bytes(task: TensorTask, full_is_theta0: bool) -> int:
+    """Input bytes one task reads: its chunks (θ_0's once when θ_full is θ_0), its adapter factors and θ_0 rows."""
+    chunks = sum(info.nbytes for role, info in task.sources.items() if not (full_is_theta0 and role == "full" and "theta0" in task.sources))
+    return chunks + task.delta_bytes
+
+
+def _plan_adapter_tensor(
+    tensor_name: str,
+    full_info: TensorInfo,
+    theta0: Checkpoint,
+    deltas: dict[str, AdapterDelta],
+    stat_roles: tuple[str, ...],
+    out_dtype: str | None,
+    problems: list[str],
+) -> TensorTask | None:
+    """A tensor of θ_full when θ_fgt is θ_0 + an adapter: merged with the adapter's task vector
+    where it changes the tensor, else θ_full's values (the task vector is 0 there)."""
+    theta0_info = theta0.tensors.get(tensor_name)
+    if theta0_info is None:
+        return TensorTask(tensor_name, "copy", full_info.dtype, full_info.shape, {"full": full_info}, "only in full")
+    if theta0_info.shape != full_info.shape:
+        problems.append(
+            f"tensor {tensor_name!r}: shape {list(theta0_info.shape)} in theta0 vs {list(full_info.shape)} in full; "
+            "the checkpoints come from different architectures"
+        )
+        return None
+    delta = deltas.get(tensor_name)
+    if delta is None:
+        return TensorTask(tensor_name, "copy", full_info.dtype, full_info.shape, {"full": full_info}, "not changed by the fgt adapter")
+    if not (full_info.dtype in FLOATING_DTYPES and theta0_info.dtype in FLOATING_DTYPES):
+        problems.append(f"tensor {tensor_name!r} is not floating-point, but the fgt adapter changes it")
+        return None
+    sources = {"full": full_info}
+    if delta.replacement is not None:
+        sources.update(theta0=theta0_info, fgt=delta.replacement)
+    return TensorTask(
+        tensor_name,
+        "merge",
+        out_dtype or full_info.dtype,
+        full_info.shape,
+        sources,
+        delta=delta,
+        theta0_rows=theta0_info if delta.needs_theta0_rows else None,
+    )
+
+
+def _with_stats(task: TensorTask, inputs: dict, stat_roles: tuple[str, ...], stat_mismatches: dict[str, list[str]]) -> TensorTask | None:
+    sources = dict(task.sources)
+    for role in stat_roles:
+        info = inputs[role].tensors.get(task.tensor_name)
+        if info is None:
+            stat_mismatches[role].append(f"they lack tensor {task.tensor_name!r}")
+        elif info.shape != task.shape:
+            stat_mismatches[role].append(f"tensor {task.tensor_name!r} has shape {list(info.shape)}, the model {list(task.shape)}")
+        elif info.dtype not in STAT_DTYPES:
+            stat_mismatches[role].append(f"tensor {task.tensor_name!r} is {info.dtype}, not F32 or BF16")
+        else:
+            sources[role] = info
+    if any(role not in sources for role in stat_roles):
+        return None
+    return TensorTask(task.tensor_name, task.action, task.out_dtype, task.shape, sources, task.reason, task.delta, task.theta0_rows)
+
+
 def _check_tying(inputs: dict[str, Checkpoint], problems: list[str]) -> bool:
     """Report (and return) whether the three models disagree on tying lm_head to the embedding."""
-    models = [inputs[role] for role in MODEL_ROLES]
+    models = [inputs[role] for role in MODEL_ROLES if isinstance(inputs[role], Checkpoint)]
     if len({m.ties_embeddings for m in models}) > 1:
         described = "; ".join(f"{m.role} ({m.location}) {describe_tying(m)}" for m in models)
         problems.append(f"tying mismatch: {described}; all three must come from the same architecture")
@@ -253,21 +368,8 @@ def _plan_tensor(
     if not all(info.dtype in FLOATING_DTYPES for info in (full_info, *present.values())):
         return TensorTask(tensor_name, "copy", full_info.dtype, full_info.shape, {"full": full_info}, "not a floating-point tensor")
     sources = {"theta0": present["theta0"], "full": full_info, "fgt": present["fgt"]}
-    for role in stat_roles:
-        info = inputs[role].tensors.get(tensor_name)
-        if info is None:
-            stat_mismatches[role].append(f"they lack tensor {tensor_name!r}")
-        elif info.shape != full_info.shape:
-            stat_mismatches[role].append(
-                f"tensor {tensor_name!r} has shape {list(info.shape)}, the model {list(full_info.shape)}"
-            )
-        elif info.dtype not in STAT_DTYPES:
-            stat_mismatches[role].append(f"tensor {tensor_name!r} is {info.dtype}, not F32 or BF16")
-        else:
-            sources[role] = info
-    if len(sources) != 3 + len(stat_roles):
-        return None
-    return TensorTask(tensor_name, "merge", out_dtype or full_info.dtype, full_info.shape, sources)
+    task = TensorTask(tensor_name, "merge", out_dtype or full_info.dtype, full_info.shape, sources)
+    return _with_stats(task, inputs, stat_roles, stat_mismatches)
 
 
 def _widest_sources(tasks) -> list[TensorInfo]:
@@ -312,6 +414,12 @@ def describe_plan(plan: MergePlan) -> str:
 
     lines = [f"merge plan: method {plan.method}, alpha {', '.join(f'{a:g}' for a in plan.alphas)}"]
     for role, checkpoint in plan.inputs.items():
+        if isinstance(checkpoint, Adapter):
+            lines.append(
+                f"  input {role:<14} {checkpoint.location}  (LoRA adapter, rank {checkpoint.config.get('r')}, "
+                f"{len(checkpoint.deltas)} tensors changed, {format_bytes(checkpoint.total_bytes)})"
+            )
+            continue
         lines.append(
             f"  input {role:<14} {checkpoint.location}  ({len(checkpoint.shards)} shard(s), "
             f"{len(checkpoint.tensors)} tensors, {format_bytes(checkpoint.total_bytes)}, {describe_tying(checkpoint)})"

@@ -153,18 +153,23 @@ def compare_passes(
     return PassComparison(one, two, outputs, output_bytes, stats_bytes, saved, boundary_spill_bytes, device)
 
 
-def theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
-    """θ_0 bytes the merge step takes from the sweep's loaded weights: every layer and head tensor
-    when the compute dtype holds the stored one exactly (not the embedding: it is loaded at the
-    start of the sweep and merged at its end)."""
+def loaded_tensor_names(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> set[str]:
+    """The tensors whose θ_0 values the merge step takes from the sweep's loaded weights: every
+    layer and head tensor whose stored dtype the compute dtype holds exactly (not the embedding:
+    it is loaded at the start of the sweep and merged at its end)."""
     groups = group_tensor_names(tensors, num_layers)
-    return sum(
-        math.prod(tensors[name][0]) * DTYPE_BYTES[tensors[name][1]]
+    return {
+        name
         for group, names in groups.items()
         if group != EMBED_GROUP
         for name in names
         if compute_dtype_bytes in _EXACT_COMPUTE_BYTES.get(tensors[name][1], ())
-    )
+    }
+
+
+def theta0_loaded_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], num_layers: int, compute_dtype_bytes: int) -> int:
+    """θ_0 bytes of `loaded_tensor_names`."""
+    return sum(math.prod(tensors[name][0]) * DTYPE_BYTES[tensors[name][1]] for name in loaded_tensor_names(tensors, num_layers, compute_dtype_bytes))
 
 
 def merge_step_bytes(
@@ -201,3 +206,77 @@ def merge_step_bytes(
     chunk_buffers = DEVICE_CHUNK_ELEMENTS * per_element
     kernel_scratch = DEVICE_CHUNK_ELEMENTS * KERNEL_SCRATCH_VECTORS * 4
     return chunk_buffers, chunk_buffers + kernel_scratch + layer_weights + 2 * largest * 4 * kinds
+
+
+@dataclass(frozen=True)
+class ModelReads:
+    """Model bytes a run reads for each kind of θ_fgt (weights and adapters; the boundary spill,
+    which depends on the data, and the outputs' read-back for hashing are apart).
+
+    Attributes:
+        rows: (label, one pass, two passes) bytes of model reads.
+        model_bytes: one model's size (the unit the rows are also given in).
+        spill_bytes: layer-boundary states written to disk and read back once.
+        spill_hint: how to keep the boundaries in RAM, or "" when they already are.
+    """
+
+    rows: tuple[tuple[str, int, int], ...]
+    model_bytes: int
+    spill_bytes: int
+    spill_hint: str = ""
+
+    def to_text(self) -> str:
+        lines = [f"model bytes read, by input (one model: {format_bytes(self.model_bytes)}; boundary spill apart)", f"  {'':<46} {'one pass':>22} {'two passes':>22}"]
+        for label, one, two in self.rows:
+            cells = [f"{format_bytes(value)} ({value / max(self.model_bytes, 1):.2f}x)" for value in (one, two)]
+            lines.append(f"  {label:<46} {cells[0]:>22} {cells[1]:>22}")
+        lines.append(f"  boundary spill: {format_bytes(self.spill_bytes)} written and read back, whichever the inputs")
+        if self.spill_hint:
+            lines.append(f"  {self.spill_hint}")
+        return "\n".join(lines)
+
+
+def model_reads(
+    *,
+    stats_read_bytes: int,
+    model_bytes: int,
+    theta0_loaded_bytes: int,
+    adapter_bytes: int,
+    adapter_label: str,
+    spill_bytes: int,
+    spill_hint: str = "",
+) -> ModelReads:
+    """The reads of a dense θ_fgt, an adapter θ_fgt, and an adapter with θ_full = θ_0.
+
+    Args:
+        stats_read_bytes: the sweep's weight reads (θ_0: forward and backward).
+        model_bytes: one model's tensor bytes.
+        theta0_loaded_bytes: θ_0 bytes the one pass's merge takes from the sweep's loaded weights
+            (every layer and head tensor when the compute dtype holds the stored one).
+        adapter_bytes: the adapter's factors (and the θ_0 rows DoRA needs, when not loaded).
+    """
+    dense = (stats_read_bytes + 3 * model_bytes - theta0_loaded_bytes, stats_read_bytes + 3 * model_bytes)
+    adapter = (stats_read_bytes + model_bytes + adapter_bytes,) * 2
+    # θ_full = θ_0: the merge writes θ_0's loaded values (and their adapted ones); only the
+    # embedding, merged when the sweep ends, is read again.
+    same = (stats_read_bytes + model_bytes - theta0_loaded_bytes + adapter_bytes, stats_read_bytes + model_bytes + adapter_bytes)
+    rows = (
+        ("dense θ_fgt", *dense),
+        (f"{adapter_label} θ_fgt", *adapter),
+        (f"{adapter_label} θ_fgt, θ_full = θ_0", *same),
+    )
+    return ModelReads(rows, model_bytes, spill_bytes, spill_hint)
+
+
+def spill_hint(*, boundary_bytes: int, spill_bytes: int, budget_bytes: int, available_ram_bytes: int, fraction: float) -> str:
+    """What would keep the layer-boundary states in RAM on this machine (empty without a spill)."""
+    if spill_bytes <= 0:
+        return ""
+    if boundary_bytes <= available_ram_bytes:
+        return f"--boundary-budget {format_bytes(boundary_bytes)} (this machine has {format_bytes(available_ram_bytes)} available) keeps every boundary in RAM: no spill"
+    # The boundaries grow with the tokens, so with the sampled fraction.
+    fitting = fraction * min(budget_bytes, available_ram_bytes) / boundary_bytes if boundary_bytes else fraction
+    return (
+        f"the boundaries ({format_bytes(boundary_bytes)}) exceed this machine's available RAM ({format_bytes(available_ram_bytes)}); "
+        f"--fraction {fitting:.3g} or less would keep them in the --boundary-budget"
+    )

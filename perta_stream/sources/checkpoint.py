@@ -86,6 +86,22 @@ class Checkpoint:
         return [str(root), files]
 
 
+def same_checkpoint(first: Checkpoint, second: Checkpoint) -> bool:
+    """Whether two inputs are one checkpoint, so that what both need is read once: the same Hub
+    commit and folder, or local shards that are the same files (same folder, or every shard the
+    same device and inode: a link). Equal headers are required too. Two copies of one model in
+    two places are not recognised (that would need their bytes)."""
+    if first.header_sha256 != second.header_sha256:
+        return False
+    if first.location.startswith("hf://") or second.location.startswith("hf://"):
+        return first.location == second.location
+    files = []
+    for checkpoint in (first, second):
+        root = Path(checkpoint.location).resolve()
+        files.append([((stat := (root / shard.file_name).stat()).st_dev, stat.st_ino) for shard in checkpoint.shards])
+    return files[0] == files[1]
+
+
 def describe_tying(checkpoint: Checkpoint) -> str:
     return "ties lm_head to the input embedding" if checkpoint.ties_embeddings else "stores a separate lm_head"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
 from perta_stream.sources.checkpoint import Checkpoint, open_local_checkpoint
@@ -44,3 +45,27 @@ def open_checkpoint(location: str | os.PathLike, role: str, *, drop_page_cache: 
         return open_hub_checkpoint(str(location), role)
     checkpoint = open_local_checkpoint(location, role)
     return checkpoint, LocalByteSource(location, drop_page_cache=drop_page_cache)
+
+
+def open_model_input(location: str | os.PathLike, role: str, *, drop_page_cache: bool = False) -> tuple[Any, ByteSource]:
+    """A checkpoint, or a PEFT LoRA adapter (a folder with adapter_config.json), and its byte source.
+
+    Raises:
+        as `open_checkpoint` and `sources.adapter.open_adapter`.
+    """
+    from perta_stream.errors import CheckpointNotFoundError
+    from perta_stream.sources.adapter import is_local_adapter, open_adapter
+
+    if not is_hub_location(location):
+        if is_local_adapter(location):
+            return open_adapter(str(location), role)
+        return open_checkpoint(location, role, drop_page_cache=drop_page_cache)
+    try:
+        return open_checkpoint(location, role)
+    except CheckpointNotFoundError:
+        # A repo without model weights may be an adapter (one more listing, only then).
+        try:
+            return open_adapter(str(location), role)
+        except CheckpointNotFoundError:
+            pass
+        raise

@@ -1,0 +1,86 @@
+"""Which θ_0 the statistics of a merge were computed at, checked before the merge commits.
+
+The statistics record the content digest of their model (`perta_stats.json`). `merge` compares
+it with the digest of the input they belong to: taken while that input is streamed (a dense θ_fgt,
+or θ_full = θ_0); with an adapter θ_fgt θ_0 is not streamed, so its files vouch for it when they are
+the ones the statistics record (a stat per shard), else θ_0 is hashed whole before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from perta_stream.config.merge import MergeConfig
+from perta_stream.errors import StatisticsError
+from perta_stream.memory import format_bytes
+from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan
+from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.checkpoint import Checkpoint
+from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.stats_dir import STATS_RECORD_NAME, read_stats_record
+
+logger = logging.getLogger(__name__)
+STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
+
+
+def settled_before(config: MergeConfig, plan: MergePlan) -> bool:
+    """The statistics belong to θ_0, which the merge does not stream (an adapter θ_fgt, θ_full another model)."""
+    return config.method in STAT_ROLES and config.stats_at == "theta0" and plan.fgt_adapter is not None and not plan.full_is_theta0
+
+
+def adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource]) -> str | None:
+    """The statistics' content digest when θ_0 is not streamed (`_settled_before`), checked first.
+
+    By θ_0's files when they are the ones the statistics were computed from (a stat per shard);
+    else θ_0 is read whole and hashed (one model-size of reads) and compared.
+
+    Raises:
+        StatisticsError: the statistics were computed at other bytes; nothing is written.
+    """
+    if not settled_before(config, plan):
+        return None
+    by_files = stats_identity_by_files(config, plan)
+    if by_files is not None:
+        return by_files
+    logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) before merging", format_bytes(plan.inputs["theta0"].total_bytes))
+    return check_stats_identity(config, plan, sources, TensorHasher(), "theta0")
+
+
+def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
+    """The statistics' recorded content digest, when θ_0's files are the ones the statistics
+    were computed from: same header digest, and, for local files, the same resolved folder with
+    every shard's size and modification time (a Hub model: the same commit); else None."""
+    record = read_stats_record(str(config.stats))
+    theta0 = plan.inputs["theta0"]
+    same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
+    return record.model.content_sha256 if same and isinstance(record.model.content_sha256, str) else None
+
+
+def check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher, hash_role: str) -> str:
+    """The statistics' content digest, after checking it is that of the input they belong to.
+
+    Raises:
+        StatisticsError: the statistics were computed at other bytes (or by a version that did
+            not record them); nothing has been committed.
+    """
+    model = read_stats_record(str(config.stats)).model
+    expected = model.content_sha256
+    checkpoint = plan.inputs[config.stats_at]
+    flag = STATS_AT_FLAGS[config.stats_at]
+    if not isinstance(expected, str):
+        raise StatisticsError(
+            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
+            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
+            "`perta-stream stats`"
+        )
+    if not isinstance(checkpoint, Checkpoint):
+        raise StatisticsError(f"statistics cannot have been computed at the adapter {flag} {checkpoint.location}; pass --stats-at theta0")
+    actual = hasher.complete(checkpoint, sources[hash_role])
+    if actual != expected:
+        raise StatisticsError(
+            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
+            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
+            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
+            "pass --stats-at full or fgt if they were computed at that input"
+        )
+    return actual
