@@ -245,7 +245,7 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "UnlearnConfig":
         """Merge `--config` YAML (if any) with the flags given on the command line (flags win)."""
-        where = f"--config {args.config} + command line" if getattr(args, "config", None) else "command line"
+        where = "".join(f"--config {path} + " for path in getattr(args, "config", None) or ()) + "command line"
         return cls.from_mapping(options_from_cli(args, cls), where=where)
 
     def to_dict(self) -> dict[str, Any]:
