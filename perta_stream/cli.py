@@ -27,6 +27,7 @@ from perta_stream.config.sweep import SweepConfig
 from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import PertaStreamError, UsageError
+from perta_stream.notices import NoticeLines
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -395,10 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         set_progress_enabled(False)
         _quiet_huggingface_hub()
+    notices = None if getattr(args, "quiet", False) else NoticeLines()
     # SIGTERM takes the same path as SIGINT: temporary files removed, partial folders left
     # resumable, one line on stderr.
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if notices is not None:
+            notices.attach()
         return _COMMANDS[args.command][1](args)
     except KeyboardInterrupt as exc:
         if verbose:
@@ -413,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if notices is not None:
+            notices.detach()
 
 
 def _quiet_huggingface_hub() -> None:

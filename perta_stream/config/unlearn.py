@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
 from perta_stream.config.stats import StatsOptions
@@ -77,10 +77,10 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     config_only: bool = option(False, help="with --one-pass --dry-run: plan from the stats model's config.json alone")
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
+        typos = normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
         if self.method in METHOD_ALIASES:
             object.__setattr__(self, "method", METHOD_ALIASES[self.method])
-        problems = self.problems()
+        problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid unlearn options", problems)
 

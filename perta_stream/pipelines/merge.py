@@ -21,7 +21,7 @@ from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import is_hub_location, open_checkpoint
+from perta_stream.sources.resolve import hub_inputs, hub_summary, is_hub_location, open_checkpoint
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
 
@@ -38,6 +38,7 @@ class MergeResult:
         plan_text: the printed plan of a dry run, else None.
         elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
         copied_tensors: tensors copied from theta_full rather than merged.
+        hub_inputs: `role hf://org/name@commit` of every input read from the Hub.
     """
 
     outputs: tuple[str, ...]
@@ -47,6 +48,7 @@ class MergeResult:
     bytes_written: int
     peak_rss_bytes: int
     copied_tensors: tuple[str, ...]
+    hub_inputs: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -57,7 +59,7 @@ class MergeResult:
         return (
             f"merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
             f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
-            f"peak RSS {format_bytes(self.peak_rss_bytes)}"
+            f"peak RSS {format_bytes(self.peak_rss_bytes)}{hub_summary(self.hub_inputs)}"
         )
 
 
@@ -260,6 +262,7 @@ def _merge_into(
         bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
+        hub_inputs=hub_inputs(plan.inputs),
     )
 
 

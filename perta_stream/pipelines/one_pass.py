@@ -55,7 +55,7 @@ from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_nam
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.resolve import is_hub_location
+from perta_stream.sources.resolve import hub_inputs, is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:
@@ -126,7 +126,10 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
         locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
     elapsed_s = time.perf_counter() - started
-    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
+    return UnlearnResult(
+        tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True,
+        hub_inputs=hub_inputs({role: checkpoint for role, checkpoint in inputs.items() if role != "stats" or checkpoint is not inputs.get("theta0")}),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- options and inputs
