@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
+from perta_stream.errors import DistributedError, InputChangedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
@@ -23,7 +23,8 @@ from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.resolve import hub_inputs, hub_summary, is_hub_location, open_checkpoint
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.stats_dir import STATS_RECORD_NAME, open_stats, read_stats_record
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
+from perta_stream.sources.stats_dir import StatsRecord, check_stats_content, open_stats
 
 logger = logging.getLogger(__name__)
 STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
@@ -74,7 +75,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before measuring the baseline RSS the buffers add to)
 
-    inputs, sources, problems = _open_inputs(config)
+    inputs, sources, problems, stats_record = _open_inputs(config)
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
             problems += check_output_location(
@@ -104,13 +105,15 @@ def run_merge(config: MergeConfig) -> MergeResult:
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
         with distributed(device_type="cpu") as dist:
-            return _execute(config, plan, sources, started, dist)
+            return _execute(config, plan, sources, started, dist, stats_record)
     finally:
         for source in sources.values():
             source.close()
 
 
-def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str]]:
+def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str], StatsRecord | None]:
+    """Every input, pinned for the run (its files opened now, read through those descriptors to
+    the end), with the statistics' record as read now; problems are collected, not raised."""
     inputs: dict[str, Checkpoint] = {}
     sources: dict[str, ByteSource] = {}
     problems: list[str] = []
@@ -121,11 +124,12 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
             problems.extend(exc.problems)
         except PertaStreamError as exc:
             problems.append(str(exc))
+    stats_record = None
     if config.method in STAT_ROLES and config.stats:
-        stat_inputs, stat_sources = open_stats(config.stats, STAT_ROLES[config.method], problems)
+        stat_inputs, stat_sources, stats_record = open_stats(config.stats, STAT_ROLES[config.method], problems)
         inputs.update(stat_inputs)
         sources.update(stat_sources)
-    return inputs, sources, problems
+    return inputs, sources, problems, stats_record
 
 
 def fingerprint(config: MergeConfig, plan: MergePlan) -> str:
@@ -171,19 +175,27 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
     return {shard.file_name for shard, owner in zip(remaining, owners) if owner != dist.rank}
 
 
-def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext) -> MergeResult:
+def _execute(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, stats_record: StatsRecord | None
+) -> MergeResult:
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
     try:
-        return _merge_into(config, plan, sources, started, dist, outputs)
+        return _merge_into(config, plan, sources, started, dist, outputs, stats_record)
     finally:
         for output in outputs:
             output.close()
 
 
 def _merge_into(
-    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, outputs: list[ModelOutput]
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    started: float,
+    dist: DistContext,
+    outputs: list[ModelOutput],
+    stats_record: StatsRecord | None,
 ) -> MergeResult:
     """Open (or resume) the outputs, stream every shard into them, and finalize them."""
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -239,7 +251,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = None if hasher is None else _check_stats_identity(config, plan, sources, hasher)
+            stats_content = _check_inputs(config, plan, sources, hasher, stats_record, outputs)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
@@ -294,32 +306,34 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     return None
 
 
-def _check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher) -> str:
-    """The statistics' content digest, after checking it is that of the input they belong to.
+def _check_inputs(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher | None, record: StatsRecord | None, outputs: list[ModelOutput]
+) -> str | None:
+    """Before the commit: no input was rewritten during the run, and the statistics belong to the
+    input they are declared at (its content digest, hashed while streamed, is the record's).
+    Returns that digest (None without statistics).
 
     Raises:
-        StatisticsError: the statistics were computed at other bytes (or by a version that did
-            not record them); nothing has been committed.
+        InputChangedError, StatisticsError: nothing is committed; each output's partial folder
+            notes why, so a rerun is not told that --resume alone would finish it.
     """
-    model = read_stats_record(str(config.stats)).model
-    expected = model.content_sha256
-    checkpoint = plan.inputs[config.stats_at]
-    flag = STATS_AT_FLAGS[config.stats_at]
-    if not isinstance(expected, str):
-        raise StatisticsError(
-            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
-            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
-            "`perta-stream stats`"
-        )
-    actual = hasher.complete(checkpoint, sources[config.stats_at])
-    if actual != expected:
-        raise StatisticsError(
-            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
-            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
-            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
-            "pass --stats-at full or fgt if they were computed at that input"
-        )
-    return actual
+    try:
+        check_inputs_unchanged(sources, {role: checkpoint.location for role, checkpoint in plan.inputs.items()}, partial=_partials(outputs))
+        if hasher is None or record is None:
+            return None
+        checkpoint = plan.inputs[config.stats_at]
+        actual = hasher.complete(checkpoint, sources[config.stats_at])
+        check_stats_content(record, str(config.stats), STATS_AT_FLAGS[config.stats_at], checkpoint.location, actual)
+        return actual
+    except (InputChangedError, StatisticsError) as exc:
+        for output in outputs:
+            output.note_stopped(str(exc))
+        raise
+
+
+def _partials(outputs: list[ModelOutput]) -> str | None:
+    folders = [str(output.partial) for output in outputs if isinstance(output, LocalModelOutput)]
+    return ", ".join(folders) or None
 
 
 def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:

@@ -446,6 +446,7 @@ def _execute(
             if missing:
                 raise PertaStreamError(f"{output.output.location}: shards never completed: {missing[:3]}; rerun with --resume")
         content_sha256 = hasher.complete(stats_checkpoint, stats_source)
+        _check_unchanged(sources, inputs, [output.output for output in layered.values()], stats_output)
         if store is not None:
             record = stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
             store.finish(record)
@@ -477,6 +478,21 @@ def _execute(
             stats_content = content_sha256 if method in STAT_ROLES else None
             locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         return locations
+
+
+def _check_unchanged(sources: dict[str, Any], inputs: dict[str, Checkpoint], outputs: list[ModelOutput], stats_output: Any) -> None:
+    """No input was rewritten during the sweep (else nothing is committed, and every partial
+    folder says why: a plain --resume would stop the same way)."""
+    from perta_stream.errors import InputChangedError
+    from perta_stream.sources.pinned_folder import check_inputs_unchanged
+
+    partials = [str(output.partial) for output in outputs if hasattr(output, "partial")]
+    try:
+        check_inputs_unchanged(sources, {role: checkpoint.location for role, checkpoint in inputs.items()}, partial=", ".join(partials) or None)
+    except InputChangedError as exc:
+        for output in [*outputs, stats_output]:
+            output.note_stopped(str(exc))
+        raise
 
 
 def _model_output(config: UnlearnConfig, method: str, alpha: float, out_dir: str) -> ModelOutput:

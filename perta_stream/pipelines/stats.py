@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from perta_stream.config.stats import StatsConfig
 from perta_stream.distributed import DistContext, distributed
-from perta_stream.errors import PlanError, UsageError
+from perta_stream.errors import InputChangedError, PlanError, UsageError
 from perta_stream.memory import format_bytes
 from perta_stream.pipelines.stats_steps import (
     PreparedSweep,
@@ -43,6 +43,7 @@ from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
 from perta_stream.sources.resolve import hub_inputs, hub_summary
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME, StatsRecord
 
@@ -160,7 +161,13 @@ def _compute(
         hasher = TensorHasher()
         if not store.complete:
             report = sweep_and_write(inputs, store=store, output=output, start=start, hasher=hasher)
-        record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, hasher.complete(checkpoint, source))
+        content_sha256 = hasher.complete(checkpoint, source)
+        try:
+            check_inputs_unchanged({"model": source}, {"model": str(config.model)}, partial=str(output.partial))
+        except InputChangedError as exc:
+            output.note_stopped(str(exc))
+            raise
+        record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result

@@ -255,6 +255,9 @@ class HubModelOutput:
         # Do not wait for an upload in flight: it fails harmlessly once its file is gone.
         self._cleanup(wait=False)
 
+    def note_stopped(self, reason: str) -> None:
+        """Nothing to note: a push that stops leaves nothing behind (its staging folder goes)."""
+
     def close(self) -> None:
         """Nothing is held between runs (a commit or abort has already ended the upload)."""
 

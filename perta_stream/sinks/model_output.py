@@ -59,6 +59,9 @@ class ModelOutput(Protocol):
     def abort(self) -> None:
         """Drop what is unfinished; finished shards stay for a resume."""
 
+    def note_stopped(self, reason: str) -> None:
+        """Say, where a later run looks (the partial folder), why this run stopped."""
+
     def close(self) -> None:
         """Let go of the output (a local folder's lock) once the run has ended, however it ended."""
 
@@ -160,6 +163,9 @@ class LocalModelOutput:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def note_stopped(self, reason: str) -> None:
+        self._atomic.note_stopped(reason)
 
     def close(self) -> None:
         self._atomic.release()

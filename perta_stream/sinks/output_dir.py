@@ -24,6 +24,9 @@ from perta_stream.errors import OutputExistsError, WriteError
 PARTIAL_SUFFIX = ".partial"
 # Written into every partial folder this tool creates; removed from the output after the rename.
 PARTIAL_MARKER_NAME = ".perta_partial"
+# Why the run that left a partial folder stopped, when a plain --resume would stop the same way.
+STOPPED_NOTE_NAME = ".perta_stopped"
+_MAX_NOTE_CHARS = 600
 # Older versions marked their partial folders with the resume record alone.
 _LEGACY_PARTIAL_MARKERS = (".perta_resume.json",)
 
@@ -133,10 +136,33 @@ class AtomicOutputDir:
         if not self._partial_is_ours():
             return
         if not self._keep_partial:
+            note = self.stopped_note()
+            if note:
+                raise OutputExistsError(
+                    f"{self.partial} exists from an earlier run that stopped because: {note} -- once that is fixed, rerun "
+                    "with --resume to keep its finished work, or delete that folder to start over"
+                )
             raise OutputExistsError(
                 f"{self.partial} exists from an earlier run that did not finish; rerun the same command with --resume "
                 "to continue it, or delete that folder to start over"
             )
+
+    def note_stopped(self, reason: str) -> None:
+        """Record in the partial folder why this run stopped, when rerunning it unchanged with
+        --resume would stop the same way (an input rewritten, statistics of another model);
+        the next run's advice then says so. A resumed run removes the note."""
+        try:
+            (self.partial / STOPPED_NOTE_NAME).write_text(" ".join(reason.split())[:_MAX_NOTE_CHARS], encoding="utf-8")
+        except OSError:
+            pass  # only advice is lost
+
+    def stopped_note(self) -> str | None:
+        """The note `note_stopped` left, if any."""
+        try:
+            with open(self.partial / STOPPED_NOTE_NAME, encoding="utf-8", errors="replace") as handle:
+                return handle.read(_MAX_NOTE_CHARS) or None
+        except OSError:
+            return None
 
     def open(self) -> Path:
         """Create (or, when resuming, reuse) the partial folder, lock it, and return its path.
@@ -170,6 +196,7 @@ class AtomicOutputDir:
             os.close(lock_fd)
             return self.partial
         self._lock_fd = lock_fd
+        (self.partial / STOPPED_NOTE_NAME).unlink(missing_ok=True)
         return self.partial
 
     def release(self) -> None:

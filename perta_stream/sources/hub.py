@@ -230,6 +230,10 @@ class HubByteSource:
     def done_with(self, file_name: str, offset: int, length: int) -> None:
         """Nothing is cached locally, so there is nothing to drop."""
 
+    def changed_files(self) -> list[str]:
+        """None: every read is pinned to one commit (and checked against its published sha256)."""
+        return []
+
     def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
         """Download a whole (small, side) file to `destination`, byte for byte."""
         size = self._sizes.get(file_name)

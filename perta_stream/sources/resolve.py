@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
-from perta_stream.sources.checkpoint import Checkpoint, open_local_checkpoint
+from perta_stream.sources.checkpoint import Checkpoint, pin_local_checkpoint
 
 HUB_PREFIX = "hf://"
 
@@ -66,11 +66,12 @@ def open_checkpoint(location: str | os.PathLike, role: str, *, drop_page_cache: 
     """The header-level view of a checkpoint and a source for its bytes.
 
     Raises:
-        CheckpointError and subclasses, PlanError: as `open_local_checkpoint` (or the Hub reader).
+        CheckpointError and subclasses, PlanError: as `pin_local_checkpoint` (or the Hub reader).
     """
     if is_hub_location(location):
         from perta_stream.sources.hub import open_hub_checkpoint
 
         return open_hub_checkpoint(str(location), role)
-    checkpoint = open_local_checkpoint(location, role)
-    return checkpoint, LocalByteSource(location, drop_page_cache=drop_page_cache)
+    # Every file the run reads is opened now, and read through that descriptor to the end.
+    checkpoint, folder = pin_local_checkpoint(location, role)
+    return checkpoint, LocalByteSource(folder, drop_page_cache=drop_page_cache)
