@@ -226,6 +226,10 @@ class MergeConfig(MergeOptions, HubPushOptions):
         found += self._hub_problems()
         if len(self.out_dirs) != len(set(self.out_dirs)):
             found.append("--out gives the same folder to two alphas; use a {alpha} placeholder")
+        else:
+            from perta_stream.sinks.output_dir import overlapping_outputs
+
+            found += overlapping_outputs([("--out", out_dir) for out_dir in self.out_dirs])
         return found
 
     def _hub_problems(self) -> list[str]:

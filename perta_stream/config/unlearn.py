@@ -198,7 +198,25 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
             )
         if len(self.alphas) > 1 and "{alpha}" not in self.out and self.out.startswith("hf://"):
             found.append("several alphas pushed to the Hub need a {alpha} placeholder in --out")
-        return found
+        return found + self._overlapping_outputs()
+
+    def _overlapping_outputs(self) -> list[str]:
+        """Every output of the run (one per method and α, and the statistics it writes) against
+        every other, before any work: the statistics are also an input of the merge."""
+        from perta_stream.plan.one_pass_plan import one_pass_outputs
+        from perta_stream.sinks.output_dir import overlapping_outputs
+
+        if not self.out or not self.methods or not self.alphas:
+            return []
+        folders = [folder for _, _, folder in one_pass_outputs(self.out, self.methods, self.alphas)]
+        if len(set(folders)) != len(folders):
+            return [f"--out {self.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders"]
+        outputs = [("--out", folder) for folder in folders]
+        if self.one_pass and self.save_stats:
+            outputs.append(("--save-stats", self.save_stats))
+        elif not self.one_pass and self.needs_stats:
+            outputs.append(("--stats-dir", self.effective_stats_dir))
+        return overlapping_outputs(outputs)
 
     def _one_pass_problems(self) -> list[str]:
         found: list[str] = []

@@ -183,9 +183,7 @@ def _plan(
     """The merge plan (θ_full's layout) plus the one-pass checks: outputs, statistics model."""
     from perta_stream.errors import ModelNotSupportedError
 
-    folders = [out_dir for _, _, out_dir in outputs]
-    if len(set(folders)) != len(folders):
-        problems.append(f"--out {config.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders")
+    folders = [out_dir for _, _, out_dir in outputs]  # apart from each other (UnlearnConfig checked)
     named = {"theta0": config.theta0, "full": config.full, "fgt": config.fgt, "forget": str(config.forget), "retain": str(config.retain)}
     if config.stats_model:
         named["stats model"] = config.stats_model

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from perta_stream.errors import OutputExistsError, WriteError
@@ -108,6 +109,37 @@ def check_output_location(
             f"--out {out} {what}, so it is not an earlier output of this command; --overwrite replaces only those "
             "(or an empty folder): move it away yourself or choose another path"
         )
+    return problems
+
+
+def overlapping_outputs(outputs: Sequence[tuple[str, str]]) -> list[str]:
+    """Problems for outputs of one run that would write into each other, as lines for a plan.
+
+    Two outputs overlap when they are one folder, one lies inside the other, or one lies at or
+    inside the other's working folder `<out>.partial` (nothing is touched; Hub locations are
+    apart by nature). Checked before any work: the second output's commit would fail only after
+    the whole run, and neither --resume nor --overwrite could get past it.
+
+    Args:
+        outputs: (flag, location) of every output of the run.
+    """
+    local = [(flag, str(location), Path(location).resolve()) for flag, location in outputs if str(location) and not str(location).startswith("hf://")]
+    problems: list[str] = []
+    for position, (flag, location, resolved) in enumerate(local):
+        for other_flag, other, other_resolved in local[position + 1 :]:
+            if resolved == other_resolved:
+                problems.append(f"{flag} {location} and {other_flag} {other} are the same folder; the outputs of one run must lie apart")
+                continue
+            for inner_flag, inner, inner_path, outer_flag, outer, outer_path in (
+                (other_flag, other, other_resolved, flag, location, resolved),
+                (flag, location, resolved, other_flag, other, other_resolved),
+            ):
+                if inner_path.is_relative_to(outer_path) or inner_path.is_relative_to(partial_path(outer_path)):
+                    where = "" if inner_path.is_relative_to(outer_path) else f"'s working folder {partial_path(outer)}"
+                    problems.append(
+                        f"{inner_flag} {inner} lies inside {outer_flag} {outer}{where}; the outputs of one run must lie apart: "
+                        f"give {inner_flag} a folder outside {outer}"
+                    )
     return problems
 
 
