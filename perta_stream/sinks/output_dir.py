@@ -241,10 +241,25 @@ class AtomicOutputDir:
         """Delete an unfinished partial folder this tool made (a fresh start).
 
         Raises:
-            OutputExistsError: the folder is not this tool's; it is left alone.
+            OutputExistsError: the folder is not this tool's, or a running process holds it
+                (its lock); it is left alone.
         """
-        if self._partial_is_ours():
-            shutil.rmtree(self.partial)
+        if not self._partial_is_ours():
+            return
+        try:
+            lock_fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            lock_fd = None
+        if lock_fd is not None:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputExistsError(f"{self.partial} is being written by another running process; wait for it to end (or stop it)") from None
+            except OSError:
+                pass  # a file system without locks
+            finally:
+                os.close(lock_fd)
+        shutil.rmtree(self.partial)
 
     def _partial_is_ours(self) -> bool:
         """False when there is no partial folder; True when there is one this tool made.
