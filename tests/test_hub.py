@@ -598,3 +598,31 @@ def test_failed_one_pass_push_commits_nothing_and_leaves_nothing(hub, one_pass_w
     assert hub.commit_count == commits_before
     assert not any(name.endswith(".safetensors") for name in hub.files("org/one-pass-failed-grad"))
     assert _not_left_behind(Path(tempfile.tempdir)) == []
+
+
+def test_a_killed_one_pass_push_leaves_folders_the_next_push_removes(hub, one_pass_workspace, tmp_path):
+    """SIGKILL runs no cleanup: the staging and state folders stay in the temporary folder, marked
+    as this tool's and unlocked once the process is gone; the next push removes them (and never a
+    folder another running push holds)."""
+    import signal
+    import subprocess
+    import sys
+
+    from perta_stream.cli import main
+    from perta_stream.sinks.output_dir import AtomicOutputDir
+    from reliability_fixtures import cli_env, killer_script
+
+    args, _ = one_pass_workspace
+    tmp_root = Path(tempfile.tempdir)
+    live = AtomicOutputDir(tmp_root / "perta-hub-out-held-by-a-running-push", overwrite=False)
+    live.open()  # locked, as a push running in another process holds its staging folder
+    killer = killer_script("from perta_stream.sinks import hub_output\ndie_after(hub_output.HubModelOutput, 'shard_finished')")
+    env = {**cli_env(), "TMPDIR": str(tmp_root)}
+    command = [sys.executable, "-c", killer, "shard-finished", "1", *args, "--out", "hf://org/one-pass-killed-{method}", "--create-repo", "-q"]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    left = _not_left_behind(tmp_root)
+    assert any(p.name.startswith("perta-hub-out-") and p != live.partial for p in left) and any(p.name.startswith("perta-one-pass-") for p in left)
+    assert main([*args, "--out", "hf://org/one-pass-killed-{method}", "--create-repo", "-q"]) == 0
+    assert _not_left_behind(tmp_root) == [live.partial]  # the folder a running push holds stays
+    live.release()

@@ -52,7 +52,7 @@ from perta_stream.plan.one_pass_plan import (
 )
 from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
-from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path, remove_stale_partials
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.resolve import hub_inputs, is_hub_location
@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".perta_one_pass_state"
+# A push keeps the sweep's state in the temporary folder, as `perta-one-pass-<hex>.partial`.
+STATE_PREFIX = "perta-one-pass-"
 NOT_SAVED = "(computed in the same pass, not saved)"
 MERGE_CHUNK_BYTES = 2**20
 
@@ -145,7 +147,7 @@ def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]
     if config.save_stats:
         out = config.save_stats
     elif is_hub_location(first_out):
-        out = str(Path(tempfile.gettempdir()) / f"perta-one-pass-{uuid.uuid4().hex}")
+        out = str(Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{uuid.uuid4().hex}")
     else:
         out = str(partial_path(first_out) / STATE_DIR_NAME)
     try:
@@ -399,6 +401,8 @@ def _execute(
         # first output's partial folder, and go when it is committed (a push's in a temporary
         # folder, removed however the run ends).
         identity = stats_identity if config.save_stats else {**stats_identity, "one_pass_outputs": fingerprints}
+        if not config.save_stats and is_hub_location(outputs[0][2]):
+            remove_stale_partials(Path(stats_config.out).parent, STATE_PREFIX)  # killed pushes' states
         stats_output = stack.enter_context(
             StatsOutput(stats_config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=stats_config.checkpoint_interval_s)
         )

@@ -143,6 +143,25 @@ def overlapping_outputs(outputs: Sequence[tuple[str, str]]) -> list[str]:
     return problems
 
 
+def remove_stale_partials(root: str | os.PathLike | None, prefix: str) -> list[Path]:
+    """Remove the partial folders named `<prefix>*.partial` in `root` (default: the system
+    temporary folder) that a killed run left: those this tool marked and no running process
+    holds locked. Returns what was removed.
+
+    Working folders in the temporary folder (a Hub push's staging, the one pass's state for a
+    push) have no `--out` a rerun would come back to; this is how they are cleaned.
+    """
+    removed = []
+    for folder in sorted(Path(root or tempfile.gettempdir()).glob(f"{prefix}*{PARTIAL_SUFFIX}")):
+        try:
+            AtomicOutputDir(folder.with_name(folder.name[: -len(PARTIAL_SUFFIX)]), overwrite=False).discard()
+        except (OutputExistsError, OSError):
+            continue  # another run's, still running; or not ours
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
 class AtomicOutputDir:
     """A `<out>.partial/` folder that becomes `<out>` on `commit()`.
 
