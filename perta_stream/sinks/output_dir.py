@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 from perta_stream.errors import OutputExistsError, WriteError
 
 PARTIAL_SUFFIX = ".partial"
+# The kernel's table of mounts of this process (Linux); bind mounts of one file system are only here.
+MOUNTINFO_PATH = "/proc/self/mountinfo"
 # Written into every partial folder this tool creates; removed from the output after the rename.
 PARTIAL_MARKER_NAME = ".perta_partial"
 # Why the run that left a partial folder stopped, when a plain --resume would stop the same way.
@@ -101,7 +104,7 @@ def check_output_location(
         problems.append(f"--out {out} already exists; pass --overwrite to replace it, or choose another path")
     elif not out_path.is_dir():
         problems.append(f"--out {out} exists and is not a directory; remove it or choose another path")
-    elif os.path.ismount(out_path):
+    elif is_mount_point(out_path):
         problems.append(f"--out {out} is a mount point, which cannot be replaced by a rename; give a new folder inside it")
     elif any(out_path.iterdir()) and (record is None or not holds_record(out_path, *record)):
         what = f"holds no {record[0]}" if record else "is not empty"
@@ -110,6 +113,28 @@ def check_output_location(
             "(or an empty folder): move it away yourself or choose another path"
         )
     return problems
+
+
+def is_mount_point(path: str | os.PathLike) -> bool:
+    """Whether `path` is a mount point, bind mounts of the same file system included.
+
+    `os.path.ismount` compares the device of a folder with its parent's, which a bind mount of a
+    folder of the same file system shares: the kernel's mount table (`MOUNTINFO_PATH`, Linux)
+    lists those too.
+    """
+    if os.path.ismount(path):
+        return True
+    try:
+        table = Path(MOUNTINFO_PATH).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    resolved = str(Path(path).resolve())
+    for line in table.splitlines():
+        fields = line.split()
+        # `ID PARENT MAJOR:MINOR ROOT MOUNT_POINT ...`, with space, tab, newline and `\` as octal escapes.
+        if len(fields) > 4 and re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), fields[4]) == resolved:
+            return True
+    return False
 
 
 def overlapping_outputs(outputs: Sequence[tuple[str, str]]) -> list[str]:
