@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, InputChangedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
+from perta_stream.errors import DistributedError, InputChangedError, PertaStreamError, PlanError, StatisticsError, UsageError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
-from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
+from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput, copy_side_files
 from perta_stream.sinks.output_dir import check_output_location
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME, MODEL_CARD_NAME, index_json, model_card, record_json, shard_entries
 from perta_stream.sinks.shard_writer import ShardRecord
@@ -387,17 +387,7 @@ def finalize_output(
     adds keys to `perta_merge.json`.
     """
     full = plan.inputs["full"]
-    for file_name in full.side_files:
-        try:
-            full_source.fetch_file(file_name, output.staging_path(file_name))
-        except PertaStreamError:
-            raise
-        except OSError as exc:
-            # A full disk during finalization: the shards stay finished and the rerun redoes only this.
-            raise WriteError(
-                f"copying side file {file_name} into {output.location} failed ({exc.strerror or exc}); "
-                "fix the cause and rerun with --resume"
-            ) from exc
+    side_files_sha256 = copy_side_files(output, full_source, full.side_files)
     if not plan.single_file:
         weight_map = {task.tensor_name: shard.file_name for shard in plan.shards for task in shard.tasks}
         total_size = sum(shard.nbytes for shard in plan.shards)
@@ -431,6 +421,7 @@ def finalize_output(
         "shards": shard_entries(records),
         "copied_tensors": [{"tensor_name": t.tensor_name, "reason": t.reason} for t in plan.copied],
         "side_files": list(full.side_files),
+        "side_files_sha256": side_files_sha256,
         "total_size": sum(shard.nbytes for shard in plan.shards),
         "elapsed_s": round(elapsed_s, 3),
         "bytes_read": plan.bytes_to_read,
