@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, InputChangedError, PertaStreamError, PlanError, StatisticsError, UsageError
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
@@ -317,18 +317,19 @@ def _check_inputs(
         InputChangedError, StatisticsError: nothing is committed; each output's partial folder
             notes why, so a rerun is not told that --resume alone would finish it.
     """
+    locations = {role: checkpoint.location for role, checkpoint in plan.inputs.items()}
+    check_inputs_unchanged(sources, locations, partial=_partials(outputs), outputs=outputs)
+    if hasher is None or record is None:
+        return None
+    checkpoint = plan.inputs[config.stats_at]
+    actual = hasher.complete(checkpoint, sources[config.stats_at])
     try:
-        check_inputs_unchanged(sources, {role: checkpoint.location for role, checkpoint in plan.inputs.items()}, partial=_partials(outputs))
-        if hasher is None or record is None:
-            return None
-        checkpoint = plan.inputs[config.stats_at]
-        actual = hasher.complete(checkpoint, sources[config.stats_at])
         check_stats_content(record, str(config.stats), STATS_AT_FLAGS[config.stats_at], checkpoint.location, actual)
-        return actual
-    except (InputChangedError, StatisticsError) as exc:
+    except StatisticsError as exc:
         for output in outputs:
             output.note_stopped(str(exc))
         raise
+    return actual
 
 
 def _partials(outputs: list[ModelOutput]) -> str | None:

@@ -55,6 +55,7 @@ from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_nam
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path, remove_stale_partials
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
 from perta_stream.sources.resolve import hub_inputs, is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
@@ -448,7 +449,10 @@ def _execute(
             if missing:
                 raise PertaStreamError(f"{output.output.location}: shards never completed: {missing[:3]}; rerun with --resume")
         content_sha256 = hasher.complete(stats_checkpoint, stats_source)
-        _check_unchanged(sources, inputs, [output.output for output in layered.values()], stats_output)
+        written = [output.output for output in layered.values()]
+        partials = ", ".join(str(output.partial) for output in written if hasattr(output, "partial"))
+        locations = {role: checkpoint.location for role, checkpoint in inputs.items()}
+        check_inputs_unchanged(sources, locations, partial=partials or None, outputs=[*written, stats_output])
         if store is not None:
             record = stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
             store.finish(record)
@@ -480,21 +484,6 @@ def _execute(
             stats_content = content_sha256 if method in STAT_ROLES else None
             locations.append(finalize_output(merge_config, plan, output.output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         return locations
-
-
-def _check_unchanged(sources: dict[str, Any], inputs: dict[str, Checkpoint], outputs: list[ModelOutput], stats_output: Any) -> None:
-    """No input was rewritten during the sweep (else nothing is committed, and every partial
-    folder says why: a plain --resume would stop the same way)."""
-    from perta_stream.errors import InputChangedError
-    from perta_stream.sources.pinned_folder import check_inputs_unchanged
-
-    partials = [str(output.partial) for output in outputs if hasattr(output, "partial")]
-    try:
-        check_inputs_unchanged(sources, {role: checkpoint.location for role, checkpoint in inputs.items()}, partial=", ".join(partials) or None)
-    except InputChangedError as exc:
-        for output in [*outputs, stats_output]:
-            output.note_stopped(str(exc))
-        raise
 
 
 def _model_output(config: UnlearnConfig, method: str, alpha: float, out_dir: str) -> ModelOutput:

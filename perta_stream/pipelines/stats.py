@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from perta_stream.config.stats import StatsConfig
 from perta_stream.distributed import DistContext, distributed
-from perta_stream.errors import InputChangedError, PlanError, UsageError
+from perta_stream.errors import PlanError, UsageError
 from perta_stream.memory import format_bytes
 from perta_stream.pipelines.stats_steps import (
     PreparedSweep,
@@ -162,11 +162,7 @@ def _compute(
         if not store.complete:
             report = sweep_and_write(inputs, store=store, output=output, start=start, hasher=hasher)
         content_sha256 = hasher.complete(checkpoint, source)
-        try:
-            check_inputs_unchanged({"model": source}, {"model": str(config.model)}, partial=str(output.partial))
-        except InputChangedError as exc:
-            output.note_stopped(str(exc))
-            raise
+        check_inputs_unchanged({"model": source}, {"model": str(config.model)}, partial=str(output.partial), outputs=[output])
         record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
         store.finish(record)
         out = output.commit()

@@ -21,7 +21,7 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,13 +205,17 @@ def _open(name: str, flags: int, dir_fd: int | None) -> int:
         ) from None
 
 
-def check_inputs_unchanged(sources: Mapping[str, Any], locations: Mapping[str, str], *, partial: str | None = None) -> None:
+def check_inputs_unchanged(
+    sources: Mapping[str, Any], locations: Mapping[str, str], *, partial: str | None = None, outputs: Sequence[Any] = ()
+) -> None:
     """Before a commit: refuse when an input file was rewritten in place during the run.
 
     Args:
         sources: role -> byte source (local sources have `changed_files` and `replaced`).
         locations: role -> the location given, for messages.
         partial: the working folder left behind, named in the advice.
+        outputs: what the run writes (each has `note_stopped`): told why the run stopped, for
+            the next run's advice.
 
     Raises:
         InputChangedError: naming the input and file; nothing is committed.
@@ -220,11 +224,14 @@ def check_inputs_unchanged(sources: Mapping[str, Any], locations: Mapping[str, s
         changed = source.changed_files() if hasattr(source, "changed_files") else []
         if changed:
             start_over = f" delete {partial} (its shards may hold the old bytes) and" if partial else ""
-            raise InputChangedError(
+            error = InputChangedError(
                 f"{role} input {locations.get(role, '')}: {changed[0]} was rewritten while this run read it (its size or "
                 f"modification time changed{f', and {len(changed) - 1} more file(s)' if len(changed) > 1 else ''}); "
                 f"nothing was committed:{start_over} rerun once the input stays unchanged"
             )
+            for output in outputs:
+                output.note_stopped(str(error))
+            raise error
     for role, source in sources.items():
         if hasattr(source, "replaced") and source.replaced():
             logger.warning(
