@@ -170,14 +170,16 @@ def overlapping_outputs(outputs: Sequence[tuple[str, str]]) -> list[str]:
 
 def remove_stale_partials(root: str | os.PathLike | None, prefix: str) -> list[Path]:
     """Remove the partial folders named `<prefix>*.partial` in `root` (default: the system
-    temporary folder) that a killed run left: those this tool marked and no running process
-    holds locked. Returns what was removed.
+    temporary folder) that a killed run left: those this tool marked (a folder is marked only
+    once its run holds the lock) and no running process holds locked. Returns what was removed.
 
     Working folders in the temporary folder (a Hub push's staging, the one pass's state for a
     push) have no `--out` a rerun would come back to; this is how they are cleaned.
     """
     removed = []
     for folder in sorted(Path(root or tempfile.gettempdir()).glob(f"{prefix}*{PARTIAL_SUFFIX}")):
+        if not (folder / PARTIAL_MARKER_NAME).is_file():
+            continue  # not ours, or one a run has created and not yet locked and marked
         try:
             AtomicOutputDir(folder.with_name(folder.name[: -len(PARTIAL_SUFFIX)]), overwrite=False).discard()
         except (OutputExistsError, OSError):
@@ -253,9 +255,9 @@ class AtomicOutputDir:
         """
         self.check_partial()
         try:
-            if not self.partial.exists():
+            created = not self.partial.exists()
+            if created:
                 self.partial.mkdir(parents=True)
-                (self.partial / PARTIAL_MARKER_NAME).write_bytes(b"")
             lock_fd = os.open(self.partial, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
         except OSError as exc:
             raise WriteError(f"cannot create {self.partial}: {exc.strerror or exc}") from exc
@@ -270,10 +272,21 @@ class AtomicOutputDir:
         except OSError:
             # A file system without locks (some network and FUSE mounts): run unguarded rather than not at all.
             os.close(lock_fd)
-            return self.partial
+            lock_fd = None
         self._lock_fd = lock_fd
+        # Marked once locked: a marked folder whose lock is free is one whose run has ended
+        # (remove_stale_partials relies on it).
+        if created:
+            self._write_marker()
         (self.partial / STOPPED_NOTE_NAME).unlink(missing_ok=True)
         return self.partial
+
+    def _write_marker(self) -> None:
+        try:
+            (self.partial / PARTIAL_MARKER_NAME).write_bytes(b"")
+        except OSError as exc:
+            self.release()
+            raise WriteError(f"cannot create {self.partial}: {exc.strerror or exc}") from exc
 
     def release(self) -> None:
         """Unlock the folder (a failed run's partial folder stays for a resume); idempotent."""
