@@ -5,7 +5,8 @@
     ps.merge(theta0="base/", full="full/", fgt="forget/", out="clean/", method="fisher", stats="stats/", alpha=[0.5, 1])
 
 Every keyword is a flag of the command line with `-` written `_` (`--max-memory 2G` is
-`max_memory="2G"`), and `config="run.yaml"` reads a YAML file of them as `--config` does. Both
+`max_memory="2G"`), and `config="run.yaml"` reads a YAML file of them as `--config` does
+(`config=["base.yaml", "run.yaml"]` layers several, later files winning, keywords over all). Both
 the flags and the keywords come from the same metadata on the config's fields
 (config/options.py), and each value goes through the option's own parsing, so the two cannot
 drift apart: a keyword the command does not have is an error that names the closest one. Values
@@ -125,7 +126,7 @@ def sweep(**options: Any) -> Any:
 def _options(cls: type, keywords: dict[str, Any]) -> dict[str, Any]:
     """The keywords of a call, under the keys of its `config=` YAML file (if any), each named by
     its canonical keyword (`alphas=` is `alpha`)."""
+    from perta_stream.config.config_file import config_paths
     from perta_stream.config.options import with_config_file
 
-    path = keywords.pop("config", None)
-    return with_config_file(cls, path, keywords)
+    return with_config_file(cls, config_paths(keywords.pop("config", None), "config="), keywords)

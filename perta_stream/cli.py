@@ -20,12 +20,14 @@ from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.config.merge import MergeConfig
-from perta_stream.config.options import add_options, float_list, load_config_file
+from perta_stream.config.config_file import parser_defaults
+from perta_stream.config.options import add_options, float_list
 from perta_stream.config.stats import StatsConfig
 from perta_stream.config.sweep import SweepConfig
 from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import PertaStreamError, UsageError
+from perta_stream.notices import NoticeLines
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -312,12 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.choices[name]
         command.formatter_class = argparse.RawDescriptionHelpFormatter
         command.epilog = f"example:\n  {_EXAMPLES[name]}"
-        command.add_argument("--config", help="a YAML file of options; keys are the flag names, flags given here win")
+        command.add_argument(
+            "--config", action="append", help="a YAML file of options; keys are the flag names; repeat it to layer files (later wins), flags given here win"
+        )
     return parser
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse a command line; a `--config FILE.yaml` supplies defaults that the flags override.
+    """Parse a command line; `--config FILE.yaml` (repeatable, layered in order, later files win)
+    supplies defaults that the flags override.
 
     Raises:
         SystemExit: a usage error, printed as one line (exit code 2).
@@ -325,13 +330,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
     name = next((word for word in arguments if word in _COMMANDS), None)
-    config_path = _flag_value(arguments, "--config")
-    if name is not None and config_path is not None:
-        # The file's keys become the command's defaults before parsing, so a flag given on the
-        # command line wins and an option the file gives is no longer missing.
+    paths = _config_paths(arguments, None if name is None else command_parser(parser, name))
+    if name is not None and paths:
+        # The files' keys become the command's defaults before parsing, so a flag given on the
+        # command line wins and an option a file gives is no longer missing.
         command = command_parser(parser, name)
         try:
-            options = _config_file_defaults(command, config_path)
+            options = parser_defaults(command, paths)
         except UsageError as exc:
             command.error(str(exc))
         command.set_defaults(**options)
@@ -341,55 +346,31 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, extras = parser.parse_known_args(arguments)
     if extras:
         command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extras)}")
+    if tuple(getattr(args, "config", None) or ()) != paths:
+        # Whatever spelling argparse took for --config was loaded above; this cannot drift silently.
+        command_parser(parser, args.command).error(f"--config was given as {', '.join(args.config or ())} but read as {', '.join(paths)}; spell it --config")
     return args
 
 
-def _flag_value(arguments: list[str], flag: str) -> str | None:
-    for position, word in enumerate(arguments):
-        if word == flag and position + 1 < len(arguments):
-            return arguments[position + 1]
-        if word.startswith(flag + "="):
-            return word.split("=", 1)[1]
-    return None
+def _config_paths(arguments: list[str], command: argparse.ArgumentParser | None) -> tuple[str, ...]:
+    """The --config files of a command line, in order, spelled as argparse takes them (`--config
+    F`, `--config=F`, an abbreviation such as `--conf F` where it names no other flag too)."""
+    for word in arguments:
+        flag = word.split("=", 1)[0]
+        if command is not None and len(flag) > 2 and flag != "--config" and "--config".startswith(flag):
+            matches = sorted(option for option in command._option_string_actions if option.startswith(flag))
+            if len(matches) > 1:
+                command.error(f"ambiguous option: {flag} could match {', '.join(matches)}")
+    finder = _Parser(prog="perta-stream", add_help=False)
+    finder.add_argument("--config", action="append", default=[])
+    found, _ = finder.parse_known_args(arguments)
+    return tuple(found.config)
 
 
 def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (its actions are the flags the Python API accepts)."""
     sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     return sub.choices[name]
-
-
-def _config_file_defaults(command: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """The YAML's options as argparse defaults of `command` (lists joined, as a flag is written).
-
-    Raises:
-        UsageError: an unknown key (with the closest flag), or an unreadable file.
-    """
-    # Every spelling of a flag is a key (`alpha` and `alphas` in sweep).
-    by_key = {
-        flag.lstrip("-").replace("-", "_"): action
-        for action in command._actions
-        if action.dest not in ("help", "config")
-        for flag in action.option_strings
-        if flag.startswith("--")
-    }
-    defaults: dict[str, Any] = {}
-    problems = []
-    for raw_key, value in load_config_file(path).items():
-        action = by_key.get(str(raw_key).replace("-", "_"))
-        if action is None:
-            close = difflib.get_close_matches(str(raw_key).replace("-", "_"), list(by_key), n=1)
-            hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
-            problems.append(f"unknown key {raw_key!r}{hint}")
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(item) for item in value)
-        elif action.type is not None and value is not None and not isinstance(value, (str, bool)):
-            value = str(value)  # parsed by the flag's own type, exactly as on the command line
-        defaults[action.dest] = value
-    if problems:
-        raise UsageError(f"--config {path}: {'; '.join(problems)}")
-    return defaults
 
 
 _EXAMPLES = {
@@ -415,10 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         set_progress_enabled(False)
         _quiet_huggingface_hub()
+    notices = None if getattr(args, "quiet", False) else NoticeLines()
     # SIGTERM takes the same path as SIGINT: temporary files removed, partial folders left
     # resumable, one line on stderr.
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if notices is not None:
+            notices.attach()
         return _COMMANDS[args.command][1](args)
     except KeyboardInterrupt as exc:
         if verbose:
@@ -433,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if notices is not None:
+            notices.detach()
 
 
 def _quiet_huggingface_hub() -> None:
@@ -442,8 +428,10 @@ def _quiet_huggingface_hub() -> None:
     disable_progress_bars()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _one_line(text: str, max_chars: int = 4000) -> str:
+    """The message on one line, cut when a value in it is huge (-v shows it whole)."""
+    line = " ".join(text.split())
+    return line if len(line) <= max_chars else f"{line[:max_chars]}… ({len(line)} characters; -v shows all)"
 
 
 if __name__ == "__main__":

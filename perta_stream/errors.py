@@ -27,6 +27,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint, shard or index that does not exist."""
 
 
+class InputChangedError(CheckpointError):
+    """An input file rewritten while the run read it; the run commits nothing."""
+
+
 class PickleCheckpointError(CheckpointError):
     """A checkpoint stored only in a pickle format (.bin/.pt), refused unless the user opts in."""
 

@@ -253,6 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         split = urlsplit(self.path)
         path, query = unquote(split.path), parse_qs(split.query)
+        self._raw_path = split.path  # a revision's `/` arrives as %2F: one path segment, as on the Hub
         self._body: bytes | None = None
         with self.state.lock:
             self.state.requests.append((method, path, self.headers.get("Range")))
@@ -351,8 +352,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(match[1], match[2], match[3] or "")
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path):
             return self._model_info(match[1], match[2], query)
-        if method in ("GET", "HEAD") and (match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)):
-            return self._resolve(method, match[1], match[2], match[3])
+        if method in ("GET", "HEAD") and (match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self._raw_path)):
+            return self._resolve(method, unquote(match[1]), unquote(match[2]), unquote(match[3]))
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo()
         if method == "POST" and (match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path)):

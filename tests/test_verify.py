@@ -216,3 +216,20 @@ def test_cli_prints_one_error_line(out, capsys):
 def test_bad_options_are_usage_errors():
     with pytest.raises(UsageError):
         VerifyConfig.from_cli(type("Args", (), {"dir": "x", "finite": False, "chunk_size": "100"})())
+
+
+def test_side_files_are_checked_against_the_record(out, capsys):
+    record = _record(out)
+    assert record["side_files"] and set(record["side_files_sha256"]) == set(record["side_files"])
+    assert main(["verify", str(out)]) == 0
+    assert f"{len(record['side_files'])} side file(s)" in capsys.readouterr().err
+    side_file = record["side_files"][0]
+    (out / side_file).write_bytes((out / side_file).read_bytes() + b" ")
+    with pytest.raises(VerificationError, match=f"side file {side_file} does not match the sha256 perta_merge.json records"):
+        _verify(out)
+
+
+def test_side_file_digests_must_cover_the_listed_side_files(out):
+    _rewrite_record(out, lambda record: record["side_files_sha256"].popitem())
+    with pytest.raises(VerificationError, match="'side_files_sha256' does not match its 'side_files'"):
+        _verify(out)

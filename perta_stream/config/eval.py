@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, integer, option, options_from_cli
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
@@ -95,9 +95,9 @@ class EvalConfig(EvalOptions):
     overwrite: bool = option(False, help="replace an existing --out record (never a file inside the model)")
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "model")
+        typos = normalize_inputs(self, "model")
         self.resolve_tofu_dir()
-        problems = self.problems()
+        problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid eval options", problems)
 

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, integer, number, option, options_from_cli, words
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
@@ -65,8 +65,7 @@ class FinetuneConfig:
     lora_rslora: bool = option(False, help="rank-stabilised LoRA scaling alpha/sqrt(r)")
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "model")
-        problems = self.problems()
+        problems = with_typos(normalize_inputs(self, "model"), self.problems())
         if problems:
             raise PlanError("invalid finetune options", problems)
 

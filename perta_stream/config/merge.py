@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import RESUME_HELP, dtype, from_options, given_options, number, numbers, option, size
 from perta_stream.errors import PlanError, UsageError
 from perta_stream.sizes import parse_size
@@ -190,10 +190,10 @@ class MergeConfig(MergeOptions, HubPushOptions):
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "theta0", "full", "fgt")
+        typos = normalize_inputs(self, "theta0", "full", "fgt")
         if self.method in METHOD_ALIASES:
             object.__setattr__(self, "method", METHOD_ALIASES[self.method])
-        problems = self.problems()
+        problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid merge options", problems)
 
@@ -226,6 +226,10 @@ class MergeConfig(MergeOptions, HubPushOptions):
         found += self._hub_problems()
         if len(self.out_dirs) != len(set(self.out_dirs)):
             found.append("--out gives the same folder to two alphas; use a {alpha} placeholder")
+        else:
+            from perta_stream.sinks.output_dir import overlapping_outputs
+
+            found += overlapping_outputs([("--out", out_dir) for out_dir in self.out_dirs])
         return found
 
     def _hub_problems(self) -> list[str]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from perta_stream.config.config_file import shown
 from perta_stream.errors import PlanError, UsageError
 
 _KEY = "perta_option"
@@ -62,7 +63,7 @@ def text(value: Any, flag: str) -> str | None:
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"expected a string, got {value!r}")
+    raise TypeError(f"expected a string, got {shown(value)}")
 
 
 def integer(value: Any, flag: str) -> int | None:
@@ -73,7 +74,7 @@ def integer(value: Any, flag: str) -> int | None:
             raise TypeError
         return int(value)
     except (TypeError, ValueError):
-        raise TypeError(f"expected an integer, got {value!r}") from None
+        raise TypeError(f"expected an integer, got {shown(value)}") from None
 
 
 def number(value: Any, flag: str) -> float | None:
@@ -84,7 +85,7 @@ def number(value: Any, flag: str) -> float | None:
             raise TypeError
         return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"expected a number, got {value!r}") from None
+        raise TypeError(f"expected a number, got {shown(value)}") from None
 
 
 def numbers(value: Any, flag: str) -> tuple[float, ...]:
@@ -101,7 +102,7 @@ def words(value: Any, flag: str) -> tuple[str, ...]:
 
 def switch(value: Any, flag: str) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"expected True or False, got {value!r}")
+        raise TypeError(f"expected True or False, got {shown(value)}")
     return value
 
 
@@ -167,7 +168,7 @@ def float_list(raw: str) -> tuple[float, ...]:
     try:
         return numbers(raw, "")
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number or a comma-separated list of numbers") from None
+        raise argparse.ArgumentTypeError(f"{shown(raw)} is not a number or a comma-separated list of numbers") from None
 
 
 def options_of(cls: type) -> dict[str, Option]:
@@ -244,15 +245,15 @@ def from_options(cls: type, options: Mapping[str, Any], *, title: str, **fixed: 
         name = by_keyword.get(key)
         if name is None:
             close = difflib.get_close_matches(key, sorted({m.keywords()[0] for m in table.values()}), n=1)
-            problems.append(f"unknown option {raw_key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            problems.append(f"unknown option {shown(raw_key)}" + (f"; did you mean {close[0]!r}?" if close else ""))
         elif value is not None:
             try:
                 parsed = _parse(table[name], value)
             except (TypeError, ValueError, UsageError) as exc:
-                problems.append(str(exc) if table[name].flags[0] in str(exc) else f"option {raw_key!r} ({table[name].flags[0]}): {exc}")
+                problems.append(str(exc) if table[name].flags[0] in str(exc) else f"option {shown(raw_key)} ({table[name].flags[0]}): {exc}")
                 continue
             if name in values and values[name] != parsed:
-                problems.append(f"{raw_key!r} and another spelling of {table[name].flags[0]} give different values")
+                problems.append(f"{shown(raw_key)} and another spelling of {table[name].flags[0]} give different values")
             values[name] = parsed
     missing = [item.name for item in fields(cls) if item.default is MISSING and item.default_factory is MISSING and item.name not in values]
     problems += [f"{table[name].flags[0] if name in table else name} is required (give it as a flag, a --config key or a Python keyword)" for name in missing]
@@ -271,7 +272,7 @@ def _parse(meta: Option, value: Any) -> Any:
     parsed = meta.parse(value, meta.flags[0])
     if meta.choices is not None and parsed not in meta.choices:
         close = difflib.get_close_matches(str(parsed), meta.choices, n=1)
-        raise ValueError(f"{meta.flags[0]} {parsed!r} is not one of {', '.join(meta.choices)}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        raise ValueError(f"{meta.flags[0]} {shown(parsed)} is not one of {', '.join(meta.choices)}" + (f"; did you mean {close[0]!r}?" if close else ""))
     return parsed
 
 
@@ -286,35 +287,31 @@ def options_from_cli(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return with_config_file(cls, getattr(args, "config", None), given_options(args, cls))
 
 
-def with_config_file(cls: type, path: str | os.PathLike | None, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys of the YAML file at `path` (if any) under the options `given` (which win, whatever
-    spelling either uses). The common flags (-v, -q) are no options of a config."""
+def with_config_file(cls: type, paths: Any, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of the YAML file(s) at `paths` (a path, a list of paths layered in order, or
+    None) under the options `given` (which win, whatever spelling either uses). The common flags
+    (-v, -q) are no options of a config; a key no option has is passed on for `from_options` to
+    report with the closest name.
+
+    Raises:
+        UsageError: `paths` is not a path or list of paths, or a file cannot be used
+            (config/config_file.py).
+    """
+    from perta_stream.config.config_file import config_paths, layered_options
+
     spelled = {keyword: meta.keywords()[0] for meta in options_of(cls).values() for keyword in meta.keywords()}
-    from_file = load_config_file(path) if path else {}
-    options = {spelled.get(str(key).replace("-", "_"), key): value for key, value in from_file.items() if key not in ("verbose", "quiet")}
+    layered = layered_options(config_paths(paths), lambda key: spelled.get(str(key).replace("-", "_"), str(key)), known=list(spelled))
+    options = {name: value for name, (_, value) in layered.items() if name not in ("verbose", "quiet")}
     options.update({spelled.get(str(key).replace("-", "_"), key): value for key, value in given.items()})
     return options
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The options of a YAML config file (a flat mapping).
+    """The options of one YAML config file (a flat mapping); see config/config_file.py.
 
     Raises:
-        UsageError: the file is missing, not YAML, or not a mapping.
+        UsageError: the file is missing, not YAML, not a flat mapping, or refused.
     """
-    from pathlib import Path
+    from perta_stream.config.config_file import load_config_file as load
 
-    import yaml
-
-    config_path = Path(path)
-    if not config_path.is_file():
-        raise UsageError(f"--config {path} does not exist; see configs/ for examples")
-    try:
-        loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option: value, not a {type(loaded).__name__}")
-    return loaded
+    return load(path)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import RESUME_HELP, empty_is_none, from_options, given_options, option, size_or_zero, words
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
@@ -154,8 +154,7 @@ class StatsConfig(StatsOptions):
     other_inputs: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "model")
-        problems = self.stats_option_problems() + self._problems()
+        problems = with_typos(normalize_inputs(self, "model"), self.stats_option_problems() + self._problems())
         if problems:
             raise PlanError("stats options are invalid", problems)
 

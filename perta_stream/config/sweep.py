@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_stream.config.eval import TOFU_SPLITS, EvalOptions
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, negated_switch, number, numbers, option, options_from_cli, size, words
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
 from perta_stream.errors import PlanError, UsageError
@@ -72,9 +72,9 @@ class SweepConfig(EvalOptions):
     title: str = ""
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
+        typos = normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
         self.resolve_tofu_dir()
-        problems = self.problems()
+        problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid sweep options", problems)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.locations import normalize_inputs
+from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
 from perta_stream.config.stats import StatsOptions
@@ -77,10 +77,10 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     config_only: bool = option(False, help="with --one-pass --dry-run: plan from the stats model's config.json alone")
 
     def __post_init__(self) -> None:
-        normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
+        typos = normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
         if self.method in METHOD_ALIASES:
             object.__setattr__(self, "method", METHOD_ALIASES[self.method])
-        problems = self.problems()
+        problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid unlearn options", problems)
 
@@ -198,7 +198,25 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
             )
         if len(self.alphas) > 1 and "{alpha}" not in self.out and self.out.startswith("hf://"):
             found.append("several alphas pushed to the Hub need a {alpha} placeholder in --out")
-        return found
+        return found + self._overlapping_outputs()
+
+    def _overlapping_outputs(self) -> list[str]:
+        """Every output of the run (one per method and α, and the statistics it writes) against
+        every other, before any work: the statistics are also an input of the merge."""
+        from perta_stream.plan.one_pass_plan import one_pass_outputs
+        from perta_stream.sinks.output_dir import overlapping_outputs
+
+        if not self.out or not self.methods or not self.alphas:
+            return []
+        folders = [folder for _, _, folder in one_pass_outputs(self.out, self.methods, self.alphas)]
+        if len(set(folders)) != len(folders):
+            return [f"--out {self.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders"]
+        outputs = [("--out", folder) for folder in folders]
+        if self.one_pass and self.save_stats:
+            outputs.append(("--save-stats", self.save_stats))
+        elif not self.one_pass and self.needs_stats:
+            outputs.append(("--stats-dir", self.effective_stats_dir))
+        return overlapping_outputs(outputs)
 
     def _one_pass_problems(self) -> list[str]:
         found: list[str] = []
@@ -245,7 +263,7 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "UnlearnConfig":
         """Merge `--config` YAML (if any) with the flags given on the command line (flags win)."""
-        where = f"--config {args.config} + command line" if getattr(args, "config", None) else "command line"
+        where = "".join(f"--config {path} + " for path in getattr(args, "config", None) or ()) + "command line"
         return cls.from_mapping(options_from_cli(args, cls), where=where)
 
     def to_dict(self) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def load_retain_logs(path: str | os.PathLike, *, split: str, forget_sha256: str,
     """
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise EvaluationError(f"--retain-logs {path} is not a readable JSON file ({exc})") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise EvaluationError(f"--retain-logs {path} is not a `perta-stream eval` record (format {RECORD_FORMAT})")

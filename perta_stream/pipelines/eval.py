@@ -85,6 +85,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         reference_auc=None if retain_logs is None or holdout is None else retain_logs.mia_auc,
     )
     elapsed_s = time.perf_counter() - started
+    loaded.check_unchanged()  # the metrics are of one model, or nothing is written
 
     sample_counts = {name: len(tofu_set.items) for name, tofu_set in sets.items()}
     record = {

@@ -11,20 +11,21 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError, WriteError
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError
 from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge, task_read_bytes
 from perta_stream.progress import progress
-from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
+from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput, copy_side_files
 from perta_stream.sinks.output_dir import check_output_location
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME, MODEL_CARD_NAME, index_json, model_card, record_json, shard_entries
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import is_hub_location, open_model_input
+from perta_stream.sources.resolve import hub_inputs, hub_summary, is_hub_location, open_model_input
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_stats_identity, settled_before
-from perta_stream.sources.stats_dir import open_stats
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
+from perta_stream.sources.stats_dir import StatsRecord, open_stats
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class MergeResult:
         plan_text: the printed plan of a dry run, else None.
         elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
         copied_tensors: tensors copied from theta_full rather than merged.
+        hub_inputs: `role hf://org/name@commit` of every input read from the Hub.
     """
 
     outputs: tuple[str, ...]
@@ -47,6 +49,7 @@ class MergeResult:
     bytes_written: int
     peak_rss_bytes: int
     copied_tensors: tuple[str, ...]
+    hub_inputs: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -57,7 +60,7 @@ class MergeResult:
         return (
             f"merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
             f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
-            f"peak RSS {format_bytes(self.peak_rss_bytes)}"
+            f"peak RSS {format_bytes(self.peak_rss_bytes)}{hub_summary(self.hub_inputs)}"
         )
 
 
@@ -72,7 +75,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before measuring the baseline RSS the buffers add to)
 
-    inputs, sources, problems = _open_inputs(config)
+    inputs, sources, problems, stats_record = _open_inputs(config)
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
             problems += check_output_location(
@@ -103,13 +106,15 @@ def run_merge(config: MergeConfig) -> MergeResult:
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
         with distributed(device_type="cpu") as dist:
-            return _execute(config, plan, sources, started, dist)
+            return _execute(config, plan, sources, started, dist, stats_record)
     finally:
         for source in sources.values():
             source.close()
 
 
-def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str]]:
+def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str], StatsRecord | None]:
+    """Every input, pinned for the run (its files opened now, read through those descriptors to
+    the end), with the statistics' record as read now; problems are collected, not raised."""
     inputs: dict[str, Checkpoint] = {}
     sources: dict[str, ByteSource] = {}
     problems: list[str] = []
@@ -120,11 +125,12 @@ def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, 
             problems.extend(exc.problems)
         except PertaStreamError as exc:
             problems.append(str(exc))
+    stats_record = None
     if config.method in STAT_ROLES and config.stats:
-        stat_inputs, stat_sources = open_stats(config.stats, STAT_ROLES[config.method], problems)
+        stat_inputs, stat_sources, stats_record = open_stats(config.stats, STAT_ROLES[config.method], problems)
         inputs.update(stat_inputs)
         sources.update(stat_sources)
-    return inputs, sources, problems
+    return inputs, sources, problems, stats_record
 
 
 def _same_model(inputs: dict) -> bool:
@@ -178,19 +184,27 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
     return {shard.file_name for shard, owner in zip(remaining, owners) if owner != dist.rank}
 
 
-def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext) -> MergeResult:
+def _execute(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, stats_record: StatsRecord | None
+) -> MergeResult:
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
     try:
-        return _merge_into(config, plan, sources, started, dist, outputs)
+        return _merge_into(config, plan, sources, started, dist, outputs, stats_record)
     finally:
         for output in outputs:
             output.close()
 
 
 def _merge_into(
-    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, outputs: list[ModelOutput]
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    started: float,
+    dist: DistContext,
+    outputs: list[ModelOutput],
+    stats_record: StatsRecord | None,
 ) -> MergeResult:
     """Open (or resume) the outputs, stream every shard into them, and finalize them."""
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -198,7 +212,7 @@ def _merge_into(
 
     run_fingerprint = fingerprint(config, plan)
     # θ_0 is not streamed with an adapter θ_fgt: its identity is settled before anything is written.
-    settled = adapter_stats_identity(config, plan, sources) if dist.is_main else None
+    settled = adapter_stats_identity(config, plan, sources, stats_record) if dist.is_main else None
     finished_per_output = _open_outputs(outputs, run_fingerprint, dist)
     failure = _join_outputs(outputs, run_fingerprint, dist)
     # A shard counts as done only when every output has it; the others are rewritten identically.
@@ -250,7 +264,7 @@ def _merge_into(
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = settled if hasher is None else check_stats_identity(config, plan, sources, hasher, hash_role)
+            stats_content = _check_inputs(config, plan, sources, hasher, hash_role, settled, stats_record, outputs)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
@@ -273,6 +287,7 @@ def _merge_into(
         bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
+        hub_inputs=hub_inputs(plan.inputs),
     )
 
 
@@ -302,6 +317,42 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     except Exception as exc:
         return exc
     return None
+
+
+def _check_inputs(
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    hasher: TensorHasher | None,
+    hash_role: str,
+    settled: str | None,
+    record: StatsRecord | None,
+    outputs: list[ModelOutput],
+) -> str | None:
+    """Before the commit: no input was rewritten during the run, and the statistics belong to the
+    input they are declared at (its content digest, hashed while streamed, is the record's; or
+    `settled` before the run, when that input is not streamed). Returns that digest (None without
+    statistics).
+
+    Raises:
+        InputChangedError, StatisticsError: nothing is committed; each output's partial folder
+            notes why, so a rerun is not told that --resume alone would finish it.
+    """
+    locations = {role: checkpoint.location for role, checkpoint in plan.inputs.items()}
+    check_inputs_unchanged(sources, locations, partial=_partials(outputs), outputs=outputs)
+    if hasher is None or record is None:
+        return settled
+    try:
+        return check_stats_identity(config, plan, sources, hasher, hash_role, record)
+    except StatisticsError as exc:
+        for output in outputs:
+            output.note_stopped(str(exc))
+        raise
+
+
+def _partials(outputs: list[ModelOutput]) -> str | None:
+    folders = [str(output.partial) for output in outputs if isinstance(output, LocalModelOutput)]
+    return ", ".join(folders) or None
 
 
 def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:
@@ -355,17 +406,7 @@ def finalize_output(
     adds keys to `perta_merge.json`.
     """
     full = plan.inputs["full"]
-    for file_name in full.side_files:
-        try:
-            full_source.fetch_file(file_name, output.staging_path(file_name))
-        except PertaStreamError:
-            raise
-        except OSError as exc:
-            # A full disk during finalization: the shards stay finished and the rerun redoes only this.
-            raise WriteError(
-                f"copying side file {file_name} into {output.location} failed ({exc.strerror or exc}); "
-                "fix the cause and rerun with --resume"
-            ) from exc
+    side_files_sha256 = copy_side_files(output, full_source, full.side_files)
     if not plan.single_file:
         weight_map = {task.tensor_name: shard.file_name for shard in plan.shards for task in shard.tasks}
         total_size = sum(shard.nbytes for shard in plan.shards)
@@ -399,6 +440,7 @@ def finalize_output(
         "shards": shard_entries(records),
         "copied_tensors": [{"tensor_name": t.tensor_name, "reason": t.reason} for t in plan.copied],
         "side_files": list(full.side_files),
+        "side_files_sha256": side_files_sha256,
         "total_size": sum(shard.nbytes for shard in plan.shards),
         "elapsed_s": round(elapsed_s, 3),
         "bytes_read": plan.bytes_to_read,

@@ -47,10 +47,11 @@ from perta_stream.plan.one_pass_plan import one_pass_outputs
 from perta_stream.pipelines.one_pass_costs import MERGE_CHUNK_BYTES, config_only_comparison, merge_device, one_pass_comparison, run_reads, tau_of
 from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
-from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
+from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path, remove_stale_partials
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.resolve import is_hub_location
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
+from perta_stream.sources.resolve import hub_inputs, is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_DIR_NAME = ".perta_one_pass_state"
+# A push keeps the sweep's state in the temporary folder, as `perta-one-pass-<hex>.partial`.
+STATE_PREFIX = "perta-one-pass-"
 NOT_SAVED = "(computed in the same pass, not saved)"
 
 
@@ -121,7 +124,10 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
         locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
     elapsed_s = time.perf_counter() - started
-    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
+    return UnlearnResult(
+        tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True,
+        hub_inputs=hub_inputs({role: checkpoint for role, checkpoint in inputs.items() if role != "stats" or checkpoint is not inputs.get("theta0")}),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- options and inputs
@@ -137,7 +143,7 @@ def _stats_config(config: UnlearnConfig) -> tuple[StatsConfig | None, list[str]]
     if config.save_stats:
         out = config.save_stats
     elif is_hub_location(first_out):
-        out = str(Path(tempfile.gettempdir()) / f"perta-one-pass-{uuid.uuid4().hex}")
+        out = str(Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{uuid.uuid4().hex}")
     else:
         out = str(partial_path(first_out) / STATE_DIR_NAME)
     try:
@@ -177,9 +183,7 @@ def _plan(
     from perta_stream.errors import ModelNotSupportedError
     from perta_stream.sources.checkpoint import same_checkpoint
 
-    folders = [out_dir for _, _, out_dir in outputs]
-    if len(set(folders)) != len(folders):
-        problems.append(f"--out {config.out} gives two outputs the same folder; use {{method}} and {{alpha}} placeholders")
+    folders = [out_dir for _, _, out_dir in outputs]  # apart from each other (UnlearnConfig checked)
     named = {"theta0": config.theta0, "full": config.full, "fgt": config.fgt, "forget": str(config.forget), "retain": str(config.retain)}
     if config.stats_model:
         named["stats model"] = config.stats_model
@@ -293,6 +297,8 @@ def _execute(
         # first output's partial folder, and go when it is committed (a push's in a temporary
         # folder, removed however the run ends).
         identity = stats_identity if config.save_stats else {**stats_identity, "one_pass_outputs": fingerprints}
+        if not config.save_stats and is_hub_location(outputs[0][2]):
+            remove_stale_partials(Path(stats_config.out).parent, STATE_PREFIX)  # killed pushes' states
         stats_output = stack.enter_context(
             StatsOutput(stats_config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=stats_config.checkpoint_interval_s)
         )
@@ -338,6 +344,10 @@ def _execute(
             if missing:
                 raise PertaStreamError(f"{output.output.location}: shards never completed: {missing[:3]}; rerun with --resume")
         content_sha256 = hasher.complete(stats_checkpoint, stats_source)
+        written = [output.output for output in layered.values()]
+        partials = ", ".join(str(output.partial) for output in written if hasattr(output, "partial"))
+        locations = {role: checkpoint.location for role, checkpoint in inputs.items()}
+        check_inputs_unchanged(sources, locations, partial=partials or None, outputs=[*written, stats_output])
         if store is not None:
             record = stats_record(stats_config, stats_checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
             store.finish(record)

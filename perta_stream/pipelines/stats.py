@@ -43,6 +43,8 @@ from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
+from perta_stream.sources.resolve import hub_inputs, hub_summary
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME, StatsRecord
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ class StatsResult:
     boundary_peak_ram_bytes: int = 0
     boundary_peak_disk_bytes: int = 0
     boundary_spilled: int = 0
+    hub_inputs: tuple[str, ...] = ()
 
     def summary(self) -> str:
         if self.out is None or self.record is None:
@@ -72,7 +75,7 @@ class StatsResult:
         losses = "".join(f", {name} loss {value:.4f}" for name, value in self.mean_loss.items()).removeprefix(", ")
         return (
             f"wrote statistics ({','.join(self.record.kinds)}) to {self.out}{': ' if losses else ''}{losses}; "
-            f"{self.record.elapsed_s:.1f} s, peak RSS {format_bytes(self.record.peak_rss_bytes or 0)}"
+            f"{self.record.elapsed_s:.1f} s, peak RSS {format_bytes(self.record.peak_rss_bytes or 0)}{hub_summary(self.hub_inputs)}"
         )
 
 
@@ -142,7 +145,7 @@ def _compute(
     if not dist.is_main:
         report = sweep_other_rank(inputs)
         out, record = dist.broadcast_object(None)
-        return _result(plan, Path(out), record, report)
+        return _result(plan, Path(out), record, report, checkpoint)
 
     with StatsOutput(config.out, overwrite=config.overwrite, resume=config.resume, checkpoint_interval_s=config.checkpoint_interval_s) as output:
         resumed = output.open(run_identity(config, checkpoint, datasets, device_name, compute_dtype_name))
@@ -158,16 +161,19 @@ def _compute(
         hasher = TensorHasher()
         if not store.complete:
             report = sweep_and_write(inputs, store=store, output=output, start=start, hasher=hasher)
-        record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, hasher.complete(checkpoint, source))
+        content_sha256 = hasher.complete(checkpoint, source)
+        check_inputs_unchanged({"model": source}, {"model": str(config.model)}, partial=str(output.partial), outputs=[output])
+        record = stats_record(config, checkpoint, shape, datasets, device_name, compute_dtype_name, started, content_sha256)
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
-        return _result(plan, out, record, report)
+        return _result(plan, out, record, report, checkpoint)
 
 
-def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport) -> StatsResult:
+def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport, checkpoint: Checkpoint) -> StatsResult:
     """The result of a finished sweep: where it was written, and what the engine's report saw."""
     return StatsResult(
+        hub_inputs=hub_inputs({"model": checkpoint}),
         plan=plan,
         out=out,
         record=record,

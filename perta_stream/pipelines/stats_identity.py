@@ -17,7 +17,7 @@ from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.stats_dir import STATS_RECORD_NAME, read_stats_record
+from perta_stream.sources.stats_dir import StatsRecord, check_stats_content
 
 logger = logging.getLogger(__name__)
 STATS_AT_FLAGS = {"theta0": "--theta0", "full": "--full", "fgt": "--fgt"}
@@ -28,7 +28,7 @@ def settled_before(config: MergeConfig, plan: MergePlan) -> bool:
     return config.method in STAT_ROLES and config.stats_at == "theta0" and plan.fgt_adapter is not None and not plan.full_is_theta0
 
 
-def adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource]) -> str | None:
+def adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], record: StatsRecord) -> str | None:
     """The statistics' content digest when θ_0 is not streamed (`_settled_before`), checked first.
 
     By θ_0's files when they are the ones the statistics were computed from (a stat per shard);
@@ -39,48 +39,39 @@ def adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[s
     """
     if not settled_before(config, plan):
         return None
-    by_files = stats_identity_by_files(config, plan)
+    by_files = stats_identity_by_files(plan, record)
     if by_files is not None:
         return by_files
     logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) before merging", format_bytes(plan.inputs["theta0"].total_bytes))
-    return check_stats_identity(config, plan, sources, TensorHasher(), "theta0")
+    return check_stats_identity(config, plan, sources, TensorHasher(), "theta0", record)
 
 
-def stats_identity_by_files(config: MergeConfig, plan: MergePlan) -> str | None:
+def stats_identity_by_files(plan: MergePlan, record: StatsRecord) -> str | None:
     """The statistics' recorded content digest, when θ_0's files are the ones the statistics
     were computed from: same header digest, and, for local files, the same resolved folder with
     every shard's size and modification time (a Hub model: the same commit); else None."""
-    record = read_stats_record(str(config.stats))
     theta0 = plan.inputs["theta0"]
     same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
     return record.model.content_sha256 if same and isinstance(record.model.content_sha256, str) else None
 
 
-def check_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher, hash_role: str) -> str:
-    """The statistics' content digest, after checking it is that of the input they belong to.
+def check_stats_identity(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], hasher: TensorHasher, hash_role: str, record: StatsRecord
+) -> str:
+    """The statistics' content digest, after checking it is that of the input they belong to
+    (hashed by `hasher`, which reads what it has not seen from `sources[hash_role]`).
+
+    Args:
+        record: the statistics' record, as read when the run opened them.
 
     Raises:
         StatisticsError: the statistics were computed at other bytes (or by a version that did
             not record them); nothing has been committed.
     """
-    model = read_stats_record(str(config.stats)).model
-    expected = model.content_sha256
     checkpoint = plan.inputs[config.stats_at]
     flag = STATS_AT_FLAGS[config.stats_at]
-    if not isinstance(expected, str):
-        raise StatisticsError(
-            f"{config.stats}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
-            f"wrote it), so it cannot be checked against {flag} {checkpoint.location}; recompute the statistics with "
-            "`perta-stream stats`"
-        )
     if not isinstance(checkpoint, Checkpoint):
         raise StatisticsError(f"statistics cannot have been computed at the adapter {flag} {checkpoint.location}; pass --stats-at theta0")
     actual = hasher.complete(checkpoint, sources[hash_role])
-    if actual != expected:
-        raise StatisticsError(
-            f"statistics {config.stats} were computed at {model.location!r}, whose tensors differ from those of "
-            f"{flag} {checkpoint.location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
-            f"committed: compute the statistics at this model (`perta-stream stats --model {checkpoint.location}`), or "
-            "pass --stats-at full or fgt if they were computed at that input"
-        )
+    check_stats_content(record, str(config.stats), flag, checkpoint.location, actual)
     return actual

@@ -57,7 +57,7 @@ def prepare_sweep(config: StatsConfig, checkpoint: Checkpoint, shape: ModelShape
     Raises:
         CheckpointError: no tokenizer. DatasetError: a bad data file. UsageError: no such device.
     """
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(checkpoint.location)  # a Hub model's at the commit its weights are read at
     datasets = encode_datasets(config, tokenizer)
     device = resolve_device(config.device)
     lengths = {name: [len(s.input_ids) for s in data[1]] for name, data in datasets.items()}

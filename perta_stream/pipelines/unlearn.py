@@ -21,6 +21,7 @@ from typing import Any
 
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import StatisticsError
+from perta_stream.sources.resolve import hub_summary
 from perta_stream.sources.stats_dir import StatsRecord
 
 __all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
@@ -79,18 +80,19 @@ class UnlearnResult:
     elapsed_s: float
     peak_rss_bytes: int
     one_pass: bool = False
+    hub_inputs: tuple[str, ...] = ()
 
     def summary(self) -> str:
         if self.one_pass:
             saved = f"; statistics saved to {self.stats_dir}" if self.stats_dir else ""
-            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.elapsed_s:.1f} s{saved}"
+            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.elapsed_s:.1f} s{saved}{hub_summary(self.hub_inputs)}"
         if self.stats_reused is None:
             stats_text = "no statistics needed"
         elif self.stats_reused:
             stats_text = f"reused statistics {self.stats_dir}"
         else:
             stats_text = f"computed statistics into {self.stats_dir} in {self.stats_s:.1f} s"
-        return f"{stats_text}; merged {', '.join(self.outputs)} in {self.merge_s:.1f} s (total {self.elapsed_s:.1f} s)"
+        return f"{stats_text}; merged {', '.join(self.outputs)} in {self.merge_s:.1f} s (total {self.elapsed_s:.1f} s){hub_summary(self.hub_inputs)}"
 
 
 def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
@@ -192,6 +194,7 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
         merge_s=merge_s,
         elapsed_s=time.perf_counter() - started,
         peak_rss_bytes=merged.peak_rss_bytes,
+        hub_inputs=merged.hub_inputs,
     )
 
 

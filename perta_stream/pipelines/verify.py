@@ -24,6 +24,7 @@ from pathlib import Path
 from perta_stream.config.verify import VerifyConfig
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES, torch_dtype
 from perta_stream.errors import CheckpointError, HeaderError, VerificationError
+from perta_stream.hashing import file_sha256
 from perta_stream.progress import progress
 from perta_stream.sinks.output_dir import partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_NAME
@@ -46,6 +47,7 @@ class VerifyResult:
         bytes_checked: bytes read and hashed.
         finite_checked: whether every floating-point value was checked to be finite.
         elapsed_s: wall time of the check.
+        side_file_count: side files checked against their recorded sha256.
     """
 
     out_dir: str
@@ -54,11 +56,13 @@ class VerifyResult:
     bytes_checked: int
     finite_checked: bool
     elapsed_s: float
+    side_file_count: int = 0
 
     def summary(self) -> str:
         finite = ", every value finite" if self.finite_checked else ""
+        side_files = f", {self.side_file_count} side file(s)" if self.side_file_count else ""
         return (
-            f"verified {self.out_dir}: {self.shard_count} shard(s), {self.tensor_count} tensors, "
+            f"verified {self.out_dir}: {self.shard_count} shard(s), {self.tensor_count} tensors{side_files}, "
             f"{self.bytes_checked / 1e9:.2f} GB match perta_merge.json{finite} ({self.elapsed_s:.1f} s)"
         )
 
@@ -94,6 +98,7 @@ def run_verify(config: VerifyConfig) -> VerifyResult:
     _check_index(root, recorded, headers)
     _check_record_totals(root, record, headers)
     _check_listed_files(root, record, recorded, headers)
+    side_files = _check_side_files(root, record)
     return VerifyResult(
         out_dir=str(root),
         shard_count=len(recorded),
@@ -101,6 +106,7 @@ def run_verify(config: VerifyConfig) -> VerifyResult:
         bytes_checked=sum(s.size_bytes for s in recorded),
         finite_checked=config.finite,
         elapsed_s=time.perf_counter() - started,
+        side_file_count=side_files,
     )
 
 
@@ -292,3 +298,21 @@ def _check_listed_files(root: Path, record: dict, recorded: list[_RecordedShard]
     for file_name in record.get("side_files") or []:
         if not isinstance(file_name, str) or Path(file_name).name != file_name or not (root / file_name).is_file():
             raise _fail(root, f"side file {file_name!r} listed in {MERGE_RECORD_NAME} is missing; {_RERUN}")
+
+
+def _check_side_files(root: Path, record: dict) -> int:
+    """Every side file (config, tokenizer, ...) against the sha256 the record keeps; returns how
+    many were checked (0 for a record of a version that kept none: their presence is checked)."""
+    digests = record.get("side_files_sha256")
+    if digests is None:
+        logger.info("%s keeps no side-file digests (an older perta-stream wrote it); only their presence is checked", MERGE_RECORD_NAME)
+        return 0
+    if not isinstance(digests, dict) or set(digests) != set(record.get("side_files") or []):
+        raise _fail(root, f"{MERGE_RECORD_NAME} 'side_files_sha256' does not match its 'side_files'; {_RERUN}")
+    for file_name, expected in sorted(digests.items()):
+        path = root / file_name
+        if Path(file_name).name != file_name or not path.is_file() or path.is_symlink():
+            raise _fail(root, f"side file {file_name!r} listed in {MERGE_RECORD_NAME} is missing; {_RERUN}")
+        if file_sha256(path) != expected:
+            raise _fail(root, f"side file {file_name} does not match the sha256 {MERGE_RECORD_NAME} records (changed after the merge?); {_RERUN}")
+    return len(digests)

@@ -25,12 +25,14 @@ import logging
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from perta_stream.errors import HubError, UsageError
 from perta_stream.sinks.model_output import SAFETENSORS_METADATA
+from perta_stream.sinks.output_dir import PARTIAL_MARKER_NAME, AtomicOutputDir, remove_stale_partials
 from perta_stream.sinks.shard_writer import ShardRecord, ShardWriter, TensorSpec, encode_header
 from perta_stream.sources.checkpoint import INDEX_FILE_NAME, PICKLE_SUFFIXES
 from perta_stream.sources.hub_http import HubLocation, hub_error, make_api, parse_hub_location, with_retries
@@ -38,6 +40,8 @@ from perta_stream.sources.hub_http import HubLocation, hub_error, make_api, pars
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LOCAL_SHARDS = 2
+# The staging folders' names in the temporary folder: `perta-hub-out-<hex>.partial`.
+STAGING_PREFIX = "perta-hub-out-"
 # The Hub stores files below this size in git when it does not treat them as LFS; such a shard
 # is kept in memory until the commit, which carries its content.
 _REGULAR_FILE_MAX_BYTES = 10 * 2**20
@@ -86,6 +90,7 @@ class HubModelOutput:
         self._staging_root = staging_root
         self._api = make_api()
         self._staging: Path | None = None
+        self._staging_dir: AtomicOutputDir | None = None
         self._writer: ShardWriter | None = None
         self._bounded: set[str] = set()  # shards begun through begin_shard (holding a slot)
         self._finished: dict[str, ShardRecord] = {}
@@ -164,7 +169,10 @@ class HubModelOutput:
                 "in one commit, or choose another repo, branch or folder"
             )
         self._probe_write_access()
-        self._staging = Path(tempfile.mkdtemp(prefix="perta-hub-out-", dir=self._staging_root))
+        # Marked and locked while this run lives; a killed run's is removed by the next push.
+        remove_stale_partials(self._staging_root, STAGING_PREFIX)
+        self._staging_dir = AtomicOutputDir(Path(self._staging_root or tempfile.gettempdir()) / f"{STAGING_PREFIX}{uuid.uuid4().hex}", overwrite=False)
+        self._staging = self._staging_dir.open()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perta-hub-upload")
         return {}
 
@@ -223,7 +231,7 @@ class HubModelOutput:
             self._raise_failure()
             target = self._target
             operations: list = [self._uploaded[name] for name in self._finished]
-            staged = sorted(p for p in self._staging.iterdir() if p.is_file() and p.name not in self._finished)
+            staged = sorted(p for p in self._staging.iterdir() if p.is_file() and p.name not in self._finished and p.name != PARTIAL_MARKER_NAME)
             operations += [CommitOperationAdd(path_in_repo=target.file_path(p.name), path_or_fileobj=str(p)) for p in staged]
             operations += [CommitOperationAdd(path_in_repo=target.file_path(n), path_or_fileobj=d) for n, d in self._small_files.items()]
             written = {op.path_in_repo for op in operations}
@@ -254,6 +262,9 @@ class HubModelOutput:
             self._writer = None
         # Do not wait for an upload in flight: it fails harmlessly once its file is gone.
         self._cleanup(wait=False)
+
+    def note_stopped(self, reason: str) -> None:
+        """Nothing to note: a push that stops leaves nothing behind (its staging folder goes)."""
 
     def close(self) -> None:
         """Nothing is held between runs (a commit or abort has already ended the upload)."""
@@ -341,3 +352,6 @@ class HubModelOutput:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        if self._staging_dir is not None:
+            self._staging_dir.release()
+            self._staging_dir = None

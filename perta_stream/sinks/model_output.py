@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from perta_stream.errors import WriteError
 from perta_stream.sinks.atomic_file import write_bytes_atomically
@@ -59,8 +59,36 @@ class ModelOutput(Protocol):
     def abort(self) -> None:
         """Drop what is unfinished; finished shards stay for a resume."""
 
+    def note_stopped(self, reason: str) -> None:
+        """Say, where a later run looks (the partial folder), why this run stopped."""
+
     def close(self) -> None:
         """Let go of the output (a local folder's lock) once the run has ended, however it ended."""
+
+
+def copy_side_files(output: ModelOutput, source: Any, names: Sequence[str]) -> dict[str, str]:
+    """Copy θ_full's side files (config, tokenizer, ...) byte for byte into `output`; returns
+    each one's sha256, which the run record keeps for `verify`.
+
+    Raises:
+        WriteError: a copy failed (a full disk); the shards stay finished for --resume.
+    """
+    from perta_stream.errors import PertaStreamError
+    from perta_stream.hashing import file_sha256
+
+    digests = {}
+    for file_name in names:
+        try:
+            source.fetch_file(file_name, output.staging_path(file_name))
+            digests[file_name] = file_sha256(output.staging_path(file_name))
+        except PertaStreamError:
+            raise
+        except OSError as exc:
+            # A full disk during finalization: the shards stay finished and the rerun redoes only this.
+            raise WriteError(
+                f"copying side file {file_name} into {output.location} failed ({exc.strerror or exc}); fix the cause and rerun with --resume"
+            ) from exc
+    return digests
 
 
 def rank_record_name(rank: int) -> str:
@@ -160,6 +188,9 @@ class LocalModelOutput:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def note_stopped(self, reason: str) -> None:
+        self._atomic.note_stopped(reason)
 
     def close(self) -> None:
         self._atomic.release()

@@ -252,6 +252,10 @@ class StatsOutput:
         self._last_save = self._clock()
         logger.info("saved the resume state at %s (%d bytes)", position, written.size_bytes)
 
+    def note_stopped(self, reason: str) -> None:
+        """Say in the partial folder why this run stopped (see AtomicOutputDir.note_stopped)."""
+        self._atomic.note_stopped(reason)
+
     def close(self) -> None:
         """Unlock the partial folder (after a failure it stays for --resume); idempotent."""
         self._atomic.release()

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from perta_stream.errors import CheckpointError, CheckpointNotFoundError, HeaderError, PickleCheckpointError, PlanError, UsageError
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
-from perta_stream.sources.safetensors_header import SafetensorsHeader, TensorInfo, parse_header, read_local_header
+from perta_stream.sources.pinned_folder import FileIdentity, PinnedFolder
+from perta_stream.sources.safetensors_header import SafetensorsHeader, TensorInfo, parse_header
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -158,8 +159,7 @@ class Adapter:
         if self.location.startswith("hf://"):
             return [self.location]
         root = Path(self.location).resolve()
-        stats = [(root / name).stat() for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
-        return [str(root), [[s.st_size, s.st_mtime_ns] for s in stats]]
+        return [str(root), [FileIdentity.of(name, (root / name).stat()).to_json() for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]]
 
 
 def is_local_adapter(location: str | os.PathLike) -> bool:
@@ -179,17 +179,20 @@ def open_adapter(location: str, role: str) -> tuple[Adapter, ByteSource]:
     if str(location).startswith("hf://"):
         return _open_hub_adapter(str(location), role)
     root = Path(location)
-    names = {entry.name for entry in root.iterdir() if entry.is_file()} if root.is_dir() else set()
-    _check_files(names, str(location), role)
-    raw_config = (root / ADAPTER_CONFIG_NAME).read_bytes()
+    # Opened once and read through its descriptors to the end, as checkpoints are (pinned_folder.py).
+    folder = PinnedFolder(root) if root.is_dir() else None
+    _check_files(set(folder.listing()) if folder is not None else set(), str(location), role)
     path = root / ADAPTER_WEIGHTS_NAME
     if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
         raise CheckpointError(f"{role} adapter {location}: {ADAPTER_WEIGHTS_NAME} links outside the folder; replace the link by the file")
+    raw_config = folder.read_file(ADAPTER_CONFIG_NAME)
     try:
-        header = read_local_header(str(path), ADAPTER_WEIGHTS_NAME)
+        header = parse_header(
+            lambda offset, length: folder.read_at(ADAPTER_WEIGHTS_NAME, offset, length), folder.identity(ADAPTER_WEIGHTS_NAME).size_bytes, ADAPTER_WEIGHTS_NAME
+        )
     except HeaderError as exc:
         raise CheckpointError(f"{role} adapter {location}: {exc}") from None
-    return build_adapter(str(location), role, raw_config, header), LocalByteSource(root)
+    return build_adapter(str(location), role, raw_config, header), LocalByteSource(folder)
 
 
 def _check_files(names: set[str], location: str, role: str) -> None:

@@ -4,18 +4,17 @@ A `ByteSource` fills a buffer the engine reuses, so reading a model never alloca
 and never maps a whole shard into the process (a mapped shard's touched pages count in RSS and
 can pin gigabytes). `LocalByteSource` uses `os.preadv` (positional, thread-safe, releases the
 GIL) and can tell the kernel to drop pages it has consumed, so streaming a 140 GB model does
-not push everything else out of the page cache.
+not push everything else out of the page cache. It reads through a `PinnedFolder`
+(sources/pinned_folder.py): every file opened once, when the run starts.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import threading
-from pathlib import Path
 from typing import Protocol
 
 from perta_stream.errors import CheckpointError
+from perta_stream.sources.pinned_folder import PinnedFolder
 
 
 class ByteSource(Protocol):
@@ -30,36 +29,31 @@ class ByteSource(Protocol):
     def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
         """Copy a whole (side) file of the checkpoint, byte for byte, to `destination`."""
 
+    def changed_files(self) -> list[str]:
+        """Files rewritten in place since the run opened them (none for a source pinned otherwise)."""
+
     def close(self) -> None:
         """Release open files and connections."""
 
 
 class LocalByteSource:
-    """Reads shards of one local checkpoint directory, one open read-only descriptor per shard.
+    """Reads the files of one local checkpoint folder through a `PinnedFolder`: one read-only
+    descriptor per file, opened when the checkpoint is opened (or at first use), so a folder
+    replaced during the run is never mixed in.
 
     Args:
-        root: the checkpoint directory.
+        root: the checkpoint folder, or the `PinnedFolder` its checkpoint was opened from (which
+            the source then owns and closes).
         drop_page_cache: advise the kernel to drop pages once consumed (POSIX_FADV_DONTNEED).
     """
 
-    def __init__(self, root: str | os.PathLike, *, drop_page_cache: bool = False):
-        self._root = Path(root)
+    def __init__(self, root: str | os.PathLike | PinnedFolder, *, drop_page_cache: bool = False):
+        self._folder = root if isinstance(root, PinnedFolder) else PinnedFolder(root)
+        self._root = self._folder.root
         self._drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def _fd(self, file_name: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file_name)
-            if fd is None:
-                fd = os.open(self._root / file_name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[file_name] = fd
-            return fd
 
     def read_into(self, file_name: str, offset: int, buffer: memoryview) -> None:
-        fd = self._fd(file_name)
+        fd = self._folder.fd(file_name)
         view = buffer.cast("B") if buffer.format != "B" else buffer
         filled = 0
         while filled < len(view):
@@ -73,16 +67,21 @@ class LocalByteSource:
 
     def done_with(self, file_name: str, offset: int, length: int) -> None:
         if self._drop_page_cache:
-            os.posix_fadvise(self._fd(file_name), offset, length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._folder.fd(file_name), offset, length, os.POSIX_FADV_DONTNEED)
 
     def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
         source = self._root / file_name
         if not source.resolve().is_relative_to(self._root.resolve()):
             raise CheckpointError(f"{source} resolves outside {self._root}; it is not copied (replace the link by the file itself)")
-        shutil.copyfile(source, destination)
+        self._folder.copy_file(file_name, destination)
+
+    def changed_files(self) -> list[str]:
+        """Files read so far that were rewritten in place since they were opened."""
+        return self._folder.changed()
+
+    def replaced(self) -> bool:
+        """Whether the folder's path now names another folder."""
+        return self._folder.replaced()
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._folder.close()

@@ -23,7 +23,8 @@ from perta_stream.errors import (
     PickleCheckpointError,
     PlanError,
 )
-from perta_stream.sources.safetensors_header import SafetensorsHeader, TensorInfo, read_local_header
+from perta_stream.sources.pinned_folder import FileIdentity, PinnedFolder
+from perta_stream.sources.safetensors_header import SafetensorsHeader, TensorInfo, parse_header
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -50,6 +51,8 @@ class Checkpoint:
         ties_embeddings: whether the output embedding is tied to (stored as) the input embedding.
         index_name: the index file's name, or None for a single-file checkpoint.
         header_sha256: digest over the index and every shard header (identifies the layout).
+        files: the identity (device, inode, size, modification time) of every shard when it was
+            opened; empty for a Hub checkpoint, which its pinned commit identifies.
     """
 
     location: str
@@ -61,6 +64,7 @@ class Checkpoint:
     ties_embeddings: bool
     index_name: str | None
     header_sha256: str
+    files: tuple[FileIdentity, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -70,20 +74,17 @@ class Checkpoint:
         return self.tensors[tensor_name].file_name
 
     def file_identity(self) -> list:
-        """The checkpoint's files as they are now, for the fingerprint of a resumable run.
+        """The checkpoint's files as the run opened them, for the fingerprint of a resumable run
+        and the record of statistics.
 
         Header digests alone cannot tell two fine-tunes of one base model apart (their headers are
-        identical); the resolved folder and every shard's size and modification time do, and also
-        notice a shard rewritten in place. A Hub checkpoint is its `hf://org/name@revision`.
+        identical); the resolved folder and every shard's device, inode, size and modification
+        time do, and also notice a shard replaced or rewritten in place. A Hub checkpoint is its
+        `hf://org/name@revision`.
         """
         if self.location.startswith("hf://"):
             return [self.location]
-        root = Path(self.location).resolve()
-        files = []
-        for shard in self.shards:
-            stat = (root / shard.file_name).stat()
-            files.append([shard.file_name, stat.st_size, stat.st_mtime_ns])
-        return [str(root), files]
+        return [str(Path(self.location).resolve()), [identity.to_json() for identity in self.files]]
 
 
 def same_checkpoint(first: Checkpoint, second: Checkpoint) -> bool:
@@ -177,6 +178,7 @@ def assemble_checkpoint(
     problems: list[str],
     side_files: tuple[str, ...],
     config: dict,
+    files: tuple[FileIdentity, ...] = (),
 ) -> Checkpoint:
     """Cross-check an index against its shard headers and build the Checkpoint.
 
@@ -212,6 +214,7 @@ def assemble_checkpoint(
         ties_embeddings=ties_embeddings(config, set(tensors)),
         index_name=index_name,
         header_sha256=combined_header_sha256(index_bytes, ordered),
+        files=files,
     )
 
 
@@ -267,7 +270,7 @@ def resolve_layout(
 
 
 def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
-    """Read the index and every shard header of a local checkpoint directory.
+    """Read the index and every shard header of a local checkpoint directory (headers only).
 
     Args:
         path: a Hugging Face model directory (`model.safetensors` or sharded with an index).
@@ -278,16 +281,41 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
         PickleCheckpointError: only pickle weights are present.
         PlanError: every header and index problem of the checkpoint, at once.
     """
+    checkpoint, folder = pin_local_checkpoint(path, role)
+    folder.close()
+    return checkpoint
+
+
+def pin_local_checkpoint(path: str | os.PathLike, role: str, *, parent: PinnedFolder | None = None) -> tuple[Checkpoint, PinnedFolder]:
+    """`open_local_checkpoint`, keeping the folder pinned for the run (sources/pinned_folder.py):
+    its index, shards, config and side files are opened here and stay open for every later read.
+
+    Args:
+        parent: the pinned folder `path` is a sub-folder of (a statistics directory), which it
+            is then opened from.
+
+    Raises:
+        as `open_local_checkpoint`.
+    """
     root = Path(path)
-    location = str(path)
     if not root.is_dir():
-        raise CheckpointNotFoundError(f"{role} checkpoint {location} is not a directory; pass a Hugging Face model directory")
-    file_sizes = {entry.name: entry.stat().st_size for entry in root.iterdir() if entry.is_file()}
+        raise CheckpointNotFoundError(f"{role} checkpoint {path} is not a directory; pass a Hugging Face model directory")
+    folder = PinnedFolder(root, parent=parent, name=root.name) if parent is not None else PinnedFolder(root)
+    try:
+        return _read_checkpoint(folder, str(path), role), folder
+    except BaseException:
+        folder.close()
+        raise
+
+
+def _read_checkpoint(folder: PinnedFolder, location: str, role: str) -> Checkpoint:
+    root = folder.root
+    file_sizes = folder.listing()
     escaping = outside_links(root, file_sizes)
     names = sorted(name for name in file_sizes if name not in escaping)
     index_name, index_bytes, weight_map, problems = resolve_layout(
         {name: size for name, size in file_sizes.items() if name not in escaping},
-        lambda name: (root / name).read_bytes(),
+        folder.read_file,
         location=location,
         role=role,
     )
@@ -303,16 +331,22 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
         if not shard_path.resolve().is_relative_to(root.resolve()):
             problems.append(f"{role} ({location}): shard {file_name} resolves outside the checkpoint directory")
             continue
-        if not shard_path.is_file():
+        if file_name not in file_sizes:
             problems.append(f"{role} ({location}): the index names shard {file_name}, which does not exist; re-download it")
             continue
         try:
-            headers[file_name] = read_local_header(str(shard_path), file_name)
+            headers[file_name] = parse_header(
+                lambda offset, length, name=file_name: folder.read_at(name, offset, length), folder.identity(file_name).size_bytes, file_name
+            )
         except HeaderError as exc:
             problems.append(f"{role} ({location}): {exc}")
     if index_name is None and SINGLE_FILE_NAME in headers:
         weight_map = {tensor_name: SINGLE_FILE_NAME for tensor_name in headers[SINGLE_FILE_NAME].tensors}
-    config = _read_config(root / "config.json", f"{role} ({location})", problems)
+    config = {}
+    if "config.json" in file_sizes and "config.json" not in escaping:
+        config = parse_config(folder.read_file("config.json"), f"{role} ({location})", problems)
+    side_files = tuple(n for n in names if is_side_file(n))
+    folder.pin(side_files)  # copied into the output at its end: from the folder as it is now
     return assemble_checkpoint(
         location=location,
         role=role,
@@ -321,8 +355,9 @@ def open_local_checkpoint(path: str | os.PathLike, role: str) -> Checkpoint:
         weight_map=weight_map,
         headers=headers,
         problems=problems,
-        side_files=tuple(n for n in names if is_side_file(n)),
+        side_files=side_files,
         config=config,
+        files=tuple(folder.identity(name) for name in headers),
     )
 
 
@@ -339,12 +374,6 @@ def outside_links(root: Path, names: Iterable[str]) -> dict[str, str]:
         if path.is_symlink() and not path.resolve().is_relative_to(inside):
             found[name] = os.readlink(path)
     return found
-
-
-def _read_config(path: Path, where: str, problems: list[str]) -> dict:
-    if not path.is_file() or path.name in outside_links(path.parent, [path.name]):
-        return {}
-    return parse_config(path.read_bytes(), where, problems)
 
 
 def parse_config(raw: bytes, where: str, problems: list[str]) -> dict:

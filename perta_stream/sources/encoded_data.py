@@ -39,7 +39,8 @@ class DatasetInfo:
 
 
 def load_tokenizer(location: str) -> Any:
-    """The tokenizer saved with a model (a folder or an `hf://` location), never running its code.
+    """The tokenizer saved with a model (a folder or an `hf://` location, best pinned to the commit
+    its weights are read at), never running its code.
 
     Raises:
         CheckpointError: no tokenizer there.
@@ -50,8 +51,11 @@ def load_tokenizer(location: str) -> Any:
 
     try:
         if is_hub_location(location):
-            repo, _, revision = location[len("hf://") :].partition("@")
-            return AutoTokenizer.from_pretrained(repo, revision=revision or None, trust_remote_code=False)
+            from perta_stream.sources.hub_http import parse_hub_location
+
+            # `hf://org/name@rev/folder`: the revision and the folder are two arguments, not one.
+            hub = parse_hub_location(location)
+            return AutoTokenizer.from_pretrained(hub.repo_id, revision=hub.revision, subfolder=hub.path_in_repo, trust_remote_code=False)
         # trust_remote_code=False: Python files of a model folder never run, whatever stdin says.
         return AutoTokenizer.from_pretrained(location, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:

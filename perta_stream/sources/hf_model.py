@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_stream.devices import resolve_device
-from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError
+from perta_stream.errors import CheckpointError, CheckpointNotFoundError, EvaluationError, InputChangedError
 from perta_stream.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
@@ -30,12 +30,47 @@ class LoadedModel:
         tokenizer: the matching tokenizer, with a pad token id set (EOS when it has no pad token).
         input_device: the device of the embedding, where input tensors are placed.
         pad_token_id: the id used for padding (masked everywhere it is used).
+        path: the folder it was loaded from.
+        files: the identity of the folder's weight and config files before loading, which
+            `check_unchanged` compares with what they are at the end of a run.
     """
 
     model: Any
     tokenizer: Any
     input_device: Any
     pad_token_id: int
+    path: Path | None = None
+    files: dict[str, tuple[int, int, int, int]] | None = None
+
+    def check_unchanged(self, role: str = "model") -> None:
+        """Refuse a result when the model's files changed while it was in use.
+
+        transformers reads the folder by path, and offloaded layers (device_map on a GPU) are
+        read again from it during the run: a folder replaced or rewritten meanwhile would mix
+        two models into one result. One stat per file, no pass over the bytes.
+
+        Raises:
+            InputChangedError: naming the file; the caller writes nothing.
+        """
+        if self.path is None or self.files is None:
+            return
+        now = folder_files_identity(self.path)
+        changed = sorted(name for name in set(self.files) | set(now) if self.files.get(name) != now.get(name))
+        if changed:
+            raise InputChangedError(
+                f"{role} {self.path}: {changed[0]} was replaced or rewritten while this run used it; nothing was written: "
+                "rerun once the model folder stays unchanged"
+            )
+
+
+def folder_files_identity(path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """(device, inode, size, modification time) of the weight and config files of a model folder."""
+    found = {}
+    for entry in sorted(path.iterdir()):
+        if entry.name.endswith((".safetensors", ".json")) and entry.is_file():
+            status = entry.stat()
+            found[entry.name] = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    return found
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_training: bool = False) -> LoadedModel:
@@ -70,6 +105,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
     if not path.is_dir():
         raise CheckpointNotFoundError(f"model directory {path} does not exist")
     resolved = resolve_device(device)
+    files = folder_files_identity(path)
     try:
         # Never run Python files of a model folder (an `auto_map` in its configs): transformers
         # would otherwise ask on standard input, and a "y" there would execute them.
@@ -93,7 +129,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
         raise EvaluationError(f"the tokenizer of {path} has neither a pad nor an EOS token; set one in its tokenizer_config.json")
     input_device = model.get_input_embeddings().weight.device
     logger.info("loaded %s on %s (%s)", path, input_device, next(model.parameters()).dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, input_device=input_device, pad_token_id=int(pad_token_id))
+    return LoadedModel(model=model, tokenizer=tokenizer, input_device=input_device, pad_token_id=int(pad_token_id), path=path, files=files)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from perta_stream.errors import CheckpointError, CheckpointNotFoundError, HeaderError, HubError
+from perta_stream.notices import notice
 from perta_stream.sources.checkpoint import (
     SINGLE_FILE_NAME,
     Checkpoint,
@@ -34,6 +35,7 @@ from perta_stream.sources.checkpoint import (
     resolve_layout,
 )
 from perta_stream.sources.hub_http import RangeReader, make_api, parse_hub_location, with_retries
+from perta_stream.sources.resolve import hub_input_notice
 from perta_stream.sources.safetensors_header import SafetensorsHeader, parse_header
 
 # Repo bookkeeping, never part of a model: not copied into an output as a side file.
@@ -67,6 +69,7 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
         raise HubError(f"opening {role} checkpoint {location}: the Hub did not say which commit it serves; retry later")
     sizes = _folder_sizes(info.siblings or [], hub_location.path_in_repo)
     pinned = hub_location.pinned(info.sha)
+    notice(hub_input_notice(role, location, pinned))
     reader = RangeReader(hub_location, info.sha)
     source = HubByteSource(reader, sizes, _folder_sha256(info.siblings or [], hub_location.path_in_repo))
     where = f"{role} ({pinned})"
@@ -227,6 +230,10 @@ class HubByteSource:
     def done_with(self, file_name: str, offset: int, length: int) -> None:
         """Nothing is cached locally, so there is nothing to drop."""
 
+    def changed_files(self) -> list[str]:
+        """None: every read is pinned to one commit (and checked against its published sha256)."""
+        return []
+
     def fetch_file(self, file_name: str, destination: str | os.PathLike) -> None:
         """Download a whole (small, side) file to `destination`, byte for byte."""
         size = self._sizes.get(file_name)
@@ -265,7 +272,7 @@ class HubByteSource:
 SNAPSHOT_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 
 
-def download_model_folder(location: str) -> Path:
+def download_model_folder(location: str, role: str = "model") -> Path:
     """A local copy of a Hub model (in the huggingface_hub cache) for commands that load a whole
     model with transformers (eval, finetune); the weights come as safetensors only.
 
@@ -275,10 +282,16 @@ def download_model_folder(location: str) -> Path:
     from huggingface_hub import snapshot_download
 
     hub_location = parse_hub_location(location)
+    api = make_api()
+    info = with_retries(lambda: api.model_info(hub_location.repo_id, revision=hub_location.revision), action=f"opening {role}", location=location)
+    if not info.sha:
+        raise HubError(f"opening {role} {location}: the Hub did not say which commit it serves; retry later")
+    # Every file from the one commit announced, however the branch moves meanwhile.
+    notice(hub_input_notice(role, location, hub_location.pinned(info.sha)))
     folder = with_retries(
         lambda: snapshot_download(
             hub_location.repo_id,
-            revision=hub_location.revision,
+            revision=info.sha,
             allow_patterns=[hub_location.file_path(pattern) for pattern in SNAPSHOT_PATTERNS],
         ),
         action="downloading model",

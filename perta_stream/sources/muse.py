@@ -101,7 +101,14 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def _records(path: Path) -> list[object]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"MUSE file {path}, line {line_number}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); re-save it as UTF-8"
+        ) from None
     if not text.strip():
         raise DatasetError(f"MUSE file {path} is empty")
     try:
@@ -111,6 +118,8 @@ def _records(path: Path) -> list[object]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as exc:
         raise DatasetError(f"MUSE file {path} is not valid JSON or JSON Lines ({exc})") from None
+    except RecursionError:
+        raise DatasetError(f"MUSE file {path} nests lists or objects too deeply to be MUSE records") from None
     if not records:
         raise DatasetError(f"MUSE file {path} holds no records")
     return records

@@ -47,6 +47,8 @@ def load_records(path: str | os.PathLike) -> list[dict]:
             records = json.loads(stripped)
         except ValueError as exc:
             raise DatasetError(f"data file {path} is not a valid JSON array ({exc})") from None
+        except RecursionError:
+            raise DatasetError(f"data file {path} nests lists or objects too deeply to be records") from None
     else:
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -56,6 +58,8 @@ def load_records(path: str | os.PathLike) -> list[dict]:
                 records.append(json.loads(line))
             except ValueError as exc:
                 raise DatasetError(f"data file {path}, line {line_number}: not valid JSON ({exc}); expected one object a line") from None
+            except RecursionError:
+                raise DatasetError(f"data file {path}, line {line_number}: nests lists or objects too deeply to be a record") from None
     for position, record in enumerate(records):
         if not isinstance(record, dict):
             raise DatasetError(f"data file {path}, record {position}: is a {type(record).__name__}, expected an object")

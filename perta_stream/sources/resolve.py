@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
-from perta_stream.sources.checkpoint import Checkpoint, open_local_checkpoint
+from perta_stream.sources.checkpoint import Checkpoint, pin_local_checkpoint
 
 HUB_PREFIX = "hf://"
 
@@ -33,18 +34,48 @@ def normalize_location(location: str | os.PathLike) -> str:
     return HUB_PREFIX + text
 
 
+def mistyped_folder(location: str | os.PathLike) -> str | None:
+    """The local folder a bare Hub id starts with, when `location` would be read from the Hub
+    although its first component is a folder here (`results/base` while `results/` exists): a
+    mistyped path is likelier than a Hub repo of that name. None otherwise (no network is asked)."""
+    text = os.fspath(location)
+    if is_hub_location(text) or os.path.lexists(text) or not _BARE_HUB_ID.fullmatch(text):
+        return None
+    first = text.split("/", 1)[0]
+    return first if os.path.isdir(first) else None
+
+
+def hub_input_notice(role: str, location: str, pinned: str) -> str:
+    """The line that announces a Hub input before any work: what was asked, and the commit read."""
+    asked = location[len(HUB_PREFIX) :] if is_hub_location(location) else location
+    repo = pinned[len(HUB_PREFIX) :]
+    where = "" if os.path.lexists(asked) else f"{asked} is not a local folder; "
+    return f"{role}: {where}reading Hub repo {repo}"
+
+
+def hub_inputs(checkpoints: Mapping[str, Checkpoint]) -> tuple[str, ...]:
+    """`role hf://org/name@commit` of every Hub checkpoint among `checkpoints` (for summaries)."""
+    return tuple(f"{role} {checkpoint.location}" for role, checkpoint in checkpoints.items() if is_hub_location(checkpoint.location))
+
+
+def hub_summary(inputs: tuple[str, ...]) -> str:
+    """The summary line's tail naming the Hub commits read ("" when every input was local)."""
+    return f"; read from the Hub: {', '.join(inputs)}" if inputs else ""
+
+
 def open_checkpoint(location: str | os.PathLike, role: str, *, drop_page_cache: bool = False) -> tuple[Checkpoint, ByteSource]:
     """The header-level view of a checkpoint and a source for its bytes.
 
     Raises:
-        CheckpointError and subclasses, PlanError: as `open_local_checkpoint` (or the Hub reader).
+        CheckpointError and subclasses, PlanError: as `pin_local_checkpoint` (or the Hub reader).
     """
     if is_hub_location(location):
         from perta_stream.sources.hub import open_hub_checkpoint
 
         return open_hub_checkpoint(str(location), role)
-    checkpoint = open_local_checkpoint(location, role)
-    return checkpoint, LocalByteSource(location, drop_page_cache=drop_page_cache)
+    # Every file the run reads is opened now, and read through that descriptor to the end.
+    checkpoint, folder = pin_local_checkpoint(location, role)
+    return checkpoint, LocalByteSource(folder, drop_page_cache=drop_page_cache)
 
 
 def open_model_input(location: str | os.PathLike, role: str, *, drop_page_cache: bool = False) -> tuple[Any, ByteSource]:

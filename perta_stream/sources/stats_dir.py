@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.errors import PertaStreamError, PlanError, StatisticsError
-from perta_stream.sources.byte_source import ByteSource
-from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import is_hub_location, open_checkpoint
+from perta_stream.errors import CheckpointNotFoundError, PertaStreamError, PlanError, StatisticsError
+from perta_stream.sources.byte_source import ByteSource, LocalByteSource
+from perta_stream.sources.checkpoint import Checkpoint, pin_local_checkpoint
+from perta_stream.sources.pinned_folder import PinnedFolder
+from perta_stream.sources.resolve import is_hub_location
 
 STATS_RECORD_NAME = "perta_stats.json"
 STATS_FORMAT = "perta_stats"
@@ -104,20 +105,25 @@ _PLAIN_FIELDS = (
 )  # fmt: skip
 
 
-def read_stats_record(stats_dir: str | os.PathLike) -> StatsRecord:
+def read_stats_record(stats_dir: str | os.PathLike, *, folder: PinnedFolder | None = None) -> StatsRecord:
     """The `perta_stats.json` of a statistics directory.
+
+    Args:
+        folder: the directory pinned for the run, read instead of the path.
 
     Raises:
         StatisticsError: the directory or record is missing or is not a perta_stats record.
     """
     path = Path(stats_dir) / STATS_RECORD_NAME
-    if not path.is_file():
+    exists = STATS_RECORD_NAME in folder.listing() if folder is not None else path.is_file()
+    if not exists:
         raise StatisticsError(
             f"{stats_dir} has no {STATS_RECORD_NAME}; pass a directory written by `perta-stream stats`"
         )
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
+        raw = folder.read_file(STATS_RECORD_NAME) if folder is not None else path.read_bytes()
+        record = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise StatisticsError(f"{path} is not valid JSON ({exc}); recompute the statistics") from None
     if not isinstance(record, dict) or record.get("format") != STATS_FORMAT:
         raise StatisticsError(f"{path} is not a perta_stats record; recompute the statistics")
@@ -126,8 +132,9 @@ def read_stats_record(stats_dir: str | os.PathLike) -> StatsRecord:
 
 def open_stats(
     stats_dir: str, roles: tuple[str, ...], problems: list[str]
-) -> tuple[dict[str, Checkpoint], dict[str, ByteSource]]:
-    """Open the statistics checkpoints a method needs (e.g. `forget.fisher`, `retain.fisher`).
+) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], StatsRecord | None]:
+    """Open the statistics checkpoints a method needs (e.g. `forget.fisher`, `retain.fisher`), and
+    the record, all from the directory as it is now (pinned for the run: sources/pinned_folder.py).
 
     Problems (missing kinds, unusable checkpoints) are appended to `problems`, not raised, so the
     merge plan reports them together with everything else.
@@ -136,25 +143,60 @@ def open_stats(
     sources: dict[str, ByteSource] = {}
     if is_hub_location(stats_dir):
         problems.append(f"--stats {stats_dir}: statistics are read from a local directory; download them first")
-        return checkpoints, sources
+        return checkpoints, sources, None
     try:
-        record = read_stats_record(stats_dir)
+        folder = PinnedFolder(stats_dir)
+    except CheckpointNotFoundError:
+        problems.append(f"--stats {stats_dir} is not a directory; pass a directory written by `perta-stream stats`")
+        return checkpoints, sources, None
+    try:
+        record = read_stats_record(stats_dir, folder=folder)
+        for role in roles:
+            kind = role.split(".", 1)[1]
+            if kind not in record.kinds:
+                problems.append(
+                    f"statistics {stats_dir} hold {', '.join(record.kinds) or 'no kinds'}, not {kind}; "
+                    f"recompute them with `perta-stream stats --kinds {kind}`"
+                )
+                continue
+            try:
+                checkpoints[role], pinned = pin_local_checkpoint(Path(stats_dir) / role, role, parent=folder)
+                sources[role] = LocalByteSource(pinned)
+            except PlanError as exc:
+                problems.extend(exc.problems)
+            except PertaStreamError as exc:
+                problems.append(str(exc))
     except StatisticsError as exc:
         problems.append(str(exc))
-        return checkpoints, sources
-    kinds = record.kinds
-    for role in roles:
-        kind = role.split(".", 1)[1]
-        if kind not in kinds:
-            problems.append(
-                f"statistics {stats_dir} hold {', '.join(kinds) or 'no kinds'}, not {kind}; "
-                f"recompute them with `perta-stream stats --kinds {kind}`"
-            )
-            continue
-        try:
-            checkpoints[role], sources[role] = open_checkpoint(Path(stats_dir) / role, role)
-        except PlanError as exc:
-            problems.extend(exc.problems)
-        except PertaStreamError as exc:
-            problems.append(str(exc))
-    return checkpoints, sources
+        return checkpoints, sources, None
+    finally:
+        folder.close()  # the sub-folders stay open through their own descriptors
+    return checkpoints, sources, record
+
+
+def check_stats_content(record: StatsRecord, stats_dir: str, flag: str, location: str, actual: str) -> None:
+    """Check the content digest of the model a merge takes statistics at against the record.
+
+    Args:
+        record: the statistics' record, as read when the run opened them.
+        flag, location: the merge input the statistics are declared to be taken at.
+        actual: that input's content digest (sources/content_digest.py).
+
+    Raises:
+        StatisticsError: the statistics were computed at other bytes (or by a version that did
+            not record them); nothing has been committed.
+    """
+    expected = record.model.content_sha256
+    if not isinstance(expected, str):
+        raise StatisticsError(
+            f"{stats_dir}/{STATS_RECORD_NAME} does not record the content digest of its model (an older perta-stream "
+            f"wrote it), so it cannot be checked against {flag} {location}; recompute the statistics with "
+            "`perta-stream stats`"
+        )
+    if actual != expected:
+        raise StatisticsError(
+            f"statistics {stats_dir} were computed at {record.model.location!r}, whose tensors differ from those of "
+            f"{flag} {location} (content sha256 {expected[:12]}… there, {actual[:12]}… here); nothing was "
+            f"committed: compute the statistics at this model (`perta-stream stats --model {location}`), or "
+            "pass --stats-at full or fgt if they were computed at that input"
+        )
