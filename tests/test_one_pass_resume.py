@@ -3,8 +3,8 @@
 As in tests/test_stats_resume.py, each interrupted run is the CLI in a child process with one
 method wrapped to SIGKILL the process at an exact point: after the n-th group is merged into
 the outputs (on the background thread, before or after a resume state claims it), after the n-th
-resume state is saved, after the n-th output shard is finished, or instead of the first rename
-into place. The children start together; each resume runs in this process and must give every
+resume state is saved, after the n-th output shard is finished (or renamed, before the output
+records it), or instead of the first rename into place. The children start together; each resume runs in this process and must give every
 output file of an uninterrupted run byte for byte (perta_merge.json apart from timings), keep
 the shards the killed run had finished (same inode and mtime), and leave no resume files.
 """
@@ -31,13 +31,15 @@ ALPHAS = "0.5,1"
 
 KILLER = killer_script(r"""
 from perta_stream.pipelines import group_merge
-from perta_stream.sinks import model_output, output_dir, stats_output
+from perta_stream.sinks import layered_output, model_output, output_dir, stats_output
 if point == "merged":
     die_after(group_merge.GroupMerger, "merge")
 elif point == "state-saved":
     die_after(stats_output.StatsOutput, "offer_state")
 elif point == "shard-finished":
     die_after(model_output.LocalModelOutput, "shard_finished")
+elif point == "shard-renamed":
+    die_after(layered_output._ShardInProgress, "finish")
 elif point == "commit":
     output_dir.AtomicOutputDir.commit = lambda self: die()
 """)
@@ -49,6 +51,7 @@ FINISHED_ONLY = "every output shard and statistic is on disk already"
 KILLS = {
     "tied-after-the-second-state": ("llama", "state-saved", 2, ("--checkpoint-interval", "0"), CONTINUED + " layer 0"),
     "tied-merged-past-the-last-state-spilled": ("llama", "merged", 2, ("--checkpoint-interval", "0", "--boundary-budget", "0"), CONTINUED + " layer 1"),
+    "tied-shard-renamed-before-its-record": ("llama", "shard-renamed", 1, ("--checkpoint-interval", "0"), CONTINUED + " layer 1"),
     "untied-shards-finished-no-state": ("qwen2", "shard-finished", 3, (), SWEPT_AGAIN),
     "untied-saving-stats-mid-backward": ("qwen2", "merged", 3, ("--checkpoint-interval", "0", "--save-stats", "{saved}"), CONTINUED + " layer 0"),
     "tied-before-the-final-rename": ("llama", "commit", 0, ("--checkpoint-interval", "0"), FINISHED_ONLY),

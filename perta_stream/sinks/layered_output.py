@@ -153,11 +153,23 @@ class LayeredModelOutput:
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finish")
         self._finishing: dict[str, Future[ShardRecord]] = {}
         # Tensors an interrupted run recorded, in files still intact (a damaged file is redone).
+        progress = {name: tensors for name, tensors in self._read_progress().items() if name in self._layout}
+        self._reclaim_unrecorded_finishes(progress)
         self._kept = {
-            name: tensors
-            for name, tensors in self._read_progress().items()
-            if name in self._layout and _ShardInProgress(self.output.partial / name, self._layout[name], open_file=False).intact()
+            name: tensors for name, tensors in progress.items() if _ShardInProgress(self.output.partial / name, self._layout[name], open_file=False).intact()
         }
+
+    def _reclaim_unrecorded_finishes(self, progress: Mapping[str, Sequence[str]]) -> None:
+        """A run killed between a shard's rename and the output's record of it left the shard
+        under its final name, unrecorded: it goes back to its name in progress, where the
+        progress record's tensors are checked and kept like any other (only this run's partial
+        folder is touched, and only files the progress record names)."""
+        finished = self.output.finished_shards()
+        for name in progress:
+            final_path = self.output.partial / name
+            in_progress = final_path.with_name(final_path.name + IN_PROGRESS_SUFFIX)
+            if name not in finished and final_path.is_file() and not final_path.is_symlink() and not in_progress.exists():
+                os.replace(final_path, in_progress)
 
     @property
     def _record_path(self) -> Path:
