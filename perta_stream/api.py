@@ -11,12 +11,11 @@ the flags and the keywords come from the same metadata on the config's fields
 drift apart: a keyword the command does not have is an error that names the closest one. Values
 may be given as the flag's text (`"0.5,1"`, `"2G"`) or as Python values (`[0.5, 1]`, paths).
 `max_memory` is what the call may add to the memory the process already holds (a notebook has
-loaded other things before).
+loaded other things before), as `--max-memory` is on the command line.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -39,14 +38,9 @@ def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.P
             subclasses: as the command line reports them.
     """
     from perta_stream.config.merge import MergeConfig
-    from perta_stream.memory import current_rss_bytes
     from perta_stream.pipelines.merge import run_merge
 
-    given = _options(MergeConfig, dict(theta0=theta0, full=full, fgt=fgt, out=out, **options))
-    config = MergeConfig.from_options(given)
-    if given.get("max_memory") is not None:
-        config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
-    return run_merge(config)
+    return run_merge(MergeConfig.from_options(_options(MergeConfig, dict(theta0=theta0, full=full, fgt=fgt, out=out, **options))))
 
 
 def stats(*, model: str | os.PathLike, forget: str | os.PathLike, retain: str | os.PathLike, **options: Any) -> Any:

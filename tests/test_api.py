@@ -65,16 +65,21 @@ def test_api_keywords_are_the_flags_and_mistakes_name_the_closest(triplet, tmp_p
         ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", method="grad")
 
 
-def test_api_memory_budget_is_what_the_call_adds(triplet, tmp_path, monkeypatch):
+def test_api_memory_budget_means_what_the_flag_means(triplet, tmp_path, monkeypatch):
+    """`max_memory` and `--max-memory` give the same config: the budget the merge adds to the
+    process (measured at its start by the pipeline, tests/test_merge_memory.py)."""
     import perta_stream as ps
     from perta_stream.pipelines import merge as merge_pipeline
 
-    seen = {}
-    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.setdefault("config", config))
-    monkeypatch.setattr("perta_stream.memory.current_rss_bytes", lambda: 3 * 2**30)
+    seen = []
+    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.append(config) or config)
     theta0, full, fgt = triplet
     ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", max_memory="2G")
-    assert seen["config"].max_memory_bytes == 3 * 2**30 + 2 * 2**30
+    from perta_stream.cli import parse_arguments
+    from perta_stream.config.merge import MergeConfig
+
+    from_cli = MergeConfig.from_cli(parse_arguments(merge_args(theta0, full, fgt, tmp_path / "o", "--max-memory", "2G")))
+    assert seen[0] == from_cli and from_cli.max_memory_bytes == 2 * 2**30
 
 
 def test_every_command_reads_a_yaml_config_and_flags_win(triplet, tmp_path, capsys):

@@ -31,9 +31,8 @@ CONFIG_COMMAND_PREFIX = "# perta-stream unlearn --config "
 @dataclass(frozen=True)
 class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     """What `run_unlearn` does: the statistics options (`StatsOptions`), the merge options
-    (`MergeOptions`, `max_memory_bytes` being what the merge may add to the process's resident
-    memory when it starts, as statistics may have run in the same process), the options of a
-    Hub output (`HubPushOptions`), and these.
+    (`MergeOptions`; `max_memory_bytes` is what the merge may add to the process's resident
+    memory when it starts, as for `merge`), the options of a Hub output (`HubPushOptions`), and these.
 
     Attributes:
         method: tv, uniform, grad or fisher.
@@ -135,7 +134,6 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
         """The `MergeConfig` of this run's merge of `method` at `alphas` into `out`, its statistics
         in `stats` (None for tv and uniform)."""
         from perta_stream.config.merge import MergeConfig
-        from perta_stream.memory import current_rss_bytes
 
         return MergeConfig(
             **{
@@ -143,9 +141,6 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
                 **field_values(self, HubPushOptions),
                 "alphas": alphas,
                 "tau": self.tau if method in STATS_METHODS else None,
-                # Statistics may have run in this process (torch, the tokenizer); the budget is what the
-                # merge may add on top of what the process holds when it starts.
-                "max_memory_bytes": current_rss_bytes() + self.max_memory_bytes,
                 "out": out,
             },
             method=method,

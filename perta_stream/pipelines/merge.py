@@ -12,7 +12,7 @@ from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
 from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError, WriteError
-from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
+from perta_stream.memory import MemoryBaseline, RssWatchdog, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge
 from perta_stream.progress import progress
 from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
@@ -38,6 +38,9 @@ class MergeResult:
         plan_text: the printed plan of a dry run, else None.
         elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
         copied_tensors: tensors copied from theta_full rather than merged.
+        baseline_rss_bytes: the process's RSS when the merge started (what --max-memory adds to).
+        added_peak_rss_bytes: what the merge added to it at its peak.
+        kept_shards: shards a resumed run found finished and kept (verified by their sha256).
     """
 
     outputs: tuple[str, ...]
@@ -47,6 +50,9 @@ class MergeResult:
     bytes_written: int
     peak_rss_bytes: int
     copied_tensors: tuple[str, ...]
+    baseline_rss_bytes: int = 0
+    added_peak_rss_bytes: int = 0
+    kept_shards: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -54,11 +60,17 @@ class MergeResult:
 
     def summary(self) -> str:
         where = ", ".join(self.outputs)
+        resumed = f"resumed: kept {len(self.kept_shards)} finished shard(s) ({_shard_list(self.kept_shards)}); " if self.kept_shards else ""
         return (
-            f"merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
+            f"{resumed}merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
             f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
-            f"peak RSS {format_bytes(self.peak_rss_bytes)}"
+            f"peak RSS {format_bytes(self.peak_rss_bytes)} ({format_bytes(self.added_peak_rss_bytes)} above the "
+            f"{format_bytes(self.baseline_rss_bytes)} at the start)"
         )
+
+
+def _shard_list(names: tuple[str, ...]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])}, ... {names[-1]}"
 
 
 def run_merge(config: MergeConfig) -> MergeResult:
@@ -72,6 +84,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before measuring the baseline RSS the buffers add to)
 
+    # --max-memory is what this merge may add to the memory the process holds now.
+    baseline = MemoryBaseline()
     inputs, sources, problems = _open_inputs(config)
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
@@ -90,7 +104,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         max_shard_bytes=config.max_shard_bytes,
         max_memory_bytes=config.max_memory_bytes,
         chunk_bytes=config.chunk_bytes,
-        baseline_rss_bytes=current_rss_bytes(),
+        baseline_rss_bytes=baseline.baseline_rss_bytes,
         problems=problems,
     )
     try:
@@ -98,11 +112,11 @@ def run_merge(config: MergeConfig) -> MergeResult:
             # Two statistics roles of one directory can report the same thing; say it once.
             raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
-            return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), ())
+            return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), (), baseline.baseline_rss_bytes)
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
         with distributed(device_type="cpu") as dist:
-            return _execute(config, plan, sources, started, dist)
+            return _execute(config, plan, sources, started, dist, baseline)
     finally:
         for source in sources.values():
             source.close()
@@ -169,19 +183,27 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
     return {shard.file_name for shard, owner in zip(remaining, owners) if owner != dist.rank}
 
 
-def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext) -> MergeResult:
+def _execute(
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, baseline: MemoryBaseline
+) -> MergeResult:
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
     try:
-        return _merge_into(config, plan, sources, started, dist, outputs)
+        return _merge_into(config, plan, sources, started, dist, outputs, baseline)
     finally:
         for output in outputs:
             output.close()
 
 
 def _merge_into(
-    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, outputs: list[ModelOutput]
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    started: float,
+    dist: DistContext,
+    outputs: list[ModelOutput],
+    baseline: MemoryBaseline,
 ) -> MergeResult:
     """Open (or resume) the outputs, stream every shard into them, and finalize them."""
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -212,8 +234,11 @@ def _merge_into(
     if dist.is_distributed:
         logger.info("rank %d of %d writes %d of %d shards", dist.rank, dist.world_size, len(plan.shards) - len(skip_shards), len(plan.shards))
     desc = f"merge [rank {dist.rank}]" if dist.is_distributed else "merge"
+    sampled_peak_bytes = 0
     if failure is None:
-        with progress(total=remaining_bytes, desc=desc) as bar, RssWatchdog(config.max_memory_bytes) as watchdog:
+        with progress(total=remaining_bytes, desc=desc) as bar, RssWatchdog(
+            plan.max_memory_bytes, baseline_bytes=plan.baseline_rss_bytes
+        ) as watchdog:
             try:
                 run_stream(
                     plan,
@@ -232,6 +257,7 @@ def _merge_into(
                 if not dist.is_distributed or not isinstance(exc, Exception):
                     raise
                 failure = exc
+        sampled_peak_bytes = watchdog.sampled_peak_bytes
     _collect_shards(outputs, failure, dist, hasher)
     elapsed_s = time.perf_counter() - started
     locations: list[str] | str = []
@@ -241,7 +267,8 @@ def _merge_into(
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
+                memory = memory_record(baseline, sampled_peak_bytes)
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, memory))
         except Exception as exc:
             if not dist.is_distributed:
                 raise
@@ -260,7 +287,16 @@ def _merge_into(
         bytes_written=sum(s.nbytes for s in plan.shards if s.file_name not in skip_shards) * len(outputs) if dist.is_distributed else plan.bytes_to_write,
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
+        baseline_rss_bytes=baseline.baseline_rss_bytes,
+        added_peak_rss_bytes=baseline.added_peak_bytes(sampled_peak_bytes),
+        kept_shards=tuple(shard.file_name for shard in plan.shards if shard.file_name in done),
     )
+
+
+def memory_record(baseline: MemoryBaseline, sampled_peak_bytes: int = 0) -> dict[str, int]:
+    """The run record's memory fields besides the whole process's peak: where the run started,
+    and what it added (the quantity --max-memory bounds)."""
+    return {"baseline_rss_bytes": baseline.baseline_rss_bytes, "added_peak_rss_bytes": baseline.added_peak_bytes(sampled_peak_bytes)}
 
 
 def _open_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistContext) -> list[dict[str, ShardRecord]]:

@@ -207,7 +207,7 @@ def _plan(
         out_dirs=tuple(folders),
         out_dtype=config.out_dtype,
         max_shard_bytes=config.max_shard_bytes,
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        max_memory_bytes=config.max_memory_bytes,
         # Small chunks: the merge step's buffers add to the sweep's memory, and the kernel works
         # in cache-sized blocks anyway (a larger chunk only saves read calls).
         chunk_bytes=MERGE_CHUNK_BYTES,

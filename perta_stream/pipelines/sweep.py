@@ -26,7 +26,7 @@ from perta_stream.config.eval import EvalOptions
 from perta_stream.config.options import field_values
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
 from perta_stream.errors import OutputExistsError
-from perta_stream.memory import current_rss_bytes, peak_rss_bytes
+from perta_stream.memory import peak_rss_bytes
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
 from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, format_markdown_table, row_label, sort_rows, write_sweep_report
@@ -184,9 +184,8 @@ def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
         tau=config.tau if method in STATS_METHODS else None,
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,
-        # The sweep process already holds torch and the evaluation's allocations; the budget is
-        # what the merge may add on top of them.
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        # What the merge may add to what the sweep process holds (torch, the evaluations' allocations).
+        max_memory_bytes=config.max_memory_bytes,
     )
 
 
