@@ -81,6 +81,10 @@ def _print_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_stage(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.eval import run_eval
 
@@ -94,7 +98,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_finetune(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.finetune import run_finetune
 
-    result = run_finetune(FinetuneConfig.from_cli(args))
+    result = run_finetune(FinetuneConfig.from_cli(args), on_stage=None if args.quiet else _print_stage)
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
     return EXIT_OK

@@ -174,3 +174,64 @@ def test_dns_failures_are_not_retried():
 def test_python_dash_m_is_the_command_line():
     run = subprocess.run([sys.executable, "-m", "perta_stream", "--version"], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("perta-stream ")
+
+
+def test_the_package_lists_its_api_names():
+    import perta_stream as ps
+
+    assert {"merge", "stats", "unlearn", "evaluate", "sweep", "finetune"} <= set(ps.__all__)
+    assert set(ps.__all__) <= set(dir(ps))
+    assert all(callable(getattr(ps, name)) for name in ps.__all__ if name != "__version__")
+
+
+_API_CONFIGS = {
+    "merge": "perta_stream.config.merge:MergeConfig",
+    "stats": "perta_stream.config.stats:StatsConfig",
+    "unlearn": "perta_stream.config.unlearn:UnlearnConfig",
+    "evaluate": "perta_stream.config.eval:EvalConfig",
+    "sweep": "perta_stream.config.sweep:SweepConfig",
+    "finetune": "perta_stream.config.finetune:FinetuneConfig",
+}
+
+
+def _mistyped(word: str) -> str:
+    """The word with its last two letters swapped (`alhpa`-like typos)."""
+    return word[:-2] + word[-1] + word[-2]
+
+
+@pytest.mark.parametrize("function", sorted(_API_CONFIGS))
+def test_every_mistyped_keyword_gets_the_right_suggestion(function, tmp_path):
+    import importlib
+
+    import perta_stream as ps
+    from perta_stream.config.options import COMMON_KEYWORDS, options_of
+    from perta_stream.errors import PertaStreamError
+
+    module, name = _API_CONFIGS[function].split(":")
+    config = getattr(importlib.import_module(module), name)
+    keywords = {meta.keywords()[0] for meta in options_of(config).values()} | set(COMMON_KEYWORDS)
+    required = {"merge": ("theta0", "full", "fgt", "out"), "stats": ("model", "forget", "retain"), "evaluate": ("model", "out"), "finetune": ("model", "data", "out")}
+    given = {key: str(tmp_path / key) for key in required.get(function, ())}
+    for keyword in sorted(keywords):
+        typo = _mistyped(keyword)
+        if typo == keyword or typo in keywords:
+            continue
+        with pytest.raises(PertaStreamError) as caught:
+            getattr(ps, function)(**given, **{typo: "1"})
+        assert f"unknown option {typo!r}; did you mean {keyword!r}?" in str(caught.value), (function, keyword)
+
+
+def test_quiet_is_a_keyword_of_every_call_and_verbose_says_where_it_went(triplet, tmp_path, monkeypatch):
+    import perta_stream as ps
+    from perta_stream.errors import PertaStreamError
+    from perta_stream.pipelines import merge as merge_pipeline
+    from perta_stream.progress import progress_enabled_by_caller
+
+    seen = []
+    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.append(progress_enabled_by_caller()))
+    theta0, full, fgt = triplet
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", quiet=True)
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o")
+    assert seen == [False, True] and progress_enabled_by_caller()
+    with pytest.raises(PertaStreamError, match="configure logging"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", verbose=True)

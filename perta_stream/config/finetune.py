@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs
-from perta_stream.config.options import from_options, option, options_from_cli
+from perta_stream.config.options import from_options, integer, option, options_from_cli
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
-
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class FinetuneConfig:
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         system_prompt: an optional system prompt for chat-template models.
         max_grad_norm: gradient clipping by global norm; 0 switches it off.
+        max_steps: stop after this many optimizer steps (the schedule spans them); None trains
+            `epochs` full passes.
     """
 
     model: str = option(help="checkpoint directory to start from (model and tokenizer)")
@@ -52,6 +54,7 @@ class FinetuneConfig:
     device: str = option("auto", help=f"{DEVICE_HELP} (default auto)")
     system_prompt: str | None = option(None, help="system prompt for models with a chat template")
     max_grad_norm: float = option(1.0, help="gradient clipping by global norm, 0 = off (default 1)")
+    max_steps: int | None = option(None, parse=integer, help="stop after this many optimizer steps (default: --epochs full passes)")
 
     def __post_init__(self) -> None:
         normalize_inputs(self, "model")
@@ -82,6 +85,8 @@ class FinetuneConfig:
             problems.append(f"--weight-decay must be non-negative, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be non-negative (0 = off), got {self.max_grad_norm}")
         if not self.question_key or not self.answer_key:
@@ -93,7 +98,12 @@ class FinetuneConfig:
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "FinetuneConfig":
         """Build from parsed `perta-stream finetune` arguments (and its --config file)."""
-        return from_options(cls, options_from_cli(args, cls), title="invalid finetune options")
+        return cls.from_options(options_from_cli(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "FinetuneConfig":
+        """Build from options named as the flags (YAML keys, API keywords); every problem at once."""
+        return from_options(cls, options, title="invalid finetune options")
 
     def to_dict(self) -> dict:
         """The resolved options, as saved into the output's `perta_finetune.json`."""
@@ -113,4 +123,5 @@ class FinetuneConfig:
             "device": self.device,
             "system_prompt": self.system_prompt,
             "max_grad_norm": self.max_grad_norm,
+            "max_steps": self.max_steps,
         }

@@ -65,13 +65,15 @@ class StatsResult:
     boundary_peak_ram_bytes: int = 0
     boundary_peak_disk_bytes: int = 0
     boundary_spilled: int = 0
+    resumed: str | None = None
 
     def summary(self) -> str:
         if self.out is None or self.record is None:
             return self.plan_text or ""
         losses = "".join(f", {name} loss {value:.4f}" for name, value in self.mean_loss.items()).removeprefix(", ")
         return (
-            f"wrote statistics ({','.join(self.record.kinds)}) to {self.out}{': ' if losses else ''}{losses}; "
+            (f"resumed: {self.resumed}; " if self.resumed else "")
+            + f"wrote statistics ({','.join(self.record.kinds)}) to {self.out}{': ' if losses else ''}{losses}; "
             f"{self.record.elapsed_s:.1f} s, peak RSS {format_bytes(self.record.peak_rss_bytes or 0)}"
         )
 
@@ -150,9 +152,11 @@ def _compute(
         # resume state stay for --resume (the boundary spill directory is deleted on the way out).
         store = open_store(config, checkpoint, shape, output, resumed)
         start = resume_start(resumed, store, shape)
+        kept = None
         if resumed.finished:
-            where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
-            logger.info("resuming %s: %d shards kept, %s", output.partial, len(resumed.finished), where)
+            where = "nothing left to compute" if store.complete else "continued from " + ("the start" if start is None else f"the state saved at {start.position}")
+            kept = f"kept {len(resumed.finished)} finished shard(s) of {output.partial} (sha256 verified), {where}"
+            logger.info("resuming: %s", kept)
         BoundaryStore.remove_leftovers(output.partial)  # a killed run's spill files; never part of an output
         report = EngineReport(mean_loss=dict(resumed.mean_loss))
         hasher = TensorHasher()
@@ -162,10 +166,10 @@ def _compute(
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
-        return _result(plan, out, record, report)
+        return _result(plan, out, record, report, kept)
 
 
-def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport) -> StatsResult:
+def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport, resumed: str | None = None) -> StatsResult:
     """The result of a finished sweep: where it was written, and what the engine's report saw."""
     return StatsResult(
         plan=plan,
@@ -175,6 +179,7 @@ def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineRepor
         boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
         boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
         boundary_spilled=report.boundary_spilled,
+        resumed=resumed,
     )
 
 
