@@ -229,6 +229,7 @@ def test_quiet_is_a_keyword_of_every_call_and_verbose_says_where_it_went(triplet
 
     seen = []
     monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.append(progress_enabled_by_caller()))
+    monkeypatch.setattr("perta_stream.progress._enabled_by_caller", True)  # whatever an earlier `main(-q)` left
     theta0, full, fgt = triplet
     ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", quiet=True)
     ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o")
