@@ -137,7 +137,11 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _run_unlearn(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.unlearn import run_unlearn
 
-    return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
+    result = run_unlearn(UnlearnConfig.from_cli(args), on_stage=None if args.quiet else _print_stage)
+    _print_result(result, args)
+    if result.eval_table is not None:
+        print(result.eval_table, end="")
+    return EXIT_OK
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -402,7 +406,7 @@ _EXAMPLES = {
     "finetune": "perta-stream finetune --model base/ --data forget.jsonl --out forget_model/ --epochs 5 --lr 1e-5",
     "verify": "perta-stream verify clean/ --finite",
     "stats": "perta-stream stats --model base/ --forget forget.jsonl --retain retain.jsonl --out stats/",
-    "unlearn": "perta-stream unlearn --config configs/demo_fisher.yaml",
+    "unlearn": "perta-stream unlearn --model mine/ --forget forget.jsonl --retain retain.jsonl --out clean/",
     "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
     "demo": "perta-stream demo",
     "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",

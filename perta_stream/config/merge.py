@@ -88,10 +88,12 @@ class MergeOptions:
         allow_nonfinite: merge NaN and infinite input values through instead of stopping.
     """
 
-    theta0: str = option(help="the original model (directory, hf://org/name[@rev] or a Hub id)")
-    full: str = option(help="the model to clean (fine-tuned on forget + retain)")
-    fgt: str = option(help="the model fine-tuned on the forget set only")
-    out: str = option(help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
+    # Required, but checked with every other option (`required_problems`), so that a call or a
+    # --config file lacking one hears of every problem at once (and `unlearn --model` needs none).
+    theta0: str = option(None, help="the original model (directory, hf://org/name[@rev] or a Hub id)")
+    full: str = option(None, help="the model to clean (fine-tuned on forget + retain)")
+    fgt: str = option(None, help="the model fine-tuned on the forget set only")
+    out: str = option(None, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
     alphas: tuple[float, ...] = option(
         (1.0,), flags=("--alpha", "--alphas"), parse=numbers, help="scale(s) of the task vector, e.g. 0.5,1,2: one pass, one output each (default 1)"
     )
@@ -107,6 +109,9 @@ class MergeOptions:
         help="memory the merge may add to what the process holds when it starts (default 512MiB, or $PERTA_MAX_MEMORY)",
     )
     allow_nonfinite: bool = option(False, help="merge NaN and infinite input values through instead of stopping")
+
+    def required_problems(self, names: tuple[str, ...] = ("theta0", "full", "fgt", "out")) -> list[str]:
+        return [f"--{name} is required (give it as a flag, a --config key or a Python keyword)" for name in names if not getattr(self, name)]
 
     def merge_option_problems(self) -> list[str]:
         return arithmetic_problems(self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha")
@@ -208,7 +213,9 @@ class MergeConfig(MergeOptions, HubPushOptions):
 
     def problems(self) -> list[str]:
         """Every inconsistency among the options (empty when the config is usable)."""
-        found: list[str] = []
+        found: list[str] = self.required_problems()
+        if found:
+            return found + self.merge_option_problems()  # the other checks read the locations
         if self.method not in METHODS:
             found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.method in ("grad", "fisher") and not self.stats:

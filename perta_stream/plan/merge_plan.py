@@ -200,6 +200,9 @@ def plan_merge(
     else:
         chunk_elements = min(MAX_CHUNK_ELEMENTS, max(0, available) // per_element)
         chunk_elements -= chunk_elements % 4096
+        # No buffer larger than the largest tensor: a small model's merge holds (and reports) little.
+        largest = max((task.numel for task in tasks_by_name.values()), default=0)
+        chunk_elements = min(chunk_elements, max(MIN_CHUNK_ELEMENTS, -(-largest // 4096) * 4096))
     added = RUNTIME_MARGIN_BYTES + chunk_elements * per_element
     if chunk_elements < MIN_CHUNK_ELEMENTS and chunk_bytes is None:
         problems.append(
