@@ -48,7 +48,8 @@ class MemoryBaseline:
     The added peak is exact when the run set a new high-water mark (VmHWM rose past the one it
     started with): that mark minus the baseline. When the process had peaked higher before the
     run (a notebook that freed a large tensor), the kernel's mark says nothing about the run, and
-    the highest RSS the watchdog sampled stands in for it.
+    the highest RSS the watchdog sampled (or the RSS now, when a short run was never sampled)
+    stands in for it.
     """
 
     def __init__(self) -> None:
@@ -57,7 +58,7 @@ class MemoryBaseline:
 
     def added_peak_bytes(self, sampled_peak_bytes: int = 0) -> int:
         high_water = peak_rss_bytes()
-        peak = high_water if high_water > self._high_water_at_start else sampled_peak_bytes
+        peak = high_water if high_water > self._high_water_at_start else max(sampled_peak_bytes, current_rss_bytes())
         return max(0, peak - self.baseline_rss_bytes)
 
 
