@@ -112,7 +112,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
             # Two statistics roles of one directory can report the same thing; say it once.
             raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
-            return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), (), baseline.baseline_rss_bytes)
+            text = f"{describe_plan(plan)}\n{_wall_time_line(plan)}"
+            return MergeResult((), text, time.perf_counter() - started, 0, 0, peak_rss_bytes(), (), baseline.baseline_rss_bytes)
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
         with distributed(device_type="cpu") as dist:
@@ -120,6 +121,15 @@ def run_merge(config: MergeConfig) -> MergeResult:
     finally:
         for source in sources.values():
             source.close()
+
+
+def _wall_time_line(plan: MergePlan) -> str:
+    """The merge's wall time at this machine's measured disk speeds (pipelines/dry_run_time.py)."""
+    from perta_stream.pipelines.dry_run_time import checkpoint_files, measure, merge_line
+
+    files = [path for c in plan.inputs.values() for path in checkpoint_files(c.location, [shard.file_name for shard in c.shards])]
+    speed = measure(device="cpu", dtype_name="float32", num_parameters=0, num_layers=1, read_paths=files, write_to=plan.out_dirs[0])
+    return merge_line(plan, speed)
 
 
 def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str]]:

@@ -50,7 +50,7 @@ from perta_stream.plan.one_pass_plan import (
     one_pass_outputs,
     theta0_loaded_bytes,
 )
-from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
+from perta_stream.pipelines.stats_steps import PreparedSweep, model_config_path, prepare_sweep
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
@@ -299,8 +299,9 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
     from perta_stream.pipelines.stats import config_only_plan
 
     stats_plan = config_only_plan(stats_config).plan
-    shape_config = json.loads(_config_path(stats_config.model).read_text(encoding="utf-8"))
-    shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
+    config_path = model_config_path(stats_config.model)
+    shape_config = json.loads(config_path.read_text(encoding="utf-8"))
+    shape = ModelShape.from_config(shape_config, where=str(config_path))
     numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
     model_bytes = numel * shape.weight_dtype_bytes
     chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
@@ -319,11 +320,6 @@ def _config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) ->
         merge_buffers=(chunk_elements, [shape.weight_dtype_bytes] * 3, shape.weight_dtype_bytes, shape.tensor_shapes(), compute_dtype_bytes),
     )
     return comparison, stats_plan
-
-
-def _config_path(model: str) -> Path:
-    path = Path(model)
-    return path / "config.json" if path.is_dir() else path
 
 
 # ---------------------------------------------------------------- the sweep

@@ -38,6 +38,7 @@ from perta_stream.pipelines.stats_steps import (
     sweep_other_rank,
 )
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan
+from perta_stream.pipelines.dry_run_time import checkpoint_files
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
@@ -112,7 +113,8 @@ def run_stats(config: StatsConfig) -> StatsResult:
             AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         prepared = prepare_sweep(config, checkpoint, shape)
         if config.dry_run:
-            return StatsResult(plan=prepared.plan, plan_text=prepared.plan.to_text())
+            files = checkpoint_files(checkpoint.location, [shard.file_name for shard in checkpoint.shards])
+            return StatsResult(plan=prepared.plan, plan_text=with_wall_time(prepared.plan, prepared.device, prepared.compute_dtype, files, config.out))
         logger.info("%s", prepared.plan.to_text())
         # Under torchrun / accelerate launch: one process per GPU, the samples split across them.
         with distributed(device_type=prepared.device) as dist:
@@ -184,6 +186,22 @@ def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineRepor
 
 
 def config_only_plan(config: StatsConfig) -> StatsResult:
-    """The plan of a run from the model's config.json alone (`--config-only`)."""
+    """The plan of a run from the model's config.json alone (`--config-only`; a Hub model's
+    config.json is fetched, nothing else), with its wall time on this machine."""
+    import torch
+
     plan = plan_from_config(config)
-    return StatsResult(plan=plan, plan_text=plan.to_text())
+    # The plan is for a GPU unless --device cpu; a machine without one measures its CPU and says so.
+    device = plan.device if plan.device == "cpu" or torch.cuda.is_available() else "cpu"
+    text = with_wall_time(plan, device, config.compute_dtype_on(device), [], config.out)
+    if device != plan.device:
+        text += " [no GPU here: the compute time is this CPU's, a GPU's is far shorter; plan with --device cpu to match]"
+    return StatsResult(plan=plan, plan_text=text)
+
+
+def with_wall_time(plan: StatsPlan, device: str, compute_dtype: str, read_paths: list, out: str | None) -> str:
+    """The plan's text and its wall time at this machine's measured speed (dry_run_time.py)."""
+    from perta_stream.pipelines.dry_run_time import measure, stats_line
+
+    speed = measure(device=device, dtype_name=compute_dtype, num_parameters=plan.num_parameters, num_layers=plan.num_layers, read_paths=read_paths, write_to=out)
+    return f"{plan.to_text()}\n{stats_line(plan, speed)}"

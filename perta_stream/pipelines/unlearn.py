@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import StatisticsError
 from perta_stream.sources.stats_dir import StatsRecord
@@ -27,6 +28,7 @@ from perta_stream.sources.stats_dir import StatsRecord
 __all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
 
 logger = logging.getLogger(__name__)
+FINETUNE_BATCH_SIZE = FinetuneConfig.__dataclass_fields__["batch_size"].default
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,14 @@ def _with_forget_model(config: UnlearnConfig, say: Callable[[str], None]) -> tup
         forget_model, plan = None, f"theta_fgt: fine-tune {config.model} on {config.forget} into {work.path}/fgt-... (named once the model is read)"
     else:
         forget_model, plan = make_forget_model(forget_model_config(config, work, digest), on_stage=say, dry_run=config.dry_run)
+    if config.dry_run and (forget_model is None or not forget_model.reused):
+        from perta_stream.pipelines.dry_run_time import forget_model_wall_time
+        from perta_stream.sources.encoded_data import estimated_lengths
+
+        lengths = estimated_lengths(replace(config, fraction=1.0), str(config.forget))
+        plan += "\n" + forget_model_wall_time(
+            config.model, lengths, epochs=config.epochs, max_steps=config.max_steps, batch_size=FINETUNE_BATCH_SIZE, device=config.device, write_to=str(work.path / "x")
+        )
     # A dry run plans the merge with the model itself as θ_fgt: a full fine-tune keeps its tensors' names, shapes and dtypes.
     fgt = forget_model.path if forget_model is not None and (forget_model.reused or not config.dry_run) else config.model
     resolved = replace(config, model=None, theta0=config.model, full=config.model, fgt=fgt, evaluate=config.wants_eval(True), work_dir=str(work.path))
@@ -243,7 +253,9 @@ def _stats_then_merge(config: UnlearnConfig, say: Callable[[str], None]) -> Unle
         stats_dir = _stats_dir(config)
         stats_started = time.perf_counter()
         if stats_dir is None:
-            plans.append("stats: into the work folder, named by the model's content digest (known once the model is read)")
+            unnamed = str(config.work_folder_path / "stats-...")
+            plans.append(f"stats: compute into {unnamed} (named by the model's content digest, known once the model is read)")
+            plans.append(_run_stats(config, unnamed, overwrite=False).plan_text or "")
         else:
             if not config.dry_run:
                 say(f"[unlearn] statistics: {stats_dir}")
