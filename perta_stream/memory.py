@@ -56,6 +56,11 @@ class MemoryBaseline:
         self.baseline_rss_bytes = current_rss_bytes()
         self._high_water_at_start = peak_rss_bytes()
 
+    def record(self, sampled_peak_bytes: int = 0) -> dict[str, int]:
+        """A run record's memory fields besides the whole process's peak: where the run started,
+        and what it added (the quantity --max-memory bounds)."""
+        return {"baseline_rss_bytes": self.baseline_rss_bytes, "added_peak_rss_bytes": self.added_peak_bytes(sampled_peak_bytes)}
+
     def added_peak_bytes(self, sampled_peak_bytes: int = 0) -> int:
         high_water = peak_rss_bytes()
         peak = high_water if high_water > self._high_water_at_start else max(sampled_peak_bytes, current_rss_bytes())

@@ -48,6 +48,13 @@ def merge_line(plan: MergePlan, speed: MachineSpeed) -> str:
     return f"  wall time: {estimate.describe(speed.describe())}"
 
 
+def merge_wall_time(plan: MergePlan) -> str:
+    """A merge's wall time at this machine's measured disk speeds (no compute probe: a merge is I/O)."""
+    files = [path for c in plan.inputs.values() for path in checkpoint_files(c.location, [shard.file_name for shard in c.shards])]
+    speed = measure(device="cpu", dtype_name="float32", num_parameters=0, num_layers=1, read_paths=files, write_to=plan.out_dirs[0])
+    return merge_line(plan, speed)
+
+
 def finetune_line(num_parameters: int, tokens_per_epoch: int, epochs: float, model_bytes: int, speed: MachineSpeed) -> str:
     estimate = estimate_wall_time(
         flops=training_flops(num_parameters, tokens_per_epoch, epochs),

@@ -38,8 +38,7 @@ class MergeResult:
         plan_text: the printed plan of a dry run, else None.
         elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
         copied_tensors: tensors copied from theta_full rather than merged.
-        baseline_rss_bytes: the process's RSS when the merge started (what --max-memory adds to).
-        added_peak_rss_bytes: what the merge added to it at its peak.
+        baseline_rss_bytes, added_peak_rss_bytes: the RSS when the merge started, and what it added at its peak.
         kept_shards: shards a resumed run found finished and kept (verified by their sha256).
     """
 
@@ -60,7 +59,7 @@ class MergeResult:
 
     def summary(self) -> str:
         where = ", ".join(self.outputs)
-        resumed = f"resumed: kept {len(self.kept_shards)} finished shard(s) ({_shard_list(self.kept_shards)}); " if self.kept_shards else ""
+        resumed = f"resumed: kept {len(self.kept_shards)} finished shard(s); " if self.kept_shards else ""
         return (
             f"{resumed}merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
             f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
@@ -68,9 +67,6 @@ class MergeResult:
             f"{format_bytes(self.baseline_rss_bytes)} at the start)"
         )
 
-
-def _shard_list(names: tuple[str, ...]) -> str:
-    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])}, ... {names[-1]}"
 
 
 def run_merge(config: MergeConfig) -> MergeResult:
@@ -112,7 +108,9 @@ def run_merge(config: MergeConfig) -> MergeResult:
             # Two statistics roles of one directory can report the same thing; say it once.
             raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
-            text = f"{describe_plan(plan)}\n{_wall_time_line(plan)}"
+            from perta_stream.pipelines.dry_run_time import merge_wall_time
+
+            text = f"{describe_plan(plan)}\n{merge_wall_time(plan)}"
             return MergeResult((), text, time.perf_counter() - started, 0, 0, peak_rss_bytes(), (), baseline.baseline_rss_bytes)
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
@@ -121,15 +119,6 @@ def run_merge(config: MergeConfig) -> MergeResult:
     finally:
         for source in sources.values():
             source.close()
-
-
-def _wall_time_line(plan: MergePlan) -> str:
-    """The merge's wall time at this machine's measured disk speeds (pipelines/dry_run_time.py)."""
-    from perta_stream.pipelines.dry_run_time import checkpoint_files, measure, merge_line
-
-    files = [path for c in plan.inputs.values() for path in checkpoint_files(c.location, [shard.file_name for shard in c.shards])]
-    speed = measure(device="cpu", dtype_name="float32", num_parameters=0, num_layers=1, read_paths=files, write_to=plan.out_dirs[0])
-    return merge_line(plan, speed)
 
 
 def _open_inputs(config: MergeConfig) -> tuple[dict[str, Checkpoint], dict[str, ByteSource], list[str]]:
@@ -193,9 +182,7 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
     return {shard.file_name for shard, owner in zip(remaining, owners) if owner != dist.rank}
 
 
-def _execute(
-    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, baseline: MemoryBaseline
-) -> MergeResult:
+def _execute(config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, baseline: MemoryBaseline) -> MergeResult:
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
@@ -207,13 +194,7 @@ def _execute(
 
 
 def _merge_into(
-    config: MergeConfig,
-    plan: MergePlan,
-    sources: dict[str, ByteSource],
-    started: float,
-    dist: DistContext,
-    outputs: list[ModelOutput],
-    baseline: MemoryBaseline,
+    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, outputs: list[ModelOutput], baseline: MemoryBaseline
 ) -> MergeResult:
     """Open (or resume) the outputs, stream every shard into them, and finalize them."""
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -246,9 +227,8 @@ def _merge_into(
     desc = f"merge [rank {dist.rank}]" if dist.is_distributed else "merge"
     sampled_peak_bytes = 0
     if failure is None:
-        with progress(total=remaining_bytes, desc=desc) as bar, RssWatchdog(
-            plan.max_memory_bytes, baseline_bytes=plan.baseline_rss_bytes
-        ) as watchdog:
+        watchdog = RssWatchdog(plan.max_memory_bytes, baseline_bytes=plan.baseline_rss_bytes)
+        with progress(total=remaining_bytes, desc=desc) as bar, watchdog:
             try:
                 run_stream(
                     plan,
@@ -277,7 +257,7 @@ def _merge_into(
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                memory = memory_record(baseline, sampled_peak_bytes)
+                memory = baseline.record(sampled_peak_bytes)
                 locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, memory))
         except Exception as exc:
             if not dist.is_distributed:
@@ -301,12 +281,6 @@ def _merge_into(
         added_peak_rss_bytes=baseline.added_peak_bytes(sampled_peak_bytes),
         kept_shards=tuple(shard.file_name for shard in plan.shards if shard.file_name in done),
     )
-
-
-def memory_record(baseline: MemoryBaseline, sampled_peak_bytes: int = 0) -> dict[str, int]:
-    """The run record's memory fields besides the whole process's peak: where the run started,
-    and what it added (the quantity --max-memory bounds)."""
-    return {"baseline_rss_bytes": baseline.baseline_rss_bytes, "added_peak_rss_bytes": baseline.added_peak_bytes(sampled_peak_bytes)}
 
 
 def _open_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistContext) -> list[dict[str, ShardRecord]]:
