@@ -124,9 +124,11 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
             text = "\n".join([prepared.plan.to_text(), describe_plan(plan), comparison.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
         logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
-        locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
+        kept: list[str] = []
+        locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started, kept)
     elapsed_s = time.perf_counter() - started
-    return UnlearnResult(tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True)
+    saved = False if config.save_stats else None
+    return UnlearnResult(tuple(locations), config.save_stats, saved, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True, resumed=tuple(kept))
 
 
 # ---------------------------------------------------------------- options and inputs
@@ -360,8 +362,10 @@ def _execute(
     prepared: dict[str, Any],
     outputs: tuple[tuple[str, float, str], ...],
     started: float,
+    kept_notes: list[str],
 ) -> list[str]:
-    """Open the outputs, sweep, finish every output; returns the output folders."""
+    """Open the outputs, sweep, finish every output; returns the output folders (and adds to
+    `kept_notes` what a resume kept of each)."""
     import torch
 
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -387,7 +391,7 @@ def _execute(
             fingerprints.append(fingerprint)
             kept = output.open(fingerprint)
             if kept:
-                logger.info("resuming %s: %d of %d shards kept", out_dir, len(kept), len(plan.shards))
+                kept_notes.append(f"{out_dir}: kept {len(kept)} of {len(plan.shards)} finished shard(s)")
             layered[(method, alpha)] = LayeredModelOutput(output, layout, fingerprint)
             stack.callback(layered[(method, alpha)].close)
         # Without --save-stats, the sweep's resume state and boundary spill live inside the
