@@ -14,7 +14,6 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, NoReturn
 
 from perta_stream import __version__
@@ -84,7 +83,8 @@ def _print_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_print_stage = partial(print, file=sys.stderr, flush=True)
+def _print_stage(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # sys.stderr as it is now (tests capture it)
 
 
 def _run_eval(args: argparse.Namespace) -> int:

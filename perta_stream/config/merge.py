@@ -111,7 +111,7 @@ class MergeOptions:
     allow_nonfinite: bool = option(False, help="merge NaN and infinite input values through instead of stopping")
 
     def required_problems(self, names: tuple[str, ...] = ("theta0", "full", "fgt", "out")) -> list[str]:
-        return [f"--{name} is required (give it as a flag, a --config key or a Python keyword)" for name in names if not getattr(self, name)]
+        return [f"--{name} is required (give it as a flag, a --config key or a Python keyword)" for name in names if getattr(self, name) is None]
 
     def merge_option_problems(self) -> list[str]:
         return arithmetic_problems(self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha")

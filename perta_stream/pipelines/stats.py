@@ -156,7 +156,7 @@ def _compute(
         start = resume_start(resumed, store, shape)
         kept = None
         if resumed.finished:
-            where = "nothing left to compute" if store.complete else "continued from " + ("the start" if start is None else f"the state saved at {start.position}")
+            where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
             kept = f"kept {len(resumed.finished)} finished shard(s) of {output.partial} (sha256 verified), {where}"
             logger.info("resuming: %s", kept)
         BoundaryStore.remove_leftovers(output.partial)  # a killed run's spill files; never part of an output
