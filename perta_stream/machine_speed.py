@@ -62,12 +62,12 @@ def measure_machine_speed(
 
 
 def matmul_flops_per_s(device: str, dtype_name: str, hidden_size: int) -> float:
-    """FLOP/s of [n, n] @ [n, n] products for MATMUL_SECONDS: n the hidden size, from 256 up to
-    1024 on a CPU (where larger products run at the same rate, and one 4096 product takes seconds)
-    and 4096 on a GPU (which needs large products to reach its rate)."""
+    """FLOP/s of [n, n] @ [n, n] products for MATMUL_SECONDS: n = 1024 on a CPU (a small model's
+    [tokens, hidden] @ [hidden, 4 hidden] products run near that rate, and a 4096 product alone
+    takes seconds) and the hidden size, 1024 to 4096, on a GPU (which needs large products)."""
     import torch
 
-    size = min(1024 if device == "cpu" else 4096, max(256, hidden_size))
+    size = 1024 if device == "cpu" else min(4096, max(1024, hidden_size))
     dtype = getattr(torch, dtype_name)
     left = torch.randn(size, size, device=device).to(dtype)
     right = torch.randn(size, size, device=device).to(dtype)

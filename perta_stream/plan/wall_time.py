@@ -3,11 +3,12 @@
 Pure: the speeds come from machine_speed.py. Each part is timed on its own and the parts are
 added (reading, computing and writing overlap in the engines, so the sum leans long):
 
-- compute: FLOPs / (measured matmul FLOP/s × the share of it the engine reaches). The statistics
-  engine forms per-sample gradients in blocks, runs attention and small batches: on this
-  project's CPU runs it reached STATS_MATMUL_SHARE of the plain matmul speed (docs/guides/your-model.md
-  gives the measurement); fine-tuning runs whole-model forward and backward passes and reaches
-  about TRAINING_MATMUL_SHARE;
+- compute: FLOPs / (measured matmul FLOP/s × the share of it the engine reaches). The shares are
+  measured (docs/guides/your-model.md): SmolLM2-135M on this project's 2-core CPU, 1024² float32
+  matmuls at 180-200 GFLOP/s; the statistics (3.03 TFLOP as the plan counts them) took about 21 s
+  of compute, STATS_MATMUL_SHARE; θ_fgt's fine-tuning (6 FLOPs per parameter and token, the tokens
+  estimated from characters) about 52 s for 1.89 TFLOP, TRAINING_MATMUL_SHARE (small batches,
+  AdamW's per-parameter updates);
 - read and write: bytes / the measured disk speeds (omitted where a speed was not measured, and said).
 """
 
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 
 from perta_stream.durations import format_duration
 
-STATS_MATMUL_SHARE = 0.25
-TRAINING_MATMUL_SHARE = 0.35
+STATS_MATMUL_SHARE = 0.6
+TRAINING_MATMUL_SHARE = 0.2
 # Forward and backward of a dense decoder: about 6 FLOPs per parameter and token.
 TRAINING_FLOPS_PER_PARAMETER_TOKEN = 6.0
 
