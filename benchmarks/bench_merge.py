@@ -177,6 +177,10 @@ def perta_merge(paths: dict[str, Path], out: Path, *, method: str, alphas: str) 
         command += ["--stats", str(paths["stats"])]
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     result = run_measured(command)
+    # What --max-memory bounds: the RSS the merge added to the process it started in.
+    record = json.loads(next(out.rglob("perta_merge.json")).read_text())
+    result["baseline_rss_bytes"] = record["baseline_rss_bytes"]
+    result["added_peak_rss_bytes"] = record["added_peak_rss_bytes"]
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -254,6 +258,8 @@ def main() -> None:
                 "wall (s)": result["wall_s"],
                 "read GB/s": read_bytes / 1e9 / result["wall_s"],
                 "peak RSS (MiB)": result["peak_rss_bytes"] / 2**20,
+                "baseline RSS (MiB)": result["baseline_rss_bytes"] / 2**20 if "baseline_rss_bytes" in result else None,
+                "added peak (MiB)": result["added_peak_rss_bytes"] / 2**20 if "added_peak_rss_bytes" in result else None,
                 "IO floor (s)": floor["wall_s"],
                 "wall / IO floor": result["wall_s"] / floor["wall_s"],
             }
@@ -275,6 +281,8 @@ def main() -> None:
             "IO floor = cat of every input + dd of the output size with fsync + `python -c 'import torch'`",
             f"medians of {args.repeats} interleaved rounds; command: python benchmarks/bench_merge.py --repeats {args.repeats}",
             "fisher reads two float32 statistics checkpoints besides the three bf16 models",
+            "baseline RSS: the merge process's RSS when the merge starts (torch imported); added peak: what the merge adds "
+            "to it, the quantity --max-memory bounds (default 512 MiB); peak RSS: the whole process (GNU time %M)",
             f"machine: {machine_info()['cpu_count']} cores",
         ],
     )

@@ -5,21 +5,27 @@ Streamed gradient statistics, memory-bounded merges and TOFU evaluation.
     import perta_stream as ps
     ps.merge(theta0=..., full=..., fgt=..., out=..., method="fisher", stats=..., alpha=[0.5, 1])
 
-`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate` and `ps.sweep` take the flags of their
-command as keywords (perta_stream/api.py); the `run_*` pipelines and their frozen `*Config`
-dataclasses lie underneath; `perta-stream` (or `python -m perta_stream`) is the command line.
+`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate`, `ps.sweep` and `ps.finetune` take the flags
+of their command as keywords (perta_stream/api.py); the `run_*` pipelines and their frozen
+`*Config` dataclasses lie underneath; `perta-stream` (or `python -m perta_stream`) is the command line.
 """
 
 from typing import Any
 
 __version__ = "0.2.0"
-__all__ = ["__version__", "evaluate", "merge", "stats", "sweep", "unlearn"]
+_API = ("evaluate", "finetune", "merge", "stats", "sweep", "unlearn")
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `import perta_stream` (and `perta-stream --help`) stays fast.
-    if name in ("evaluate", "merge", "stats", "sweep", "unlearn"):
+    if name in _API:
         from perta_stream import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'perta_stream' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazily imported API names are attributes too (tab completion, `dir(perta_stream)`).
+    return sorted(set(globals()) | set(__all__))

@@ -12,16 +12,18 @@ the flags and the keywords come from the same metadata on the config's fields
 drift apart: a keyword the command does not have is an error that names the closest one. Values
 may be given as the flag's text (`"0.5,1"`, `"2G"`) or as Python values (`[0.5, 1]`, paths).
 `max_memory` is what the call may add to the memory the process already holds (a notebook has
-loaded other things before).
+loaded other things before), as `--max-memory` is on the command line. `quiet=True` is `-q`: no
+progress bars during the call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["evaluate", "merge", "stats", "sweep", "unlearn"]
+__all__ = ["evaluate", "finetune", "merge", "stats", "sweep", "unlearn"]
 
 
 def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
@@ -42,15 +44,11 @@ def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.P
             subclasses: as the command line reports them.
     """
     from perta_stream.config.merge import MergeConfig
-    from perta_stream.memory import current_rss_bytes
     from perta_stream.pipelines.merge import run_merge
 
-    given = _options(MergeConfig, dict(theta0=theta0, full=full, fgt=fgt, out=out, **options))
-    config = MergeConfig.from_options(given)
-    # The default budget too is on top of what the process holds: a merge after another call
-    # (ps.unlearn, a loaded model) would otherwise start above a whole-process 512 MiB.
-    config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
-    return run_merge(config)
+    keywords = dict(theta0=theta0, full=full, fgt=fgt, out=out, **options)
+    with _quiet(keywords):
+        return run_merge(MergeConfig.from_options(_options(MergeConfig, keywords)))
 
 
 def stats(*, model: str | os.PathLike, forget: str | os.PathLike, retain: str | os.PathLike, **options: Any) -> Any:
@@ -71,7 +69,9 @@ def stats(*, model: str | os.PathLike, forget: str | os.PathLike, retain: str | 
     from perta_stream.config.stats import StatsConfig
     from perta_stream.pipelines.stats import run_stats
 
-    return run_stats(StatsConfig.from_options(_options(StatsConfig, dict(model=model, forget=forget, retain=retain, **options))))
+    keywords = dict(model=model, forget=forget, retain=retain, **options)
+    with _quiet(keywords):
+        return run_stats(StatsConfig.from_options(_options(StatsConfig, keywords)))
 
 
 def unlearn(**options: Any) -> Any:
@@ -90,11 +90,13 @@ def unlearn(**options: Any) -> Any:
     from perta_stream.config.unlearn import UnlearnConfig
     from perta_stream.pipelines.unlearn import run_unlearn
 
-    return run_unlearn(UnlearnConfig.from_options(_options(UnlearnConfig, options)))
+    with _quiet(options):
+        return run_unlearn(UnlearnConfig.from_options(_options(UnlearnConfig, options)))
 
 
-def evaluate(*, model: str | os.PathLike, split: str, out: str | os.PathLike, **options: Any) -> Any:
-    """`perta-stream eval`: TOFU forgetting and utility metrics of one model.
+def evaluate(*, model: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
+    """`perta-stream eval`: TOFU metrics of one model (`split="forget01"`), or the metrics that
+    need no retain model on one's own files (`forget="F.jsonl", retain="R.jsonl"`).
 
     Returns:
         EvalResult (every metric and the paths of the JSON record and Markdown table).
@@ -105,7 +107,9 @@ def evaluate(*, model: str | os.PathLike, split: str, out: str | os.PathLike, **
     from perta_stream.config.eval import EvalConfig
     from perta_stream.pipelines.eval import run_eval
 
-    return run_eval(EvalConfig.from_options(_options(EvalConfig, dict(model=model, split=split, out=out, **options))))
+    keywords = dict(model=model, out=out, **options)
+    with _quiet(keywords):
+        return run_eval(EvalConfig.from_options(_options(EvalConfig, keywords)))
 
 
 def sweep(**options: Any) -> Any:
@@ -120,7 +124,45 @@ def sweep(**options: Any) -> Any:
     from perta_stream.config.sweep import SweepConfig
     from perta_stream.pipelines.sweep import run_sweep
 
-    return run_sweep(SweepConfig.from_options(_options(SweepConfig, options)))
+    with _quiet(options):
+        return run_sweep(SweepConfig.from_options(_options(SweepConfig, options)))
+
+
+def finetune(*, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
+    """`perta-stream finetune`: full fine-tuning on question-answer pairs with the answer-only loss.
+
+    Args:
+        model: the checkpoint to start from; data: a .jsonl/.json file of records; out: the new checkpoint.
+        **options: any other flag of `perta-stream finetune` (epochs, lr, max_steps, batch_size, ...).
+
+    Returns:
+        FinetuneResult (the output folder, steps, losses, seconds).
+
+    Raises:
+        PlanError: an unknown keyword, a bad value or invalid options, all listed at once.
+    """
+    from perta_stream.config.finetune import FinetuneConfig
+    from perta_stream.pipelines.finetune import run_finetune
+
+    keywords = dict(model=model, data=data, out=out, **options)
+    with _quiet(keywords):
+        return run_finetune(FinetuneConfig.from_options(_options(FinetuneConfig, keywords)))
+
+
+@contextmanager
+def _quiet(keywords: dict[str, Any]) -> Iterator[None]:
+    """`quiet=True` (the command line's -q): no progress bars until the call returns."""
+    from perta_stream.config.options import switch
+    from perta_stream.progress import progress_enabled_by_caller, set_progress_enabled
+
+    quiet = switch(keywords.pop("quiet", False), "quiet")
+    before = progress_enabled_by_caller()
+    if quiet:
+        set_progress_enabled(False)
+    try:
+        yield
+    finally:
+        set_progress_enabled(before)
 
 
 def _options(cls: type, keywords: dict[str, Any]) -> dict[str, Any]:

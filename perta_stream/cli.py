@@ -21,11 +21,13 @@ from perta_stream.config.eval import EvalConfig
 from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.config.merge import MergeConfig
 from perta_stream.config.config_file import parser_defaults
-from perta_stream.config.options import add_options, float_list
+from perta_stream.config.doctor import DoctorConfig
+from perta_stream.config.options import add_options
 from perta_stream.config.stats import StatsConfig
 from perta_stream.config.sweep import SweepConfig
 from perta_stream.config.unlearn import HELP_OVERRIDES as UNLEARN_HELP
 from perta_stream.config.unlearn import UnlearnConfig
+from perta_stream.demo.command import add_demo, run_demo_command
 from perta_stream.errors import PertaStreamError, UsageError
 from perta_stream.notices import NoticeLines
 
@@ -83,6 +85,10 @@ def _print_result(result: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_stage(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # sys.stderr as it is now (tests capture it)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.eval import run_eval
 
@@ -96,7 +102,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_finetune(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.finetune import run_finetune
 
-    result = run_finetune(FinetuneConfig.from_cli(args))
+    result = run_finetune(FinetuneConfig.from_cli(args), on_stage=None if args.quiet else _print_stage)
     if not args.quiet:
         print(result.summary(), file=sys.stderr)
     return EXIT_OK
@@ -135,7 +141,11 @@ def _run_stats(args: argparse.Namespace) -> int:
 def _run_unlearn(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.unlearn import run_unlearn
 
-    return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
+    result = run_unlearn(UnlearnConfig.from_cli(args), on_stage=None if args.quiet else _print_stage)
+    _print_result(result, args)
+    if result.eval_table is not None:
+        print(result.eval_table, end="")
+    return EXIT_OK
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -149,36 +159,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- demo
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "demo",
-        help="the built-in end-to-end run on a tiny Llama and the bundled TOFU data (CPU, offline, cached)",
-        description="Build a tokenizer and a tiny Llama, theta0/full/fgt/ret by fine-tuning, statistics, and sweep "
-        "tv, uniform, grad and fisher over alphas; print the table and the plot's path.",
-    )
-    parser.add_argument("--cache-dir", default=".perta_cache/demo", help="where built models and results are kept")
-    parser.add_argument("--rebuild", action="store_true", help="ignore and replace this recipe's cached results")
-    parser.add_argument("--split", choices=["forget01", "forget10"], help="TOFU forget split (default forget01)")
-    parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
-    parser.add_argument("--alpha", "--alphas", dest="alphas", type=float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
-    parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
-    _add_common(parser)
+def _run_doctor(args: argparse.Namespace) -> int:
+    from perta_stream.pipelines.doctor import run_doctor
 
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from perta_stream.config.demo import DemoConfig
-    from perta_stream.pipelines.demo import run_demo
-
-    def on_stage(line: str) -> None:
-        if not args.quiet:
-            print(line, file=sys.stderr, flush=True)
-
-    result = run_demo(DemoConfig.from_cli(args), on_stage=on_stage)
+    result = run_doctor(DoctorConfig.from_cli(args))
     print(result.report())
-    return EXIT_OK
+    return EXIT_ERROR if result.failed else EXIT_OK
 
 
 # ---------------------------------------------------------------- convert
@@ -272,6 +258,12 @@ COMMAND_CONFIGS: dict[str, tuple[type, str, str]] = {
         "Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
         "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
     ),
+    "doctor": (
+        DoctorConfig,
+        "what this installation can do: torch build and device, memory, extras, Hub, disk (one line each)",
+        "Check the torch build and devices, the imports' memory against the default merge budget, the optional extras "
+        "(peft, gguf, triton), the Hub's reachability and token (never shown), and the free disk against an unlearn of --model.",
+    ),
 }
 
 
@@ -296,7 +288,8 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
     "stats": (_config_command("stats"), _run_stats),
     "unlearn": (_config_command("unlearn"), _run_unlearn),
     "sweep": (_config_command("sweep"), _run_sweep),
-    "demo": (_add_demo, _run_demo),
+    "demo": (lambda sub: add_demo(sub, _add_common), run_demo_command),
+    "doctor": (_config_command("doctor"), _run_doctor),
     "convert": (_add_convert, _run_convert),
     "models": (_add_models, _run_models),
 }
@@ -379,11 +372,12 @@ _EXAMPLES = {
     "finetune": "perta-stream finetune --model base/ --data forget.jsonl --out forget_model/ --epochs 5 --lr 1e-5",
     "verify": "perta-stream verify clean/ --finite",
     "stats": "perta-stream stats --model base/ --forget forget.jsonl --retain retain.jsonl --out stats/",
-    "unlearn": "perta-stream unlearn --config configs/demo_fisher.yaml",
+    "unlearn": "perta-stream unlearn --model mine/ --forget forget.jsonl --retain retain.jsonl --out clean/",
     "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
     "demo": "perta-stream demo",
     "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",
     "models": "perta-stream models fetch smollm2-135m",
+    "doctor": "perta-stream doctor --model mine/ --out clean/",
 }
 
 

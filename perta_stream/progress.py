@@ -15,6 +15,11 @@ def set_progress_enabled(enabled: bool) -> None:
     _enabled_by_caller = enabled
 
 
+def progress_enabled_by_caller() -> bool:
+    """What `set_progress_enabled` last said (the environment variable aside)."""
+    return _enabled_by_caller
+
+
 def progress_enabled() -> bool:
     disabled_by_env = os.environ.get("PERTA_DISABLE_PROGRESS_BARS", "").strip().lower() in {"1", "true", "yes", "on"}
     return _enabled_by_caller and not disabled_by_env

@@ -10,10 +10,6 @@ import pytest
 
 os.environ.setdefault("PERTA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Merges run inside this long-lived test process, whose RSS grows with every model the suite
-# loads, and the merge budget covers the whole process. The budget itself is tested in
-# subprocesses with an explicit --max-memory (tests/test_merge_memory.py).
-os.environ.setdefault("PERTA_MAX_MEMORY", "16GiB")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -18,7 +18,7 @@ import torch
 from merge_fixtures import write_checkpoint
 
 # Fields of perta_merge.json that measure the run rather than describe the output.
-TIMING_FIELDS = ("elapsed_s", "read_gb_per_s", "peak_rss_bytes")
+TIMING_FIELDS = ("elapsed_s", "read_gb_per_s", "peak_rss_bytes", "baseline_rss_bytes", "added_peak_rss_bytes")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -65,21 +65,21 @@ def test_api_keywords_are_the_flags_and_mistakes_name_the_closest(triplet, tmp_p
         ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", method="grad")
 
 
-def test_api_memory_budget_is_what_the_call_adds(triplet, tmp_path, monkeypatch):
+def test_api_memory_budget_means_what_the_flag_means(triplet, tmp_path, monkeypatch):
+    """`max_memory` and `--max-memory` give the same config: the budget the merge adds to the
+    process (measured at its start by the pipeline, tests/test_merge_memory.py)."""
     import perta_stream as ps
     from perta_stream.pipelines import merge as merge_pipeline
 
-    seen = {}
-    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.setdefault("config", config))
-    monkeypatch.setattr("perta_stream.memory.current_rss_bytes", lambda: 3 * 2**30)
+    seen = []
+    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.append(config) or config)
     theta0, full, fgt = triplet
     ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", max_memory="2G")
-    assert seen["config"].max_memory_bytes == 3 * 2**30 + 2 * 2**30
-    # The default budget as well: a merge after ps.unlearn in one process starts above 512 MiB.
-    monkeypatch.delenv("PERTA_MAX_MEMORY", raising=False)
-    seen.clear()
-    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o")
-    assert seen["config"].max_memory_bytes == 3 * 2**30 + 512 * 2**20
+    from perta_stream.cli import parse_arguments
+    from perta_stream.config.merge import MergeConfig
+
+    from_cli = MergeConfig.from_cli(parse_arguments(merge_args(theta0, full, fgt, tmp_path / "o", "--max-memory", "2G")))
+    assert seen[0] == from_cli and from_cli.max_memory_bytes == 2 * 2**30
 
 
 def test_every_command_reads_a_yaml_config_and_flags_win(triplet, tmp_path, capsys):
@@ -174,3 +174,65 @@ def test_dns_failures_are_not_retried():
 def test_python_dash_m_is_the_command_line():
     run = subprocess.run([sys.executable, "-m", "perta_stream", "--version"], env=cli_env(), capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("perta-stream ")
+
+
+def test_the_package_lists_its_api_names():
+    import perta_stream as ps
+
+    assert {"merge", "stats", "unlearn", "evaluate", "sweep", "finetune"} <= set(ps.__all__)
+    assert set(ps.__all__) <= set(dir(ps))
+    assert all(callable(getattr(ps, name)) for name in ps.__all__ if name != "__version__")
+
+
+_API_CONFIGS = {
+    "merge": "perta_stream.config.merge:MergeConfig",
+    "stats": "perta_stream.config.stats:StatsConfig",
+    "unlearn": "perta_stream.config.unlearn:UnlearnConfig",
+    "evaluate": "perta_stream.config.eval:EvalConfig",
+    "sweep": "perta_stream.config.sweep:SweepConfig",
+    "finetune": "perta_stream.config.finetune:FinetuneConfig",
+}
+
+
+def _mistyped(word: str) -> str:
+    """The word with its last two letters swapped (`alhpa`-like typos)."""
+    return word[:-2] + word[-1] + word[-2]
+
+
+@pytest.mark.parametrize("function", sorted(_API_CONFIGS))
+def test_every_mistyped_keyword_gets_the_right_suggestion(function, tmp_path):
+    import importlib
+
+    import perta_stream as ps
+    from perta_stream.config.options import COMMON_KEYWORDS, options_of
+    from perta_stream.errors import PertaStreamError
+
+    module, name = _API_CONFIGS[function].split(":")
+    config = getattr(importlib.import_module(module), name)
+    keywords = {meta.keywords()[0] for meta in options_of(config).values()} | set(COMMON_KEYWORDS)
+    required = {"merge": ("theta0", "full", "fgt", "out"), "stats": ("model", "forget", "retain"), "evaluate": ("model", "out"), "finetune": ("model", "data", "out")}
+    given = {key: str(tmp_path / key) for key in required.get(function, ())}
+    for keyword in sorted(keywords):
+        typo = _mistyped(keyword)
+        if typo == keyword or typo in keywords:
+            continue
+        with pytest.raises(PertaStreamError) as caught:
+            getattr(ps, function)(**given, **{typo: "1"})
+        assert f"unknown option {typo!r}; did you mean {keyword!r}?" in str(caught.value), (function, keyword)
+
+
+def test_quiet_is_a_keyword_of_every_call_and_verbose_says_where_it_went(triplet, tmp_path, monkeypatch):
+    import perta_stream as ps
+    from perta_stream.errors import PertaStreamError
+    from perta_stream.pipelines import merge as merge_pipeline
+    from perta_stream.progress import progress_enabled_by_caller
+
+    seen = []
+    monkeypatch.setattr(merge_pipeline, "run_merge", lambda config: seen.append(progress_enabled_by_caller()))
+    monkeypatch.setattr("perta_stream.progress._enabled_by_caller", True)  # whatever an earlier `main(-q)` left
+    theta0, full, fgt = triplet
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", quiet=True)
+    ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o")
+    assert seen == [False, True] and progress_enabled_by_caller()
+    with pytest.raises(PertaStreamError, match="configure logging"):
+        ps.merge(theta0=theta0, full=full, fgt=fgt, out=tmp_path / "o", verbose=True)

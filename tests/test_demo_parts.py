@@ -194,6 +194,42 @@ def test_tradeoff_plot_writes_a_png_with_one_curve_per_method(tmp_path, monkeypa
     assert "full model (reference)" in legend and "retain model (reference)" in legend
 
 
+def test_alpha_labels_overlap_neither_each_other_nor_a_point():
+    from perta_stream.sinks.plot import tradeoff_figure
+
+    # Crowded: three methods whose points nearly coincide at every alpha.
+    rows = [
+        SweepRow(label=row_label(method, alpha), kind=MERGE, method=method, alpha=alpha,
+                 metrics={"forget_quality": 10 ** (-6 + alpha) * (1 + shift), "model_utility": 0.45 - 0.05 * alpha + shift})
+        for shift, method in ((0.0, "tv"), (0.002, "grad"), (0.004, "fisher"))
+        for alpha in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+    ]
+    figure, texts = tradeoff_figure(rows)
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer=renderer) for text in texts]
+    assert len(boxes) == 18
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            assert not first.overlaps(second), (first, second)
+
+
+def test_the_right_panel_shows_each_method_against_tv_at_matched_forgetting():
+    import matplotlib.pyplot as plt
+
+    from perta_stream.sinks.plot import tradeoff_figure
+    from perta_stream.sinks.report import matched_baseline_utility, sort_rows
+
+    rows = _rows()
+    figure, _ = tradeoff_figure(rows)
+    right = figure.axes[1]
+    fisher = next(line for line in right.get_lines() if line.get_label() == "PerTA-fisher")
+    # fisher's points lie on tv's forgetting at the same alpha: 0.05 * alpha more utility than tv's.
+    expected = [row.metrics["model_utility"] - matched_baseline_utility(rows, row) for row in sort_rows(rows) if row.method == "fisher"]
+    assert list(fisher.get_ydata()) == pytest.approx(expected) and expected == pytest.approx([0.025, 0.05, 0.1])
+    assert any(line.get_label() == "task arithmetic (tv)" and list(line.get_ydata()) == [0, 0] for line in right.get_lines())
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------- demo recipe, data and the whole run
 def test_recipe_keys_change_only_for_the_stages_an_option_affects():
     from dataclasses import replace
@@ -270,6 +306,10 @@ def test_tiny_demo_runs_end_to_end_and_second_run_is_cached(tmp_path):
     assert (tmp_path / "cache" / "current").resolve() == first.build_dir.resolve()
     report = first.report()
     assert first.table.strip() in report and str(first.plot_path) in report
+    # The plot and the report side by side at the top of the cache folder, not under the build's hash.
+    assert first.plot_path == tmp_path / "cache" / "tradeoff.png" and first.report_path == tmp_path / "cache" / "demo.md"
+    assert first.plot_path.read_bytes() == (first.sweep_dir / "tradeoff.png").read_bytes()
+    assert first.report_path.read_text() == report + "\n"
 
     second = run_demo(config)
     assert len(second.cached) == len(first.stage_s) and all(seconds == 0.0 for seconds in second.stage_s.values())

@@ -30,7 +30,7 @@ from perta_stream.sinks.shard_writer import TensorSpec
 
 # Fields of perta_merge.json that describe one run's timing and memory, not its result (the chunk
 # size follows the memory budget left over the process's measured baseline RSS).
-VOLATILE_RECORD_KEYS = {"elapsed_s", "read_gb_per_s", "peak_rss_bytes", "chunk_elements"}
+VOLATILE_RECORD_KEYS = {"elapsed_s", "read_gb_per_s", "peak_rss_bytes", "baseline_rss_bytes", "added_peak_rss_bytes", "chunk_elements"}
 
 
 def _free_port() -> int:

@@ -195,3 +195,32 @@ def test_partial_folder_of_an_interrupted_run_is_discarded(workdir, tmp_path):
     result = run_finetune(_config(workdir, tmp_path / "out", epochs=1))
     assert not stale.exists()
     assert (result.out / "model.safetensors").stat().st_size > len(b"truncated")
+
+
+def test_max_steps_stops_training_and_the_estimate_comes_from_the_first_steps(workdir, cli_run, tmp_path):
+    from safetensors.torch import load_file
+
+    lines: list[str] = []
+    # 8 samples, batches of 4: 2 steps per epoch; 3 steps stop in the second epoch.
+    result = run_finetune(_config(workdir, tmp_path / "three", max_steps=3), on_stage=lines.append)
+    record = json.loads((result.out / RECORD_NAME).read_text())
+    assert result.steps == 3 and record["steps"] == 3 and len(record["step_losses"]) == 3
+    assert record["config"]["max_steps"] == 3 and len(record["epoch_losses"]) == 2
+    # The first 3 steps equal those of the 8-step run: the same order, the schedule aside.
+    full = json.loads((cli_run / RECORD_NAME).read_text())
+    assert record["step_losses"][0] == full["step_losses"][0]
+    assert len(lines) == 1 and lines[0].startswith("fine-tuning: 3 steps of 4 samples (8 samples); about ")
+    assert record["estimated_train_s"] > 0 and record["train_s"] > 0
+    assert load_file(str(result.out / "model.safetensors")).keys() == load_file(str(cli_run / "model.safetensors")).keys()
+    # More steps than the epochs hold: the epochs win.
+    assert run_finetune(_config(workdir, tmp_path / "capped", epochs=1, max_steps=50)).steps == 2
+
+
+def test_estimate_of_the_training_time_from_step_end_times():
+    from perta_stream.pipelines.finetune import estimate_training_s
+
+    # First step 5 s (warm-up), then 1 s per step: 100 steps take 5 + 99 s.
+    assert estimate_training_s(0.0, [5.0, 6.0, 7.0], 100) == pytest.approx(104.0)
+    assert estimate_training_s(0.0, [2.0], 10) == pytest.approx(20.0)
+    with pytest.raises(PlanError, match="--max-steps must be at least 1"):
+        FinetuneConfig(model="m", data="d", out="o", max_steps=0)

@@ -146,7 +146,7 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
         MergeConfig(theta0=str(theta0), full=str(full), fgt=str(fgt), out=str(tmp_path / "out"), method="grad",
                     stats=str(stats), dry_run=True)
     )
-    assert "bytes to read" in result.plan_text and "estimated peak RSS" in result.plan_text
+    assert "bytes to read" in result.plan_text and "at the start (baseline)" in result.plan_text
     assert "forget.grad" in result.plan_text
     assert not any(tmp_path.iterdir())
 

@@ -115,8 +115,15 @@ def test_kill_then_resume_gives_identical_output(workspace, references, interrup
     out = tmp_path / "out"
     shutil.copytree(interrupted[name].parent, tmp_path, dirs_exist_ok=True)
     kept = {folder: finished_shards(folder) for folder in output_folders(out)}
+    from perta_stream.cli import parse_arguments
+    from perta_stream.config.unlearn import UnlearnConfig
+    from perta_stream.pipelines.unlearn import run_unlearn
+
     with caplog.at_level("INFO", logger="perta_stream"):
-        assert main(one_pass_args(workspace, kind, out, *extra, "--resume")) == 0
+        result = run_unlearn(UnlearnConfig.from_cli(parse_arguments(one_pass_args(workspace, kind, out, *extra, "--resume"))))
+    # It says what it kept of each output.
+    said = [f"{folder}: kept {len(kept[folder])} of" for folder in output_folders(out) if kept[folder]]
+    assert len(result.resumed) == len(said) and all(any(note.startswith(line) for note in result.resumed) for line in said)
     for message in (CONTINUED, FINISHED_ONLY):
         assert (message in caplog.text) == (expected is not None and expected.startswith(message)), caplog.text[-3000:]
     if expected is not None:

@@ -144,7 +144,14 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def resume_and_compare(inputs, out: Path, reference: dict[str, str], kept: dict[str, tuple[int, int]]) -> None:
-    assert main(merge_args(*inputs, out, *OPTIONS, "--resume")) == 0
+    from perta_stream.cli import parse_arguments
+    from perta_stream.config.merge import MergeConfig
+    from perta_stream.pipelines.merge import run_merge
+
+    result = run_merge(MergeConfig.from_cli(parse_arguments(merge_args(*inputs, out, *OPTIONS, "--resume"))))
+    # It says what it kept.
+    assert set(result.kept_shards) == set(kept)
+    assert ("resumed: kept " in result.summary()) == bool(kept)
     assert not partial_of(out).exists()
     assert not (out / RESUME_RECORD_NAME).exists()
     assert output_digest(out) == reference

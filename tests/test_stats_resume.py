@@ -137,7 +137,12 @@ def copy_interrupted(interrupted: dict[str, Path], name: str, tmp_path: Path) ->
 def resume_and_compare(ws: dict[str, Path], kind: str, out: Path, reference: dict[str, str], *extra: str, damaged: str | None = None) -> None:
     kept = [name for name in resume_record(out)["finished_shards"] if name != damaged]
     before = identities(partial_of(out), kept)
-    assert main(stats_args(ws, kind, out, *extra, "--resume")) == 0
+    from perta_stream.cli import parse_arguments
+    from perta_stream.config.stats import StatsConfig
+
+    result = stats_pipeline.run_stats(StatsConfig.from_cli(parse_arguments(stats_args(ws, kind, out, *extra, "--resume"))))
+    # It says what it kept.
+    assert result.resumed is not None and f"kept {len(kept)} finished shard(s)" in result.summary()
     assert not partial_of(out).exists()
     assert stats_digest(out) == reference
     # The recorded shards were verified and kept, not rewritten; nothing of the resume is left.

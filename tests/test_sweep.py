@@ -119,6 +119,30 @@ def test_tiny_sweep_end_to_end(tiny_setup):
     assert not (root / "sweep_bad").exists() and not (root / "sweep_bad.partial").exists()
 
 
+def test_sweep_on_your_own_files_needs_no_retain_model(tiny_setup, capsys):
+    from perta_stream.eval.files_report import FILE_METRIC_KEYS
+
+    root = tiny_setup
+    args = ["sweep", "--theta0", str(root / "theta0"), "--full", str(root / "full"), "--fgt", str(root / "fgt"), "--stats", str(root / "stats")]
+    args += ["--forget", str(root / "forget.jsonl"), "--retain", str(root / "retain.jsonl"), "--methods", "tv,fisher", "--alphas", "1,2"]
+    args += ["--max-items", "3", "--max-new-tokens", "4", "--max-length", "1024", "--device", "cpu", "--out", str(root / "sweep_files"), "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("| model | method | α | forget prob. ↓ | retain utility ↑ |")
+    record = json.loads((root / "sweep_files" / "sweep.json").read_text())
+    assert record["data"] == "files" and [row["label"] for row in record["rows"]] == ["full", "tv α=1", "tv α=2", "fisher α=1", "fisher α=2"]
+    full_eval = json.loads((root / "sweep_files" / "eval" / "full.json").read_text())
+    for row in record["rows"]:
+        evaluation = json.loads((root / "sweep_files" / row["eval_json"]).read_text())
+        assert set(evaluation["metrics"]) == set(FILE_METRIC_KEYS)
+        assert row["metrics"]["forget_probability"] == pytest.approx(evaluation["metrics"]["forget_probability"])
+        if row["label"] != "full":  # each merge is shown beside θ_full, the model before
+            assert evaluation["before"]["per_item"] == full_eval["per_item"]
+    assert (root / "sweep_files" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(PlanError, match="no retain model is needed: drop it"):
+        _config(root, "x", forget=str(root / "forget.jsonl"), retain=str(root / "retain.jsonl"))
+
+
 def test_sweep_cli_prints_table_and_plot_path(tiny_setup, capsys):
     root = tiny_setup
     code = main([

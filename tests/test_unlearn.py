@@ -54,7 +54,7 @@ def test_yaml_keys_accept_dashes_and_flags_override_them(tmp_path):
     assert config.max_length == 128
     assert config.max_memory_bytes == 2**30
     assert config.recompute_stats is True
-    assert config.effective_stats_dir == str(Path("d") / "perta_stats")
+    assert config.work_folder_path == Path("d") / "perta_work"
 
 
 def test_flags_alone_work_and_defaults_apply():

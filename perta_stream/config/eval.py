@@ -72,30 +72,75 @@ class EvalOptions:
         return problems
 
 
-@dataclass(frozen=True)
-class EvalConfig(EvalOptions):
-    """What to evaluate and how: the shared `EvalOptions` and these.
+@dataclass(frozen=True, kw_only=True)
+class QaFilesOptions:
+    """One's own question-answer files to evaluate on instead of a TOFU split (eval, sweep).
+
+    Attributes:
+        forget, retain: .jsonl/.json files of question-answer records: what the model should
+            forget, and what it should keep (gives the utility figure).
+        question_key, answer_key: the records' field names.
+    """
+
+    forget: str | None = option(None, help="your forget file (.jsonl/.json of question-answer records), instead of a TOFU --split")
+    retain: str | None = option(None, help="your retain file (.jsonl/.json): what the model must keep (with --forget)")
+    question_key: str = option("question", help="record field holding the question (default question)")
+    answer_key: str = option("answer", help="record field holding the answer (default answer)")
+
+    @property
+    def on_files(self) -> bool:
+        return self.forget is not None or self.retain is not None
+
+    def files_problems(self, split: str | None) -> list[str]:
+        """Exactly one of a TOFU split and the pair of files; the files exist."""
+        found: list[str] = []
+        if split is None and not self.on_files:
+            found.append("give --split forget01|forget05|forget10 (TOFU), or --forget FILE --retain FILE (your own question-answer files)")
+        elif split is not None and self.on_files:
+            found.append(f"--split {split} evaluates on TOFU; --forget/--retain on your files: give one or the other")
+        if self.on_files:
+            for flag, path in (("--forget", self.forget), ("--retain", self.retain)):
+                if path is None:
+                    found.append(f"{flag} FILE is needed too: the forget file gives the forgetting metrics, the retain file the utility")
+                elif not Path(path).is_file():
+                    found.append(f"{flag} {path} does not exist; give a .jsonl or .json file of question-answer records")
+        if not self.question_key or not self.answer_key:
+            found.append("--question-key and --answer-key must not be empty")
+        return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(EvalOptions, QaFilesOptions):
+    """What to evaluate and how: the shared `EvalOptions` and `QaFilesOptions`, and these.
 
     Attributes:
         model: the checkpoint directory (model and tokenizer files).
-        split: the forget split, `forget01`, `forget05` or `forget10` (forget05 needs a TOFU
-            directory that holds it; the bundled data has forget01 and forget10).
+        split: the TOFU forget split, `forget01`, `forget05` or `forget10` (forget05 needs a TOFU
+            directory that holds it; the bundled data has forget01 and forget10); None with
+            `forget` and `retain` (one's own files: the metrics that need no retain model).
         out: the JSON record to write; the Markdown table goes next to it (`.md`).
         retain_logs: the JSON record of the retain-only model on the same split (gives forget quality).
         batch_size: samples per forward pass (likelihoods) and per generate call.
         overwrite: replace an existing `out` (and its `.md`); a file inside the evaluated model
             or the TOFU folder is never replaced.
+        before: with files, the model before unlearning (a checkpoint, evaluated on the same
+            items, or its record of an earlier `eval` on the same files): shown beside this one.
+        examples: with files, how many forget and retain questions get their answers side by side.
     """
 
     model: str = option(help="checkpoint directory (model and tokenizer)")
-    split: str = option(help="forget01, forget05 or forget10")
+    split: str | None = option(None, help="TOFU forget split: forget01, forget05 or forget10 (or --forget/--retain: your own files)")
     out: str = option(help="JSON record to write (the Markdown table goes next to it, .md)")
     retain_logs: str | None = option(None, help="the eval JSON of the retain-only model on the same split (gives forget quality)")
     batch_size: int = option(8, help="samples per forward pass and per generate call (default 8)")
     overwrite: bool = option(False, help="replace an existing --out record (never a file inside the model)")
+    before: str | None = option(
+        None, help="with --forget/--retain: the model before unlearning (a folder, or its eval .json on the same files), shown side by side"
+    )
+    examples: int = option(3, help="with --forget/--retain: forget and retain questions whose answers are shown side by side (default 3)")
 
     def __post_init__(self) -> None:
-        typos = normalize_inputs(self, "model")
+        typos = normalize_inputs(self, "model", "before")
         self.resolve_tofu_dir()
         problems = with_typos(typos, self.problems())
         if problems:
@@ -103,9 +148,19 @@ class EvalConfig(EvalOptions):
 
     def problems(self) -> list[str]:
         """Every problem with these options (empty when they are usable)."""
-        problems: list[str] = []
-        if self.split not in TOFU_SPLITS:
+        problems: list[str] = self.files_problems(self.split)
+        if self.split is not None and self.split not in TOFU_SPLITS:
             problems.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
+        if self.on_files and self.retain_logs is not None:
+            problems.append("--retain-logs gives forget quality, which needs TOFU's perturbed answers (--split); on your files no retain model is needed")
+        if not self.on_files:
+            for flag, given in (("--before", self.before is not None), ("--examples", self.examples != 3)):
+                if given:
+                    problems.append(f"{flag} applies to an evaluation on your files (--forget/--retain)")
+        if self.examples < 0:
+            problems.append(f"--examples must be at least 0, got {self.examples}")
+        if self.before is not None and not self.before.startswith("hf://") and not Path(self.before).exists():
+            problems.append(f"--before {self.before} does not exist; give the model folder before unlearning, or its eval .json")
         if not self.model.startswith("hf://") and not Path(self.model).is_dir():
             problems.append(f"--model {self.model} is not a directory; give a checkpoint folder with config.json and tokenizer files")
         if self.retain_logs is not None:
@@ -132,6 +187,11 @@ class EvalConfig(EvalOptions):
         """The record and its table never replace an input, nor an existing file without --overwrite."""
         found: list[str] = []
         inputs = {"--model": self.model, "--tofu": self.tofu_dir}
+        if self.before is not None and not self.before.endswith(".json"):
+            inputs["--before"] = self.before
+        for flag, given in (("--forget", self.forget), ("--retain", self.retain), ("--holdout", self.holdout), ("--before", self.before)):
+            if given and Path(given).resolve() in (Path(self.out).resolve(), self.markdown_path.resolve()):
+                found.append(f"--out {self.out} would replace the {flag} file; write the record elsewhere")
         for path in (Path(self.out), self.markdown_path):
             resolved = path.resolve()
             for flag, folder in inputs.items():
@@ -169,4 +229,10 @@ class EvalConfig(EvalOptions):
             "system_prompt": self.system_prompt,
             "labels": self.labels,
             "holdout": self.holdout,
+            "forget": self.forget,
+            "retain": self.retain,
+            "question_key": self.question_key,
+            "answer_key": self.answer_key,
+            "before": self.before,
+            "examples": self.examples,
         }

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, integer, number, option, options_from_cli, words
 from perta_stream.devices import DEVICE_HELP, device_problem
 from perta_stream.errors import PlanError
-
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class FinetuneConfig:
         lora_targets: the modules that get a LoRA (peft's target_modules); default every linear
             module of the decoder layers (peft's "all-linear").
         lora_rslora: rank-stabilised scaling alpha/√r.
+        max_steps: stop after this many optimizer steps (the schedule spans them); None trains
+            `epochs` full passes.
     """
 
     model: str = option(help="checkpoint directory to start from (model and tokenizer)")
@@ -63,6 +65,7 @@ class FinetuneConfig:
     lora_alpha: float | None = option(None, parse=number, help="LoRA alpha (default 2 x rank)")
     lora_targets: tuple[str, ...] = option(("all-linear",), parse=words, help="modules that get a LoRA, e.g. q_proj,v_proj (default all-linear)")
     lora_rslora: bool = option(False, help="rank-stabilised LoRA scaling alpha/sqrt(r)")
+    max_steps: int | None = option(None, parse=integer, help="stop after this many optimizer steps (default: --epochs full passes)")
 
     def __post_init__(self) -> None:
         problems = with_typos(normalize_inputs(self, "model"), self.problems())
@@ -92,6 +95,8 @@ class FinetuneConfig:
             problems.append(f"--weight-decay must be non-negative, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be non-negative (0 = off), got {self.max_grad_norm}")
         if not self.question_key or not self.answer_key:
@@ -107,7 +112,12 @@ class FinetuneConfig:
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "FinetuneConfig":
         """Build from parsed `perta-stream finetune` arguments (and its --config file)."""
-        return from_options(cls, options_from_cli(args, cls), title="invalid finetune options")
+        return cls.from_options(options_from_cli(args, cls))
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "FinetuneConfig":
+        """Build from options named as the flags (YAML keys, API keywords); every problem at once."""
+        return from_options(cls, options, title="invalid finetune options")
 
     def to_dict(self) -> dict:
         """The resolved options, as saved into the output's `perta_finetune.json`."""
@@ -131,4 +141,5 @@ class FinetuneConfig:
             "lora_alpha": self.lora_alpha,
             "lora_targets": list(self.lora_targets),
             "lora_rslora": self.lora_rslora,
+            "max_steps": self.max_steps,
         }

@@ -22,10 +22,11 @@ DEFAULT_MAX_MEMORY_BYTES = 512 * 2**20
 
 
 def default_max_memory_bytes() -> int:
-    """The merge's peak-RSS budget when none is given: PERTA_MAX_MEMORY (e.g. `2GiB`), else 512 MiB.
+    """The merge's memory budget when none is given: PERTA_MAX_MEMORY (e.g. `2GiB`), else 512 MiB.
 
-    The budget covers the whole process, so a program that merges after loading other things
-    (or a test session) sets a larger one through this variable; this is the one place it is read.
+    The budget is what a merge may add to the resident memory the process holds when it starts
+    (torch's import, a caller's tensors), so it means the same after `import torch` of any build;
+    this is the one place the variable is read.
     """
     text = os.environ.get("PERTA_MAX_MEMORY", "").strip()
     return parse_size(text, what="PERTA_MAX_MEMORY") if text else DEFAULT_MAX_MEMORY_BYTES
@@ -82,15 +83,17 @@ class MergeOptions:
         fallback_weight: W where both statistics are exactly 0, in [0, 1].
         out_dtype: safetensors dtype of every output tensor, or None for theta_full's per tensor.
         max_shard_bytes: re-shard the output to at most this many bytes per shard; None keeps theta_full's layout.
-        max_memory_bytes: the memory budget (merge: the peak RSS of the whole process; unlearn:
-            what its merge may add to the process).
+        max_memory_bytes: the memory budget: what the merge may add to the resident memory the
+            process holds when the merge starts (torch's import, anything the caller holds).
         allow_nonfinite: merge NaN and infinite input values through instead of stopping.
     """
 
-    theta0: str = option(help="the original model (directory, hf://org/name[@rev] or a Hub id)")
-    full: str = option(help="the model to clean (fine-tuned on forget + retain)")
-    fgt: str = option(help="the model fine-tuned on the forget set only")
-    out: str = option(help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
+    # Required, but checked with every other option (`required_problems`), so that a call or a
+    # --config file lacking one hears of every problem at once (and `unlearn --model` needs none).
+    theta0: str = option(None, help="the original model (directory, hf://org/name[@rev] or a Hub id)")
+    full: str = option(None, help="the model to clean (fine-tuned on forget + retain)")
+    fgt: str = option(None, help="the model fine-tuned on the forget set only")
+    out: str = option(None, help="output directory; with several alphas, a {alpha} placeholder or one folder per alpha")
     alphas: tuple[float, ...] = option(
         (1.0,), flags=("--alpha", "--alphas"), parse=numbers, help="scale(s) of the task vector, e.g. 0.5,1,2: one pass, one output each (default 1)"
     )
@@ -103,9 +106,12 @@ class MergeOptions:
         flags=("--max-memory",),
         parse=size,
         default_factory=default_max_memory_bytes,
-        help="peak RSS budget for the whole process (default 512MiB, or $PERTA_MAX_MEMORY)",
+        help="memory the merge may add to what the process holds when it starts (default 512MiB, or $PERTA_MAX_MEMORY)",
     )
     allow_nonfinite: bool = option(False, help="merge NaN and infinite input values through instead of stopping")
+
+    def required_problems(self, names: tuple[str, ...] = ("theta0", "full", "fgt", "out")) -> list[str]:
+        return [f"--{name} is required (give it as a flag, a --config key or a Python keyword)" for name in names if getattr(self, name) is None]
 
     def merge_option_problems(self) -> list[str]:
         return arithmetic_problems(self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alpha")
@@ -207,7 +213,9 @@ class MergeConfig(MergeOptions, HubPushOptions):
 
     def problems(self) -> list[str]:
         """Every inconsistency among the options (empty when the config is usable)."""
-        found: list[str] = []
+        found: list[str] = self.required_problems()
+        if found:
+            return found + self.merge_option_problems()  # the other checks read the locations
         if self.method not in METHODS:
             found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.method in ("grad", "fisher") and not self.stats:
@@ -220,7 +228,7 @@ class MergeConfig(MergeOptions, HubPushOptions):
         if self.stats_at not in STATS_AT:
             found.append(f"--stats-at {self.stats_at!r} is not one of {', '.join(STATS_AT)}")
         if self.max_memory_bytes < 64 * 2**20:
-            found.append("--max-memory below 64MiB cannot hold the Python runtime; raise it")
+            found.append("--max-memory below 64MiB leaves no room for the merge's buffers; raise it")
         if self.chunk_bytes is not None and self.chunk_bytes < 4096:
             found.append("--chunk-size must be at least 4KiB")
         found += self._hub_problems()

@@ -25,6 +25,9 @@ from perta_stream.config.config_file import shown
 from perta_stream.errors import PlanError, UsageError
 
 _KEY = "perta_option"
+# Keywords every command takes besides its config's options: `-q` (progress bars off) and
+# `--config FILE.yaml`. They are suggested for a mistyped keyword like any option.
+COMMON_KEYWORDS = ("quiet", "config")
 RESUME_HELP = "continue an interrupted run of the same command from <out>.partial/ (finished shards are re-hashed and kept)"
 
 
@@ -244,8 +247,7 @@ def from_options(cls: type, options: Mapping[str, Any], *, title: str, **fixed: 
         key = str(raw_key).replace("-", "_")
         name = by_keyword.get(key)
         if name is None:
-            close = difflib.get_close_matches(key, sorted({m.keywords()[0] for m in table.values()}), n=1)
-            problems.append(f"unknown option {shown(raw_key)}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            problems.append(unknown_keyword_problem(raw_key, {m.keywords()[0] for m in table.values()} | set(COMMON_KEYWORDS)))
         elif value is not None:
             try:
                 parsed = _parse(table[name], value)
@@ -266,6 +268,20 @@ def from_options(cls: type, options: Mapping[str, Any], *, title: str, **fixed: 
             if not problems:
                 return config
     raise PlanError(title, problems)
+
+
+def unknown_keyword_problem(raw_key: Any, known: set[str]) -> str:
+    """"unknown option 'x'; did you mean 'y'?": one of `known` with the same letters in another
+    order (a transposition: `otu` is `out`, not `tau`), else the closest by spelling, else a
+    looser spelling match."""
+    key = str(raw_key).replace("-", "_")
+    if key == "verbose":
+        return "unknown option 'verbose': -v is a command-line flag; in Python, configure logging (logging.basicConfig(level=logging.INFO))"
+    candidates = sorted(known)
+    close = [word for word in candidates if sorted(word) == sorted(key)][:1]
+    close = close or difflib.get_close_matches(key, candidates, n=1)
+    close = close or difflib.get_close_matches(key, candidates, n=1, cutoff=0.4)
+    return f"unknown option {shown(raw_key)}" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def _parse(meta: Option, value: Any) -> Any:

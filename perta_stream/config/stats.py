@@ -132,7 +132,7 @@ class StatsConfig(StatsOptions):
 
     Attributes:
         model: checkpoint directory or `hf://org/name[@rev]`; with `config_only`, a config.json
-            file or a directory holding one.
+            file, a directory holding one, or a Hub model (whose config.json alone is fetched).
         forget, retain: data files (JSON Lines or a JSON array of records).
         out: the statistics directory to create (not needed for a dry run).
         dry_run: print the plan only; config_only: plan from config.json, without weights.
@@ -148,7 +148,7 @@ class StatsConfig(StatsOptions):
     retain: str = option(help="retain-set data file (.jsonl or a .json array of records)")
     out: str | None = option(None, help="statistics directory to create (not needed with --dry-run)")
     dry_run: bool = option(False, help="print the plan (bytes, boundary storage, memory, FLOPs) and exit")
-    config_only: bool = option(False, help="with --dry-run: plan from config.json alone, no weights needed")
+    config_only: bool = option(False, help="with --dry-run: plan from config.json alone (local, or fetched alone from the Hub), no weights needed")
     overwrite: bool = option(False, help="replace an existing --out")
     resume: bool = option(False, help=RESUME_HELP)
     other_inputs: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -174,8 +174,6 @@ class StatsConfig(StatsOptions):
                     problems.append(f"--model {self.model}: no config.json there (with --config-only, pass a config.json or a folder holding one)")
             elif not model_path.is_dir():
                 problems.append(f"--model {self.model} is not a directory; pass a Hugging Face model directory")
-        elif self.config_only:
-            problems.append("--config-only needs a local config.json, not a Hub repo")
         return problems
 
     @classmethod

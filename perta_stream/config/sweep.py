@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perta_stream.config.eval import TOFU_SPLITS, EvalOptions
+from perta_stream.config.eval import TOFU_SPLITS, EvalOptions, QaFilesOptions
 from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, negated_switch, number, numbers, option, options_from_cli, size, words
 from perta_stream.config.merge import DEFAULT_MAX_MEMORY_BYTES, METHODS, arithmetic_problems
@@ -23,9 +23,13 @@ RECORD_NAME = "sweep.json"
 PLOT_NAME = "tradeoff.png"
 
 
-@dataclass(frozen=True)
-class SweepConfig(EvalOptions):
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig(EvalOptions, QaFilesOptions):
     """Merge θ_full with every method at every α, evaluate each result, and tabulate and plot them.
+
+    On TOFU (`split`) every model gets the TOFU metrics against θ_ret; on one's own files
+    (`forget`, `retain`: `QaFilesOptions`) the metrics that need no retain model, θ_full's row
+    being the "before" of every other.
 
     Attributes:
         theta0, full, fgt: the checkpoints of the merge (directories or hf:// locations).
@@ -34,7 +38,7 @@ class SweepConfig(EvalOptions):
         stats: the statistics directory (needed by grad and fisher).
         retain_model: θ_ret, evaluated first to give the forget-quality reference and a table row.
         retain_logs: instead of retain_model, its evaluation JSON from `perta-stream eval`.
-        split: the TOFU forget split the models are evaluated on.
+        split: the TOFU forget split the models are evaluated on (None: forget01, unless files are given).
         tofu_dir: the TOFU folder; empty means the copy bundled with perta_stream.
         methods: merge methods, in table order.
         alphas: task-vector scales; every method is merged at all of them in one pass.
@@ -57,7 +61,7 @@ class SweepConfig(EvalOptions):
     stats: str | None = option(None, flags=("--stats", "--stats-dir"), help="statistics directory (needed by grad and fisher)")
     retain_model: str | None = option(None, help="theta_ret, evaluated first (forget-quality reference and a table row)")
     retain_logs: str | None = option(None, help="instead of --retain-model: its `perta-stream eval` JSON")
-    split: str = option("forget01", help="TOFU forget split (default forget01)")
+    split: str | None = option(None, help="TOFU forget split (default forget01; or --forget/--retain: your own files)")
     methods: tuple[str, ...] = option(DEFAULT_METHODS, flags=("--method", "--methods"), parse=words, help="comma-separated (default tv,uniform,grad,fisher)")
     alphas: tuple[float, ...] = option(DEFAULT_ALPHAS, flags=("--alpha", "--alphas"), parse=numbers, help="comma-separated (default 0.5,1,2)")
     tau: float | None = option(None, parse=number, help="weight exponent for grad and fisher (default: each method's)")
@@ -73,6 +77,8 @@ class SweepConfig(EvalOptions):
 
     def __post_init__(self) -> None:
         typos = normalize_inputs(self, "theta0", "full", "fgt", "retain_model")
+        if not self.on_files and self.split is None:
+            object.__setattr__(self, "split", "forget01")
         self.resolve_tofu_dir()
         problems = with_typos(typos, self.problems())
         if problems:
@@ -97,19 +103,24 @@ class SweepConfig(EvalOptions):
         found += arithmetic_problems(
             self.alphas, self.tau, self.uniform_weight, self.fallback_weight, alpha_flag="--alphas"
         )
-        if (self.retain_model is None) == (self.retain_logs is None):
+        if self.on_files:
+            found += self.files_problems(self.split)
+            for flag, given in (("--retain-model", self.retain_model), ("--retain-logs", self.retain_logs)):
+                if given is not None:
+                    found.append(f"{flag} gives TOFU's forget quality; on your files (--forget/--retain) no retain model is needed: drop it")
+        elif (self.retain_model is None) == (self.retain_logs is None):
             found.append("give exactly one of --retain-model DIR (θ_ret, evaluated first) or --retain-logs FILE (its eval JSON): forget quality needs it")
         if self.retain_model is not None and not self.retain_model.startswith("hf://") and not Path(self.retain_model).is_dir():
             found.append(f"--retain-model {self.retain_model} is not a directory")
         if self.retain_logs is not None and not Path(self.retain_logs).is_file():
             found.append(f"--retain-logs {self.retain_logs} does not exist; give the JSON `perta-stream eval` wrote for θ_ret")
-        if self.split not in TOFU_SPLITS:
+        if self.split is not None and self.split not in TOFU_SPLITS:
             found.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
         if self.eval_batch_size < 1:
             found.append(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
         found += self.eval_option_problems()
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
-        inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model)) if path})
+        inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model), ("forget", self.forget), ("retain", self.retain)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
         return found
 
@@ -163,6 +174,10 @@ class SweepConfig(EvalOptions):
             "system_prompt": self.system_prompt,
             "labels": self.labels,
             "holdout": self.holdout,
+            "forget": self.forget,
+            "retain": self.retain,
+            "question_key": self.question_key,
+            "answer_key": self.answer_key,
             "keep_models": self.keep_models,
             "max_memory_bytes": self.max_memory_bytes,
         }

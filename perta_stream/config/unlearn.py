@@ -21,24 +21,28 @@ from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
 from perta_stream.config.stats import StatsOptions
+from perta_stream.config.unlearn_own_model import AfterEvalOptions, OwnModelOptions
 from perta_stream.errors import PlanError, UsageError
 
 STATS_METHODS = ("grad", "fisher")
-DEFAULT_STATS_DIR_NAME = "perta_stats"
 CONFIG_COMMAND_PREFIX = "# perta-stream unlearn --config "
 
 
 @dataclass(frozen=True)
-class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
+class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions, AfterEvalOptions):
     """What `run_unlearn` does: the statistics options (`StatsOptions`), the merge options
-    (`MergeOptions`, `max_memory_bytes` being what the merge may add to the process's resident
-    memory when it starts, as statistics may have run in the same process), the options of a
-    Hub output (`HubPushOptions`), and these.
+    (`MergeOptions`; `max_memory_bytes` is what the merge may add to the process's resident
+    memory when it starts, as for `merge`), the options of a Hub output (`HubPushOptions`), θ_fgt
+    made from the user's model and the work folder (`OwnModelOptions`), the before/after
+    evaluation (`AfterEvalOptions`), and these.
 
     Attributes:
+        theta0, full, fgt: the three models (None with `model`, which gives all three).
         method: tv, uniform, grad or fisher.
-        forget, retain: the data files the statistics are computed on (grad and fisher only).
-        stats_dir: where the statistics are found or written; None means `perta_stats/` next to `out`.
+        forget, retain: the data files the statistics are computed on (grad and fisher only), and
+            with `model` the forget file θ_fgt is fine-tuned on; the evaluation's files.
+        stats_dir: where the statistics are found or written; None means a folder of the work
+            folder named by the stats model's content digest and the data (`stats_dir_for`).
         stats_model: the checkpoint the statistics are taken at; None means theta0.
         recompute_stats: replace a statistics directory that exists but does not match the inputs.
         dry_run: report what would be reused or computed and the merge plan; write nothing.
@@ -60,10 +64,12 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
         help="tv (mergekit: task_arithmetic), uniform, grad or fisher (default fisher: unlearn computes the statistics it needs); "
         "with --one-pass several, e.g. grad,fisher",
     )
-    forget: str | None = option(None, help="forget data file (.jsonl/.json) for the statistics")
-    retain: str | None = option(None, help="retain data file (.jsonl/.json) for the statistics")
+    forget: str | None = option(None, help="forget data file (.jsonl/.json): the statistics', theta_fgt's (--model) and the evaluation's")
+    retain: str | None = option(None, help="retain data file (.jsonl/.json): the statistics' and the evaluation's")
     stats_dir: str | None = option(
-        None, flags=("--stats", "--stats-dir"), help="statistics directory to reuse or create (default: perta_stats/ next to --out)"
+        None,
+        flags=("--stats", "--stats-dir"),
+        help="statistics directory to reuse or create (default: in the work folder, named by the model's content digest and the data)",
     )
     stats_model: str | None = option(None, help="checkpoint the statistics are taken at (default: --theta0)")
     recompute_stats: bool = option(False, help="replace a statistics directory computed from other inputs")
@@ -77,7 +83,7 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     config_only: bool = option(False, help="with --one-pass --dry-run: plan from the stats model's config.json alone")
 
     def __post_init__(self) -> None:
-        typos = normalize_inputs(self, "theta0", "full", "fgt", "stats_model")
+        typos = normalize_inputs(self, "theta0", "full", "fgt", "stats_model", "model")
         if self.method in METHOD_ALIASES:
             object.__setattr__(self, "method", METHOD_ALIASES[self.method])
         problems = with_typos(typos, self.problems())
@@ -98,12 +104,22 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
         return bool(self.stat_methods)
 
     @property
-    def effective_stats_dir(self) -> str:
-        """The statistics directory: the given one, or `perta_stats/` in the folder that holds the output."""
+    def work_folder_path(self) -> Path:
+        """The work folder (`--work-dir`, else `perta_work/` next to the first output)."""
+        return self.work_folder(output_dirs(self.out, self.alphas)[0])
+
+    def stats_dir_for(self, model_content_sha256: str, data_sha256: tuple[str, str]) -> str:
+        """The statistics directory: the given one, or the work folder's for this model (its
+        content digest) and these forget and retain files (their sha256) and encoding options,
+        so runs on other models or data in one folder never share one."""
         if self.stats_dir:
             return self.stats_dir
-        first_out = Path(output_dirs(self.out, self.alphas)[0])
-        return str(first_out.parent / DEFAULT_STATS_DIR_NAME)
+        import hashlib
+        import json
+
+        identity = json.dumps({"model": model_content_sha256, "data": list(data_sha256), **self.encoding()}, sort_keys=True)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return str(self.work_folder_path / f"stats-{model_content_sha256[:8]}-{key}")
 
     @property
     def effective_stats_model(self) -> str:
@@ -135,7 +151,6 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
         """The `MergeConfig` of this run's merge of `method` at `alphas` into `out`, its statistics
         in `stats` (None for tv and uniform)."""
         from perta_stream.config.merge import MergeConfig
-        from perta_stream.memory import current_rss_bytes
 
         return MergeConfig(
             **{
@@ -143,9 +158,6 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
                 **field_values(self, HubPushOptions),
                 "alphas": alphas,
                 "tau": self.tau if method in STATS_METHODS else None,
-                # Statistics may have run in this process (torch, the tokenizer); the budget is what the
-                # merge may add on top of what the process holds when it starts.
-                "max_memory_bytes": current_rss_bytes() + self.max_memory_bytes,
                 "out": out,
             },
             method=method,
@@ -171,9 +183,18 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
     def problems(self) -> list[str]:
         """Every inconsistency among the options (empty when the config is usable)."""
         found: list[str] = []
-        for name in ("theta0", "full", "fgt", "out"):
+        required = ("out",) if self.model else ("theta0", "full", "fgt", "out")
+        for name in required:
             if not getattr(self, name):
-                found.append(f"--{name} is required")
+                found.append(f"--{name} is required" + (" (or --model: your model, from which unlearn makes all three)" if name != "out" else ""))
+        found += self.own_model_problems({"--theta0": self.theta0, "--full": self.full, "--fgt": self.fgt})
+        found += self.after_eval_problems()
+        if not self.out:
+            return found + self.merge_option_problems() + self.stats_option_problems()  # the rest reads the output's location
+        if self.model and not self.forget:
+            found.append("--model needs --forget FILE: theta_fgt is fine-tuned on it")
+        if self.wants_eval(bool(self.model)) and not (self.forget and self.retain):
+            found.append("--eval needs --forget and --retain: the evaluation runs on those files")
         unknown = [method for method in self.methods if method not in METHODS]
         if unknown or not self.methods:
             found.append(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)} (several, comma-separated, with --one-pass)")
@@ -191,7 +212,9 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions):
             found.append(f"--kinds {','.join(self.kinds)} does not include {self.method}, which --method {self.method} needs")
         if self.tau is not None and not self.needs_stats:
             found.append(f"--tau is not used by --method {self.method}")
-        if self.stats_model is not None and self.stats_model not in (self.theta0, self.full, self.fgt):
+        if self.stats_model is not None and self.model is not None:
+            found.append("--stats-model: with --model the statistics are taken at your model (theta0 = theta_full); drop it")
+        elif self.stats_model is not None and self.stats_model not in (self.theta0, self.full, self.fgt):
             found.append(
                 f"--stats-model {self.stats_model} must be one of --theta0, --full, --fgt (the merge checks the statistics "
                 "against the bytes of the model they were computed at, which it reads anyway)"

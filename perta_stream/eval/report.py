@@ -50,7 +50,8 @@ class EvalResult:
         json_path: the JSON record written.
         markdown_path: the Markdown table written next to it.
         model: the evaluated checkpoint.
-        split: the TOFU forget split.
+        split: the TOFU forget split; None for one's own files (`metrics` then holds
+            eval/files_report.py's FILE_METRIC_KEYS).
         sample_counts: evaluated items per set (forget, retain, real_authors, world_facts).
         elapsed_s: wall time of the whole evaluation.
     """
@@ -59,11 +60,18 @@ class EvalResult:
     json_path: Path
     markdown_path: Path
     model: str
-    split: str
+    split: str | None
     sample_counts: dict[str, int]
     elapsed_s: float
 
     def summary(self) -> str:
+        if self.split is None:
+            counts = ", ".join(f"{name} {count}" for name, count in self.sample_counts.items())
+            return (
+                f"evaluated {self.model} on your files ({counts} records) in {self.elapsed_s:.1f} s: forget probability "
+                f"{self.metrics['forget_probability']:.4f}, retain utility {self.metrics['retain_utility']:.4f}; "
+                f"wrote {self.json_path} and {self.markdown_path}"
+            )
         quality = self.metrics["forget_quality"]
         quality_text = "n/a (no --retain-logs)" if quality is None else f"{quality:.4g}"
         return (

@@ -8,7 +8,9 @@ prints; a step interrupted halfway is redone):
 4. θ_full (forget + retain), θ_fgt (forget), θ_ret (retain) = θ_0 fine-tuned with `finetune`;
 5. gradient statistics at θ_0 (`stats`), grad and fisher;
 6. the sweep: every method at every α, evaluated on TOFU, table + JSON + trade-off plot.
-`<cache>/current` points at the latest build, so `configs/demo_*.yaml` can name its models.
+`<cache>/current` points at the latest build, so `configs/demo_*.yaml` can name its models, and
+the report and its plot are copied to the top of the cache folder: `<cache>/demo.md` beside
+`<cache>/tradeoff.png`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from pathlib import Path
 
 from perta_stream.config.demo import DemoConfig
 from perta_stream.demo.recipe import DemoRecipe
+from perta_stream.sinks.atomic_file import write_bytes_atomically, write_text_atomically
 from perta_stream.sinks.output_dir import partial_path
 from perta_stream.sinks.report import SweepRow, best_forget_quality, compare_at_matched_forgetting, format_markdown_table
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 CURRENT_LINK = "current"
+REPORT_NAME = "demo.md"
+PLOT_NAME = "tradeoff.png"
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +47,8 @@ class DemoResult:
         sweep_dir: the sweep's folder (table, JSON record, plot, per-model evaluations).
         rows: the evaluated models (full and retain references, then every merge).
         table: the Markdown table.
-        plot_path: the trade-off plot.
+        plot_path: the trade-off plot, `<cache>/tradeoff.png` (a copy of the sweep's).
+        report_path: `<cache>/demo.md`, what the demo prints, beside the plot.
         stage_s: wall seconds per stage (0 when it came from the cache).
         cached: the stages taken from the cache.
         elapsed_s: wall time of the whole run.
@@ -53,6 +59,7 @@ class DemoResult:
     rows: tuple[SweepRow, ...]
     table: str
     plot_path: Path
+    report_path: Path
     stage_s: dict[str, float]
     cached: tuple[str, ...]
     elapsed_s: float
@@ -72,8 +79,8 @@ class DemoResult:
         lines += [f"  {line}" for line in best_forget_quality(list(self.rows))]
         lines += [
             "",
-            f"plot:  {self.plot_path}",
-            f"table: {self.sweep_dir / 'sweep.md'}   record: {self.sweep_dir / 'sweep.json'}",
+            f"plot:  {self.plot_path}   (this report: {self.report_path})",
+            f"sweep: {self.sweep_dir / 'sweep.md'}   record: {self.sweep_dir / 'sweep.json'}",
             f"models: {self.build_dir}  (also {self.build_dir.parent / CURRENT_LINK})",
             f"time: {self.elapsed_s:.0f} s" + (f" (from cache: {', '.join(self.cached)})" if self.cached else ""),
         ]
@@ -149,16 +156,21 @@ def _run_demo(config: DemoConfig, on_stage: Callable[[str], None]) -> DemoResult
     from perta_stream.sinks.report import read_sweep_rows, sort_rows
 
     rows = tuple(sort_rows(read_sweep_rows(sweep_dir / "sweep.json")))
-    return DemoResult(
+    result = DemoResult(
         build_dir=build,
         sweep_dir=sweep_dir,
         rows=rows,
         table=format_markdown_table(rows),
-        plot_path=sweep_dir / "tradeoff.png",
+        plot_path=cache / PLOT_NAME,
+        report_path=cache / REPORT_NAME,
         stage_s=stage_s,
         cached=tuple(cached),
         elapsed_s=time.perf_counter() - started,
     )
+    # The report and its plot at the top of the cache folder, side by side: the build's folder name is a hash.
+    write_bytes_atomically(result.plot_path, (sweep_dir / PLOT_NAME).read_bytes())
+    write_text_atomically(result.report_path, result.report() + "\n")
+    return result
 
 
 def _make_base(recipe: DemoRecipe, tofu_dir: Path, data_dir: Path, init_dir: Path) -> None:

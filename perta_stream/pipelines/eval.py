@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
-    """Evaluate `config.model` on TOFU `config.split` and write `config.out` (+ `.md`).
+    """Evaluate `config.model` on TOFU `config.split` and write `config.out` (+ `.md`); with
+    `config.forget` and `config.retain`, on those files instead (pipelines/eval_files.py).
 
     Returns:
         EvalResult with every metric (forget quality None without retain logs) and the paths.
@@ -46,6 +47,11 @@ def run_eval(config: EvalConfig) -> EvalResult:
         CheckpointError: the model cannot be loaded.
         DatasetError: a TOFU record is malformed, or an answer exceeds --max-length.
     """
+    if config.on_files:
+        from perta_stream.pipelines.eval_files import run_files_eval
+
+        return run_files_eval(config)
+    assert config.split is not None  # EvalConfig requires a split or the files
     started = time.perf_counter()
     sets = load_eval_sets(config.tofu_dir, config.split, max_items=config.max_items)
     retain_logs = None

@@ -12,8 +12,10 @@ resumed, so the `.partial` folder of an interrupted run is discarded. It is how 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +47,9 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune"]
 
 RECORD_NAME = "perta_finetune.json"
 RECORD_FORMAT = "perta_finetune"
+# The time estimate is measured on the first steps: the first one pays one-time costs (allocator
+# warm-up, lazy initialization), so it is left out of the rate when later steps exist.
+ESTIMATE_STEPS = 3
 logger = logging.getLogger(__name__)
 
 
@@ -57,8 +62,9 @@ class FinetuneResult:
         samples: training samples (question-answer pairs).
         steps: optimizer steps taken.
         step_losses: the batch loss of every step, before its update.
-        epoch_losses: the mean step loss of every epoch.
+        epoch_losses: the mean step loss of every epoch (the last may be partial under max_steps).
         elapsed_s: wall time of the whole run.
+        estimated_train_s: the training time estimated from the first steps.
     """
 
     out: Path
@@ -67,6 +73,7 @@ class FinetuneResult:
     step_losses: tuple[float, ...]
     epoch_losses: tuple[float, ...]
     elapsed_s: float
+    estimated_train_s: float = 0.0
 
     def summary(self) -> str:
         return (
@@ -75,8 +82,12 @@ class FinetuneResult:
         )
 
 
-def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, *, on_stage: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune `config.model` on `config.data` and write the checkpoint to `config.out`.
+
+    Args:
+        on_stage: called with a line once the first steps are timed: how many steps, and how
+            long training will take at that rate (the CLI prints it).
 
     Raises:
         DatasetError: the data file is malformed, or an answer needs more than --max-length tokens.
@@ -103,19 +114,32 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         model = with_lora(model, config)
     model.train()
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = config.epochs * steps_per_epoch(len(encoded), config.batch_size)
+    per_epoch = steps_per_epoch(len(encoded), config.batch_size)
+    total_steps = config.epochs * per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
     warmup_steps = round(config.warmup_ratio * total_steps)
     scheduler = make_scheduler(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)
 
     step_losses: list[float] = []
     epoch_losses: list[float] = []
+    step_ends: list[float] = []
+    estimated_train_s = 0.0
+    training_started = time.perf_counter()
     with progress(total=total_steps, desc="fine-tuning", unit="step", unit_scale=False) as bar:
-        for epoch in range(config.epochs):
+        for epoch in range(math.ceil(total_steps / per_epoch)):
             epoch_start = len(step_losses)
             for batch in epoch_batches(encoded, batch_size=config.batch_size, seed=config.seed, epoch=epoch, pad_token_id=loaded.pad_token_id):
+                if len(step_losses) == total_steps:
+                    break
                 step_losses.append(train_step(model, batch, optimizer, scheduler, max_grad_norm=config.max_grad_norm))
+                step_ends.append(time.perf_counter())
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_losses[-1]:.4f}")
+                if len(step_ends) == min(ESTIMATE_STEPS, total_steps):
+                    estimated_train_s = estimate_training_s(training_started, step_ends, total_steps)
+                    if on_stage is not None:
+                        on_stage(describe_estimate(total_steps, len(encoded), config.batch_size, estimated_train_s, len(step_ends)))
             epoch_losses.append(sum(step_losses[epoch_start:]) / (len(step_losses) - epoch_start))
             logger.info("epoch %d: mean loss %.4f", epoch + 1, epoch_losses[-1])
 
@@ -149,6 +173,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             "epoch_losses": epoch_losses,
             "step_losses": step_losses,
             "elapsed_s": elapsed_s,
+            "estimated_train_s": estimated_train_s,
+            "train_s": step_ends[-1] - training_started,
         },
     )
     out = output.commit()
@@ -159,6 +185,26 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         step_losses=tuple(step_losses),
         epoch_losses=tuple(epoch_losses),
         elapsed_s=elapsed_s,
+        estimated_train_s=estimated_train_s,
+    )
+
+
+def estimate_training_s(started: float, step_ends: list[float], total_steps: int) -> float:
+    """The whole training's time from the first steps' end times: the steps after the first give
+    the rate (the first pays one-time costs and is counted as it was)."""
+    first_s = step_ends[0] - started
+    if len(step_ends) == 1:
+        return first_s * total_steps
+    rate_s = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+    return first_s + rate_s * (total_steps - 1)
+
+
+def describe_estimate(total_steps: int, samples: int, batch_size: int, estimated_s: float, measured_steps: int) -> str:
+    from perta_stream.durations import format_duration
+
+    return (
+        f"fine-tuning: {total_steps} steps of {batch_size} samples ({samples} samples); about {format_duration(estimated_s)} "
+        f"in all, measured on the first {measured_steps} step(s)"
     )
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from perta_stream import __version__
 from perta_stream.config.merge import MergeConfig
 from perta_stream.distributed import DistContext, distributed, partition_by_size
-from perta_stream.errors import DistributedError, PertaStreamError, PlanError, StatisticsError, UsageError
-from perta_stream.memory import RssWatchdog, current_rss_bytes, format_bytes, peak_rss_bytes
+from perta_stream.errors import DistributedError, PertaStreamError, PlanError, UsageError
+from perta_stream.memory import MemoryBaseline, RssWatchdog, format_bytes, peak_rss_bytes
 from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, describe_plan, plan_merge, task_read_bytes
 from perta_stream.progress import progress
 from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput, copy_side_files
@@ -23,8 +23,7 @@ from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.resolve import hub_inputs, hub_summary, is_hub_location, open_model_input
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_stats_identity, settled_before
-from perta_stream.sources.pinned_folder import check_inputs_unchanged
+from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_before_commit, settled_before
 from perta_stream.sources.stats_dir import StatsRecord, open_stats
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,8 @@ class MergeResult:
         elapsed_s, bytes_read, bytes_written, peak_rss_bytes: the run's measurements.
         copied_tensors: tensors copied from theta_full rather than merged.
         hub_inputs: `role hf://org/name@commit` of every input read from the Hub.
+        baseline_rss_bytes, added_peak_rss_bytes: the RSS when the merge started, and what it added at its peak.
+        kept_shards: shards a resumed run found finished and kept (verified by their sha256).
     """
 
     outputs: tuple[str, ...]
@@ -50,6 +51,9 @@ class MergeResult:
     peak_rss_bytes: int
     copied_tensors: tuple[str, ...]
     hub_inputs: tuple[str, ...] = ()
+    baseline_rss_bytes: int = 0
+    added_peak_rss_bytes: int = 0
+    kept_shards: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -57,11 +61,14 @@ class MergeResult:
 
     def summary(self) -> str:
         where = ", ".join(self.outputs)
+        resumed = f"resumed: kept {len(self.kept_shards)} finished shard(s); " if self.kept_shards else ""
         return (
-            f"merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
+            f"{resumed}merged into {where} in {self.elapsed_s:.1f} s: read {format_bytes(self.bytes_read)} "
             f"({self.read_gb_per_s:.2f} GB/s), wrote {format_bytes(self.bytes_written)}, "
-            f"peak RSS {format_bytes(self.peak_rss_bytes)}{hub_summary(self.hub_inputs)}"
+            f"peak RSS {format_bytes(self.peak_rss_bytes)} ({format_bytes(self.added_peak_rss_bytes)} above the "
+            f"{format_bytes(self.baseline_rss_bytes)} at the start){hub_summary(self.hub_inputs)}"
         )
+
 
 
 def run_merge(config: MergeConfig) -> MergeResult:
@@ -75,6 +82,8 @@ def run_merge(config: MergeConfig) -> MergeResult:
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before measuring the baseline RSS the buffers add to)
 
+    # --max-memory is what this merge may add to the memory the process holds now.
+    baseline = MemoryBaseline()
     inputs, sources, problems, stats_record = _open_inputs(config)
     for out_dir in config.out_dirs:
         if not is_hub_location(out_dir):
@@ -93,7 +102,7 @@ def run_merge(config: MergeConfig) -> MergeResult:
         max_shard_bytes=config.max_shard_bytes,
         max_memory_bytes=config.max_memory_bytes,
         chunk_bytes=config.chunk_bytes,
-        baseline_rss_bytes=current_rss_bytes(),
+        baseline_rss_bytes=baseline.baseline_rss_bytes,
         problems=problems,
         full_is_theta0=_same_model(inputs),
     )
@@ -102,11 +111,14 @@ def run_merge(config: MergeConfig) -> MergeResult:
             # Two statistics roles of one directory can report the same thing; say it once.
             raise PlanError("cannot merge", list(dict.fromkeys(problems)))
         if config.dry_run:
-            return MergeResult((), describe_plan(plan), time.perf_counter() - started, 0, 0, peak_rss_bytes(), ())
+            from perta_stream.pipelines.dry_run_time import merge_wall_time
+
+            text = f"{describe_plan(plan)}\n{merge_wall_time(plan)}"
+            return MergeResult((), text, time.perf_counter() - started, 0, 0, peak_rss_bytes(), (), baseline_rss_bytes=baseline.baseline_rss_bytes)
         # Under torchrun / accelerate launch every rank planned the same thing from the headers;
         # the ranks then split the output shards. The merge runs on CPUs: gloo carries the records.
         with distributed(device_type="cpu") as dist:
-            return _execute(config, plan, sources, started, dist, stats_record)
+            return _execute(config, plan, sources, started, dist, stats_record, baseline)
     finally:
         for source in sources.values():
             source.close()
@@ -185,13 +197,19 @@ def _shards_of_other_ranks(plan: MergePlan, done: set[str], dist: DistContext) -
 
 
 def _execute(
-    config: MergeConfig, plan: MergePlan, sources: dict[str, ByteSource], started: float, dist: DistContext, stats_record: StatsRecord | None
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    started: float,
+    dist: DistContext,
+    stats_record: StatsRecord | None,
+    baseline: MemoryBaseline,
 ) -> MergeResult:
     if dist.is_distributed and any(is_hub_location(out_dir) for out_dir in config.out_dirs):
         raise UsageError("--out hf://... is pushed by one process; run the merge without a launcher, or merge to a local --out under it")
     outputs = _make_outputs(config, dist.rank)
     try:
-        return _merge_into(config, plan, sources, started, dist, outputs, stats_record)
+        return _merge_into(config, plan, sources, started, dist, outputs, stats_record, baseline)
     finally:
         for output in outputs:
             output.close()
@@ -205,6 +223,7 @@ def _merge_into(
     dist: DistContext,
     outputs: list[ModelOutput],
     stats_record: StatsRecord | None,
+    baseline: MemoryBaseline,
 ) -> MergeResult:
     """Open (or resume) the outputs, stream every shard into them, and finalize them."""
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -239,8 +258,10 @@ def _merge_into(
     if dist.is_distributed:
         logger.info("rank %d of %d writes %d of %d shards", dist.rank, dist.world_size, len(plan.shards) - len(skip_shards), len(plan.shards))
     desc = f"merge [rank {dist.rank}]" if dist.is_distributed else "merge"
+    sampled_peak_bytes = 0
     if failure is None:
-        with progress(total=remaining_bytes, desc=desc) as bar, RssWatchdog(config.max_memory_bytes) as watchdog:
+        watchdog = RssWatchdog(plan.max_memory_bytes, baseline_bytes=plan.baseline_rss_bytes)
+        with progress(total=remaining_bytes, desc=desc) as bar, watchdog:
             try:
                 run_stream(
                     plan,
@@ -259,16 +280,18 @@ def _merge_into(
                 if not dist.is_distributed or not isinstance(exc, Exception):
                     raise
                 failure = exc
+        sampled_peak_bytes = watchdog.sampled_peak_bytes
     _collect_shards(outputs, failure, dist, hasher)
     elapsed_s = time.perf_counter() - started
     locations: list[str] | str = []
     if dist.is_main:
         try:
-            stats_content = _check_inputs(config, plan, sources, hasher, hash_role, settled, stats_record, outputs)
+            stats_content = check_before_commit(config, plan, sources, hasher, hash_role, settled, stats_record, outputs)
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
+                memory = baseline.record(sampled_peak_bytes)
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, memory))
         except Exception as exc:
             if not dist.is_distributed:
                 raise
@@ -288,6 +311,9 @@ def _merge_into(
         peak_rss_bytes=peak_rss_bytes(),
         copied_tensors=tuple(task.tensor_name for task in plan.copied),
         hub_inputs=hub_inputs(plan.inputs),
+        baseline_rss_bytes=baseline.baseline_rss_bytes,
+        added_peak_rss_bytes=baseline.added_peak_bytes(sampled_peak_bytes),
+        kept_shards=tuple(shard.file_name for shard in plan.shards if shard.file_name in done),
     )
 
 
@@ -317,42 +343,6 @@ def _join_outputs(outputs: list[ModelOutput], run_fingerprint: str, dist: DistCo
     except Exception as exc:
         return exc
     return None
-
-
-def _check_inputs(
-    config: MergeConfig,
-    plan: MergePlan,
-    sources: dict[str, ByteSource],
-    hasher: TensorHasher | None,
-    hash_role: str,
-    settled: str | None,
-    record: StatsRecord | None,
-    outputs: list[ModelOutput],
-) -> str | None:
-    """Before the commit: no input was rewritten during the run, and the statistics belong to the
-    input they are declared at (its content digest, hashed while streamed, is the record's; or
-    `settled` before the run, when that input is not streamed). Returns that digest (None without
-    statistics).
-
-    Raises:
-        InputChangedError, StatisticsError: nothing is committed; each output's partial folder
-            notes why, so a rerun is not told that --resume alone would finish it.
-    """
-    locations = {role: checkpoint.location for role, checkpoint in plan.inputs.items()}
-    check_inputs_unchanged(sources, locations, partial=_partials(outputs), outputs=outputs)
-    if hasher is None or record is None:
-        return settled
-    try:
-        return check_stats_identity(config, plan, sources, hasher, hash_role, record)
-    except StatisticsError as exc:
-        for output in outputs:
-            output.note_stopped(str(exc))
-        raise
-
-
-def _partials(outputs: list[ModelOutput]) -> str | None:
-    folders = [str(output.partial) for output in outputs if isinstance(output, LocalModelOutput)]
-    return ", ".join(folders) or None
 
 
 def _collect_shards(outputs: list[ModelOutput], failure: Exception | None, dist: DistContext, hasher: TensorHasher | None = None) -> None:

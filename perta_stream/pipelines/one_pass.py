@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perta_stream import __version__
-from perta_stream.config.merge import DEFAULT_TAU
 from perta_stream.config.unlearn import STATS_METHODS, UnlearnConfig
 from perta_stream.distributed import LaunchInfo
 from perta_stream.errors import PertaStreamError, PlanError, UsageError
@@ -46,7 +45,7 @@ from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, des
 from perta_stream.plan.one_pass_plan import one_pass_outputs
 from perta_stream.pipelines.one_pass_costs import MERGE_CHUNK_BYTES, config_only_comparison, merge_device, one_pass_comparison, run_reads, tau_of
 from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
-from perta_stream.plan.stats_plan import ModelShape, StatsPlan, group_tensor_names
+from perta_stream.plan.stats_plan import ModelShape, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path, remove_stale_partials
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
@@ -55,7 +54,6 @@ from perta_stream.sources.resolve import hub_inputs, is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:
-    import torch
 
     from perta_stream.compute.stats.resume_state import ResumeState
     from perta_stream.config.stats import StatsConfig
@@ -122,11 +120,13 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
             text = "\n".join([prepared.plan.to_text(), describe_plan(plan), comparison.to_text(), reads.to_text()])
             return UnlearnResult((), config.save_stats, None, text, 0.0, 0.0, time.perf_counter() - started, peak_rss_bytes())
         logger.info("%s\n%s", prepared.plan.to_text(), comparison.to_text())
-        locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started)
+        kept: list[str] = []
+        locations = _execute(config, stats_config, plan, inputs, sources, stats_checkpoint, stats_source, shape, prepared, outputs, started, kept)
     elapsed_s = time.perf_counter() - started
     return UnlearnResult(
         tuple(locations), config.save_stats, False if config.save_stats else None, None, elapsed_s, 0.0, elapsed_s, peak_rss_bytes(), one_pass=True,
         hub_inputs=hub_inputs({role: checkpoint for role, checkpoint in inputs.items() if role != "stats" or checkpoint is not inputs.get("theta0")}),
+        resumed=tuple(kept),
     )  # fmt: skip
 
 
@@ -208,7 +208,7 @@ def _plan(
         out_dirs=tuple(folders),
         out_dtype=config.out_dtype,
         max_shard_bytes=config.max_shard_bytes,
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        max_memory_bytes=config.max_memory_bytes,
         # Small chunks: the merge step's buffers add to the sweep's memory, and the kernel works
         # in cache-sized blocks anyway (a larger chunk only saves read calls).
         chunk_bytes=MERGE_CHUNK_BYTES,
@@ -263,8 +263,10 @@ def _execute(
     prepared: dict[str, Any],
     outputs: tuple[tuple[str, float, str], ...],
     started: float,
+    kept_notes: list[str],
 ) -> list[str]:
-    """Open the outputs, sweep, finish every output; returns the output folders."""
+    """Open the outputs, sweep, finish every output; returns the output folders (and adds to
+    `kept_notes` what a resume kept of each)."""
     import torch
 
     from perta_stream.compute.merge_kernel import MergeKernel
@@ -290,7 +292,7 @@ def _execute(
             fingerprints.append(fingerprint)
             kept = output.open(fingerprint)
             if kept:
-                logger.info("resuming %s: %d of %d shards kept", out_dir, len(kept), len(plan.shards))
+                kept_notes.append(f"{out_dir}: kept {len(kept)} of {len(plan.shards)} finished shard(s)")
             layered[(method, alpha)] = LayeredModelOutput(output, layout, fingerprint)
             stack.callback(layered[(method, alpha)].close)
         # Without --save-stats, the sweep's resume state and boundary spill live inside the

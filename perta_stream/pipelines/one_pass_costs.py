@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perta_stream.config.merge import DEFAULT_TAU
@@ -27,6 +26,7 @@ from perta_stream.plan.one_pass_plan import (
     theta0_loaded_bytes,
 )
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan
+from perta_stream.pipelines.stats_steps import model_config_path
 
 if TYPE_CHECKING:
     import torch
@@ -182,8 +182,9 @@ def config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) -> 
     from perta_stream.pipelines.stats import config_only_plan
 
     stats_plan = config_only_plan(stats_config).plan
-    shape_config = json.loads(_config_path(stats_config.model).read_text(encoding="utf-8"))
-    shape = ModelShape.from_config(shape_config, where=str(_config_path(stats_config.model)))
+    config_path = model_config_path(stats_config.model)
+    shape_config = json.loads(config_path.read_text(encoding="utf-8"))
+    shape = ModelShape.from_config(shape_config, where=str(config_path))
     numel = sum(math.prod(dims) for dims in shape.tensor_shapes().values())
     model_bytes = numel * shape.weight_dtype_bytes
     chunk_elements = MERGE_CHUNK_BYTES // shape.weight_dtype_bytes
@@ -205,8 +206,3 @@ def config_only_comparison(config: UnlearnConfig, stats_config: StatsConfig) -> 
     adapter = lora_bytes(shape.tensor_shapes(), ASSUMED_RANK, shape.weight_dtype_bytes)
     reads = reads_by_input(config, stats_plan, tensors, compute_dtype_bytes, adapter, f"rank-{ASSUMED_RANK} LoRA (all linear)")
     return comparison, stats_plan, reads
-
-
-def _config_path(model: str) -> Path:
-    path = Path(model)
-    return path / "config.json" if path.is_dir() else path

@@ -38,6 +38,7 @@ from perta_stream.pipelines.stats_steps import (
     sweep_other_rank,
 )
 from perta_stream.plan.stats_plan import ModelShape, StatsPlan
+from perta_stream.pipelines.dry_run_time import checkpoint_files
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sinks.stats_record import run_identity, stats_record
 from perta_stream.sources.byte_source import ByteSource
@@ -68,13 +69,15 @@ class StatsResult:
     boundary_peak_disk_bytes: int = 0
     boundary_spilled: int = 0
     hub_inputs: tuple[str, ...] = ()
+    resumed: str | None = None
 
     def summary(self) -> str:
         if self.out is None or self.record is None:
             return self.plan_text or ""
         losses = "".join(f", {name} loss {value:.4f}" for name, value in self.mean_loss.items()).removeprefix(", ")
         return (
-            f"wrote statistics ({','.join(self.record.kinds)}) to {self.out}{': ' if losses else ''}{losses}; "
+            (f"resumed: {self.resumed}; " if self.resumed else "")
+            + f"wrote statistics ({','.join(self.record.kinds)}) to {self.out}{': ' if losses else ''}{losses}; "
             f"{self.record.elapsed_s:.1f} s, peak RSS {format_bytes(self.record.peak_rss_bytes or 0)}{hub_summary(self.hub_inputs)}"
         )
 
@@ -113,7 +116,8 @@ def run_stats(config: StatsConfig) -> StatsResult:
             AtomicOutputDir(config.out or "", overwrite=config.overwrite, keep_partial=config.resume).check_partial()
         prepared = prepare_sweep(config, checkpoint, shape)
         if config.dry_run:
-            return StatsResult(plan=prepared.plan, plan_text=prepared.plan.to_text())
+            files = checkpoint_files(checkpoint.location, [shard.file_name for shard in checkpoint.shards])
+            return StatsResult(plan=prepared.plan, plan_text=with_wall_time(prepared.plan, prepared.device, prepared.compute_dtype, files, config.out))
         logger.info("%s", prepared.plan.to_text())
         # Under torchrun / accelerate launch: one process per GPU, the samples split across them.
         with distributed(device_type=prepared.device) as dist:
@@ -153,9 +157,11 @@ def _compute(
         # resume state stay for --resume (the boundary spill directory is deleted on the way out).
         store = open_store(config, checkpoint, shape, output, resumed)
         start = resume_start(resumed, store, shape)
+        kept = None
         if resumed.finished:
             where = "nothing left to compute" if store.complete else "continuing from " + ("the start" if start is None else f"the state saved at {start.position}")
-            logger.info("resuming %s: %d shards kept, %s", output.partial, len(resumed.finished), where)
+            kept = f"kept {len(resumed.finished)} finished shard(s) of {output.partial} (sha256 verified), {where}"
+            logger.info("resuming: %s", kept)
         BoundaryStore.remove_leftovers(output.partial)  # a killed run's spill files; never part of an output
         report = EngineReport(mean_loss=dict(resumed.mean_loss))
         hasher = TensorHasher()
@@ -167,10 +173,12 @@ def _compute(
         store.finish(record)
         out = output.commit()
         dist.broadcast_object((str(out), record))  # the other ranks return the same result
-        return _result(plan, out, record, report, checkpoint)
+        return _result(plan, out, record, report, checkpoint, kept)
 
 
-def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport, checkpoint: Checkpoint) -> StatsResult:
+def _result(
+    plan: StatsPlan, out: Path, record: StatsRecord, report: EngineReport, checkpoint: Checkpoint, resumed: str | None = None
+) -> StatsResult:
     """The result of a finished sweep: where it was written, and what the engine's report saw."""
     return StatsResult(
         hub_inputs=hub_inputs({"model": checkpoint}),
@@ -181,10 +189,27 @@ def _result(plan: StatsPlan, out: Path, record: StatsRecord, report: EngineRepor
         boundary_peak_ram_bytes=report.boundary_peak_ram_bytes,
         boundary_peak_disk_bytes=report.boundary_peak_disk_bytes,
         boundary_spilled=report.boundary_spilled,
+        resumed=resumed,
     )
 
 
 def config_only_plan(config: StatsConfig) -> StatsResult:
-    """The plan of a run from the model's config.json alone (`--config-only`)."""
+    """The plan of a run from the model's config.json alone (`--config-only`; a Hub model's
+    config.json is fetched, nothing else), with its wall time on this machine."""
+    import torch
+
     plan = plan_from_config(config)
-    return StatsResult(plan=plan, plan_text=plan.to_text())
+    # The plan is for a GPU unless --device cpu; a machine without one measures its CPU and says so.
+    device = plan.device if plan.device == "cpu" or torch.cuda.is_available() else "cpu"
+    text = with_wall_time(plan, device, config.compute_dtype_on(device), [], config.out)
+    if device != plan.device:
+        text += " [no GPU here: the compute time is this CPU's, a GPU's is far shorter; plan with --device cpu to match]"
+    return StatsResult(plan=plan, plan_text=text)
+
+
+def with_wall_time(plan: StatsPlan, device: str, compute_dtype: str, read_paths: list, out: str | None) -> str:
+    """The plan's text and its wall time at this machine's measured speed (dry_run_time.py)."""
+    from perta_stream.pipelines.dry_run_time import measure, stats_line
+
+    speed = measure(device=device, dtype_name=compute_dtype, num_parameters=plan.num_parameters, num_layers=plan.num_layers, read_paths=read_paths, write_to=out)
+    return f"{plan.to_text()}\n{stats_line(plan, speed)}"

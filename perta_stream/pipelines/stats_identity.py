@@ -1,4 +1,5 @@
-"""Which θ_0 the statistics of a merge were computed at, checked before the merge commits.
+"""What a merge checks before it commits: no input was rewritten while it was read, and the
+statistics were computed at the θ_0 they are declared at.
 
 The statistics record the content digest of their model (`perta_stats.json`). `merge` compares
 it with the digest of the input they belong to: taken while that input is streamed (a dense θ_fgt,
@@ -14,9 +15,11 @@ from perta_stream.config.merge import MergeConfig
 from perta_stream.errors import StatisticsError
 from perta_stream.memory import format_bytes
 from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan
+from perta_stream.sinks.model_output import LocalModelOutput, ModelOutput
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
+from perta_stream.sources.pinned_folder import check_inputs_unchanged
 from perta_stream.sources.stats_dir import StatsRecord, check_stats_content
 
 logger = logging.getLogger(__name__)
@@ -75,3 +78,39 @@ def check_stats_identity(
     actual = hasher.complete(checkpoint, sources[hash_role])
     check_stats_content(record, str(config.stats), flag, checkpoint.location, actual)
     return actual
+
+
+def check_before_commit(
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: dict[str, ByteSource],
+    hasher: TensorHasher | None,
+    hash_role: str,
+    settled: str | None,
+    record: StatsRecord | None,
+    outputs: list[ModelOutput],
+) -> str | None:
+    """Before the commit: no input was rewritten during the run, and the statistics belong to the
+    input they are declared at (its content digest, hashed while streamed, is the record's; or
+    `settled` before the run, when that input is not streamed). Returns that digest (None without
+    statistics).
+
+    Raises:
+        InputChangedError, StatisticsError: nothing is committed; each output's partial folder
+            notes why, so a rerun is not told that --resume alone would finish it.
+    """
+    locations = {role: checkpoint.location for role, checkpoint in plan.inputs.items()}
+    check_inputs_unchanged(sources, locations, partial=_partials(outputs), outputs=outputs)
+    if hasher is None or record is None:
+        return settled
+    try:
+        return check_stats_identity(config, plan, sources, hasher, hash_role, record)
+    except StatisticsError as exc:
+        for output in outputs:
+            output.note_stopped(str(exc))
+        raise
+
+
+def _partials(outputs: list[ModelOutput]) -> str | None:
+    folders = [str(output.partial) for output in outputs if isinstance(output, LocalModelOutput)]
+    return ", ".join(folders) or None

@@ -75,9 +75,7 @@ def plan_from_config(config: StatsConfig) -> StatsPlan:
     """
     from perta_stream.compute.stats.skeleton import config_tensor_shapes
 
-    config_path = Path(config.model)
-    if config_path.is_dir():
-        config_path = config_path / "config.json"
+    config_path = model_config_path(config.model)
     try:
         model_config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -88,6 +86,20 @@ def plan_from_config(config: StatsConfig) -> StatsPlan:
     lengths = {name: estimated_lengths(config, getattr(config, name)) for name in DATASETS}
     device = "cpu" if config.device == "cpu" else "cuda"
     return _plan(config, shape, config_tensor_shapes(model_config, where=str(config_path)), lengths, device, tokens_estimated=True)
+
+
+def model_config_path(model: str) -> Path:
+    """The config.json of `model`: a file, a folder's, or a Hub model's (fetched alone).
+
+    Raises:
+        HubError: a Hub model's config.json cannot be fetched.
+    """
+    if model.startswith("hf://"):
+        from perta_stream.sources.hub import download_config_json
+
+        return download_config_json(model)
+    path = Path(model)
+    return path / "config.json" if path.is_dir() else path
 
 
 def _plan(config: StatsConfig, shape: ModelShape, shapes: dict[str, Any], lengths: dict[str, list[int]], device: str, **extra: Any) -> StatsPlan:

@@ -7,7 +7,10 @@ Recipe, top to bottom:
    is evaluated (and deleted afterwards unless models are kept);
 4. write `sweep.md` (the table), `sweep.json` (every metric, the options, timings) and
    `tradeoff.png` (forget quality against model utility).
-Everything is written into `<out>.partial/` and renamed to `<out>` at the end.
+Everything is written into `<out>.partial/` and renamed to `<out>` at the end. On one's own files
+(`--forget --retain`) step 1 is skipped (no retain model), every merge is evaluated beside θ_full
+with the metrics that need no retain model, and the plot trades the forget probability against
+the retain utility.
 """
 
 from __future__ import annotations
@@ -22,14 +25,26 @@ from pathlib import Path
 from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.merge import MergeConfig, format_alpha
-from perta_stream.config.eval import EvalOptions
+from perta_stream.config.eval import EvalOptions, QaFilesOptions
 from perta_stream.config.options import field_values
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
 from perta_stream.errors import OutputExistsError
-from perta_stream.memory import current_rss_bytes, peak_rss_bytes
+from perta_stream.memory import peak_rss_bytes
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
-from perta_stream.sinks.report import MERGE, REFERENCE, SweepRow, format_markdown_table, row_label, sort_rows, write_sweep_report
+from perta_stream.sinks.report import (
+    FILE_AXES,
+    FILE_TABLE_COLUMNS,
+    MERGE,
+    REFERENCE,
+    TABLE_COLUMNS,
+    TOFU_AXES,
+    SweepRow,
+    format_markdown_table,
+    row_label,
+    sort_rows,
+    write_sweep_report,
+)
 
 __all__ = ["SweepConfig", "SweepResult", "run_sweep"]
 
@@ -101,15 +116,22 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         return result
 
     # 1. The retain-only reference: its forget-set truth ratios define forget quality for all rows.
-    if given_reference is None:
+    # On one's own files there is none; every model is evaluated beside θ_full instead.
+    retain_logs: str | None = None
+    if config.on_files:
+        pass
+    elif given_reference is None:
         retain_logs = str(evaluate(str(config.retain_model), "retain", None).json_path)
         retain_metrics = _reference_metrics(retain_logs, config)
     else:
         retain_logs, retain_metrics = str(config.retain_logs), given_reference
-    rows.append(SweepRow(label="retain", kind=REFERENCE, metrics=retain_metrics, model_dir=config.retain_model, eval_json=_relative(retain_logs, work)))
+    if not config.on_files:
+        rows.append(SweepRow(label="retain", kind=REFERENCE, metrics=retain_metrics, model_dir=config.retain_model, eval_json=_relative(str(retain_logs), work)))
 
     # 2. The model to clean.
     full = evaluate(config.full, "full", retain_logs)
+    if config.on_files:
+        retain_logs = str(full.json_path)  # every merge's evaluation shows θ_full's answers beside its own
     rows.append(SweepRow(label="full", kind=REFERENCE, metrics=_floats(full.metrics), model_dir=config.full, eval_json=_relative(full.json_path, work)))
 
     # 3. Every method at every alpha: one merge pass per method, then one evaluation per output.
@@ -136,12 +158,14 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             shutil.rmtree(work / "models" / method, ignore_errors=True)
 
     # 4. The report, then the folder becomes final.
-    table = format_markdown_table(rows)
+    columns, axes = (FILE_TABLE_COLUMNS, FILE_AXES) if config.on_files else (TABLE_COLUMNS, TOFU_AXES)
+    table = format_markdown_table(rows, columns)
     elapsed_s = time.perf_counter() - started
     record = {
         "format": SWEEP_FORMAT,
         "format_version": SWEEP_FORMAT_VERSION,
         "tool_version": __version__,
+        "data": "files" if config.on_files else "tofu",
         "config": config.to_dict(),
         "table": TABLE_NAME,
         "plot": PLOT_NAME,
@@ -150,8 +174,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         "eval_s": eval_s,
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    write_sweep_report(rows, table_path=work / TABLE_NAME, json_path=work / RECORD_NAME, record=record)
-    write_tradeoff_plot(rows, work / PLOT_NAME, title=config.title or f"PerTA sweep on TOFU {config.split}: forgetting vs utility")
+    write_sweep_report(rows, table_path=work / TABLE_NAME, json_path=work / RECORD_NAME, record=record, columns=columns)
+    where = "your files" if config.on_files else f"TOFU {config.split}"
+    write_tradeoff_plot(rows, work / PLOT_NAME, title=config.title or f"PerTA sweep on {where}: forgetting vs utility", axes=axes)
     final = output.commit()
     return SweepResult(
         out=final,
@@ -166,10 +191,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     )
 
 
-def _eval_config(config: SweepConfig, model_dir: str, out: str, retain_logs: str | None) -> EvalConfig:
-    return EvalConfig(
-        **field_values(config, EvalOptions), model=model_dir, split=config.split, out=out, retain_logs=retain_logs, batch_size=config.eval_batch_size
-    )
+def _eval_config(config: SweepConfig, model_dir: str, out: str, reference: str | None) -> EvalConfig:
+    """TOFU: `reference` is θ_ret's record (retain logs); files: θ_full's (shown as "before")."""
+    shared = {**field_values(config, EvalOptions), "model": model_dir, "out": out, "batch_size": config.eval_batch_size}
+    if config.on_files:
+        return EvalConfig(**shared, **field_values(config, QaFilesOptions), before=reference)
+    return EvalConfig(**shared, split=config.split, retain_logs=reference)
 
 
 def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
@@ -184,9 +211,8 @@ def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
         tau=config.tau if method in STATS_METHODS else None,
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,
-        # The sweep process already holds torch and the evaluation's allocations; the budget is
-        # what the merge may add on top of them.
-        max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+        # What the merge may add to what the sweep process holds (torch, the evaluations' allocations).
+        max_memory_bytes=config.max_memory_bytes,
     )
 
 

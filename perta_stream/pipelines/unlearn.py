@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from perta_stream.config.finetune import FinetuneConfig
 from perta_stream.config.unlearn import UnlearnConfig
 from perta_stream.errors import StatisticsError
 from perta_stream.sources.resolve import hub_summary
@@ -27,6 +29,7 @@ from perta_stream.sources.stats_dir import StatsRecord
 __all__ = ["StatsIdentity", "UnlearnConfig", "UnlearnResult", "run_unlearn", "stats_mismatches"]
 
 logger = logging.getLogger(__name__)
+FINETUNE_BATCH_SIZE = FinetuneConfig.__dataclass_fields__["batch_size"].default
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class UnlearnResult:
         stats_s, merge_s, elapsed_s: wall time per stage and in total.
         peak_rss_bytes: the merge's peak resident memory.
         one_pass: statistics and merge ran as one sweep (`stats_s` is then the whole run).
+        resumed: what an interrupted run's folders gave this one (kept shards), one line each.
+        fgt_dir, fgt_reused, fgt_s: θ_fgt made from `--model` (None when it was given).
+        eval_table, eval_table_path, eval_s: the before/after evaluation (None without one).
     """
 
     outputs: tuple[str, ...]
@@ -81,18 +87,34 @@ class UnlearnResult:
     peak_rss_bytes: int
     one_pass: bool = False
     hub_inputs: tuple[str, ...] = ()
+    resumed: tuple[str, ...] = ()
+    fgt_dir: str | None = None
+    fgt_reused: bool | None = None
+    fgt_s: float = 0.0
+    eval_table: str | None = None
+    eval_table_path: str | None = None
+    eval_s: float = 0.0
 
     def summary(self) -> str:
+        parts = [f"resumed: {'; '.join(self.resumed)}"] if self.resumed else []
+        if self.fgt_dir is not None:
+            parts.append(f"reused theta_fgt {self.fgt_dir}" if self.fgt_reused else f"made theta_fgt {self.fgt_dir} in {self.fgt_s:.1f} s")
+        parts.append(self._merge_summary())
+        if self.eval_table_path is not None:
+            parts.append(f"evaluated before and after in {self.eval_s:.1f} s ({self.eval_table_path})")
+        return "; ".join(parts) + f" (total {self.elapsed_s:.1f} s)"
+
+    def _merge_summary(self) -> str:
         if self.one_pass:
             saved = f"; statistics saved to {self.stats_dir}" if self.stats_dir else ""
-            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.elapsed_s:.1f} s{saved}{hub_summary(self.hub_inputs)}"
+            return f"one pass: statistics and merge into {', '.join(self.outputs)} in {self.stats_s:.1f} s{saved}{hub_summary(self.hub_inputs)}"
         if self.stats_reused is None:
             stats_text = "no statistics needed"
         elif self.stats_reused:
             stats_text = f"reused statistics {self.stats_dir}"
         else:
             stats_text = f"computed statistics into {self.stats_dir} in {self.stats_s:.1f} s"
-        return f"{stats_text}; merged {', '.join(self.outputs)} in {self.merge_s:.1f} s (total {self.elapsed_s:.1f} s){hub_summary(self.hub_inputs)}"
+        return f"{stats_text}; merged {', '.join(self.outputs)} in {self.merge_s:.1f} s{hub_summary(self.hub_inputs)}"
 
 
 def expected_stats_identity(config: UnlearnConfig) -> StatsIdentity:
@@ -148,43 +170,115 @@ def stats_mismatches(record: StatsRecord, expected: StatsIdentity) -> list[str]:
     return found
 
 
-def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
+def run_unlearn(config: UnlearnConfig, *, on_stage: Callable[[str], None] | None = None) -> UnlearnResult:
     """Make sure matching statistics exist (grad, fisher), then merge every α; with
     `config.one_pass`, both in one sweep with no statistics directory (pipelines/one_pass.py).
+    With `config.model`, θ_fgt is made (or reused) first; with the evaluation, every output is
+    evaluated beside θ_full on the forget and retain files.
+
+    Args:
+        on_stage: called with a line as each stage starts or reuses its result (the CLI prints them).
 
     Raises:
         StatisticsError: the statistics directory exists but was computed from other inputs
             (and recompute_stats is off); the message lists every difference.
-        PlanError, CheckpointError, DatasetError, WriteError: from the stats and merge stages.
+        PlanError, CheckpointError, DatasetError, WriteError: from the fine-tuning, stats, merge
+            and evaluation stages.
     """
-    from perta_stream.pipelines.merge import run_merge
-
+    started = time.perf_counter()
+    say = on_stage or (lambda line: None)
+    evaluate = config.wants_eval(config.model is not None)
+    plans: list[str] = []
+    forget_model = None
+    if config.model is not None:
+        config, forget_model, plan = _with_forget_model(config, say)
+        if plan is not None:
+            plans.append(plan)
     if config.one_pass:
         from perta_stream.pipelines.one_pass import run_one_pass
 
-        return run_one_pass(config)
+        result = run_one_pass(config)
+    else:
+        result = _stats_then_merge(config, say)
+    if plans and result.plan_text is not None:
+        result = replace(result, plan_text="\n".join([*plans, result.plan_text]))
+    if forget_model is not None:
+        result = replace(result, fgt_dir=forget_model.path, fgt_reused=forget_model.reused, fgt_s=forget_model.elapsed_s)
+    if evaluate and not config.dry_run:
+        from perta_stream.pipelines.unlearn_eval import evaluate_before_after
+
+        eval_started = time.perf_counter()
+        table, table_path = evaluate_before_after(config, result.outputs, on_stage=say)
+        result = replace(result, eval_table=table, eval_table_path=str(table_path), eval_s=time.perf_counter() - eval_started)
+    return replace(result, elapsed_s=time.perf_counter() - started)
+
+
+def _with_forget_model(config: UnlearnConfig, say: Callable[[str], None]) -> tuple[UnlearnConfig, Any, str | None]:
+    """`--model MINE`: θ_0 = θ_full = MINE, θ_fgt made (or found) in the work folder."""
+    from perta_stream.pipelines.forget_model import forget_model_config, make_forget_model
+    from perta_stream.sinks.work_folder import WorkFolder
+
+    assert config.model is not None
+    work = WorkFolder(config.work_folder_path)
+    say(f"[unlearn] your model: {config.model}; work folder {work.path}")
+    # A dry run reads no weights: θ_fgt's folder is named by the model's digest only when it is cached.
+    digest = work.cached_content_sha256(config.model) if config.dry_run else work.content_sha256(config.model)
+    if digest is None:
+        forget_model, plan = None, f"theta_fgt: fine-tune {config.model} on {config.forget} into {work.path}/fgt-... (named once the model is read)"
+    else:
+        forget_model, plan = make_forget_model(forget_model_config(config, work, digest), on_stage=say, dry_run=config.dry_run)
+    if config.dry_run and (forget_model is None or not forget_model.reused):
+        from perta_stream.pipelines.dry_run_time import forget_model_wall_time
+        from perta_stream.sources.encoded_data import estimated_lengths
+
+        lengths = estimated_lengths(replace(config, fraction=1.0), str(config.forget))
+        plan += "\n" + forget_model_wall_time(
+            config.model, lengths, epochs=config.epochs, max_steps=config.max_steps, batch_size=FINETUNE_BATCH_SIZE, device=config.device, write_to=str(work.path / "x")
+        )
+    # A dry run plans the merge with the model itself as θ_fgt: a full fine-tune keeps its tensors' names, shapes and dtypes.
+    fgt = forget_model.path if forget_model is not None and (forget_model.reused or not config.dry_run) else config.model
+    resolved = replace(config, model=None, theta0=config.model, full=config.model, fgt=fgt, evaluate=config.wants_eval(True), work_dir=str(work.path))
+    return resolved, forget_model, plan
+
+
+def _stats_then_merge(config: UnlearnConfig, say: Callable[[str], None]) -> UnlearnResult:
+    """The two-pass way: statistics (computed, or reused when they match), then the merge."""
+    from perta_stream.pipelines.merge import run_merge
+
     started = time.perf_counter()
     stats_dir: str | None = None
     reused: bool | None = None
     stats_s = 0.0
     plans: list[str] = []
+    notes: list[str] = []
     if config.needs_stats:
-        stats_dir = config.effective_stats_dir
+        stats_dir = _stats_dir(config)
         stats_started = time.perf_counter()
-        reused, stats_plan = _ensure_stats(config, stats_dir)
+        if stats_dir is None:
+            unnamed = str(config.work_folder_path / "stats-...")
+            plans.append(f"stats: compute into {unnamed} (named by the model's content digest, known once the model is read)")
+            plans.append(_run_stats(config, unnamed, overwrite=False).plan_text or "")
+        else:
+            if not config.dry_run:
+                say(f"[unlearn] statistics: {stats_dir}")
+            reused, stats_plan = _ensure_stats(config, stats_dir, notes)
+            if stats_plan is not None:
+                plans.append(stats_plan)
         stats_s = time.perf_counter() - stats_started
-        if stats_plan is not None:
-            plans.append(stats_plan)
 
     if config.dry_run and config.needs_stats and not reused:
         plans.append(f"merge: {config.method} at alpha {', '.join(f'{a:g}' for a in config.alphas)} once the statistics exist")
         return UnlearnResult((), stats_dir, reused, "\n".join(plans), stats_s, 0.0, time.perf_counter() - started, 0)
 
+    if not config.dry_run:
+        say(f"[unlearn] merging {config.method} at alpha {', '.join(f'{a:g}' for a in config.alphas)} into {config.out}")
     merge_started = time.perf_counter()
     merged = run_merge(config.merge_config(out=config.out, method=config.method, alphas=config.alphas, stats=stats_dir))
     merge_s = time.perf_counter() - merge_started
     if merged.plan_text is not None:
         plans.append(merged.plan_text)
+    if merged.kept_shards:
+        notes.append(f"the merge kept {len(merged.kept_shards)} finished shard(s)")
     return UnlearnResult(
         outputs=merged.outputs,
         stats_dir=stats_dir,
@@ -195,10 +289,26 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
         elapsed_s=time.perf_counter() - started,
         peak_rss_bytes=merged.peak_rss_bytes,
         hub_inputs=merged.hub_inputs,
+        resumed=tuple(notes),
     )
 
 
-def _ensure_stats(config: UnlearnConfig, stats_dir: str) -> tuple[bool, str | None]:
+def _stats_dir(config: UnlearnConfig) -> str | None:
+    """The statistics directory: `--stats-dir`, else the work folder's for the stats model's
+    content digest and the data (None in a dry run that has not read the model yet)."""
+    from perta_stream.hashing import file_sha256
+    from perta_stream.sinks.work_folder import WorkFolder
+
+    if config.stats_dir:
+        return config.stats_dir
+    work = WorkFolder(config.work_folder_path)
+    digest = work.cached_content_sha256(config.effective_stats_model) if config.dry_run else work.content_sha256(config.effective_stats_model)
+    if digest is None:
+        return None
+    return config.stats_dir_for(digest, (file_sha256(str(config.forget)), file_sha256(str(config.retain))))
+
+
+def _ensure_stats(config: UnlearnConfig, stats_dir: str, notes: list[str]) -> tuple[bool, str | None]:
     """(reused, dry-run plan text): reuse, compute, or refuse the statistics directory."""
     from perta_stream.sources.stats_dir import read_stats_record
 
@@ -219,6 +329,8 @@ def _ensure_stats(config: UnlearnConfig, stats_dir: str) -> tuple[bool, str | No
             )
         logger.info("statistics %s differ (%s); recomputing", stats_dir, "; ".join(differences))
     result = _run_stats(config, stats_dir, overwrite=exists)
+    if getattr(result, "resumed", None):
+        notes.append(f"the statistics {result.resumed}")
     if config.dry_run:
         return False, f"stats: compute into {stats_dir}\n{result.plan_text or ''}".rstrip()
     return False, None

@@ -22,8 +22,8 @@ STAT_ROLES = {"grad": ("forget.grad", "retain.grad"), "fisher": ("forget.fisher"
 STAT_DTYPES = frozenset({"F32", "BF16"})
 # Buffers in flight: one chunk being read, one computed, one queued for writing on each side.
 PIPELINE_DEPTH = 3
-# Room for the interpreter, thread stacks, the kernel's block-sized scratch and allocator slack
-# beyond the baseline RSS measured after importing torch.
+# Room for thread stacks, the kernel's block-sized scratch, the modules the merge imports and
+# allocator slack: what the merge adds besides its buffers to the RSS it starts from.
 RUNTIME_MARGIN_BYTES = 48 * 2**20
 MIN_CHUNK_ELEMENTS = 1 << 16
 MAX_CHUNK_ELEMENTS = 1 << 24
@@ -96,8 +96,11 @@ class MergePlan:
         chunk_elements: elements per chunk; larger tensors are processed in slices.
         bytes_to_read: input bytes read in one pass.
         bytes_to_write: output bytes written, summed over all alphas.
-        estimated_peak_rss_bytes: baseline RSS + buffers + margin.
-        max_memory_bytes: the budget the estimate was checked against.
+        baseline_rss_bytes: the process's RSS when the merge started (torch imported, and
+            whatever the caller holds).
+        estimated_added_bytes: what the merge adds to it: buffers, adapter factors and margin.
+        max_memory_bytes: the budget the estimate was checked against: what the merge may add
+            to the baseline (`--max-memory`).
         full_is_theta0: θ_full and θ_0 are one checkpoint: a chunk both need is read once.
     """
 
@@ -106,7 +109,8 @@ class MergePlan:
     chunk_elements: int
     bytes_to_read: int
     bytes_to_write: int
-    estimated_peak_rss_bytes: int
+    baseline_rss_bytes: int
+    estimated_added_bytes: int
     max_memory_bytes: int
     alphas: tuple[float, ...]
     out_dirs: tuple[str, ...]
@@ -118,6 +122,16 @@ class MergePlan:
     def fgt_adapter(self) -> Adapter | None:
         fgt = self.inputs.get("fgt")
         return fgt if isinstance(fgt, Adapter) else None
+
+    @property
+    def estimated_peak_rss_bytes(self) -> int:
+        """The whole process's estimated peak: the baseline and what the merge adds."""
+        return self.baseline_rss_bytes + self.estimated_added_bytes
+
+    @property
+    def rss_limit_bytes(self) -> int:
+        """The resident memory the run may reach before the watchdog stops it: baseline + budget."""
+        return self.baseline_rss_bytes + self.max_memory_bytes
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -161,6 +175,7 @@ def plan_merge(
         inputs: role -> checkpoint; roles are MODEL_ROLES plus STAT_ROLES[method] for grad/fisher;
             "fgt" may be a LoRA adapter (its task vector then comes from its factors).
         problems: problems found earlier (opening inputs, options); more are appended.
+        max_memory_bytes: what the merge may add to `baseline_rss_bytes` (buffers and margin).
         baseline_rss_bytes: the process's RSS before any buffer is allocated.
         full_is_theta0: θ_full and θ_0 are the same checkpoint (read a chunk both need once).
 
@@ -223,28 +238,32 @@ def plan_merge(
         input_bytes_per_element += 8
     output_bytes_per_element = max((DTYPE_BYTES[t.out_dtype] for t in tasks_by_name.values()), default=4) * len(alphas)
     per_element = PIPELINE_DEPTH * (input_bytes_per_element + output_bytes_per_element)
-    available = max_memory_bytes - baseline_rss_bytes - RUNTIME_MARGIN_BYTES
+    available = max_memory_bytes - RUNTIME_MARGIN_BYTES
     if chunk_bytes is not None:
         # --chunk-size counts the bytes of the widest input's slice of one chunk.
         chunk_elements = max(1024, chunk_bytes // max((info.itemsize for info in widest), default=4))
     else:
         chunk_elements = min(MAX_CHUNK_ELEMENTS, max(0, available) // per_element)
         chunk_elements -= chunk_elements % 4096
+        # No buffer larger than the largest tensor: a small model's merge holds (and reports) little.
+        largest = max((task.numel for task in tasks_by_name.values()), default=0)
+        chunk_elements = min(chunk_elements, max(MIN_CHUNK_ELEMENTS, -(-largest // 4096) * 4096))
     # An adapter tensor's float32 factors, held while its chunks are computed (two tensors' in flight).
     factor_bytes = 2 * max((sum(i.numel for i in t.delta.infos) * 4 for t in tasks_by_name.values() if t.delta is not None), default=0)
     available -= factor_bytes
     if chunk_bytes is None and deltas is not None:
         chunk_elements = min(chunk_elements, max(0, available) // per_element)
         chunk_elements -= chunk_elements % 4096
-    estimate = baseline_rss_bytes + RUNTIME_MARGIN_BYTES + chunk_elements * per_element + factor_bytes
+    added = RUNTIME_MARGIN_BYTES + chunk_elements * per_element + factor_bytes
     if chunk_elements < MIN_CHUNK_ELEMENTS and chunk_bytes is None:
         problems.append(
-            f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers "
-            f"(the process already uses {baseline_rss_bytes / 2**20:.0f} MiB); raise --max-memory"
+            f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers (they need at least "
+            f"{(RUNTIME_MARGIN_BYTES + MIN_CHUNK_ELEMENTS * per_element) / 2**20:.0f} MiB on top of the "
+            f"{baseline_rss_bytes / 2**20:.0f} MiB the process holds); raise --max-memory"
         )
-    elif estimate > max_memory_bytes:
+    elif added > max_memory_bytes:
         problems.append(
-            f"the plan needs about {estimate / 2**20:.0f} MiB, above --max-memory {max_memory_bytes / 2**20:.0f} MiB; "
+            f"the plan adds about {added / 2**20:.0f} MiB to the process, above --max-memory {max_memory_bytes / 2**20:.0f} MiB; "
             "lower --chunk-size or raise --max-memory"
         )
     if problems:
@@ -257,7 +276,8 @@ def plan_merge(
         chunk_elements=chunk_elements,
         bytes_to_read=bytes_to_read,
         bytes_to_write=bytes_to_write,
-        estimated_peak_rss_bytes=estimate,
+        baseline_rss_bytes=baseline_rss_bytes,
+        estimated_added_bytes=added,
         max_memory_bytes=max_memory_bytes,
         alphas=alphas,
         out_dirs=out_dirs,
@@ -433,8 +453,10 @@ def describe_plan(plan: MergePlan) -> str:
     for shard in plan.shards:
         lines.append(f"    {shard.file_name}: {len(shard.tasks)} tensors, {format_bytes(shard.nbytes)}")
     lines.append(f"  bytes to read: {format_bytes(plan.bytes_to_read)}; bytes to write: {format_bytes(plan.bytes_to_write)}")
+    lines.append(f"  chunk: {plan.chunk_elements} elements")
     lines.append(
-        f"  chunk: {plan.chunk_elements} elements; estimated peak RSS {format_bytes(plan.estimated_peak_rss_bytes)} "
-        f"of a {format_bytes(plan.max_memory_bytes)} budget"
+        f"  memory: the process holds {format_bytes(plan.baseline_rss_bytes)} at the start (baseline); the merge adds about "
+        f"{format_bytes(plan.estimated_added_bytes)} of a {format_bytes(plan.max_memory_bytes)} budget (--max-memory), "
+        f"a peak of about {format_bytes(plan.estimated_peak_rss_bytes)}"
     )
     return "\n".join(lines)

@@ -29,6 +29,37 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("forget_probability", "forget prob. ↓", "fixed"),
     ("forget_rouge_l", "forget ROUGE-L ↓", "fixed"),
 )
+# A sweep on one's own files (eval/files_report.py): no forget quality without a retain model.
+FILE_TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("forget_probability", "forget prob. ↓", "sci"),
+    ("retain_utility", "retain utility ↑", "fixed"),
+    ("forget_rouge_l", "forget ROUGE-L ↓", "fixed"),
+    ("forget_extraction_strength", "extraction ↓", "fixed"),
+    ("mia_min_k_auc", "MIA AUC → 0.5", "fixed"),
+    ("retain_probability", "retain prob. ↑", "sci"),
+    ("retain_rouge_l", "retain ROUGE-L ↑", "fixed"),
+)
+
+
+@dataclass(frozen=True)
+class TradeoffAxes:
+    """Which metrics a sweep trades off: how much is forgotten against how much is kept.
+
+    Attributes:
+        forgetting_key, forgetting_name: the forgetting metric and its name in prose.
+        forgetting_higher_is_better: forget quality rises with forgetting; a forget probability falls.
+        utility_key, utility_name: the utility metric (higher keeps more).
+    """
+
+    forgetting_key: str
+    forgetting_name: str
+    forgetting_higher_is_better: bool
+    utility_key: str
+    utility_name: str
+
+
+TOFU_AXES = TradeoffAxes("forget_quality", "forget quality", True, "model_utility", "model utility")
+FILE_AXES = TradeoffAxes("forget_probability", "forget probability", False, "retain_utility", "retain utility")
 
 
 @dataclass(frozen=True)
@@ -94,14 +125,14 @@ def format_metric(value: float | None, style: str) -> str:
     return f"{value:.3f}"
 
 
-def format_markdown_table(rows: Sequence[SweepRow]) -> str:
+def format_markdown_table(rows: Sequence[SweepRow], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
     """A GitHub-flavoured Markdown table: reference rows first, then merges by method and α."""
     ordered = sort_rows(rows)
-    header = ["model", "method", "α"] + [title for _, title, _ in TABLE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * len(TABLE_COLUMNS)) + " |"]
+    header = ["model", "method", "α"] + [title for _, title, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * 3 + ["---:"] * len(columns)) + " |"]
     for row in ordered:
         cells = [row.label, row.method or "—", "—" if row.alpha is None else f"{row.alpha:g}"]
-        cells += [format_metric(row.metrics.get(key), style) for key, _, style in TABLE_COLUMNS]
+        cells += [format_metric(row.metrics.get(key), style) for key, _, style in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -122,9 +153,16 @@ def write_json_atomic(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     return write_text_atomically(path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
 
 
-def write_sweep_report(rows: Sequence[SweepRow], *, table_path: str | os.PathLike, json_path: str | os.PathLike, record: dict[str, Any]) -> None:
+def write_sweep_report(
+    rows: Sequence[SweepRow],
+    *,
+    table_path: str | os.PathLike,
+    json_path: str | os.PathLike,
+    record: dict[str, Any],
+    columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS,
+) -> None:
     """The Markdown table and the JSON record (`record` plus a `rows` list) of a sweep."""
-    write_text_atomically(table_path, format_markdown_table(rows))
+    write_text_atomically(table_path, format_markdown_table(rows, columns))
     write_json_atomic(json_path, {**record, "rows": [row.to_dict() for row in sort_rows(rows)]})
 
 
@@ -149,58 +187,69 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def compare_at_matched_forgetting(rows: Sequence[SweepRow], *, baseline: str = "tv") -> list[str]:
-    """Each non-baseline merge's utility against the baseline's utility at the same forget quality.
+def matched_baseline_utility(rows: Sequence[SweepRow], row: SweepRow, *, baseline: str = "tv", axes: TradeoffAxes = TOFU_AXES) -> float | None:
+    """The baseline's utility at `row`'s forgetting, or None outside the baseline's range.
 
-    The baseline's curve is its rows in α order; on every segment whose forget-quality range
-    (log scale) holds the point's forget quality, the baseline's utility is interpolated linearly in
-    log forget quality. When several segments match (forget quality is not monotonic in α), the
-    highest baseline utility is used, so the comparison never favours the non-baseline method.
+    The baseline's curve is its rows in α order; on every segment whose forgetting range (log
+    scale) holds the row's forgetting, the baseline's utility is interpolated linearly in the log
+    of the forgetting metric. When several segments match (forgetting is not monotonic in α), the
+    highest baseline utility is used, so the comparison never favours the other method.
+    """
+    curve = [other for other in sort_rows(rows) if other.kind != REFERENCE and other.method == baseline and _usable(other, axes)]
+    if not curve or not _usable(row, axes):
+        return None
+    target = _log_forgetting(row, axes)
+    matches = []
+    for left, right in list(zip(curve, curve[1:])) or [(curve[0], curve[0])]:
+        low, high = sorted((_log_forgetting(left, axes), _log_forgetting(right, axes)))
+        if low <= target <= high:
+            span = _log_forgetting(right, axes) - _log_forgetting(left, axes)
+            share = 0.0 if span == 0 else (target - _log_forgetting(left, axes)) / span
+            matches.append(left.metrics[axes.utility_key] + share * (right.metrics[axes.utility_key] - left.metrics[axes.utility_key]))
+    return max(matches) if matches else None
+
+
+def compare_at_matched_forgetting(rows: Sequence[SweepRow], *, baseline: str = "tv", axes: TradeoffAxes = TOFU_AXES) -> list[str]:
+    """Each non-baseline merge's utility against the baseline's utility at the same forgetting
+    (`matched_baseline_utility`).
 
     Returns:
-        One line per compared row and a final count line; a row whose forget quality is outside
+        One line per compared row and a final count line; a row whose forgetting is outside
         the baseline's range says so instead of being compared.
     """
-    def usable(row: SweepRow) -> bool:
-        quality, utility = row.metrics.get("forget_quality"), row.metrics.get("model_utility")
-        return quality is not None and utility is not None and math.isfinite(quality) and math.isfinite(utility)
-
-    def log_quality(row: SweepRow) -> float:
-        return math.log10(max(row.metrics["forget_quality"], 1e-300))
-
-    curve = [row for row in sort_rows(rows) if row.kind != REFERENCE and row.method == baseline and usable(row)]
+    curve = [row for row in sort_rows(rows) if row.kind != REFERENCE and row.method == baseline and _usable(row, axes)]
     if not curve:
-        return [f"no {baseline} rows with forget quality and model utility to compare with"]
+        return [f"no {baseline} rows with {axes.forgetting_name} and {axes.utility_name} to compare with"]
     lines: list[str] = []
     ahead = compared = 0
+    style = "sci"
     for row in sort_rows(rows):
-        if row.kind == REFERENCE or row.method == baseline or not usable(row):
+        if row.kind == REFERENCE or row.method == baseline or not _usable(row, axes):
             continue
-        target = log_quality(row)
-        matches = []
-        segments = list(zip(curve, curve[1:])) or [(curve[0], curve[0])]
-        for left, right in segments:
-            low, high = sorted((log_quality(left), log_quality(right)))
-            if low <= target <= high:
-                span = log_quality(right) - log_quality(left)
-                share = 0.0 if span == 0 else (target - log_quality(left)) / span
-                matches.append(left.metrics["model_utility"] + share * (right.metrics["model_utility"] - left.metrics["model_utility"]))
-        quality_text = format_metric(row.metrics["forget_quality"], "sci")
-        utility = row.metrics["model_utility"]
-        if not matches:
-            lowest = min(c.metrics["forget_quality"] for c in curve)
-            highest = max(c.metrics["forget_quality"] for c in curve)
+        forgetting = format_metric(row.metrics[axes.forgetting_key], style)
+        reference = matched_baseline_utility(rows, row, baseline=baseline, axes=axes)
+        if reference is None:
+            values = [c.metrics[axes.forgetting_key] for c in curve]
             lines.append(
-                f"{row.label}: forget quality {quality_text} is outside {baseline}'s range "
-                f"[{format_metric(lowest, 'sci')}, {format_metric(highest, 'sci')}]; not compared"
+                f"{row.label}: {axes.forgetting_name} {forgetting} is outside {baseline}'s range "
+                f"[{format_metric(min(values), style)}, {format_metric(max(values), style)}]; not compared"
             )
             continue
-        reference = max(matches)
+        utility = row.metrics[axes.utility_key]
         compared += 1
         ahead += utility > reference
-        lines.append(f"{row.label}: forget quality {quality_text}, utility {utility:.3f} vs {baseline} {reference:.3f} ({utility - reference:+.3f})")
-    lines.append(f"{ahead} of {compared} compared points keep more utility than {baseline} at the same forget quality")
+        lines.append(f"{row.label}: {axes.forgetting_name} {forgetting}, utility {utility:.3f} vs {baseline} {reference:.3f} ({utility - reference:+.3f})")
+    lines.append(f"{ahead} of {compared} compared points keep more utility than {baseline} at the same {axes.forgetting_name}")
     return lines
+
+
+def _usable(row: SweepRow, axes: TradeoffAxes) -> bool:
+    forgetting, utility = row.metrics.get(axes.forgetting_key), row.metrics.get(axes.utility_key)
+    return forgetting is not None and utility is not None and math.isfinite(forgetting) and math.isfinite(utility)
+
+
+def _log_forgetting(row: SweepRow, axes: TradeoffAxes) -> float:
+    return math.log10(max(row.metrics[axes.forgetting_key], 1e-300))
 
 
 def best_forget_quality(rows: Sequence[SweepRow]) -> list[str]:

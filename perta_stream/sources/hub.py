@@ -298,3 +298,22 @@ def download_model_folder(location: str, role: str = "model") -> Path:
         location=location,
     )
     return Path(folder) / hub_location.path_in_repo
+
+
+def download_config_json(location: str) -> Path:
+    """A Hub model's config.json alone (in the huggingface_hub cache): what a config-only dry run
+    plans from, without a byte of the weights.
+
+    Raises:
+        UsageError: the location is malformed. HubError: the repo or its config.json cannot be read.
+    """
+    from huggingface_hub import hf_hub_download
+
+    hub_location = parse_hub_location(location)
+    return Path(
+        with_retries(
+            lambda: hf_hub_download(hub_location.repo_id, hub_location.file_path("config.json"), revision=hub_location.revision),
+            action="downloading config.json",
+            location=location,
+        )
+    )
