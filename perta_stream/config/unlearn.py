@@ -238,7 +238,8 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions,
         if self.one_pass and self.save_stats:
             outputs.append(("--save-stats", self.save_stats))
         elif not self.one_pass and self.needs_stats:
-            outputs.append(("--stats-dir", self.effective_stats_dir))
+            # The default statistics folder is named once the model's digest is known; it lies in the work folder.
+            outputs.append(("--stats-dir", self.stats_dir) if self.stats_dir else ("--work-dir", str(self.work_folder_path)))
         return overlapping_outputs(outputs)
 
     def _one_pass_problems(self) -> list[str]:
