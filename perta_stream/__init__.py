@@ -5,7 +5,7 @@ Streamed gradient statistics, memory-bounded merges and TOFU evaluation.
     import perta_stream as ps
     ps.merge(theta0=..., full=..., fgt=..., out=..., method="fisher", stats=..., alpha=[0.5, 1])
 
-`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate` and `ps.sweep` take the flags of their
+`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate`, `ps.sweep` and `ps.inspect` take the flags of their
 command as keywords (perta_stream/api.py); the `run_*` pipelines and their frozen `*Config`
 dataclasses lie underneath; `perta-stream` (or `python -m perta_stream`) is the command line.
 """
@@ -13,12 +13,12 @@ dataclasses lie underneath; `perta-stream` (or `python -m perta_stream`) is the 
 from typing import Any
 
 __version__ = "0.2.0"
-__all__ = ["__version__", "evaluate", "merge", "stats", "sweep", "unlearn"]
+__all__ = ["__version__", "evaluate", "inspect", "merge", "stats", "sweep", "unlearn"]
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `import perta_stream` (and `perta-stream --help`) stays fast.
-    if name in ("evaluate", "merge", "stats", "sweep", "unlearn"):
+    if name in ("evaluate", "inspect", "merge", "stats", "sweep", "unlearn"):
         from perta_stream import api
 
         return getattr(api, name)

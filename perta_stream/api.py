@@ -20,7 +20,7 @@ import dataclasses
 import os
 from typing import Any
 
-__all__ = ["evaluate", "merge", "stats", "sweep", "unlearn"]
+__all__ = ["evaluate", "inspect", "merge", "stats", "sweep", "unlearn"]
 
 
 def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
@@ -116,6 +116,32 @@ def sweep(**options: Any) -> Any:
     from perta_stream.pipelines.sweep import run_sweep
 
     return run_sweep(SweepConfig.from_options(_options(SweepConfig, options)))
+
+
+def inspect(*, stats: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
+    """`perta-stream inspect`: W's figures per tensor, layer and module kind, streamed.
+
+    Args:
+        stats: the statistics directory (`compare=` another one of the same model to compare W).
+        out: the output folder (inspect.json, inspect.md, PNG plots).
+        **options: any other flag of `perta-stream inspect` (theta0, fgt, methods, tau, ...).
+
+    Returns:
+        InspectResult (the folder, the model's effective scale per method, the record).
+
+    Raises:
+        UsageError: an unknown keyword or a bad value. PlanError and the other PertaStreamError
+            subclasses: as the command line reports them.
+    """
+    from perta_stream.config.inspect import InspectConfig
+    from perta_stream.memory import current_rss_bytes
+    from perta_stream.pipelines.inspect import run_inspect
+
+    given = _options(InspectConfig, dict(stats=stats, out=out, **options))
+    config = InspectConfig.from_options(given)
+    if given.get("max_memory") is not None:
+        config = dataclasses.replace(config, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes)
+    return run_inspect(config)
 
 
 def _options(cls: type, keywords: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,9 @@ from typing import Any, NoReturn
 from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.finetune import FinetuneConfig
+from perta_stream.config.inspect import DESCRIPTION as INSPECT_DESCRIPTION
+from perta_stream.config.inspect import HELP as INSPECT_HELP
+from perta_stream.config.inspect import InspectConfig
 from perta_stream.config.merge import MergeConfig
 from perta_stream.config.options import add_options, float_list, load_config_file
 from perta_stream.config.stats import StatsConfig
@@ -134,6 +137,12 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.unlearn import run_unlearn
 
     return _print_result(run_unlearn(UnlearnConfig.from_cli(args)), args)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from perta_stream.pipelines.inspect import run_inspect
+
+    return _print_result(run_inspect(InspectConfig.from_cli(args)), args)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
@@ -270,6 +279,7 @@ COMMAND_CONFIGS: dict[str, tuple[type, str, str]] = {
         "Merge theta_full with every method at every alpha, evaluate each on TOFU, and write "
         "sweep.md, sweep.json and tradeoff.png (forget quality vs model utility) into --out.",
     ),
+    "inspect": (InspectConfig, INSPECT_HELP, INSPECT_DESCRIPTION),
 }
 
 
@@ -294,6 +304,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
     "stats": (_config_command("stats"), _run_stats),
     "unlearn": (_config_command("unlearn"), _run_unlearn),
     "sweep": (_config_command("sweep"), _run_sweep),
+    "inspect": (_config_command("inspect"), _run_inspect),
     "demo": (_add_demo, _run_demo),
     "convert": (_add_convert, _run_convert),
     "models": (_add_models, _run_models),
@@ -400,6 +411,7 @@ _EXAMPLES = {
     "stats": "perta-stream stats --model base/ --forget forget.jsonl --retain retain.jsonl --out stats/",
     "unlearn": "perta-stream unlearn --config configs/demo_fisher.yaml",
     "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
+    "inspect": "perta-stream inspect stats/ --theta0 base/ --fgt forget/ --out inspect/",
     "demo": "perta-stream demo",
     "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",
     "models": "perta-stream models fetch smollm2-135m",

@@ -95,3 +95,24 @@ def _point(row: SweepRow) -> tuple[float, float] | None:
     if utility is None or quality is None or not math.isfinite(utility) or not math.isfinite(quality):
         return None
     return utility, max(quality, FORGET_QUALITY_FLOOR)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save `figure` as a PNG at `path` (written to a temporary name, then renamed) and close it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.stem}.tmp.png")
+    figure.savefig(temporary, format="png")
+    pyplot().close(figure)
+    os.replace(temporary, target)
+    return target
