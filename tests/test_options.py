@@ -58,11 +58,18 @@ def test_every_command_spells_each_shared_option_the_same():
 
 
 def test_shared_option_groups_are_declared_once():
+    from perta_stream.config.alpha_unit import AlphaUnitOptions
     from perta_stream.config.merge import HubPushOptions, MergeConfig, MergeOptions
     from perta_stream.config.stats import StatsConfig, StatsOptions
+    from perta_stream.config.sweep import SweepConfig
     from perta_stream.config.unlearn import UnlearnConfig
 
-    groups = ((StatsOptions, (StatsConfig, UnlearnConfig)), (MergeOptions, (MergeConfig, UnlearnConfig)), (HubPushOptions, (MergeConfig, UnlearnConfig)))
+    groups = (
+        (StatsOptions, (StatsConfig, UnlearnConfig)),
+        (MergeOptions, (MergeConfig, UnlearnConfig)),
+        (HubPushOptions, (MergeConfig, UnlearnConfig)),
+        (AlphaUnitOptions, (SweepConfig, UnlearnConfig)),
+    )
     for group, configs in groups:
         for config in configs:
             assert issubclass(config, group)

@@ -241,7 +241,7 @@ def _merge_into(
             for alpha, output in zip(config.alphas, outputs):
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
-                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content))
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, config.extra or None))
         except Exception as exc:
             if not dist.is_distributed:
                 raise

@@ -12,6 +12,7 @@ tv and uniform need no statistics and go straight to the merge.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -179,10 +180,14 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
         return UnlearnResult((), stats_dir, reused, "\n".join(plans), stats_s, 0.0, time.perf_counter() - started, 0)
 
     merge_started = time.perf_counter()
-    merged = run_merge(config.merge_config(out=config.out, method=config.method, alphas=config.alphas, stats=stats_dir))
+    alphas, extra = _matched_alphas(config, stats_dir) if config.alphas_are_matched and not config.dry_run else (config.alphas, {})
+    merge_config = config.merge_config(out=config.out, method=config.method, alphas=alphas, stats=stats_dir)
+    merged = run_merge(dataclasses.replace(merge_config, extra=extra) if extra else merge_config)
     merge_s = time.perf_counter() - merge_started
     if merged.plan_text is not None:
         plans.append(merged.plan_text)
+        if config.alphas_are_matched:
+            plans.append("alpha: multiples of the matched alpha, measured from the statistics and the task vector before the merge")
     return UnlearnResult(
         outputs=merged.outputs,
         stats_dir=stats_dir,
@@ -193,6 +198,21 @@ def run_unlearn(config: UnlearnConfig) -> UnlearnResult:
         elapsed_s=time.perf_counter() - started,
         peak_rss_bytes=merged.peak_rss_bytes,
     )
+
+
+def _matched_alphas(config: UnlearnConfig, stats_dir: str | None) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """The α values of --alpha-unit matched (multiples of the method's matched α) and what the
+    merge record says about them."""
+    from perta_stream.memory import current_rss_bytes
+    from perta_stream.pipelines.matched_alpha import matched_alphas, scale_alphas
+
+    matched = matched_alphas(
+        (config.method,), stats=stats_dir, theta0=config.theta0, fgt=config.fgt, tau=config.tau, uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight, max_memory_bytes=current_rss_bytes() + config.max_memory_bytes,
+    )[config.method]
+    alphas = scale_alphas(config.alphas, matched)
+    logger.info("matched alpha of %s: %.6g; merging at alpha %s", config.method, matched, ", ".join(f"{a:g}" for a in alphas))
+    return alphas, {"alpha_unit": "matched", "matched_alpha": matched, "alpha_multiples": list(config.alphas)}
 
 
 def _ensure_stats(config: UnlearnConfig, stats_dir: str) -> tuple[bool, str | None]:
