@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from merge_fixtures import load_checkpoint, reference_weights
 
-BINS = 20
+BINS = 32
 EDGES = np.array([k / BINS for k in range(BINS + 1)], dtype=np.float32)
 
 

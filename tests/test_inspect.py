@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from inspect_reference import combine, dense_weights, fallback_masks, figures_of, grad_cosine, spearman, task_vector
+from inspect_reference import BINS, EDGES, combine, dense_weights, fallback_masks, figures_of, grad_cosine, spearman, task_vector
 from merge_fixtures import TINY_LLAMA, load_checkpoint, make_triplet, write_stats
 
 from perta_stream.cli import main
@@ -86,7 +86,7 @@ def test_every_figure_matches_a_dense_reference(models, tmp_path, tied, stats_na
     tv = task_vector(inputs["theta0"], inputs["fgt"])
     names = [entry["tensor_name"] for entry in record["tensors"]]
     assert sorted(names) == sorted(tv)
-    assert ("lm_head.weight" in names) is (not tied) and record["tied_embeddings"] is (True if tied else None)
+    assert ("lm_head.weight" in names) is (not tied) and record["tied_embeddings"] is tied
     if chunk:  # a tensor larger than a chunk is read in slices
         assert record["chunk_elements"] < max(array.size for array in tv.values())
     expected_labels = [f"{kind} τ={tau:g}" for kind in ("grad", "fisher") for tau in (taus or ((1.0,) if kind == "grad" else (2.0,)))]
@@ -238,8 +238,8 @@ def test_compare_two_statistics_runs_against_the_dense_reference(models, tmp_pat
         comparison = record["model"]["comparison"][label]
         assert comparison["fraction_moved"] == int((difference > np.float32(0.1)).sum()) / first.size
         assert comparison["mean_abs_difference"] == pytest.approx(difference.astype(np.float64).mean(), rel=SUM_REL)
-        bins = [np.searchsorted(np.array([k / 20 for k in range(1, 20)], dtype=np.float32), w, side="right") for w in (first, second)]
-        assert np.array(comparison["joint_histogram"]).reshape(-1).tolist() == np.bincount(bins[0] * 20 + bins[1], minlength=400).tolist()
+        bins = [np.searchsorted(EDGES[1:-1], w, side="right") for w in (first, second)]
+        assert np.array(comparison["joint_histogram"]).reshape(-1).tolist() == np.bincount(bins[0] * BINS + bins[1], minlength=BINS**2).tolist()
         assert comparison["w_rank_correlation"] == pytest.approx(spearman(first, second), abs=1e-12)
         for side, weights, stats in (("a", w_a, a), ("b", w_b, b)):
             masks = fallback_masks(stats, kind)

@@ -30,7 +30,6 @@ from perta_stream.compute.weight_figures import (
     Comparison,
     WeightConfig,
     WeightFigures,
-    histogram_edges,
 )
 from perta_stream.compute.weights import compute_weights
 from perta_stream.errors import NonFiniteError
@@ -112,7 +111,6 @@ class FigureAccumulator:
         self._pairs = {} if scale_only else rank_pairs(sides, kinds, configs)
         self._sampled = sorted({key for pair in self._pairs.values() for key in pair})
         self._block = block_elements
-        self._inner_edges = histogram_edges()[1:-1].contiguous()
         f32 = {"dtype": torch.float32}
         self._weights = {side: torch.empty(block_elements, **f32) for side in sides}
         self._scratch = [torch.empty(block_elements, **f32) for _ in range(3)]
@@ -238,7 +236,16 @@ class FigureAccumulator:
             target.tv_square_sum += tv_square_sum
         if self.scale_only:
             return
-        bins = torch.bucketize(weights, self._inner_edges, right=True, out=self._bins[side][:count])
+        if not config.uses_statistics:
+            # One constant W (tv, uniform): its figures follow from the count alone.
+            constant = float(weights[0]) if count else 0.0
+            self._histograms[key][min(int(constant * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += count
+            target.below_low += count if constant < LOW_WEIGHT else 0
+            target.above_high += count if constant > HIGH_WEIGHT else 0
+            target.weight_sum += constant * count
+            return
+        # W · 32 is exact in float32 (a power of two), so the integer part is the bin exactly.
+        bins = self._bins[side][:count].copy_(torch.mul(weights, HISTOGRAM_BINS, out=self._spare[:count])).clamp_(max=HISTOGRAM_BINS - 1)
         self._histograms[key] += torch.bincount(bins, minlength=HISTOGRAM_BINS)
         target.below_low += int((weights < LOW_WEIGHT).sum())
         target.above_high += int((weights > HIGH_WEIGHT).sum())

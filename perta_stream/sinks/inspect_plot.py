@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from perta_stream.compute.figure_summary import InspectSummary
-from perta_stream.compute.weight_figures import HIGH_WEIGHT, HISTOGRAM_BINS, LOW_WEIGHT, WeightConfig
+from perta_stream.compute.weight_figures import HIGH_WEIGHT, LOW_WEIGHT, WeightConfig, histogram_edges
 from perta_stream.plan.inspect_plan import InspectPlan
 from perta_stream.sinks.plot import pyplot, save_figure
 
@@ -49,7 +49,7 @@ def _histograms(summary: InspectSummary, plan: InspectPlan, configs: list[Weight
     columns = min(len(configs), 3)
     rows = math.ceil(len(configs) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), dpi=120, squeeze=False)
-    edges = [k / HISTOGRAM_BINS for k in range(HISTOGRAM_BINS + 1)]
+    edges = histogram_edges()
     for axis, config in zip(axes.flat, configs):
         for side in plan.sides:
             figures = summary.model.weights[(side, config.label)]
@@ -69,7 +69,7 @@ def _histograms(summary: InspectSummary, plan: InspectPlan, configs: list[Weight
             axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(configs):]:
         axis.set_visible(False)
-    figure.suptitle("W per element (bins of 0.05; dotted: 0.1 and 0.9)", fontsize=10)
+    figure.suptitle("W per element (bins of 1/32; dotted: 0.1 and 0.9)", fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path)
 

@@ -16,7 +16,7 @@ from typing import Any
 from perta_stream import __version__
 from perta_stream.compute.figure_summary import GroupFigures, InspectSummary
 from perta_stream.compute.rank_sample import ESTIMATOR, SAMPLE_SEED, TENSOR_SAMPLE_ELEMENTS
-from perta_stream.compute.weight_figures import HISTOGRAM_BINS, MOVED_THRESHOLD, WeightFigures
+from perta_stream.compute.weight_figures import MOVED_THRESHOLD, WeightFigures, histogram_edges
 from perta_stream.config.inspect import INSPECT_FORMAT, RECORD_NAME, SUMMARY_NAME
 from perta_stream.plan.inspect_plan import InspectPlan
 from perta_stream.sinks.atomic_file import write_text_atomically
@@ -86,7 +86,7 @@ def inspect_record(
         ],  # fmt: skip
         "effective_scale": _per_side(plan, scales),
         "matched_alpha": _per_side(plan, matched),
-        "histogram_edges": [k / HISTOGRAM_BINS for k in range(HISTOGRAM_BINS + 1)],
+        "histogram_edges": histogram_edges(),
         "moved_threshold": MOVED_THRESHOLD if len(plan.sides) == 2 else None,
         "rank_correlation": {
             "estimator": ESTIMATOR.format(model=plan.rank_sample_elements, tensor=TENSOR_SAMPLE_ELEMENTS),
@@ -95,7 +95,10 @@ def inspect_record(
             "seed": SAMPLE_SEED,
             "model_sample_elements": summary.model.sample_elements,
         },
-        "tied_embeddings": any(checkpoint.ties_embeddings for role, checkpoint in plan.inputs.items() if role in ("theta0", "fgt")) or None,
+        # The statistics hold the model's tensors under its checkpoint's names: no head means a tied one.
+        "tied_embeddings": not any(group.module_kind == "head" for group in summary.groups) and any(
+            group.module_kind == "embedding" for group in summary.groups
+        ),
         "model": group_json(summary.model, plan),
         "layers": [{"layer": layer, "tensors": group.tensors, **group_json(group, plan)} for layer, group in summary.layers.items()],
         "module_kinds": [{"module_kind": kind, "tensors": group.tensors, **group_json(group, plan)} for kind, group in summary.kinds.items()],
