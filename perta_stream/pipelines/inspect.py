@@ -257,7 +257,7 @@ def _stats_check(config: InspectConfig, records: dict[str, StatsRecord], content
     for side, record in records.items():
         expected = record.model.content_sha256
         if not isinstance(expected, str):
-            return f"not checked: the statistics record no content digest of their model (an older perta-stream wrote them)"
+            return "not checked: the statistics record no content digest of their model (an older perta-stream wrote them)"
         if expected != content:
             where = config.compare if side == "a" and config.compare else config.stats
             raise StatisticsError(
@@ -268,7 +268,9 @@ def _stats_check(config: InspectConfig, records: dict[str, StatsRecord], content
     return f"{flag}'s tensors are the ones the statistics were computed at (content sha256 {content[:12]}…)"
 
 
-def _write_report(config, plan, opened, tensors, sample, stats_check, started) -> InspectResult:
+def _write_report(
+    config: InspectConfig, plan: InspectPlan, opened: OpenedInputs, tensors: list, sample: dict, stats_check: str, started: float
+) -> InspectResult:
     """Sum the figures into groups and write the record, the summary and the plots atomically."""
     from perta_stream.compute.figure_accumulator import rank_pairs
     from perta_stream.compute.figure_summary import summarize
