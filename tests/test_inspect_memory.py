@@ -52,30 +52,42 @@ def _vm_hwm_bytes(pid: int) -> int:
     return 0
 
 
-@pytest.mark.slow
-def test_inspect_peak_rss_stays_under_budget_on_inputs_larger_than_it(tmp_path):
-    completed = subprocess.run([sys.executable, "-c", _IMPORTS_PEAK], capture_output=True, text=True, check=True)
-    budget_mib = int(completed.stdout.strip()) // 1024 + ALLOWANCE_MIB
-    stats = tmp_path / "stats"
-    for seed, name in enumerate(("forget.fisher", "retain.fisher")):
-        _write_big_checkpoint(stats / name, seed, non_negative=True)
-    (stats / "perta_stats.json").write_text(json.dumps({"format": "perta_stats", "format_version": 1, "kinds": ["fisher"], "model": {}}))
-    for seed, name in enumerate(("theta0", "fgt"), start=2):
-        _write_big_checkpoint(tmp_path / name, seed)
-    command = [
-        sys.executable, "-m", "perta_stream.cli", "inspect", str(stats), "-q",
-        "--theta0", str(tmp_path / "theta0"), "--fgt", str(tmp_path / "fgt"), "--out", str(tmp_path / "out"), "--max-memory", f"{budget_mib}MiB",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _run_under_budget(command: list[str], budget_mib: int) -> int:
+    """Run the command; return its peak RSS, read from its own VmHWM while it runs. (wait4's
+    ru_maxrss would include this test process's RSS, which Linux carries into a child across exec.)"""
+    process = subprocess.Popen([*command, "--max-memory", f"{budget_mib}MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak_rss_bytes = 0
     while process.poll() is None:
         peak_rss_bytes = max(peak_rss_bytes, _vm_hwm_bytes(process.pid))
         time.sleep(0.05)
     stderr = process.stderr.read().decode()
     assert process.returncode == 0, stderr
+    return peak_rss_bytes
+
+
+def _write_stats(folder: Path, seed: int) -> Path:
+    for offset, name in enumerate(("forget.fisher", "retain.fisher")):
+        _write_big_checkpoint(folder / name, seed + offset, non_negative=True)
+    (folder / "perta_stats.json").write_text(json.dumps({"format": "perta_stats", "format_version": 1, "kinds": ["fisher"], "model": {}}))
+    return folder
+
+
+@pytest.mark.slow
+def test_inspect_peak_rss_stays_under_budget_on_inputs_larger_than_it(tmp_path):
+    completed = subprocess.run([sys.executable, "-c", _IMPORTS_PEAK], capture_output=True, text=True, check=True)
+    budget_mib = int(completed.stdout.strip()) // 1024 + ALLOWANCE_MIB
     assert SHARDS * SHARD_ELEMENTS * 2 > budget_mib * 2**20  # each input alone is larger than the budget
-    assert peak_rss_bytes <= budget_mib * 2**20, f"peak RSS {peak_rss_bytes / 2**20:.0f} MiB, budget {budget_mib} MiB"
-    record = json.loads((tmp_path / "out" / "inspect.json").read_text())
-    assert record["max_memory_bytes"] == budget_mib * 2**20 and 0 < record["peak_rss_bytes"] <= budget_mib * 2**20
-    assert record["chunk_elements"] < SHARD_ELEMENTS  # every tensor was read in slices
-    assert record["model"]["w"]["fisher τ=2"]["elements"] == SHARDS * SHARD_ELEMENTS
+    stats, other = _write_stats(tmp_path / "stats", 0), _write_stats(tmp_path / "other", 2)
+    for seed, name in enumerate(("theta0", "fgt"), start=4):
+        _write_big_checkpoint(tmp_path / name, seed)
+    task_vector = ["--theta0", str(tmp_path / "theta0"), "--fgt", str(tmp_path / "fgt")]
+    cli = [sys.executable, "-m", "perta_stream.cli", "inspect", "-q"]
+    # One statistics run, and two compared (eight sampled quantities per element instead of two).
+    for extra, out in (([], "out"), (["--compare", str(other)], "compared")):
+        peak_rss_bytes = _run_under_budget([*cli, str(stats), *extra, *task_vector, "--out", str(tmp_path / out)], budget_mib)
+        assert peak_rss_bytes <= budget_mib * 2**20, f"{out}: peak RSS {peak_rss_bytes / 2**20:.0f} MiB, budget {budget_mib} MiB"
+        record = json.loads((tmp_path / out / "inspect.json").read_text())
+        assert record["max_memory_bytes"] == budget_mib * 2**20 and 0 < record["peak_rss_bytes"] <= budget_mib * 2**20
+        assert record["chunk_elements"] < SHARD_ELEMENTS  # every tensor was read in slices
+    assert record["model"]["w"]["b"]["fisher τ=2"]["elements"] == SHARDS * SHARD_ELEMENTS
+    assert record["model"]["comparison"]["fisher τ=2"]["w_rank_correlation"] is not None

@@ -120,6 +120,7 @@ class FigureAccumulator:
         self._f64 = [torch.empty(block_elements, dtype=torch.float64) for _ in range(2)]
         self._bins = {side: torch.empty(block_elements, dtype=torch.int64) for side in sides}
         self._cells = torch.empty(block_elements, dtype=torch.int64)
+        self._local_positions = torch.empty(block_elements, dtype=torch.int64)
         self.model_samples: dict[str, list[torch.Tensor]] = {key: [] for key in (*self._sampled, "tensor")}
         self._tensor_index = -1
         self._current: TensorFigures | None = None
@@ -136,10 +137,12 @@ class FigureAccumulator:
         for config in self.configs:
             if len(self.sides) == 2 and config.uses_statistics and not self.scale_only:
                 self._current.comparisons[config.label] = Comparison()
-        self._samples: dict[str, list[torch.Tensor]] = {key: [] for key in self._sampled}
         if self._sampled:
             rate = tensor_sample_rate(numel, self._model_rate)
             self._positions, self._in_model = sample_positions(tensor_name, numel, rate, self._model_rate / rate)
+            # Filled block by block in place: thousands of small tensors kept across the blocks'
+            # temporaries would fragment the heap (glibc), which then holds on to hundreds of MiB.
+            self._samples = {key: torch.empty(self._positions.numel(), dtype=torch.float32) for key in self._sampled}
         self._histograms = {key: torch.zeros(HISTOGRAM_BINS, dtype=torch.int64) for key in self._current.weights}
         self._joint = {label: torch.zeros(HISTOGRAM_BINS**2, dtype=torch.int64) for label in self._current.comparisons}
 
@@ -158,7 +161,7 @@ class FigureAccumulator:
         for label, counts in self._joint.items():
             figures.comparisons[label].joint_histogram = counts.tolist()
         if self._sampled:
-            sample = {key: torch.cat(parts) if parts else torch.empty(0) for key, parts in self._samples.items()}
+            sample = self._samples
             figures.sample_elements = int(self._positions.numel())
             for name, (first, second) in self._pairs.items():
                 figures.rank_correlations[name] = spearman(sample[first], sample[second])
@@ -185,26 +188,24 @@ class FigureAccumulator:
             tv = self._tv[:count].copy_(inputs["fgt"])
             tv.sub_(self._theta0[:count].copy_(inputs["theta0"]))
             tv_square_sum = self._square_sum(tv)
-        positions = None
+        positions, first, stop = None, 0, 0
         if self._sampled:
             # The tensor's sampled positions that fall in this block, relative to its start.
             first, stop = torch.searchsorted(self._positions, torch.tensor([start, start + count])).tolist()
-            positions = self._positions[first:stop] - start
+            positions = torch.sub(self._positions[first:stop], start, out=self._local_positions[: stop - first])
         for side in self.sides:
             if side in figures.agreement:
                 self._add_agreement(figures.agreement[side], inputs, side)
-            if positions is not None and "fisher" in self.kinds:
-                for dataset in ("forget", "retain"):
-                    role = stat_role(side, dataset, "fisher")
-                    if role in self._samples:
-                        self._samples[role].append(inputs[role][positions].to(torch.float32))
+            for role in (stat_role(side, "forget", "fisher"), stat_role(side, "retain", "fisher")):
+                if positions is not None and role in self._samples:
+                    self._samples[role][first:stop] = inputs[role][positions]
         for config in self.configs:
             for side in self.sides:
                 weights = self._compute(config, side, inputs, count)
                 self._add_weights(figures.weights[(side, config.label)], (side, config.label), weights, tv_square_sum, config, side, inputs)
                 key = weight_sample_key(side, config)
                 if positions is not None and key in self._samples:
-                    self._samples[key].append(weights[positions])
+                    torch.index_select(weights, 0, positions, out=self._samples[key][first:stop])
             if config.label in figures.comparisons:
                 self._add_comparison(figures.comparisons[config.label], config.label, count)
 

@@ -20,7 +20,7 @@ import torch
 
 from perta_stream.compute.figure_accumulator import FigureAccumulator, TensorFigures
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
-from perta_stream.memory import RssWatchdog
+from perta_stream.memory import RssWatchdog, release_free_heap
 from perta_stream.plan.inspect_plan import InspectPlan
 from perta_stream.plan.merge_plan import PIPELINE_DEPTH
 from perta_stream.sources.byte_source import ByteSource
@@ -109,6 +109,7 @@ def measure(
             accumulator.add_chunk(typed, start)
             if start + count >= tensor.numel:
                 results.append(accumulator.end_tensor())
+                release_free_heap()  # the tensor's sample and ranking temporaries, back to the system
             free.put(buffers)
             on_progress(sum(count * info.itemsize for info in tensor.sources.values()))
             watchdog.check()

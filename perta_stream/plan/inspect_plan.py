@@ -20,10 +20,11 @@ from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.safetensors_header import TensorInfo
 
 MODEL_ROLES = ("theta0", "fgt")
-# Bytes per element of the rank sample beyond its values (the tensor index and the model flag),
-# and of ranking the largest group (argsort indices, the sorted values, two rank vectors, runs).
-SAMPLE_INDEX_BYTES = 5
-RANKING_BYTES = 48
+# Bytes per sampled element beyond its values (4 per quantity, held twice at the end of a tensor:
+# its own sample and the model's copy): the position, the model flag and the tensor index; and
+# of ranking it (argsort indices, the sorted values, two float64 rank vectors and their runs).
+SAMPLE_INDEX_BYTES = 16
+RANKING_BYTES = 64
 # A sample is Bernoulli: its size exceeds its expectation by a few standard deviations at most.
 SAMPLE_SLACK = 1.1
 
@@ -152,7 +153,7 @@ def plan_inspect(
     per_element = PIPELINE_DEPTH * sum(widest.values())
     total = sum(tensor.numel for tensor in tensors)
     sample_elements = int(min(total, rank_sample_elements) * SAMPLE_SLACK) if sampled_quantities else 0
-    sample_bytes = sample_elements * (4 * sampled_quantities + SAMPLE_INDEX_BYTES + RANKING_BYTES)
+    sample_bytes = sample_elements * (2 * 4 * sampled_quantities + SAMPLE_INDEX_BYTES + RANKING_BYTES)
     fixed = baseline_rss_bytes + RUNTIME_MARGIN_BYTES + sample_bytes
     if chunk_bytes is not None:
         chunk_elements = max(1024, chunk_bytes // max(widest.values(), default=4))
