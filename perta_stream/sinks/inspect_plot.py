@@ -133,7 +133,9 @@ def _comparison(summary: InspectSummary, config: WeightConfig, path: Path) -> Pa
     figure, (joint_axis, layer_axis) = plt.subplots(1, 2, figsize=(10.5, 4.4), dpi=120)
     rows = comparison.joint_rows()
     matrix = [[count if count else math.nan for count in row] for row in rows]
-    image = joint_axis.imshow(matrix, origin="lower", extent=(0, 1, 0, 1), cmap="magma", norm=LogNorm(vmin=1, vmax=max(max(r) for r in rows) or 1))
+    counts = [count for row in rows for count in row if count]
+    norm = LogNorm(vmin=min(counts, default=1), vmax=max(counts, default=1) if len(set(counts)) > 1 else min(counts, default=1) * 10)
+    image = joint_axis.imshow(matrix, origin="lower", extent=(0, 1, 0, 1), cmap="magma", norm=norm)
     joint_axis.plot([0, 1], [0, 1], color="white", linewidth=0.6, linestyle=":")
     joint_axis.set_xlabel("W of b (STATS)")
     joint_axis.set_ylabel("W of a (--compare)")

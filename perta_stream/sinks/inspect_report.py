@@ -185,7 +185,8 @@ def _agreement_lines(summary: InspectSummary, plan: InspectPlan) -> list[str]:
 
 
 def _comparison_lines(summary: InspectSummary, plan: InspectPlan) -> list[str]:
-    lines = ["## W of a against b", "", f"| W | Spearman ρ(W_a, W_b) | |W_a − W_b| > {MOVED_THRESHOLD:g} | mean |W_a − W_b| | effective scale a | effective scale b |"]
+    # A `|` inside a cell ends it in Markdown tables unless escaped.
+    lines = ["## W of a against b", "", f"| W | Spearman ρ(W_a, W_b) | share with \\|W_a − W_b\\| > {MOVED_THRESHOLD:g} | mean \\|W_a − W_b\\| | effective scale a | effective scale b |"]
     lines.append("|---|---:|---:|---:|---:|---:|")
     for label, comparison in summary.model.comparisons.items():
         lines.append(
