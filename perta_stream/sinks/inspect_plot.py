@@ -84,7 +84,11 @@ def _heat_maps(summary: InspectSummary, plan: InspectPlan, config: WeightConfig,
     figure, axes = plt.subplots(1, len(panels), figsize=(1.1 + 0.75 * len(kinds) * len(panels) + 1.4 * len(panels), 1.6 + 0.24 * len(layers)), dpi=120, squeeze=False)
     for axis, (title, value_of) in zip(axes.flat, panels):
         matrix = [[_cell(summary, config, layer, kind, value_of) for kind in kinds] for layer in layers]
-        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        # The colours span the values drawn (written in the cells), not [0, 1]: W often varies by
+        # a few hundredths between layers, which a fixed scale would hide.
+        values = [value for row in matrix for value in row if not math.isnan(value)]
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=low, vmax=high if high > low else low + 1e-3, interpolation="nearest")
         axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right", fontsize=8)
         step = max(1, len(layers) // 32)
         axis.set_yticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=7)
@@ -94,7 +98,8 @@ def _heat_maps(summary: InspectSummary, plan: InspectPlan, config: WeightConfig,
             for row, values in enumerate(matrix):
                 for column, value in enumerate(values):
                     if not math.isnan(value):
-                        axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=5.5, color="white" if value < 0.6 else "black")
+                        dark = high == low or (value - low) / (high - low) < 0.6
+                        axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=5.5, color="white" if dark else "black")
         figure.colorbar(image, ax=axis, fraction=0.05)
     figure.tight_layout()
     return save_figure(figure, path)
