@@ -13,6 +13,7 @@ model utility than task arithmetic.
     nice -n 19 .venv/bin/python benchmarks/bench_tofu_real.py --preset cpu     # ~1 h on 2 CPU cores
     .venv/bin/python benchmarks/bench_tofu_real.py --preset gpu --device cuda  # forget10 + retain90
     .venv/bin/python benchmarks/bench_tofu_real.py --preset smoke              # end to end in minutes
+    .venv/bin/python benchmarks/bench_tofu_real.py --preset cpu --alpha-unit matched  # α in matched units
 
 Presets (what each cuts is stated in its `cuts` line and in the result file):
 - gpu: forget10 (400 QA) + all of retain90 (3600 QA), every evaluation item, 5 epochs. No holdout
@@ -23,6 +24,8 @@ Presets (what each cuts is stated in its `cuts` line and in the result file):
   shows the pipeline runs end to end; its numbers say nothing about the claim.
 
 Built models are cached under benchmarks/work/tofu_real/<preset>/ (--rebuild starts over).
+With `--alpha-unit matched` the sweep counts α in each method's matched α (‖α·W⊙TV‖ = ‖TV‖), and
+the results are written as tofu_real_<preset>_matched.
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--rebuild", action="store_true", help="rebuild every stage (a fresh, fully timed run)")
+    parser.add_argument("--alpha-unit", choices=["absolute", "matched"], default="absolute", help="the sweep's α unit (default absolute)")
     args = parser.parse_args()
 
     from perta_stream.config.finetune import FinetuneConfig
@@ -141,7 +145,7 @@ def main() -> int:
     from perta_stream.sinks.report import TABLE_COLUMNS, best_forget_quality, compare_at_matched_forgetting
 
     preset = PRESETS[args.preset]
-    name = f"tofu_real_{args.preset}"
+    name = f"tofu_real_{args.preset}" + ("_matched" if args.alpha_unit == "matched" else "")
     work = WORK_ROOT / args.preset
     if args.rebuild:
         shutil.rmtree(work, ignore_errors=True)
@@ -173,7 +177,7 @@ def main() -> int:
         stage_s,
         args.rebuild,
     )
-    sweep_dir = work / "sweep"
+    sweep_dir = work / ("sweep_matched" if args.alpha_unit == "matched" else "sweep")
     sweep_started = time.perf_counter()
     result = run_sweep(
         SweepConfig(
@@ -182,6 +186,7 @@ def main() -> int:
             eval_batch_size=preset.eval_batch_size, max_length=preset.max_length, max_new_tokens=preset.max_new_tokens,
             max_items=preset.eval_items, device=args.device, holdout=str(data["holdout"]) if "holdout" in data else None,
             keep_models=False, overwrite=True, title=f"PerTA on SmolLM2-135M, TOFU {preset.split} ({args.preset})",
+            alpha_unit=args.alpha_unit,
         )
     )
     stage_s["sweep"] = time.perf_counter() - sweep_started
@@ -201,6 +206,7 @@ def main() -> int:
         for row in result.rows
     ]
     command = f"python benchmarks/bench_tofu_real.py --preset {args.preset} --device {args.device}" + (" --rebuild" if args.rebuild else "")
+    command += " --alpha-unit matched" if args.alpha_unit == "matched" else ""
     record = {
         "benchmark": name,
         "command": command,
@@ -210,6 +216,8 @@ def main() -> int:
         "device": args.device,
         "wall_s": wall_s,
         "stage_s": stage_s,
+        "alpha_unit": args.alpha_unit,
+        "matched_alphas": json.loads(result.record_path.read_text()).get("matched_alphas"),
         "rows": [row.to_dict() for row in result.rows],
         "matched_forgetting": comparison,
         "best_forget_quality": best_forget_quality(list(result.rows)),

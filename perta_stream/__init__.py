@@ -5,15 +5,15 @@ Streamed gradient statistics, memory-bounded merges and TOFU evaluation.
     import perta_stream as ps
     ps.merge(theta0=..., full=..., fgt=..., out=..., method="fisher", stats=..., alpha=[0.5, 1])
 
-`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate`, `ps.sweep` and `ps.finetune` take the flags
-of their command as keywords (perta_stream/api.py); the `run_*` pipelines and their frozen
+`ps.merge`, `ps.stats`, `ps.unlearn`, `ps.evaluate`, `ps.sweep`, `ps.finetune` and `ps.inspect` take
+the flags of their command as keywords (perta_stream/api.py); the `run_*` pipelines and their frozen
 `*Config` dataclasses lie underneath; `perta-stream` (or `python -m perta_stream`) is the command line.
 """
 
 from typing import Any
 
 __version__ = "0.2.0"
-_API = ("evaluate", "finetune", "merge", "stats", "sweep", "unlearn")
+_API = ("evaluate", "finetune", "inspect", "merge", "stats", "sweep", "unlearn")
 __all__ = ["__version__", *_API]
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["evaluate", "finetune", "merge", "stats", "sweep", "unlearn"]
+__all__ = ["evaluate", "finetune", "inspect", "merge", "stats", "sweep", "unlearn"]
 
 
 def merge(*, theta0: str | os.PathLike, full: str | os.PathLike, fgt: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
@@ -163,6 +163,29 @@ def _quiet(keywords: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         set_progress_enabled(before)
+
+
+def inspect(*, stats: str | os.PathLike, out: str | os.PathLike, **options: Any) -> Any:
+    """`perta-stream inspect`: W's figures per tensor, layer and module kind, streamed.
+
+    Args:
+        stats: the statistics directory (`compare=` another one of the same model to compare W).
+        out: the output folder (inspect.json, inspect.md, PNG plots).
+        **options: any other flag of `perta-stream inspect` (theta0, fgt, methods, tau, ...).
+
+    Returns:
+        InspectResult (the folder, the model's effective scale per method, the record).
+
+    Raises:
+        UsageError: an unknown keyword or a bad value. PlanError and the other PertaStreamError
+            subclasses: as the command line reports them.
+    """
+    from perta_stream.config.inspect import InspectConfig
+    from perta_stream.pipelines.inspect import run_inspect
+
+    keywords = dict(stats=stats, out=out, **options)
+    with _quiet(keywords):
+        return run_inspect(InspectConfig.from_options(_options(InspectConfig, keywords)))
 
 
 def _options(cls: type, keywords: dict[str, Any]) -> dict[str, Any]:

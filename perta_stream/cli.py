@@ -19,6 +19,9 @@ from typing import Any, NoReturn
 from perta_stream import __version__
 from perta_stream.config.eval import EvalConfig
 from perta_stream.config.finetune import FinetuneConfig
+from perta_stream.config.inspect import DESCRIPTION as INSPECT_DESCRIPTION
+from perta_stream.config.inspect import HELP as INSPECT_HELP
+from perta_stream.config.inspect import InspectConfig
 from perta_stream.config.merge import MergeConfig
 from perta_stream.config.config_file import parser_defaults
 from perta_stream.config.doctor import DoctorConfig
@@ -148,6 +151,12 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_inspect(args: argparse.Namespace) -> int:
+    from perta_stream.pipelines.inspect import run_inspect
+
+    return _print_result(run_inspect(InspectConfig.from_cli(args)), args)
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     from perta_stream.pipelines.sweep import run_sweep
 
@@ -264,6 +273,7 @@ COMMAND_CONFIGS: dict[str, tuple[type, str, str]] = {
         "Check the torch build and devices, the imports' memory against the default merge budget, the optional extras "
         "(peft, gguf, triton), the Hub's reachability and token (never shown), and the free disk against an unlearn of --model.",
     ),
+    "inspect": (InspectConfig, INSPECT_HELP, INSPECT_DESCRIPTION),
 }
 
 
@@ -288,6 +298,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callabl
     "stats": (_config_command("stats"), _run_stats),
     "unlearn": (_config_command("unlearn"), _run_unlearn),
     "sweep": (_config_command("sweep"), _run_sweep),
+    "inspect": (_config_command("inspect"), _run_inspect),
     "demo": (lambda sub: add_demo(sub, _add_common), run_demo_command),
     "doctor": (_config_command("doctor"), _run_doctor),
     "convert": (_add_convert, _run_convert),
@@ -374,6 +385,7 @@ _EXAMPLES = {
     "stats": "perta-stream stats --model base/ --forget forget.jsonl --retain retain.jsonl --out stats/",
     "unlearn": "perta-stream unlearn --model mine/ --forget forget.jsonl --retain retain.jsonl --out clean/",
     "sweep": "perta-stream sweep --theta0 base/ --full full/ --fgt forget/ --stats stats/ --retain-model retain/ --out sweep/",
+    "inspect": "perta-stream inspect stats/ --theta0 base/ --fgt forget/ --out inspect/",
     "demo": "perta-stream demo",
     "convert": "perta-stream convert pickled_model/ --out safetensors_model/ --allow-pickle",
     "models": "perta-stream models fetch smollm2-135m",

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from perta_stream.cli import main
-from perta_stream.machine_speed import MachineSpeed, measure_machine_speed
+from perta_stream.machine_speed import measure_machine_speed
 from perta_stream.plan.wall_time import estimate_wall_time, training_flops
 
 ROOT = Path(__file__).resolve().parent.parent

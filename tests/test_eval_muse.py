@@ -110,6 +110,7 @@ def test_score_muse_end_to_end_on_a_tiny_model(tmp_path):
     forget = [min_k(t) for t in data.privleak["forget"]]
     holdout = [min_k(t) for t in data.privleak["holdout"]]
     assert scores.per_item["privleak_forget"]["min_k_score"] == pytest.approx(forget, abs=1e-5)
+    assert scores.per_item["privleak_holdout"]["min_k_score"] == pytest.approx(holdout, abs=1e-5)
     assert scores.mia_auc == mem.mia_auc(scores.per_item["privleak_forget"]["min_k_score"], scores.per_item["privleak_holdout"]["min_k_score"])
     with_reference = score_muse(loaded, data, reference_auc=0.5, batch_size=2, verbmem_max_new_tokens=5, knowmem_max_new_tokens=4)
     assert with_reference.privleak == pytest.approx(100.0 * (with_reference.mia_auc - 0.5) / 0.5)

@@ -130,7 +130,6 @@ WRITES_A_MODEL = "import sys, pathlib; out = pathlib.Path(sys.argv[2]); (out / '
 
 
 def test_a_killed_fetch_takes_its_converter_along_and_the_next_fetch_leaves_nothing_behind(fake, monkeypatch, tmp_path):
-    import os
     import signal
     import subprocess
     import sys

@@ -58,9 +58,11 @@ def test_every_command_spells_each_shared_option_the_same():
 
 
 def test_shared_option_groups_are_declared_once():
+    from perta_stream.config.alpha_unit import AlphaUnitOptions
     from perta_stream.config.merge import HubPushOptions, MergeConfig, MergeOptions
     from perta_stream.config.stats import StatsConfig, StatsOptions
     from perta_stream.config.eval import EvalConfig, QaFilesOptions
+    from perta_stream.config.sweep import SweepConfig
     from perta_stream.config.unlearn import UnlearnConfig
     from perta_stream.config.unlearn_own_model import AfterEvalOptions, OwnModelOptions
 
@@ -71,6 +73,7 @@ def test_shared_option_groups_are_declared_once():
         (OwnModelOptions, (UnlearnConfig,)),
         (AfterEvalOptions, (UnlearnConfig,)),
         (QaFilesOptions, (EvalConfig,)),
+        (AlphaUnitOptions, (SweepConfig, UnlearnConfig)),
     )
     for group, configs in groups:
         for config in configs:

@@ -171,6 +171,25 @@ def test_sweep_refuses_a_leftover_partial_folder_unless_overwrite(tiny_setup):
     assert result.out.is_dir() and not (root / "sweep_left.partial").exists()
 
 
+def test_sweep_counts_alphas_in_matched_units(tiny_setup):
+    from perta_stream.pipelines.matched_alpha import matched_alphas
+    from perta_stream.pipelines.sweep import run_sweep
+
+    root = tiny_setup
+    result = run_sweep(_config(root, "sweep_matched", methods=("tv", "fisher"), alphas=(1.0, 2.0), alpha_unit="matched", max_items=2, max_new_tokens=2, keep_models=False))
+    matched = matched_alphas(
+        ("tv", "fisher"), stats=str(root / "stats"), theta0=str(root / "theta0"), fgt=str(root / "fgt"), tau=None,
+        uniform_weight=0.5, fallback_weight=0.5, max_memory_bytes=16 * 2**30,
+    )  # fmt: skip
+    assert matched["tv"] == 1.0 and matched["fisher"] > 1.0
+    merges = [row for row in result.rows if row.kind == MERGE]
+    assert [row.label for row in merges] == ["tv α=1×matched", "tv α=2×matched", "fisher α=1×matched", "fisher α=2×matched"]
+    assert [row.alpha for row in merges] == [1.0, 2.0, matched["fisher"], 2.0 * matched["fisher"]]
+    assert merges[-1].extra == {"alpha_multiple": 2.0, "matched_alpha": matched["fisher"]}
+    record = json.loads(result.record_path.read_text())
+    assert record["matched_alphas"] == matched and record["config"]["alpha_unit"] == "matched"
+
+
 def _row(method: str, alpha: float, quality: float, utility: float) -> SweepRow:
     return SweepRow(label=f"{method} α={alpha:g}", kind=MERGE, method=method, alpha=alpha, metrics={"forget_quality": quality, "model_utility": utility})
 

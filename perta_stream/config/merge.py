@@ -179,6 +179,7 @@ class MergeConfig(MergeOptions, HubPushOptions):
         stats_at: the input the statistics were computed at (`theta0`, `full` or `fgt`); the merge
             hashes that input's bytes while reading them and refuses to commit when they are not
             the bytes the statistics were computed from.
+        extra: keys added to `perta_merge.json` (Python only: how a caller chose α, for instance).
     """
 
     method: str = option("tv", flags=("--method", "--methods"), choices=(*METHODS, *METHOD_ALIASES), help=MERGE_METHOD_HELP)
@@ -193,7 +194,7 @@ class MergeConfig(MergeOptions, HubPushOptions):
     overwrite: bool = option(False, help="replace an existing --out (only an earlier merge output or an empty folder)")
     resume: bool = option(False, help=RESUME_HELP)
     drop_page_cache: bool = option(False, help="tell the kernel to drop input pages once read, so a huge merge does not evict everything else")
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         typos = normalize_inputs(self, "theta0", "full", "fgt")

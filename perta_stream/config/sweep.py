@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from perta_stream.config.alpha_unit import AlphaUnitOptions
 from perta_stream.config.eval import TOFU_SPLITS, EvalOptions, QaFilesOptions
 from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.options import from_options, negated_switch, number, numbers, option, options_from_cli, size, words
@@ -24,7 +25,7 @@ PLOT_NAME = "tradeoff.png"
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepConfig(EvalOptions, QaFilesOptions):
+class SweepConfig(EvalOptions, QaFilesOptions, AlphaUnitOptions):
     """Merge θ_full with every method at every α, evaluate each result, and tabulate and plot them.
 
     On TOFU (`split`) every model gets the TOFU metrics against θ_ret; on one's own files
@@ -42,6 +43,7 @@ class SweepConfig(EvalOptions, QaFilesOptions):
         tofu_dir: the TOFU folder; empty means the copy bundled with perta_stream.
         methods: merge methods, in table order.
         alphas: task-vector scales; every method is merged at all of them in one pass.
+        alpha_unit: `matched` counts `alphas` in each method's matched α (config/alpha_unit.py).
         tau: weight exponent for grad and fisher; None means each method's default.
         uniform_weight, fallback_weight: as in `perta-stream merge`.
         eval_batch_size, max_length, max_new_tokens, max_items, device, system_prompt: evaluation options.
@@ -118,7 +120,7 @@ class SweepConfig(EvalOptions, QaFilesOptions):
             found.append(f"--split {self.split!r} is not a TOFU split; choose one of {', '.join(TOFU_SPLITS)}")
         if self.eval_batch_size < 1:
             found.append(f"--eval-batch-size must be at least 1, got {self.eval_batch_size}")
-        found += self.eval_option_problems()
+        found += self.eval_option_problems() + self.alpha_unit_problems()
         inputs = {"theta0": self.theta0, "full": self.full, "fgt": self.fgt}
         inputs.update({role: path for role, path in (("stats", self.stats), ("retain model", self.retain_model), ("forget", self.forget), ("retain", self.retain)) if path})
         found += check_output_location(self.out, overwrite=self.overwrite, inputs=inputs, record=(RECORD_NAME, "perta_sweep"))
@@ -163,6 +165,7 @@ class SweepConfig(EvalOptions, QaFilesOptions):
             "tofu_dir": self.tofu_dir,
             "methods": list(self.methods),
             "alphas": list(self.alphas),
+            "alpha_unit": self.alpha_unit,
             "tau": self.tau,
             "uniform_weight": self.uniform_weight,
             "fallback_weight": self.fallback_weight,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from perta_stream.config.alpha_unit import AlphaUnitOptions
 from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
@@ -29,12 +30,12 @@ CONFIG_COMMAND_PREFIX = "# perta-stream unlearn --config "
 
 
 @dataclass(frozen=True)
-class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions, AfterEvalOptions):
+class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions, AfterEvalOptions, AlphaUnitOptions):
     """What `run_unlearn` does: the statistics options (`StatsOptions`), the merge options
     (`MergeOptions`; `max_memory_bytes` is what the merge may add to the process's resident
     memory when it starts, as for `merge`), the options of a Hub output (`HubPushOptions`), θ_fgt
     made from the user's model and the work folder (`OwnModelOptions`), the before/after
-    evaluation (`AfterEvalOptions`), and these.
+    evaluation (`AfterEvalOptions`), the unit of α (`AlphaUnitOptions`), and these.
 
     Attributes:
         theta0, full, fgt: the three models (None with `model`, which gives all three).
@@ -203,7 +204,9 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions,
         if len(set(self.methods)) != len(self.methods):
             found.append(f"--method {self.method} lists the same method twice")
         found += self._one_pass_problems() + self.hub_push_problems(self.out)
-        found += self.merge_option_problems() + self.stats_option_problems()
+        found += self.merge_option_problems() + self.stats_option_problems() + self.alpha_unit_problems()
+        if self.alphas_are_matched and self.one_pass:
+            found.append("--alpha-unit matched measures W over the whole model before merging; the one pass merges each layer as it goes: drop --one-pass")
         if self.needs_stats or self.save_stats:
             for flag, value in (("--forget", self.forget), ("--retain", self.retain)):
                 if not value:

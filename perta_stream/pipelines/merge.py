@@ -291,7 +291,8 @@ def _merge_into(
                 finished = output.finished_shards()
                 records = [finished[shard.file_name] for shard in plan.shards]
                 memory = baseline.record(sampled_peak_bytes)
-                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, memory))
+                extra = {**memory, **(config.extra or {})}
+                locations.append(finalize_output(config, plan, output, alpha, records, sources["full"], elapsed_s, stats_content, extra))
         except Exception as exc:
             if not dist.is_distributed:
                 raise

@@ -30,6 +30,7 @@ from perta_stream.config.options import field_values
 from perta_stream.config.sweep import PLOT_NAME, RECORD_NAME, STATS_METHODS, TABLE_NAME, SweepConfig
 from perta_stream.errors import OutputExistsError
 from perta_stream.memory import peak_rss_bytes
+from perta_stream.pipelines.matched_alpha import scale_alphas
 from perta_stream.sinks.output_dir import AtomicOutputDir
 from perta_stream.sinks.plot import write_tradeoff_plot
 from perta_stream.sinks.report import (
@@ -135,23 +136,27 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     rows.append(SweepRow(label="full", kind=REFERENCE, metrics=_floats(full.metrics), model_dir=config.full, eval_json=_relative(full.json_path, work)))
 
     # 3. Every method at every alpha: one merge pass per method, then one evaluation per output.
+    # With --alpha-unit matched, each method's alphas are multiples of its matched α, measured first.
+    matched = _matched_alphas(config)
     for method in config.methods:
+        alphas = scale_alphas(config.alphas, matched[method]) if matched else config.alphas
         merge_started = time.perf_counter()
-        merged = run_merge(_merge_config(config, method, work))
+        merged = run_merge(_merge_config(config, method, work, alphas))
         merge_s += time.perf_counter() - merge_started
         logger.info("%s", merged.summary())
-        for alpha, model_dir in zip(config.alphas, merged.outputs):
+        for multiple, alpha, model_dir in zip(config.alphas, alphas, merged.outputs):
             name = f"{method}_alpha_{format_alpha(alpha)}"
             result = evaluate(model_dir, name, retain_logs)
             rows.append(
                 SweepRow(
-                    label=row_label(method, alpha),
+                    label=f"{method} α={multiple:g}×matched" if matched else row_label(method, alpha),
                     kind=MERGE,
                     method=method,
                     alpha=alpha,
                     metrics=_floats(result.metrics),
                     model_dir=_final_location(model_dir, work, Path(config.out)) if config.keep_models else None,
                     eval_json=_relative(result.json_path, work),
+                    extra={"alpha_multiple": multiple, "matched_alpha": matched[method]} if matched else {},
                 )
             )
         if not config.keep_models:
@@ -173,6 +178,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         "merge_s": merge_s,
         "eval_s": eval_s,
         "peak_rss_bytes": peak_rss_bytes(),
+        "matched_alphas": matched or None,
     }
     write_sweep_report(rows, table_path=work / TABLE_NAME, json_path=work / RECORD_NAME, record=record, columns=columns)
     where = "your files" if config.on_files else f"TOFU {config.split}"
@@ -199,7 +205,19 @@ def _eval_config(config: SweepConfig, model_dir: str, out: str, reference: str |
     return EvalConfig(**shared, split=config.split, retain_logs=reference)
 
 
-def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
+def _matched_alphas(config: SweepConfig) -> dict[str, float]:
+    """Each method's matched α with --alpha-unit matched (else empty)."""
+    if not config.alphas_are_matched:
+        return {}
+    from perta_stream.pipelines.matched_alpha import matched_alphas
+
+    return matched_alphas(
+        config.methods, stats=config.stats, theta0=config.theta0, fgt=config.fgt, tau=config.tau, uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight, max_memory_bytes=config.max_memory_bytes,
+    )
+
+
+def _merge_config(config: SweepConfig, method: str, work: Path, alphas: tuple[float, ...]) -> MergeConfig:
     return MergeConfig(
         theta0=config.theta0,
         full=config.full,
@@ -207,7 +225,7 @@ def _merge_config(config: SweepConfig, method: str, work: Path) -> MergeConfig:
         out=str(work / "models" / method / "alpha_{alpha}"),
         method=method,
         stats=config.stats if method in STATS_METHODS else None,
-        alphas=config.alphas,
+        alphas=alphas,
         tau=config.tau if method in STATS_METHODS else None,
         uniform_weight=config.uniform_weight,
         fallback_weight=config.fallback_weight,

@@ -12,6 +12,7 @@ tv and uniform need no statistics and go straight to the merge.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -273,12 +274,16 @@ def _stats_then_merge(config: UnlearnConfig, say: Callable[[str], None]) -> Unle
     if not config.dry_run:
         say(f"[unlearn] merging {config.method} at alpha {', '.join(f'{a:g}' for a in config.alphas)} into {config.out}")
     merge_started = time.perf_counter()
-    merged = run_merge(config.merge_config(out=config.out, method=config.method, alphas=config.alphas, stats=stats_dir))
+    alphas, extra = _matched_alphas(config, stats_dir) if config.alphas_are_matched and not config.dry_run else (config.alphas, {})
+    merge_config = config.merge_config(out=config.out, method=config.method, alphas=alphas, stats=stats_dir)
+    merged = run_merge(dataclasses.replace(merge_config, extra=extra) if extra else merge_config)
     merge_s = time.perf_counter() - merge_started
     if merged.plan_text is not None:
         plans.append(merged.plan_text)
     if merged.kept_shards:
         notes.append(f"the merge kept {len(merged.kept_shards)} finished shard(s)")
+    if merged.plan_text is not None and config.alphas_are_matched:
+        plans.append("alpha: multiples of the matched alpha, measured from the statistics and the task vector before the merge")
     return UnlearnResult(
         outputs=merged.outputs,
         stats_dir=stats_dir,
@@ -306,6 +311,20 @@ def _stats_dir(config: UnlearnConfig) -> str | None:
     if digest is None:
         return None
     return config.stats_dir_for(digest, (file_sha256(str(config.forget)), file_sha256(str(config.retain))))
+
+
+def _matched_alphas(config: UnlearnConfig, stats_dir: str | None) -> tuple[tuple[float, ...], dict[str, Any]]:
+    """The α values of --alpha-unit matched (multiples of the method's matched α) and what the
+    merge record says about them."""
+    from perta_stream.pipelines.matched_alpha import matched_alphas, scale_alphas
+
+    matched = matched_alphas(
+        (config.method,), stats=stats_dir, theta0=config.theta0, fgt=config.fgt, tau=config.tau, uniform_weight=config.uniform_weight,
+        fallback_weight=config.fallback_weight, max_memory_bytes=config.max_memory_bytes,
+    )[config.method]
+    alphas = scale_alphas(config.alphas, matched)
+    logger.info("matched alpha of %s: %.6g; merging at alpha %s", config.method, matched, ", ".join(f"{a:g}" for a in alphas))
+    return alphas, {"alpha_unit": "matched", "matched_alpha": matched, "alpha_multiples": list(config.alphas)}
 
 
 def _ensure_stats(config: UnlearnConfig, stats_dir: str, notes: list[str]) -> tuple[bool, str | None]:

@@ -1,0 +1,214 @@
+"""The inspect plan: built from headers only, every problem found at once, before a byte is read.
+
+`plan_inspect` checks that every statistics checkpoint (one or two runs, each forget and retain,
+each kind W needs) and, when a task vector is given, θ_0 and θ_fgt hold the same floating-point
+tensors with the same shapes, groups each tensor by layer and module kind, and sizes the chunks
+from the memory budget exactly as the merge does: PIPELINE_DEPTH chunk buffers of every input in
+flight, plus the rank sample (compute/rank_sample.py), whose size is fixed by the sample's target,
+not by the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from perta_stream.compute.weight_figures import WeightConfig
+from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
+from perta_stream.plan.merge_plan import MAX_CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, PIPELINE_DEPTH, RUNTIME_MARGIN_BYTES, STAT_DTYPES
+from perta_stream.plan.tensor_groups import TensorGroup, tensor_group
+from perta_stream.sources.checkpoint import Checkpoint
+from perta_stream.sources.safetensors_header import TensorInfo
+
+MODEL_ROLES = ("theta0", "fgt")
+# Bytes per sampled element beyond its values (4 per quantity, held twice at the end of a tensor:
+# its own sample and the model's copy): the position, the model flag and the tensor index; and
+# of ranking it (argsort indices, the sorted values, two float64 rank vectors and their runs).
+SAMPLE_INDEX_BYTES = 16
+RANKING_BYTES = 64
+# A sample is Bernoulli: its size exceeds its expectation by a few standard deviations at most.
+SAMPLE_SLACK = 1.1
+
+
+@dataclass(frozen=True)
+class InspectTensor:
+    """One tensor to inspect: where each input's bytes are, and the groups it counts in."""
+
+    tensor_name: str
+    shape: tuple[int, ...]
+    sources: dict[str, TensorInfo]
+    group: TensorGroup
+
+    @property
+    def numel(self) -> int:
+        return next(iter(self.sources.values())).numel
+
+
+@dataclass(frozen=True)
+class InspectPlan:
+    """Everything the measuring pass needs, and everything --dry-run shows.
+
+    Attributes:
+        inputs: role -> checkpoint (`a:forget.fisher`, ..., `theta0`, `fgt`).
+        tensors: in the order of the first statistics checkpoint's shards (sequential reads).
+        sides, kinds, configs: the statistics runs (`a`, and `b` when compared), the kinds read,
+            the W configurations.
+        task_vector: whether θ_0 and θ_fgt are read.
+        chunk_elements: elements per chunk; larger tensors are read in slices.
+        bytes_to_read: input bytes read in the one pass.
+        rank_sample_elements: the model's rank sample's target size.
+        baseline_rss_bytes: the process's RSS when the run started.
+        estimated_added_bytes, max_memory_bytes: what the run adds to it (buffers, rank sample,
+            margin), and the budget that was checked against (`--max-memory`).
+    """
+
+    inputs: dict[str, Checkpoint]
+    tensors: tuple[InspectTensor, ...]
+    sides: tuple[str, ...]
+    kinds: tuple[str, ...]
+    configs: tuple[WeightConfig, ...]
+    task_vector: bool
+    chunk_elements: int
+    bytes_to_read: int
+    rank_sample_elements: int
+    baseline_rss_bytes: int
+    estimated_added_bytes: int
+    max_memory_bytes: int
+
+    @property
+    def estimated_peak_rss_bytes(self) -> int:
+        return self.baseline_rss_bytes + self.estimated_added_bytes
+
+    @property
+    def total_elements(self) -> int:
+        return sum(tensor.numel for tensor in self.tensors)
+
+    def chunk_ranges(self, tensor: InspectTensor) -> list[tuple[int, int]]:
+        """(first element, element count) of each chunk of a tensor, in order."""
+        numel = tensor.numel
+        return [(start, min(self.chunk_elements, numel - start)) for start in range(0, numel, self.chunk_elements)] or [(0, 0)]
+
+
+def plan_inspect(
+    inputs: dict[str, Checkpoint],
+    *,
+    sides: tuple[str, ...],
+    kinds: tuple[str, ...],
+    configs: tuple[WeightConfig, ...],
+    sampled_quantities: int,
+    rank_sample_elements: int,
+    max_memory_bytes: int,
+    chunk_bytes: int | None,
+    baseline_rss_bytes: int,
+    problems: list[str],
+) -> tuple[InspectPlan | None, list[str]]:
+    """Validate the inputs against each other and size the chunks.
+
+    Args:
+        inputs: role -> checkpoint: `<side>:<forget|retain>.<kind>` for every side and kind, and
+            `theta0` and `fgt` for a task vector.
+        sampled_quantities: how many per-element quantities the rank sample keeps.
+        problems: problems found earlier (opening inputs, options); more are appended.
+
+    Returns:
+        (plan, problems): the plan is None when problems make it impossible to build.
+    """
+    stat_roles = [f"{side}:{dataset}.{kind}" for side in sides for kind in kinds for dataset in ("forget", "retain")]
+    if not stat_roles or any(role not in inputs for role in stat_roles):
+        return None, problems  # why was reported when opening them
+    task_vector = all(role in inputs for role in MODEL_ROLES)
+    reference = inputs[stat_roles[0]]
+    tensors: list[InspectTensor] = []
+    mismatches: dict[str, list[str]] = {role: [] for role in (*stat_roles, *(MODEL_ROLES if task_vector else ()))}
+    for tensor_name, info in reference.tensors.items():
+        sources = {stat_roles[0]: info}
+        for role in mismatches:
+            if role == stat_roles[0]:
+                continue
+            other = inputs[role].tensors.get(tensor_name)
+            if other is None:
+                mismatches[role].append(f"it lacks tensor {tensor_name!r}")
+            elif other.shape != info.shape:
+                mismatches[role].append(f"tensor {tensor_name!r} has shape {list(other.shape)}, the statistics {list(info.shape)}")
+            elif other.dtype not in (STAT_DTYPES if role not in MODEL_ROLES else FLOATING_DTYPES):
+                mismatches[role].append(f"tensor {tensor_name!r} is {other.dtype}, not {'F32 or BF16' if role not in MODEL_ROLES else 'a floating-point type'}")
+            else:
+                sources[role] = other
+        if info.dtype not in STAT_DTYPES:
+            mismatches[stat_roles[0]].append(f"tensor {tensor_name!r} is {info.dtype}, not F32 or BF16")
+        if len(sources) == len(mismatches):
+            tensors.append(InspectTensor(tensor_name, info.shape, sources, tensor_group(tensor_name)))
+    for role in mismatches:
+        extra = [name for name, other in inputs[role].tensors.items() if name not in reference.tensors and other.dtype in FLOATING_DTYPES]
+        mismatches[role] += [f"it holds tensor {name!r}, which the statistics lack" for name in extra]
+    for role, found in mismatches.items():
+        # One line per input: statistics or models of another architecture differ in every tensor.
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            fix = (
+                "give the θ_0 and θ_fgt of the model the statistics were computed at"
+                if role in MODEL_ROLES
+                else "the statistics of one model hold the same tensors in every kind; recompute them with `perta-stream stats`"
+            )
+            what = f"--{role} {inputs[role].location}" if role in MODEL_ROLES else f"statistics {inputs[role].location}"
+            problems.append(f"{what} does not match the statistics {reference.location}: {found[0]}{more}; {fix}")
+    if problems:
+        return None, problems
+    widest: dict[str, int] = {}
+    for tensor in tensors:
+        for role, info in tensor.sources.items():
+            widest[role] = max(widest.get(role, 0), DTYPE_BYTES[info.dtype])
+    per_element = PIPELINE_DEPTH * sum(widest.values())
+    total = sum(tensor.numel for tensor in tensors)
+    sample_elements = int(min(total, rank_sample_elements) * SAMPLE_SLACK) if sampled_quantities else 0
+    sample_bytes = sample_elements * (2 * 4 * sampled_quantities + SAMPLE_INDEX_BYTES + RANKING_BYTES)
+    fixed = RUNTIME_MARGIN_BYTES + sample_bytes
+    if chunk_bytes is not None:
+        chunk_elements = max(1024, chunk_bytes // max(widest.values(), default=4))
+    else:
+        chunk_elements = min(MAX_CHUNK_ELEMENTS, max(0, max_memory_bytes - fixed) // max(per_element, 1))
+        chunk_elements -= chunk_elements % 4096
+    estimate = fixed + chunk_elements * per_element
+    if chunk_bytes is None and chunk_elements < MIN_CHUNK_ELEMENTS:
+        problems.append(
+            f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers (the rank sample needs "
+            f"{sample_bytes / 2**20:.0f} MiB on top of the {baseline_rss_bytes / 2**20:.0f} MiB the process holds); raise --max-memory"
+        )
+    elif estimate > max_memory_bytes:
+        problems.append(
+            f"the plan adds about {estimate / 2**20:.0f} MiB to the process, above --max-memory {max_memory_bytes / 2**20:.0f} MiB; "
+            "lower --chunk-size or raise --max-memory"
+        )
+    if problems:
+        return None, problems
+    ordered = sorted(tensors, key=lambda tensor: (tensor.sources[stat_roles[0]].file_name, tensor.sources[stat_roles[0]].begin))
+    plan = InspectPlan(
+        inputs=inputs,
+        tensors=tuple(ordered),
+        sides=sides,
+        kinds=kinds,
+        configs=configs,
+        task_vector=task_vector,
+        chunk_elements=chunk_elements,
+        bytes_to_read=sum(info.nbytes for tensor in tensors for info in tensor.sources.values()),
+        rank_sample_elements=rank_sample_elements,
+        baseline_rss_bytes=baseline_rss_bytes,
+        estimated_added_bytes=estimate,
+        max_memory_bytes=max_memory_bytes,
+    )
+    return plan, problems
+
+
+def describe_inspect_plan(plan: InspectPlan) -> str:
+    """The human-readable plan that --dry-run prints."""
+    from perta_stream.memory import format_bytes
+
+    lines = [f"inspect plan: {', '.join(config.label for config in plan.configs)}"]
+    for role, checkpoint in plan.inputs.items():
+        lines.append(f"  input {role:<16} {checkpoint.location}  ({len(checkpoint.shards)} shard(s), {format_bytes(checkpoint.total_bytes)})")
+    lines.append(f"  tensors: {len(plan.tensors)} ({plan.total_elements:,} elements); task vector: {'yes' if plan.task_vector else 'no'}")
+    lines.append(f"  bytes to read: {format_bytes(plan.bytes_to_read)}")
+    lines.append(
+        f"  chunk: {plan.chunk_elements} elements; adds about {format_bytes(plan.estimated_added_bytes)} to the "
+        f"{format_bytes(plan.baseline_rss_bytes)} the process holds (budget {format_bytes(plan.max_memory_bytes)} added)"
+    )
+    return "\n".join(lines)
