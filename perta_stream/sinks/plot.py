@@ -47,26 +47,34 @@ def write_tradeoff_plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, ti
     Returns:
         The path of the PNG.
     """
+    figure, _ = tradeoff_figure(rows, title=title, axes=axes)
+    return save_figure(figure, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    figure, _ = tradeoff_figure(rows, title=title, axes=axes)
+    return plt
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save `figure` as a PNG at `path` (written to a temporary name, then renamed) and close it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.stem}.tmp.png")
     figure.savefig(temporary, format="png")
-    plt.close(figure)
+    pyplot().close(figure)
     os.replace(temporary, target)
     return target
 
 
 def tradeoff_figure(rows: Sequence[SweepRow], *, title: str = "", axes: TradeoffAxes = TOFU_AXES) -> tuple[Any, list[Any]]:
     """The figure (two panels) and its α labels, laid out and placed."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12.5, 5.2), dpi=120, gridspec_kw={"width_ratios": [1.35, 1]})
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(12.5, 5.2), dpi=120, gridspec_kw={"width_ratios": [1.35, 1]})
     labelled = _draw_tradeoff(left, rows, axes)
     _draw_matched(right, rows, axes)
     figure.suptitle(title or "PerTA sweep: forgetting vs utility (up and right is better)", fontsize=10)
