@@ -117,7 +117,9 @@ def open_inputs(
     for side, stats_dir in stats_by_side.items():
         if side not in records or not roles:
             continue
-        checkpoints, sources = open_stats(stats_dir, roles, problems)
+        checkpoints, sources, pinned = open_stats(stats_dir, roles, problems)
+        if pinned is not None:
+            records[side] = pinned  # the record as read with the files the run reads
         opened.inputs.update({f"{side}:{role}": checkpoint for role, checkpoint in checkpoints.items()})
         opened.sources.update({f"{side}:{role}": source for role, source in sources.items()})
     for role, location in (("theta0", theta0), ("fgt", fgt)):
