@@ -43,6 +43,9 @@ docs-pages: setup
 # --no-compile: byte-compiling every installed module is most of an install's time (torch: 27 s
 # with it, 7 s without, on 2 shared cores); Python compiles what the tests import as they run.
 LOWER_VENV := .venv-hub-lower
+# This venv's packages come from the registry a second time in a run; one retry of an install
+# that failed (a dropped connection mid-download) keeps a registry hiccup from failing CI.
+LOWER_PIP := $(LOWER_VENV)/bin/python -m pip install --quiet --no-compile --retries 10
 LOWER_PINS := $(shell sed -n -E 's/^ *"(huggingface_hub|transformers)>=([0-9.]+)",$$/\1==\2/p' pyproject.toml)
 LOWER_TESTS := tests/test_hub.py tests/test_api.py \
 	tests/test_distributed.py::test_hub_output_under_a_launcher_is_refused_before_anything_is_written \
@@ -52,8 +55,8 @@ LOWER_TESTS := tests/test_hub.py tests/test_api.py \
 $(LOWER_VENV)/.installed: pyproject.toml Makefile
 	@test "$(words $(LOWER_PINS))" = 2 || { echo "pyproject.toml has no huggingface_hub>= or transformers>= line to pin"; exit 1; }
 	test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
-	$(LOWER_VENV)/bin/python -m pip install --quiet --no-compile "$(TORCH_PIN)"
-	$(LOWER_VENV)/bin/python -m pip install --quiet --no-compile -e ".[dev]" $(LOWER_PINS)
+	$(LOWER_PIP) "$(TORCH_PIN)" || $(LOWER_PIP) "$(TORCH_PIN)"
+	$(LOWER_PIP) -e ".[dev]" $(LOWER_PINS) || $(LOWER_PIP) -e ".[dev]" $(LOWER_PINS)
 	touch $@
 
 test-hub-lower: $(LOWER_VENV)/.installed

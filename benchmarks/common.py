@@ -68,6 +68,8 @@ def write_results(name: str, record: dict, table_rows: list[dict], *, title: str
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
