@@ -45,6 +45,7 @@ from perta_stream.plan.merge_plan import MODEL_ROLES, STAT_ROLES, MergePlan, des
 from perta_stream.plan.one_pass_plan import one_pass_outputs
 from perta_stream.pipelines.one_pass_costs import MERGE_CHUNK_BYTES, config_only_comparison, merge_device, one_pass_comparison, run_reads, tau_of
 from perta_stream.pipelines.stats_steps import PreparedSweep, prepare_sweep
+from perta_stream.pipelines.unlearn_result import UnlearnResult
 from perta_stream.plan.stats_plan import ModelShape, group_tensor_names
 from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location, partial_path, remove_stale_partials
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 
     from perta_stream.compute.stats.resume_state import ResumeState
     from perta_stream.config.stats import StatsConfig
-    from perta_stream.pipelines.unlearn import UnlearnResult
     from perta_stream.sinks.layered_output import LayeredModelOutput
     from perta_stream.sinks.model_output import ModelOutput
     from perta_stream.sinks.stats_output import ResumedRun
@@ -82,8 +82,6 @@ def run_one_pass(config: UnlearnConfig) -> UnlearnResult:
         OutputExistsError, ResumeError: an output's `.partial/` exists without `resume`, or was
             started with other inputs or options.
     """
-    from perta_stream.pipelines.unlearn import UnlearnResult
-
     started = time.perf_counter()
     import torch  # noqa: F401  (imported before the baseline RSS the merge budget adds to)
 
