@@ -145,7 +145,7 @@ def test_sizes_devices_and_method_names_as_people_write_them():
 
 def test_bare_hub_ids_mean_the_hub_only_for_inputs_that_are_not_local_paths(tmp_path, monkeypatch):
     from perta_stream.config.merge import MergeConfig
-    from perta_stream.sources.resolve import normalize_location
+    from perta_stream.sources.input_location import normalize_location
 
     monkeypatch.chdir(tmp_path)
     assert normalize_location("meta-llama/Llama-3.2-1B") == "hf://meta-llama/Llama-3.2-1B"

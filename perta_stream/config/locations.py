@@ -14,7 +14,7 @@ def normalize_inputs(config: Any, *field_names: str) -> list[str]:
     name, and its name is not sent anywhere. `hf://` still reads the Hub.
     """
     from perta_stream.config.options import options_of
-    from perta_stream.sources.resolve import mistyped_folder, normalize_location
+    from perta_stream.sources.input_location import mistyped_folder, normalize_location
 
     problems = []
     flags = options_of(type(config))

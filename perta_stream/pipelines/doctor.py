@@ -157,7 +157,8 @@ def _disk(config: DoctorConfig) -> Check:
 def unlearn_disk_bytes(model: str, alphas: int) -> tuple[int, str]:
     """What `unlearn --model` writes: θ_fgt (the model's size), grad and fisher statistics of
     both sets in float32 (4 × 4 bytes per parameter), and one output per α (the model's size)."""
-    from perta_stream.sources.resolve import normalize_location, open_checkpoint
+    from perta_stream.sources.resolve import open_checkpoint
+    from perta_stream.sources.input_location import normalize_location
 
     checkpoint, source = open_checkpoint(normalize_location(model), "model")
     source.close()

@@ -21,7 +21,8 @@ from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sinks.shard_writer import ShardRecord
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
-from perta_stream.sources.resolve import hub_inputs, hub_summary, is_hub_location, open_model_input
+from perta_stream.sources.resolve import open_model_input
+from perta_stream.sources.input_location import hub_inputs, hub_summary, is_hub_location
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.pipelines.stats_identity import adapter_stats_identity, check_before_commit, settled_before
 from perta_stream.sources.stats_dir import StatsRecord, open_stats

@@ -51,7 +51,7 @@ from perta_stream.sinks.output_dir import AtomicOutputDir, check_output_location
 from perta_stream.sinks.run_record import MERGE_RECORD_FORMAT, MERGE_RECORD_NAME
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.pinned_folder import check_inputs_unchanged
-from perta_stream.sources.resolve import hub_inputs, is_hub_location
+from perta_stream.sources.input_location import hub_inputs, is_hub_location
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME
 
 if TYPE_CHECKING:

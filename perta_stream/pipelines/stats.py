@@ -45,7 +45,7 @@ from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.pinned_folder import check_inputs_unchanged
-from perta_stream.sources.resolve import hub_inputs, hub_summary
+from perta_stream.sources.input_location import hub_inputs, hub_summary
 from perta_stream.sources.stats_dir import STATS_FORMAT, STATS_RECORD_NAME, StatsRecord
 
 if TYPE_CHECKING:

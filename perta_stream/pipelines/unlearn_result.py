@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from perta_stream.sources.resolve import hub_summary
+from perta_stream.sources.input_location import hub_summary
 
 __all__ = ["UnlearnResult"]
 

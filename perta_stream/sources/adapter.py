@@ -208,7 +208,7 @@ def _check_files(names: set[str], location: str, role: str) -> None:
 
 
 def _open_hub_adapter(location: str, role: str) -> tuple[Adapter, ByteSource]:
-    from perta_stream.sources.hub import HubByteSource, _folder_sha256, _folder_sizes
+    from perta_stream.sources.hub import HubByteSource, folder_sha256, folder_sizes
     from perta_stream.sources.hub_http import RangeReader, make_api, parse_hub_location, with_retries
 
     hub_location = parse_hub_location(location)
@@ -216,11 +216,11 @@ def _open_hub_adapter(location: str, role: str) -> tuple[Adapter, ByteSource]:
     info = with_retries(
         lambda: api.model_info(hub_location.repo_id, revision=hub_location.revision, files_metadata=True), action=f"opening {role} adapter", location=location
     )
-    sizes = _folder_sizes(info.siblings or [], hub_location.path_in_repo)
+    sizes = folder_sizes(info.siblings or [], hub_location.path_in_repo)
     pinned = hub_location.pinned(info.sha)
     _check_files(set(sizes), pinned, role)
     reader = RangeReader(hub_location, info.sha)
-    source = HubByteSource(reader, sizes, _folder_sha256(info.siblings or [], hub_location.path_in_repo))
+    source = HubByteSource(reader, sizes, folder_sha256(info.siblings or [], hub_location.path_in_repo))
     raw_config = reader.read_bytes(ADAPTER_CONFIG_NAME, 0, sizes[ADAPTER_CONFIG_NAME])
     size = sizes[ADAPTER_WEIGHTS_NAME]
     try:

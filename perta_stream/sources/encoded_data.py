@@ -47,7 +47,7 @@ def load_tokenizer(location: str) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from perta_stream.sources.resolve import is_hub_location
+    from perta_stream.sources.input_location import is_hub_location
 
     try:
         if is_hub_location(location):

@@ -94,7 +94,7 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, *, device: str, for_t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from perta_stream.sources.resolve import is_hub_location
+    from perta_stream.sources.input_location import is_hub_location
 
     if is_hub_location(model_dir):
         from perta_stream.sources.hub import download_model_folder

@@ -35,7 +35,7 @@ from perta_stream.sources.checkpoint import (
     resolve_layout,
 )
 from perta_stream.sources.hub_http import RangeReader, make_api, parse_hub_location, with_retries
-from perta_stream.sources.resolve import hub_input_notice
+from perta_stream.sources.input_location import hub_input_notice
 from perta_stream.sources.safetensors_header import SafetensorsHeader, parse_header
 
 # Repo bookkeeping, never part of a model: not copied into an output as a side file.
@@ -67,11 +67,11 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
     )
     if not info.sha:
         raise HubError(f"opening {role} checkpoint {location}: the Hub did not say which commit it serves; retry later")
-    sizes = _folder_sizes(info.siblings or [], hub_location.path_in_repo)
+    sizes = folder_sizes(info.siblings or [], hub_location.path_in_repo)
     pinned = hub_location.pinned(info.sha)
     notice(hub_input_notice(role, location, pinned))
     reader = RangeReader(hub_location, info.sha)
-    source = HubByteSource(reader, sizes, _folder_sha256(info.siblings or [], hub_location.path_in_repo))
+    source = HubByteSource(reader, sizes, folder_sha256(info.siblings or [], hub_location.path_in_repo))
     where = f"{role} ({pinned})"
     names = sorted(sizes)
     index_name, index_bytes, weight_map, problems = resolve_layout(
@@ -110,7 +110,7 @@ def open_hub_checkpoint(location: str, role: str) -> tuple[Checkpoint, HubByteSo
     return checkpoint, source
 
 
-def _folder_sizes(siblings: list, folder: str) -> dict[str, int]:
+def folder_sizes(siblings: list, folder: str) -> dict[str, int]:
     """File name -> size of the files directly inside `folder` of the repo."""
     prefix = f"{folder}/" if folder else ""
     sizes: dict[str, int] = {}
@@ -125,7 +125,7 @@ def _folder_sizes(siblings: list, folder: str) -> dict[str, int]:
     return sizes
 
 
-def _folder_sha256(siblings: list, folder: str) -> dict[str, str]:
+def folder_sha256(siblings: list, folder: str) -> dict[str, str]:
     """File name -> the sha256 the Hub publishes, for the LFS files directly inside `folder`."""
     prefix = f"{folder}/" if folder else ""
     published: dict[str, str] = {}

@@ -12,7 +12,7 @@ from perta_stream.errors import CheckpointNotFoundError, PertaStreamError, PlanE
 from perta_stream.sources.byte_source import ByteSource, LocalByteSource
 from perta_stream.sources.checkpoint import Checkpoint, pin_local_checkpoint
 from perta_stream.sources.pinned_folder import PinnedFolder
-from perta_stream.sources.resolve import is_hub_location
+from perta_stream.sources.input_location import is_hub_location
 
 STATS_RECORD_NAME = "perta_stats.json"
 STATS_FORMAT = "perta_stats"
