@@ -114,6 +114,16 @@ class RssWatchdog:
             )
 
 
+def training_memory_bytes(device: str) -> tuple[int, str]:
+    """(bytes, what they are) a training run on `device` (resolved: `cpu` or `cuda`) can hold:
+    the current GPU's total memory, or the RAM available now (other processes hold the rest)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU's memory"
+    return psutil.virtual_memory().available, "this machine's available RAM"
+
+
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":

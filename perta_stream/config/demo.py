@@ -52,6 +52,8 @@ class DemoConfig:
         for name in ("pretrain_epochs", "finetune_epochs", "batch_size", "max_length", "max_new_tokens", "eval_batch_size"):
             if getattr(recipe, name) < 1:
                 found.append(f"{name} must be at least 1, got {getattr(recipe, name)}")
+        if recipe.lora_rank is not None and recipe.lora_rank < 1:
+            found.append(f"--lora must be a rank of at least 1, got {recipe.lora_rank}")
         if recipe.eval_max_items is not None and recipe.eval_max_items < 1:
             found.append(f"--max-items must be at least 1, got {recipe.eval_max_items}")
         if not recipe.alphas or any(alpha <= 0 for alpha in recipe.alphas):
@@ -70,6 +72,7 @@ class DemoConfig:
                 ("retain_count", args.retain_count),
                 ("alphas", tuple(args.alphas) if args.alphas else None),
                 ("eval_max_items", args.max_items),
+                ("lora_rank", args.lora),
             )
             if value is not None
         }

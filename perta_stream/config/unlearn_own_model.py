@@ -4,9 +4,11 @@ before/after evaluation on the forget and retain files.
 `unlearn --model MINE --forget F --retain R --out CLEAN` takes θ_full = θ_0 = MINE (the model a
 user has) and makes θ_fgt by fine-tuning MINE on F (`FinetuneConfig`, the `finetune` command's
 pipeline), keeping it, the statistics and the evaluations in a work folder (default `perta_work/`
-next to the output) where a later run with the same inputs finds and reuses them. With `--eval`
-(on by default with `--model`) every output is evaluated beside the model before unlearning on
-the user's files (`eval --forget --retain`, no retain model needed) and the table is printed.
+next to the output) where a later run with the same inputs finds and reuses them; `--lora R` makes
+θ_fgt a LoRA adapter instead (`finetune --lora R`), for a model whose full fine-tune does not fit
+where it trains. With `--eval` (on by default with `--model`) every output is evaluated beside the
+model before unlearning on the user's files (`eval --forget --retain`, no retain model needed) and
+the table is printed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_stream.config.eval import HOLDOUT_HELP
-from perta_stream.config.options import integer, option
+from perta_stream.config.options import integer, number, option
 
 DEFAULT_WORK_DIR_NAME = "perta_work"
 _OWN = "your model (--model): theta_fgt made by fine-tuning"
@@ -33,6 +35,9 @@ class OwnModelOptions:
         work_dir: where θ_fgt, the statistics and the evaluations are kept and found again; None
             means `perta_work/` in the folder that holds the output.
         epochs, lr, max_steps: θ_fgt's fine-tuning (as `finetune`'s flags).
+        lora_rank, lora_alpha: θ_fgt as a rank-`lora_rank` LoRA adapter (`finetune --lora R
+            --lora-alpha A`, PEFT's format), which the merge reads as `--fgt`; None: a full
+            fine-tune (every weight, with AdamW: about 16 bytes per parameter in float32).
     """
 
     model: str | None = option(None, group=_OWN, help="your model: theta_full = theta0 = MODEL, theta_fgt is made by fine-tuning it on --forget")
@@ -42,6 +47,11 @@ class OwnModelOptions:
     epochs: int = option(3, group=_OWN, help="theta_fgt: passes over the forget file (default 3)")
     lr: float = option(1e-5, group=_OWN, help="theta_fgt: peak AdamW learning rate (default 1e-5)")
     max_steps: int | None = option(None, group=_OWN, parse=integer, help="theta_fgt: stop after this many optimizer steps (default: --epochs passes)")
+    lora_rank: int | None = option(
+        None, flags=("--lora",), group=_OWN, parse=integer, metavar="R",
+        help="theta_fgt: train a rank-R LoRA adapter (peft) instead of every weight, for a model whose full fine-tune does not fit",
+    )
+    lora_alpha: float | None = option(None, group=_OWN, parse=number, help="theta_fgt: LoRA alpha (default 2 x rank)")
 
     def work_folder(self, out: str) -> Path:
         """The work folder of a run writing to `out` (its first output folder for several α)."""
@@ -61,6 +71,12 @@ class OwnModelOptions:
             found.append(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps < 1:
             found.append(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.lora_rank is not None and self.model is None:
+            found.append("--lora makes theta_fgt from --model as an adapter; without --model, give the adapter folder as --fgt")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            found.append(f"--lora must be a rank of at least 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            found.append("--lora-alpha applies to a LoRA theta_fgt; add --lora R")
         return found
 
 

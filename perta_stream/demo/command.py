@@ -22,6 +22,7 @@ def add_demo(sub: argparse._SubParsersAction, add_common: Callable[[argparse.Arg
     parser.add_argument("--retain-count", type=int, help="retain90 records used for training (default 200)")
     parser.add_argument("--alpha", "--alphas", dest="alphas", type=float_list, help="the sweep's alphas (default 0.5,0.75,1,1.25,1.5,2)")
     parser.add_argument("--max-items", type=int, help="items scored per evaluation set (default 40)")
+    parser.add_argument("--lora", type=int, metavar="R", help="theta_fgt as a rank-R LoRA adapter (peft) instead of a full fine-tune")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
     add_common(parser)

@@ -30,6 +30,10 @@ class DemoRecipe:
         model_seed: the random initialisation of θ_0.
         pretrain_epochs, pretrain_lr: θ_0's training on real-author and world-fact QA.
         finetune_epochs, finetune_lr: θ_full, θ_fgt and θ_ret's fine-tuning from θ_0.
+        lora_rank: θ_fgt as a rank-`lora_rank` LoRA adapter (`finetune --lora`, alpha 2·rank, same
+            epochs and learning rate) in `fgt-lora<rank>/` of the models' folder, which the sweep
+            reads as its θ_fgt; None: θ_fgt fully fine-tuned (`fgt/`). The other models and the
+            statistics do not depend on it, so they are shared.
         batch_size: samples per optimizer step (all training runs).
         train_seed: data order of all training runs.
         max_length: tokens per sample everywhere.
@@ -49,6 +53,7 @@ class DemoRecipe:
     pretrain_lr: float = 1e-3
     finetune_epochs: int = 20
     finetune_lr: float = 1e-3
+    lora_rank: int | None = None
     batch_size: int = 8
     train_seed: int = 0
     max_length: int = 256
@@ -73,9 +78,17 @@ class DemoRecipe:
         """Key of the statistics (computed at θ_0 on the forget and retain files)."""
         return _digest({"stage": "stats", "models": models_key, "fraction": self.stats_fraction, "tool": __version__})
 
+    @property
+    def fgt_name(self) -> str:
+        """θ_fgt's folder in the models' folder."""
+        return "fgt" if self.lora_rank is None else f"fgt-lora{self.lora_rank}"
+
     def sweep_key(self, stats_key: str) -> str:
-        """Key of the sweep (merges, evaluations, table and plot)."""
+        """Key of the sweep (merges, evaluations, table and plot); a LoRA θ_fgt's rank is part of
+        it (a full θ_fgt's key is what it was before the option existed)."""
         options = {name: asdict(self)[name] for name in ("methods", "alphas", "eval_max_items", "max_new_tokens", "eval_batch_size")}
+        if self.lora_rank is not None:
+            options["lora_rank"] = self.lora_rank
         return _digest({"stage": "sweep", "stats": stats_key, "tool": __version__, **options})
 
     def to_dict(self) -> dict:

@@ -5,7 +5,8 @@ prints; a step interrupted halfway is redone):
 1. data: θ_0's text (real-author and world-fact QA), the forget split, part of retain90;
 2. tokenizer: byte-level BPE trained on the bundled TOFU text; a random-init Llama (`init/`);
 3. θ_0 = init fine-tuned on the real-author and world-fact QA (knows nothing of the TOFU authors);
-4. θ_full (forget + retain), θ_fgt (forget), θ_ret (retain) = θ_0 fine-tuned with `finetune`;
+4. θ_full (forget + retain), θ_fgt (forget), θ_ret (retain) = θ_0 fine-tuned with `finetune`
+   (`--lora R`: θ_fgt a LoRA adapter, `fgt-lora<R>/`, which the sweep reads as θ_fgt);
 5. gradient statistics at θ_0 (`stats`), grad and fisher;
 6. the sweep: every method at every α, evaluated on TOFU, table + JSON + trade-off plot.
 `<cache>/current` points at the latest build, so `configs/demo_*.yaml` can name its models, and
@@ -145,8 +146,15 @@ def _run_demo(config: DemoConfig, on_stage: Callable[[str], None]) -> DemoResult
     data_dir, init_dir = build / "data", build / "init"
     stage("data + tokenizer + init", init_dir, lambda: _make_base(recipe, tofu_dir, data_dir, init_dir))
     stage("theta0 (real authors + world facts)", build / "theta0", lambda: _finetune(config, init_dir, data_dir / "pretrain.jsonl", build / "theta0", recipe.pretrain_epochs, recipe.pretrain_lr))
-    for name, data_file in (("full", "full.jsonl"), ("fgt", "forget.jsonl"), ("ret", "retain.jsonl")):
-        stage(f"theta_{name}", build / name, lambda data_file=data_file, name=name: _finetune(config, build / "theta0", data_dir / data_file, build / name, recipe.finetune_epochs, recipe.finetune_lr))
+    for name, data_file in (("full", "full.jsonl"), (recipe.fgt_name, "forget.jsonl"), ("ret", "retain.jsonl")):
+        lora_rank = recipe.lora_rank if name == recipe.fgt_name else None
+        stage(
+            f"theta_{name}" if lora_rank is None else f"theta_fgt (rank-{lora_rank} LoRA)",
+            build / name,
+            lambda data_file=data_file, name=name, lora_rank=lora_rank: _finetune(
+                config, build / "theta0", data_dir / data_file, build / name, recipe.finetune_epochs, recipe.finetune_lr, lora_rank=lora_rank
+            ),
+        )
     stats_key = recipe.stats_key(build.name)
     stats_dir = build / f"stats-{stats_key}"
     stage("stats (grad, fisher at theta0)", stats_dir, lambda: _stats(config, build, data_dir, stats_dir))
@@ -186,7 +194,7 @@ def _make_base(recipe: DemoRecipe, tofu_dir: Path, data_dir: Path, init_dir: Pat
     os.replace(partial, init_dir)
 
 
-def _finetune(config: DemoConfig, model: Path, data: Path, out: Path, epochs: int, lr: float) -> None:
+def _finetune(config: DemoConfig, model: Path, data: Path, out: Path, epochs: int, lr: float, *, lora_rank: int | None = None) -> None:
     from perta_stream.config.finetune import FinetuneConfig
     from perta_stream.pipelines.finetune import run_finetune
 
@@ -202,6 +210,7 @@ def _finetune(config: DemoConfig, model: Path, data: Path, out: Path, epochs: in
             max_length=recipe.max_length,
             seed=recipe.train_seed,
             device=config.device,
+            lora_rank=lora_rank,
         )
     )
     logger.info("%s", result.summary())
@@ -237,7 +246,7 @@ def _sweep(config: DemoConfig, build: Path, stats_dir: Path, out: Path) -> None:
         SweepConfig(
             theta0=str(build / "theta0"),
             full=str(build / "full"),
-            fgt=str(build / "fgt"),
+            fgt=str(build / recipe.fgt_name),
             out=str(out),
             stats=str(stats_dir),
             retain_model=str(build / "ret"),
@@ -249,7 +258,7 @@ def _sweep(config: DemoConfig, build: Path, stats_dir: Path, out: Path) -> None:
             max_new_tokens=recipe.max_new_tokens,
             max_items=recipe.eval_max_items,
             device=config.device,
-            title=f"PerTA demo: tiny Llama, TOFU {recipe.split}",
+            title=f"PerTA demo: tiny Llama, TOFU {recipe.split}" + ("" if recipe.lora_rank is None else f", theta_fgt a rank-{recipe.lora_rank} LoRA"),
         )
     )
     logger.info("%s", result.summary())

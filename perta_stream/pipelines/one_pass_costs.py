@@ -15,6 +15,7 @@ from perta_stream.config.merge import DEFAULT_TAU
 from perta_stream.config.unlearn import STATS_METHODS, UnlearnConfig
 from perta_stream.plan.merge_plan import MODEL_ROLES, MergePlan
 from perta_stream.dtypes import DTYPE_BYTES
+from perta_stream.plan.finetune_memory import lora_parameter_count
 from perta_stream.plan.one_pass_plan import (
     ModelReads,
     PassComparison,
@@ -126,7 +127,7 @@ def run_reads(config: UnlearnConfig, stats_plan: StatsPlan, plan: MergePlan, com
 
 def lora_bytes(shapes: dict[str, tuple[int, ...]], rank: int, dtype_bytes: int) -> int:
     """A rank-`rank` LoRA's factor bytes on every linear module (every 2-D tensor of a decoder layer)."""
-    return sum(rank * (dims[0] + dims[1]) * dtype_bytes for name, dims in shapes.items() if len(dims) == 2 and ".layers." in name)
+    return lora_parameter_count(shapes, rank) * dtype_bytes
 
 
 def _compare(

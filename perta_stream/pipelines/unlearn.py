@@ -158,7 +158,7 @@ def run_unlearn(config: UnlearnConfig, *, on_stage: Callable[[str], None] | None
 
 def _with_forget_model(config: UnlearnConfig, say: Callable[[str], None]) -> tuple[UnlearnConfig, Any, str | None]:
     """`--model MINE`: θ_0 = θ_full = MINE, θ_fgt made (or found) in the work folder."""
-    from perta_stream.pipelines.forget_model import forget_model_config, make_forget_model
+    from perta_stream.pipelines.forget_model import dry_run_notes, forget_model_config, make_forget_model, trained_from
     from perta_stream.sinks.work_folder import WorkFolder
 
     assert config.model is not None
@@ -167,7 +167,9 @@ def _with_forget_model(config: UnlearnConfig, say: Callable[[str], None]) -> tup
     # A dry run reads no weights: θ_fgt's folder is named by the model's digest only when it is cached.
     digest = work.cached_content_sha256(config.model) if config.dry_run else work.content_sha256(config.model)
     if digest is None:
-        forget_model, plan = None, f"theta_fgt: fine-tune {config.model} on {config.forget} into {work.path}/fgt-... (named once the model is read)"
+        named = "fgt-lora-..." if config.lora_rank is not None else "fgt-..."
+        trained = trained_from(config.model, config.lora_rank)
+        forget_model, plan = None, f"theta_fgt: fine-tune {trained} on {config.forget} into {work.path}/{named} (named once the model is read)"
     else:
         forget_model, plan = make_forget_model(forget_model_config(config, work, digest), on_stage=say, dry_run=config.dry_run)
     if config.dry_run and (forget_model is None or not forget_model.reused):
@@ -178,9 +180,14 @@ def _with_forget_model(config: UnlearnConfig, say: Callable[[str], None]) -> tup
         plan += "\n" + forget_model_wall_time(
             config.model, lengths, epochs=config.epochs, max_steps=config.max_steps, batch_size=FINETUNE_BATCH_SIZE, device=config.device, write_to=str(work.path / "x")
         )
-    # A dry run plans the merge with the model itself as θ_fgt: a full fine-tune keeps its tensors' names, shapes and dtypes.
+    if config.dry_run:
+        plan += "".join(f"\n{line}" for line in dry_run_notes(config, made=forget_model is not None and forget_model.reused))
+    # A dry run plans the merge with the model itself as θ_fgt: a full fine-tune keeps its tensors'
+    # names, shapes and dtypes (a LoRA's plan says what changes once the adapter exists).
     fgt = forget_model.path if forget_model is not None and (forget_model.reused or not config.dry_run) else config.model
-    resolved = replace(config, model=None, theta0=config.model, full=config.model, fgt=fgt, evaluate=config.wants_eval(True), work_dir=str(work.path))
+    resolved = replace(
+        config, model=None, lora_rank=None, lora_alpha=None, theta0=config.model, full=config.model, fgt=fgt, evaluate=config.wants_eval(True), work_dir=str(work.path)
+    )
     return resolved, forget_model, plan
 
 

@@ -4,7 +4,8 @@ Default `perta_work/` next to the output (`--work-dir` elsewhere). It holds, eac
 that says what it was made from, so runs on other models or data in the same folder never collide:
 
 - `stats-<model>-<key>/`: statistics, named by the stats model's content digest and the data;
-- `fgt-<model>-<key>/`: θ_fgt fine-tuned from the user's model (`unlearn --model`);
+- `fgt-<model>-<key>/`: θ_fgt fine-tuned from the user's model (`unlearn --model`), or
+  `fgt-lora-<model>-<key>/`, θ_fgt as a LoRA adapter (`--lora R`);
 - `eval-<key>/`: the before/after evaluation records and table;
 - `digests.json`: content digests of the models read (sources/content_digest.py), each with the
   files it was computed from (folder, shard sizes and times), so an unchanged model is not read
