@@ -57,3 +57,14 @@ def test_lora_options_need_lora(tmp_path):
     with pytest.raises(PlanError, match="rank of at least 1"):
         FinetuneConfig(model=str(theta0), data=str(forget), out=str(tmp_path / "o"), lora_rank=0)
     assert Path(tmp_path / "o").exists() is False
+
+
+def test_a_lora_defaults_to_a_larger_learning_rate(tmp_path):
+    from perta_stream.config.finetune import FinetuneConfig
+
+    theta0 = save_tiny_model(tmp_path / "models", "llama")
+    forget, _ = write_data(tmp_path / "data")
+    common = {"model": str(theta0), "data": str(forget), "out": str(tmp_path / "o")}
+    assert FinetuneConfig(**common).lr == 1e-5
+    assert FinetuneConfig(**common, lora_rank=4).lr == 1e-4
+    assert FinetuneConfig(**common, lora_rank=4, lr=3e-5).lr == 3e-5

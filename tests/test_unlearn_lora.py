@@ -95,6 +95,13 @@ def test_full_and_lora_theta_fgt_never_share_a_folder(workspace, lora_run, tmp_p
 
     full, lora, rank8, alpha16 = folder(), folder(*LORA), folder("--lora", "8", "--lora-alpha", "12"), folder("--lora", "4", "--lora-alpha", "16")
     assert len({full, lora, rank8, alpha16}) == 4
+    # A LoRA θ_fgt trains at LoRA's default learning rate unless --lr says otherwise.
+    def default_lr(*extra: str) -> float:
+        args = _args(workspace, out, *extra)
+        del args[args.index("--lr") : args.index("--lr") + 2]
+        return UnlearnConfig.from_cli(parse_arguments(args)).lr
+
+    assert (default_lr(*LORA), default_lr()) == (1e-4, 1e-5)
     assert Path(full).name.startswith("fgt-abababab-") and Path(lora).name.startswith("fgt-lora-abababab-")
     # In the folder the LoRA run made its adapter in, a full θ_fgt is still to be made.
     plan = _run(_args(workspace, out, "--alpha", "0.5,1", "--overwrite", "--dry-run")).plan_text

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from perta_stream.config.alpha_unit import AlphaUnitOptions
+from perta_stream.config.finetune import default_lr
 from perta_stream.config.locations import normalize_inputs, with_typos
 from perta_stream.config.merge import DEFAULT_TAU, METHOD_ALIASES, METHODS, HubPushOptions, MergeOptions, format_alpha, output_dirs
 from perta_stream.config.options import field_values, from_options, load_config_file, option, options_from_cli
@@ -87,6 +88,8 @@ class UnlearnConfig(StatsOptions, MergeOptions, HubPushOptions, OwnModelOptions,
         typos = normalize_inputs(self, "theta0", "full", "fgt", "stats_model", "model")
         if self.method in METHOD_ALIASES:
             object.__setattr__(self, "method", METHOD_ALIASES[self.method])
+        if self.lr is None:
+            object.__setattr__(self, "lr", default_lr(self.lora_rank))
         problems = with_typos(typos, self.problems())
         if problems:
             raise PlanError("invalid unlearn options", problems)

@@ -45,7 +45,7 @@ class OwnModelOptions:
         None, group=_OWN, help="where theta_fgt, statistics and evaluations are kept and reused (default: perta_work/ next to --out)"
     )
     epochs: int = option(3, group=_OWN, help="theta_fgt: passes over the forget file (default 3)")
-    lr: float = option(1e-5, group=_OWN, help="theta_fgt: peak AdamW learning rate (default 1e-5)")
+    lr: float | None = option(None, group=_OWN, parse=number, help="theta_fgt: peak AdamW learning rate (default 1e-5; 1e-4 with --lora)")
     max_steps: int | None = option(None, group=_OWN, parse=integer, help="theta_fgt: stop after this many optimizer steps (default: --epochs passes)")
     lora_rank: int | None = option(
         None, flags=("--lora",), group=_OWN, parse=integer, metavar="R",
