@@ -2,8 +2,11 @@
 
 `FigureAccumulator` is handed the chunks of one tensor after another, as typed 1-D views keyed by
 role: `<side>:forget.grad`, `<side>:retain.grad`, `<side>:forget.fisher`, `<side>:retain.fisher`
-for each statistics run (side `a`, and `b` when two are compared), and `theta0` and `fgt` for the
-task vector. For every W configuration (weight_figures.WeightConfig) it computes W exactly as the
+for each statistics run (side `a`, and `b` when two are compared), and for the task vector
+`theta0` and `fgt`, or `tv` (a float32 task vector made from an adapter's factors,
+compute/task_vector.py), or both, combined as the merge kernel combines them (fgt − theta0 + tv);
+a tensor given neither has a task vector of 0 (one an adapter leaves alone). For every W
+configuration (weight_figures.WeightConfig) it computes W exactly as the
 merge does (`compute_weights` on the same values, into float32 buffers) and adds to the tensor's
 figures; at the end of a tensor it returns them (`TensorFigures`) and keeps the part of the
 tensor's rank sample that belongs to the model's sample (compute/rank_sample.py).
@@ -88,7 +91,7 @@ class FigureAccumulator:
         configs: the W configurations; grad/fisher ones need their kind in `kinds`.
         sides: ("a",) or ("a", "b").
         kinds: the statistics kinds read ("grad", "fisher").
-        task_vector: whether `theta0` and `fgt` are given (effective scale).
+        task_vector: whether there is a task vector (`theta0` and `fgt`, or `tv`: effective scale).
         model_sample_rate: the model's rank-sample rate (rank_sample.model_sample_rate).
         scale_only: only ‖W⊙TV‖ and ‖TV‖ (the matched α needs nothing else).
         block_elements: elements per block (scratch length).
@@ -185,8 +188,16 @@ class FigureAccumulator:
         self._check_finite(inputs, figures.tensor_name)
         tv_square_sum = 0.0
         if self.task_vector:
-            tv = self._tv[:count].copy_(inputs["fgt"])
-            tv.sub_(self._theta0[:count].copy_(inputs["theta0"]))
+            tv = self._tv[:count]
+            # The task vector exactly as the merge kernel forms it (compute/merge_kernel.py).
+            if "fgt" in inputs:
+                tv.copy_(inputs["fgt"]).sub_(self._theta0[:count].copy_(inputs["theta0"]))
+                if "tv" in inputs:
+                    tv.add_(inputs["tv"])
+            elif "tv" in inputs:
+                tv.copy_(inputs["tv"])
+            else:
+                tv.zero_()
             tv_square_sum = self._square_sum(tv)
         positions, first, stop = None, 0, 0
         if self._sampled:

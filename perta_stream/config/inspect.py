@@ -36,7 +36,8 @@ class InspectConfig:
         out: the output folder: `inspect.json`, `inspect.md` and PNG plots.
         compare: another statistics directory of the same model; W of `compare` (a) and of
             `stats` (b) are compared element by element.
-        theta0, fgt: both or neither: the task vector θ_fgt − θ_0, for the effective scale.
+        theta0, fgt: both or neither: the task vector θ_fgt − θ_0, for the effective scale
+            (`fgt` may be a PEFT LoRA adapter of `theta0`, as in `perta-stream merge`).
         methods: grad, fisher, uniform, tv; None: the kinds the statistics hold, then uniform and tv.
         taus: W's exponents for grad and fisher; None: each method's default (1 and 2).
         uniform_weight, fallback_weight: as in `perta-stream merge`.
@@ -56,7 +57,7 @@ class InspectConfig:
         None, metavar="STATS_A", help="another statistics directory of the same model: compare its W (a) with W of STATS (b)"
     )
     theta0: str | None = option(None, help="the original model; with --fgt, the task vector for the effective scale")
-    fgt: str | None = option(None, help="the model fine-tuned on the forget set; with --theta0, the task vector")
+    fgt: str | None = option(None, help="the model fine-tuned on the forget set, or its PEFT LoRA adapter folder; with --theta0, the task vector")
     methods: tuple[str, ...] | None = option(
         None, flags=("--method", "--methods"), parse=words, help="grad, fisher, uniform, tv (default: the kinds the statistics hold, then uniform and tv)"
     )

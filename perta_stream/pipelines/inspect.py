@@ -2,10 +2,12 @@
 
 Recipe, top to bottom:
 1. read the statistics records, decide the W configurations (methods × τ) and open every input
-   the plan needs: each statistics checkpoint, θ_0 and θ_fgt when given;
+   the plan needs: each statistics checkpoint, θ_0 and θ_fgt when given (θ_fgt a model or a
+   PEFT LoRA adapter, whose task vector is made from its factors as the merge makes it);
 2. plan from headers (every mismatch at once) and check the output folder;
 3. one pass over the inputs, chunk by chunk, as the merge reads them (pipelines/inspect_stream.py):
-   each tensor's figures, and θ_0's bytes hashed to check the statistics belong to it;
+   each tensor's figures, and θ_0's bytes hashed to check the statistics belong to it (with an
+   adapter, θ_0's files vouch for it when they are those the statistics record, as in `merge`);
 4. sum the figures into layers, module kinds and the model, then write `inspect.json`,
    `inspect.md` and the PNGs into `<out>.partial/`, renamed to `<out>` at the end.
 `measure_inputs` is the pass alone; the matched α of sweep and unlearn uses it too.
@@ -23,6 +25,7 @@ from perta_stream.config.inspect import INSPECT_FORMAT, RECORD_NAME, InspectConf
 from perta_stream.errors import PertaStreamError, PlanError, StatisticsError
 from perta_stream.memory import MemoryBaseline, format_bytes, peak_rss_bytes
 from perta_stream.plan.inspect_plan import MODEL_ROLES, InspectPlan, describe_inspect_plan, plan_inspect
+from perta_stream.sources.adapter import Adapter
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.stats_dir import StatsRecord, open_stats, read_stats_record
@@ -63,7 +66,7 @@ class InspectResult:
 class OpenedInputs:
     """The inputs of one measuring pass, opened: checkpoints, byte sources and what was decided."""
 
-    inputs: dict[str, Checkpoint]
+    inputs: dict[str, Checkpoint | Adapter]
     sources: dict[str, ByteSource]
     records: dict[str, StatsRecord]
     sides: tuple[str, ...]
@@ -95,7 +98,7 @@ def open_inputs(
     `methods` None means the kinds every side's statistics hold (then uniform and tv when one run
     is inspected). Problems are appended to `problems`, not raised, so the plan lists them all.
     """
-    from perta_stream.sources.resolve import open_checkpoint
+    from perta_stream.sources.resolve import open_model_input
 
     records: dict[str, StatsRecord] = {}
     for side, stats_dir in stats_by_side.items():
@@ -126,7 +129,8 @@ def open_inputs(
         if not location:
             continue
         try:
-            opened.inputs[role], opened.sources[role] = open_checkpoint(location, role)
+            # θ_fgt may be a LoRA adapter, read as the merge reads it (θ_0 one is refused in the plan).
+            opened.inputs[role], opened.sources[role] = open_model_input(location, role)
         except PlanError as exc:
             problems.extend(exc.problems)
         except PertaStreamError as exc:
@@ -207,6 +211,8 @@ def run_inspect(config: InspectConfig) -> InspectResult:
     )
     try:
         problems += _output_problems(config)
+        if config.stats_at == "fgt" and isinstance(opened.inputs.get("fgt"), Adapter):
+            problems.append(f"statistics cannot have been computed at the adapter --fgt {config.fgt}; pass --stats-at theta0")
         plan, problems = plan_inspect(
             opened.inputs, sides=opened.sides, kinds=opened.kinds, configs=opened.configs,
             sampled_quantities=_sampled_quantities(opened), rank_sample_elements=config.rank_sample_elements,
@@ -218,8 +224,11 @@ def run_inspect(config: InspectConfig) -> InspectResult:
         if config.dry_run:
             return InspectResult(None, describe_inspect_plan(plan), {}, {}, time.perf_counter() - started, peak_rss_bytes())
         hash_role = config.stats_at if plan.task_vector and config.stats_at in MODEL_ROLES else None
-        tensors, sample, content = measure_inputs(plan, opened.sources, scale_only=False, hash_role=hash_role)
-        stats_check = _stats_check(config, opened.records, content)
+        by_files = _digest_by_files(plan, opened.records) if hash_role == "theta0" else None
+        if hash_role == "theta0" and plan.fgt_adapter is not None and by_files is None:
+            logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) to check them", format_bytes(plan.inputs["theta0"].total_bytes))
+        tensors, sample, content = measure_inputs(plan, opened.sources, scale_only=False, hash_role=None if by_files else hash_role)
+        stats_check = _stats_check(config, opened.records, by_files or content, by_files=by_files is not None)
     finally:
         opened.close()
     return _write_report(config, plan, opened, tensors, sample, stats_check, started, baseline)
@@ -246,7 +255,19 @@ def _output_problems(config: InspectConfig) -> list[str]:
     return []
 
 
-def _stats_check(config: InspectConfig, records: dict[str, StatsRecord], content: str | None) -> str:
+def _digest_by_files(plan: InspectPlan, records: dict[str, StatsRecord]) -> str | None:
+    """θ_0's content digest without hashing it, when an adapter θ_fgt leaves θ_0 unread and its
+    files are those every statistics run records (pipelines/stats_identity.py); else None."""
+    from perta_stream.pipelines.stats_identity import stats_identity_by_files
+
+    theta0 = plan.inputs["theta0"]
+    if plan.fgt_adapter is None or not isinstance(theta0, Checkpoint):
+        return None
+    digests = {stats_identity_by_files(theta0, record) for record in records.values()}
+    return digests.pop() if len(digests) == 1 and None not in digests else None
+
+
+def _stats_check(config: InspectConfig, records: dict[str, StatsRecord], content: str | None, *, by_files: bool = False) -> str:
     """What was checked of the statistics' model; raises when the task vector's model is another one.
 
     Raises:
@@ -269,6 +290,8 @@ def _stats_check(config: InspectConfig, records: dict[str, StatsRecord], content
                 f"{getattr(config, config.stats_at)} (content sha256 {expected[:12]}… there, {content[:12]}… here); give the "
                 "models of the run the statistics belong to, or --stats-at fgt/full if they were computed at that model"
             )
+    if by_files:
+        return f"{flag}'s files are those the statistics record, known by its files without hashing (content sha256 {content[:12]}…)"
     return f"{flag}'s tensors are the ones the statistics were computed at (content sha256 {content[:12]}…)"
 
 

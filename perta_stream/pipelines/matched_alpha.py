@@ -3,8 +3,9 @@
 tv's is 1 (W = 1). uniform's is 1/c: W⊙TV is c·TV rounded to float32, within 2⁻²⁴ of c·TV per
 element, so ‖(1/c)·W⊙TV‖ is ‖TV‖ to better than 1e-7. grad's and fisher's are measured: one
 pass over the statistics and the task vector (the inspect pass, pipelines/inspect.py, computing
-only ‖W⊙TV‖ and ‖TV‖), with W computed exactly as the merge computes it. The statistics' model is
-not checked here: the merge that follows checks it before it commits anything.
+only ‖W⊙TV‖ and ‖TV‖), with W and the task vector computed exactly as the merge computes them
+(θ_fgt a model, or a LoRA adapter whose task vector comes from its factors). The statistics'
+model is not checked here: the merge that follows checks it before it commits anything.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def matched_alphas(
     Args:
         methods: tv, uniform, grad, fisher.
         stats: the statistics directory (grad and fisher).
-        theta0, fgt: the task vector's models.
+        theta0, fgt: the task vector's models (fgt may be a PEFT LoRA adapter of theta0).
         tau: W's exponent for grad and fisher (None: each method's default).
         max_memory_bytes: what the pass may add to the memory the process holds when it starts.
 

@@ -42,18 +42,18 @@ def adapter_stats_identity(config: MergeConfig, plan: MergePlan, sources: dict[s
     """
     if not settled_before(config, plan):
         return None
-    by_files = stats_identity_by_files(plan, record)
+    by_files = stats_identity_by_files(plan.inputs["theta0"], record)
     if by_files is not None:
         return by_files
     logger.info("θ_0's files are not those the statistics record; hashing θ_0 (%s) before merging", format_bytes(plan.inputs["theta0"].total_bytes))
     return check_stats_identity(config, plan, sources, TensorHasher(), "theta0", record)
 
 
-def stats_identity_by_files(plan: MergePlan, record: StatsRecord) -> str | None:
+def stats_identity_by_files(theta0: Checkpoint, record: StatsRecord) -> str | None:
     """The statistics' recorded content digest, when θ_0's files are the ones the statistics
     were computed from: same header digest, and, for local files, the same resolved folder with
-    every shard's size and modification time (a Hub model: the same commit); else None."""
-    theta0 = plan.inputs["theta0"]
+    every shard's size and modification time (a Hub model: the same commit); else None.
+    (`merge` and `inspect` with an adapter θ_fgt, which do not stream θ_0 whole.)"""
     same = record.model.header_sha256 == theta0.header_sha256 and record.model.files == theta0.file_identity()
     return record.model.content_sha256 if same and isinstance(record.model.content_sha256, str) else None
 

@@ -7,7 +7,9 @@
 A fixed pool of PIPELINE_DEPTH buffer sets circulates on each side, so memory is allocated once
 and stays flat. File reads (os.preadv), torch kernels and file writes all release the GIL, so the
 three stages run in parallel on separate cores. Any failure in any stage stops the others and is
-re-raised in the caller's thread; the writer aborts its unfinished shard.
+re-raised in the caller's thread; the writer aborts its unfinished shard. The queues, the buffers
+and the reading of a chunk (an adapter's task vector included) are shared with inspect's pass
+(pipelines/chunk_stream.py).
 """
 
 from __future__ import annotations
@@ -17,21 +19,26 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from perta_stream.compute.merge_kernel import MergeKernel, NonFiniteValues, nonfinite_error
-from perta_stream.compute.task_vector import covering_rows, task_vector_chunk
-from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
+from perta_stream.dtypes import DTYPE_BYTES
 from perta_stream.memory import RssWatchdog
+from perta_stream.pipelines.chunk_stream import (
+    DONE,
+    TV_ROLE,
+    ChunkBuffers,
+    ChunkReader,
+    guarded,
+    hand,
+    input_buffer_sizes,
+    one_intra_op_thread,
+    take,
+    task_vector_into,
+)
 from perta_stream.plan.merge_plan import PIPELINE_DEPTH, MergePlan, OutputShard, TensorTask
 from perta_stream.sinks.model_output import ModelOutput
 from perta_stream.sinks.shard_writer import ShardWriter
 from perta_stream.sources.byte_source import ByteSource
 from perta_stream.sources.content_digest import TensorHasher
-from perta_stream.sources.task_vector import DeltaReader
-
-_POLL_S = 0.1
-_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -45,21 +52,6 @@ class ChunkJob:
     @property
     def bytes_read(self) -> int:
         return sum(info.itemsize * self.count for info in self.task.sources.values())
-
-
-class _Buffers:
-    """Byte buffers for one chunk, one per name, each a torch uint8 tensor with a memoryview."""
-
-    def __init__(self, sizes: dict[str, int]):
-        self.tensors = {name: torch.empty(size, dtype=torch.uint8) for name, size in sizes.items()}
-        self.views = {name: memoryview(t.numpy()) for name, t in self.tensors.items()}
-
-    def typed(self, name: str, dtype: str, count: int) -> torch.Tensor:
-        return self.tensors[name][: count * DTYPE_BYTES[dtype]].view(torch_dtype(dtype))
-
-
-class _Stop(Exception):
-    pass
 
 
 def iter_jobs(plan: MergePlan, skip_shards: set[str]) -> Iterator[ChunkJob]:
@@ -91,64 +83,34 @@ def run_stream(
     also reads each changed tensor's factors (sources/task_vector.py) and the compute stage
     makes the chunk's task vector from them (compute/task_vector.py).
     """
-    roles = sorted({role for task in plan.tasks for role in task.sources})
-    in_sizes = {role: plan.chunk_elements * max(t.sources[role].itemsize for t in plan.tasks if role in t.sources) for role in roles}
-    delta_reader = None
-    if plan.fgt_adapter is not None:
-        in_sizes["tv"] = plan.chunk_elements * 4
-        delta_reader = DeltaReader(sources["fgt"], sources["theta0"])
+    in_sizes = input_buffer_sizes(plan.tasks, plan.chunk_elements, adapter=plan.fgt_adapter is not None)
+    reader = ChunkReader(sources, adapter=plan.fgt_adapter is not None, hasher=hasher, hash_role=hash_role)
     out_itemsize = max(DTYPE_BYTES[t.out_dtype] for t in plan.tasks)
     out_sizes = {str(k): plan.chunk_elements * out_itemsize for k in range(len(outputs))}
     free_inputs: queue.Queue = queue.Queue()
     free_outputs: queue.Queue = queue.Queue()
     for _ in range(PIPELINE_DEPTH):
-        free_inputs.put(_Buffers(in_sizes))
-        free_outputs.put(_Buffers(out_sizes))
+        free_inputs.put(ChunkBuffers(in_sizes))
+        free_outputs.put(ChunkBuffers(out_sizes))
     filled: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
     computed: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
     stop = threading.Event()
     failures: list[BaseException] = []
 
-    def guarded(body: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                body()
-            except _Stop:
-                pass
-            except BaseException as exc:  # re-raised in the caller's thread below
-                failures.append(exc)
-                stop.set()
-
-        return run
-
     def read_all() -> None:
         for job in iter_jobs(plan, skip_shards):
-            buffers = _get(free_inputs, stop)
-            prepared = None
-            task = job.task
-            if delta_reader is not None and task.delta is not None:
-                loaded = delta_reader.load(task.delta, task.shape)
-                rows = None
-                if loaded.needs_theta0_rows:
-                    rows = delta_reader.theta0_rows(task.theta0_rows, *covering_rows(task.shape, job.start, job.count))
-                prepared = (loaded, rows)
-            for role, info in job.task.sources.items():
-                if role == "full" and plan.full_is_theta0 and "theta0" in job.task.sources:
-                    continue  # the same bytes as θ_0's, read once
-                nbytes = job.count * info.itemsize
-                offset = info.begin + job.start * info.itemsize
-                sources[role].read_into(info.file_name, offset, buffers.views[role][:nbytes])
-                sources[role].done_with(info.file_name, offset, nbytes)
-                if hasher is not None and role == hash_role:
-                    hasher.update(job.task.tensor_name, buffers.views[role][:nbytes], last=offset + nbytes == info.end)
-            _put(filled, (job, buffers, prepared), stop)
-        _put(filled, _DONE, stop)
+            buffers = take(free_inputs, stop)
+            # θ_full's chunk is θ_0's when they are one model: the same bytes, read once.
+            skip = ("full",) if plan.full_is_theta0 and "theta0" in job.task.sources else ()
+            prepared = reader.read(job.task, job.start, job.count, buffers, skip=skip)
+            hand(filled, (job, buffers, prepared), stop)
+        hand(filled, DONE, stop)
 
     def write_all() -> None:
         writers: list[ShardWriter] = []
         while True:
-            item = _get(computed, stop)
-            if item is _DONE:
+            item = take(computed, stop)
+            if item is DONE:
                 return
             job, buffers = item
             if not writers:
@@ -164,26 +126,24 @@ def run_stream(
                     output.shard_finished(writer.finish())
                 writers = []
 
-    reader = threading.Thread(target=guarded(read_all), name="perta-reader", daemon=True)
-    writer = threading.Thread(target=guarded(write_all), name="perta-writer", daemon=True)
-    # One intra-op thread for the kernel: the reader and the writer (which hashes every byte) keep
-    # the other cores busy, and splitting its cache-sized blocks across OpenMP threads costs more in
-    # synchronization than it gains, badly so when the cores are shared.
-    intra_op_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reader.start()
-    writer.start()
-    try:
-        guarded(lambda: _compute_all(kernel, filled, computed, free_inputs, free_outputs, stop, watchdog, len(outputs), plan.full_is_theta0))()
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        if failures or stop.is_set():
+    def compute_all() -> None:
+        _compute_all(kernel, filled, computed, free_inputs, free_outputs, stop, watchdog, len(outputs), plan.full_is_theta0)
+
+    reader_thread = threading.Thread(target=guarded(read_all, stop, failures), name="perta-reader", daemon=True)
+    writer_thread = threading.Thread(target=guarded(write_all, stop, failures), name="perta-writer", daemon=True)
+    with one_intra_op_thread():
+        reader_thread.start()
+        writer_thread.start()
+        try:
+            guarded(compute_all, stop, failures)()
+        except BaseException:
             stop.set()
-        reader.join()
-        writer.join()
-        torch.set_num_threads(intra_op_threads)
+            raise
+        finally:
+            if failures or stop.is_set():
+                stop.set()
+            reader_thread.join()
+            writer_thread.join()
     if failures:
         for output in outputs:
             output.abort()
@@ -202,21 +162,19 @@ def _compute_all(
     full_is_theta0: bool = False,
 ) -> None:
     while True:
-        item = _get(filled, stop)
-        if item is _DONE:
-            _put(computed, _DONE, stop)
+        item = take(filled, stop)
+        if item is DONE:
+            hand(computed, DONE, stop)
             return
         job, inputs, prepared = item
-        outputs = _get(free_outputs, stop)
+        outputs = take(free_outputs, stop)
         task = job.task
         if task.action == "merge":
             typed_inputs = {role: inputs.typed(role, info.dtype, job.count) for role, info in task.sources.items()}
             if "full" in typed_inputs and "theta0" in typed_inputs and full_is_theta0:
                 typed_inputs["full"] = typed_inputs["theta0"]
             if prepared is not None:
-                loaded, rows = prepared
-                typed_inputs["tv"] = inputs.typed("tv", "F32", job.count)
-                task_vector_chunk(loaded, job.start, job.count, typed_inputs["tv"], rows)
+                typed_inputs[TV_ROLE] = task_vector_into(prepared, inputs, job.start, job.count)
             typed_outputs = [outputs.typed(str(k), task.out_dtype, job.count) for k in range(output_count)]
             try:
                 kernel.merge_chunk(typed_inputs, typed_outputs)
@@ -232,26 +190,6 @@ def _compute_all(
             for k in range(output_count):
                 outputs.tensors[str(k)][:nbytes].copy_(inputs.tensors["full"][:nbytes])
         free_inputs.put(inputs)
-        _put(computed, (job, outputs), stop)
+        hand(computed, (job, outputs), stop)
         watchdog.check()
 
-
-def _get(source: queue.Queue, stop: threading.Event):
-    while True:
-        if stop.is_set():
-            raise _Stop
-        try:
-            return source.get(timeout=_POLL_S)
-        except queue.Empty:
-            continue
-
-
-def _put(target: queue.Queue, item: object, stop: threading.Event) -> None:
-    while True:
-        if stop.is_set():
-            raise _Stop
-        try:
-            target.put(item, timeout=_POLL_S)
-            return
-        except queue.Full:
-            continue

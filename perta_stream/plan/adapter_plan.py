@@ -12,8 +12,15 @@ to the one shared weight); the adapted model's function changes it once, which i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from perta_stream.sources.adapter import Adapter, AdapterDelta
 from perta_stream.sources.checkpoint import INPUT_EMBEDDING_SUFFIX, OUTPUT_EMBEDDING_NAMES, Checkpoint
+from perta_stream.sources.safetensors_header import TensorInfo
+
+# Per element of a chunk buffer set, besides the inputs' bytes: the float32 task vector made from
+# the factors, and θ_0's rows as float32 (DoRA, trainable tokens).
+TASK_VECTOR_BYTES_PER_ELEMENT = 8
 
 
 def adapter_deltas(adapter: Adapter, theta0: Checkpoint, problems: list[str]) -> dict[str, AdapterDelta]:
@@ -65,6 +72,24 @@ def _check_tied(adapter: Adapter, embedding: str, found: dict[str, AdapterDelta]
             "hold that; retrain with peft's ensure_weight_tying=True (both halves change together), or untie the "
             "embeddings (tie_word_embeddings=false, lm_head saved) in θ_0 and every model"
         )
+
+
+def delta_read_bytes(delta: AdapterDelta | None, theta0_rows: TensorInfo | None, shape: tuple[int, ...]) -> int:
+    """Adapter and θ_0 bytes the task vector of one tensor reads besides its chunks: its factors,
+    and θ_0's rows (all of them for DoRA, the replaced ones for trainable tokens)."""
+    if delta is None:
+        return 0
+    extra = sum(info.nbytes for info in delta.infos if info is not delta.replacement)
+    if theta0_rows is not None:
+        row_bytes = theta0_rows.nbytes // max(1, shape[0])
+        dora = delta.low_rank is not None and delta.low_rank.magnitude is not None
+        extra += theta0_rows.nbytes if dora else len(delta.token_rows) * row_bytes
+    return extra
+
+
+def factor_bytes(deltas: Iterable[AdapterDelta]) -> int:
+    """Memory of the float32 factors held while a tensor's chunks are computed (two tensors' in flight)."""
+    return 2 * max((sum(info.numel for info in delta.infos) * 4 for delta in deltas), default=0)
 
 
 def shape_problem(delta: AdapterDelta, shape: tuple[int, ...]) -> str | None:

@@ -6,6 +6,11 @@ tensors with the same shapes, groups each tensor by layer and module kind, and s
 from the memory budget exactly as the merge does: PIPELINE_DEPTH chunk buffers of every input in
 flight, plus the rank sample (compute/rank_sample.py), whose size is fixed by the sample's target,
 not by the model.
+
+θ_fgt may be a PEFT LoRA adapter: it is checked against θ_0 as the merge checks it
+(plan/adapter_plan.py), and each tensor it changes carries its `AdapterDelta`, from which the
+pass makes the task vector the merge makes (pipelines/chunk_stream.py); θ_0's bytes are then read
+only where that needs them (saved values, DoRA's and trainable tokens' rows).
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 
 from perta_stream.compute.weight_figures import WeightConfig
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
+from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_read_bytes, factor_bytes
 from perta_stream.plan.merge_plan import MAX_CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, PIPELINE_DEPTH, RUNTIME_MARGIN_BYTES, STAT_DTYPES
 from perta_stream.plan.tensor_groups import TensorGroup, tensor_group
+from perta_stream.sources.adapter import Adapter, AdapterDelta
 from perta_stream.sources.checkpoint import Checkpoint
 from perta_stream.sources.safetensors_header import TensorInfo
 
@@ -31,12 +38,19 @@ SAMPLE_SLACK = 1.1
 
 @dataclass(frozen=True)
 class InspectTensor:
-    """One tensor to inspect: where each input's bytes are, and the groups it counts in."""
+    """One tensor to inspect: where each input's bytes are, and the groups it counts in.
+
+    With an adapter θ_fgt, `sources` holds "theta0" and "fgt" only where the adapter saved full
+    values of the tensor; `delta` is what it changes (None: the task vector is 0 there) and
+    `theta0_rows` θ_0's tensor when `delta` needs its rows, as in the merge's `TensorTask`.
+    """
 
     tensor_name: str
     shape: tuple[int, ...]
     sources: dict[str, TensorInfo]
     group: TensorGroup
+    delta: AdapterDelta | None = None
+    theta0_rows: TensorInfo | None = None
 
     @property
     def numel(self) -> int:
@@ -52,7 +66,7 @@ class InspectPlan:
         tensors: in the order of the first statistics checkpoint's shards (sequential reads).
         sides, kinds, configs: the statistics runs (`a`, and `b` when compared), the kinds read,
             the W configurations.
-        task_vector: whether θ_0 and θ_fgt are read.
+        task_vector: whether there is a task vector (θ_0 and θ_fgt, a model or an adapter).
         chunk_elements: elements per chunk; larger tensors are read in slices.
         bytes_to_read: input bytes read in the one pass.
         rank_sample_elements: the model's rank sample's target size.
@@ -61,7 +75,7 @@ class InspectPlan:
             margin), and the budget that was checked against (`--max-memory`).
     """
 
-    inputs: dict[str, Checkpoint]
+    inputs: dict[str, Checkpoint | Adapter]
     tensors: tuple[InspectTensor, ...]
     sides: tuple[str, ...]
     kinds: tuple[str, ...]
@@ -79,6 +93,11 @@ class InspectPlan:
         return self.baseline_rss_bytes + self.estimated_added_bytes
 
     @property
+    def fgt_adapter(self) -> Adapter | None:
+        fgt = self.inputs.get("fgt")
+        return fgt if isinstance(fgt, Adapter) else None
+
+    @property
     def total_elements(self) -> int:
         return sum(tensor.numel for tensor in self.tensors)
 
@@ -89,7 +108,7 @@ class InspectPlan:
 
 
 def plan_inspect(
-    inputs: dict[str, Checkpoint],
+    inputs: dict[str, Checkpoint | Adapter],
     *,
     sides: tuple[str, ...],
     kinds: tuple[str, ...],
@@ -105,7 +124,7 @@ def plan_inspect(
 
     Args:
         inputs: role -> checkpoint: `<side>:<forget|retain>.<kind>` for every side and kind, and
-            `theta0` and `fgt` for a task vector.
+            `theta0` and `fgt` for a task vector ("fgt" may be a LoRA adapter).
         sampled_quantities: how many per-element quantities the rank sample keeps.
         problems: problems found earlier (opening inputs, options); more are appended.
 
@@ -116,9 +135,19 @@ def plan_inspect(
     if not stat_roles or any(role not in inputs for role in stat_roles):
         return None, problems  # why was reported when opening them
     task_vector = all(role in inputs for role in MODEL_ROLES)
+    deltas = None
+    if task_vector:
+        theta0, fgt = inputs["theta0"], inputs["fgt"]
+        if isinstance(theta0, Adapter):
+            problems.append(f"--theta0 {theta0.location} is an adapter; θ_0 must be a model: pass the model the adapter was trained on")
+            return None, problems
+        if isinstance(fgt, Adapter):
+            deltas = adapter_deltas(fgt, theta0, problems)
     reference = inputs[stat_roles[0]]
     tensors: list[InspectTensor] = []
-    mismatches: dict[str, list[str]] = {role: [] for role in (*stat_roles, *(MODEL_ROLES if task_vector else ()))}
+    # An adapter's tensors are checked against θ_0 (adapter_deltas), θ_0's against the statistics.
+    model_roles = ("theta0",) if deltas is not None else MODEL_ROLES if task_vector else ()
+    mismatches: dict[str, list[str]] = {role: [] for role in (*stat_roles, *model_roles)}
     for tensor_name, info in reference.tensors.items():
         sources = {stat_roles[0]: info}
         for role in mismatches:
@@ -136,7 +165,10 @@ def plan_inspect(
         if info.dtype not in STAT_DTYPES:
             mismatches[stat_roles[0]].append(f"tensor {tensor_name!r} is {info.dtype}, not F32 or BF16")
         if len(sources) == len(mismatches):
-            tensors.append(InspectTensor(tensor_name, info.shape, sources, tensor_group(tensor_name)))
+            tensors.append(_with_delta(InspectTensor(tensor_name, info.shape, sources, tensor_group(tensor_name)), deltas))
+    unread = [name for name in deltas or () if name not in reference.tensors]
+    if unread:
+        problems.append(f"--fgt {inputs['fgt'].location} changes tensor {unread[0]!r}, which the statistics {reference.location} lack; give the statistics of θ_0")
     for role in mismatches:
         extra = [name for name, other in inputs[role].tensors.items() if name not in reference.tensors and other.dtype in FLOATING_DTYPES]
         mismatches[role] += [f"it holds tensor {name!r}, which the statistics lack" for name in extra]
@@ -157,11 +189,11 @@ def plan_inspect(
     for tensor in tensors:
         for role, info in tensor.sources.items():
             widest[role] = max(widest.get(role, 0), DTYPE_BYTES[info.dtype])
-    per_element = PIPELINE_DEPTH * sum(widest.values())
+    per_element = PIPELINE_DEPTH * (sum(widest.values()) + (TASK_VECTOR_BYTES_PER_ELEMENT if deltas is not None else 0))
     total = sum(tensor.numel for tensor in tensors)
     sample_elements = int(min(total, rank_sample_elements) * SAMPLE_SLACK) if sampled_quantities else 0
     sample_bytes = sample_elements * (2 * 4 * sampled_quantities + SAMPLE_INDEX_BYTES + RANKING_BYTES)
-    fixed = RUNTIME_MARGIN_BYTES + sample_bytes
+    fixed = RUNTIME_MARGIN_BYTES + sample_bytes + factor_bytes(tensor.delta for tensor in tensors if tensor.delta is not None)
     if chunk_bytes is not None:
         chunk_elements = max(1024, chunk_bytes // max(widest.values(), default=4))
     else:
@@ -189,7 +221,7 @@ def plan_inspect(
         configs=configs,
         task_vector=task_vector,
         chunk_elements=chunk_elements,
-        bytes_to_read=sum(info.nbytes for tensor in tensors for info in tensor.sources.values()),
+        bytes_to_read=sum(tensor_read_bytes(tensor) for tensor in tensors),
         rank_sample_elements=rank_sample_elements,
         baseline_rss_bytes=baseline_rss_bytes,
         estimated_added_bytes=estimate,
@@ -198,13 +230,37 @@ def plan_inspect(
     return plan, problems
 
 
+def tensor_read_bytes(tensor: InspectTensor) -> int:
+    """Input bytes the pass reads for one tensor: its chunks, and an adapter's factors and θ_0 rows."""
+    return sum(info.nbytes for info in tensor.sources.values()) + delta_read_bytes(tensor.delta, tensor.theta0_rows, tensor.shape)
+
+
+def _with_delta(tensor: InspectTensor, deltas: dict[str, AdapterDelta] | None) -> InspectTensor:
+    """With an adapter θ_fgt, what the merge reads of the tensor: θ_0's and the adapter's bytes where
+    it saved full values, else none of θ_0's chunks (its rows when the change needs them)."""
+    if deltas is None:
+        return tensor
+    sources = {role: info for role, info in tensor.sources.items() if role != "theta0"}
+    theta0 = tensor.sources["theta0"]
+    delta = deltas.get(tensor.tensor_name)
+    if delta is not None and delta.replacement is not None:
+        sources.update(theta0=theta0, fgt=delta.replacement)
+    theta0_rows = theta0 if delta is not None and delta.needs_theta0_rows else None
+    return InspectTensor(tensor.tensor_name, tensor.shape, sources, tensor.group, delta, theta0_rows)
+
+
 def describe_inspect_plan(plan: InspectPlan) -> str:
     """The human-readable plan that --dry-run prints."""
     from perta_stream.memory import format_bytes
 
     lines = [f"inspect plan: {', '.join(config.label for config in plan.configs)}"]
     for role, checkpoint in plan.inputs.items():
-        lines.append(f"  input {role:<16} {checkpoint.location}  ({len(checkpoint.shards)} shard(s), {format_bytes(checkpoint.total_bytes)})")
+        if isinstance(checkpoint, Adapter):
+            changed = sum(1 for tensor in plan.tensors if tensor.delta is not None)
+            what = f"LoRA adapter, rank {checkpoint.config.get('r')}, {changed} tensors changed"
+        else:
+            what = f"{len(checkpoint.shards)} shard(s)"
+        lines.append(f"  input {role:<16} {checkpoint.location}  ({what}, {format_bytes(checkpoint.total_bytes)})")
     lines.append(f"  tensors: {len(plan.tensors)} ({plan.total_elements:,} elements); task vector: {'yes' if plan.task_vector else 'no'}")
     lines.append(f"  bytes to read: {format_bytes(plan.bytes_to_read)}")
     lines.append(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
-from perta_stream.plan.adapter_plan import adapter_deltas
+from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_read_bytes, factor_bytes
 from perta_stream.sources.adapter import Adapter, AdapterDelta
 from perta_stream.sources.checkpoint import OUTPUT_EMBEDDING_NAMES, Checkpoint, describe_tying
 from perta_stream.sources.safetensors_header import TensorInfo
@@ -58,14 +58,7 @@ class TensorTask:
     @property
     def delta_bytes(self) -> int:
         """Adapter and θ_0 bytes the task vector of this task reads besides its chunks."""
-        if self.delta is None:
-            return 0
-        extra = sum(info.nbytes for info in self.delta.infos if info is not self.delta.replacement)
-        if self.theta0_rows is not None:
-            row_bytes = self.theta0_rows.nbytes // max(1, self.shape[0])
-            dora = self.delta.low_rank is not None and self.delta.low_rank.magnitude is not None
-            extra += self.theta0_rows.nbytes if dora else len(self.delta.token_rows) * row_bytes
-        return extra
+        return delta_read_bytes(self.delta, self.theta0_rows, self.shape)
 
     @property
     def numel(self) -> int:
@@ -234,8 +227,7 @@ def plan_merge(
     widest = _widest_sources(tasks_by_name.values())
     input_bytes_per_element = sum(info.itemsize for info in widest)
     if deltas is not None:
-        # The task vector of an adapter chunk (float32) and the θ_0 rows DoRA needs (float32), per buffer set.
-        input_bytes_per_element += 8
+        input_bytes_per_element += TASK_VECTOR_BYTES_PER_ELEMENT
     output_bytes_per_element = max((DTYPE_BYTES[t.out_dtype] for t in tasks_by_name.values()), default=4) * len(alphas)
     per_element = PIPELINE_DEPTH * (input_bytes_per_element + output_bytes_per_element)
     available = max_memory_bytes - RUNTIME_MARGIN_BYTES
@@ -248,13 +240,12 @@ def plan_merge(
         # No buffer larger than the largest tensor: a small model's merge holds (and reports) little.
         largest = max((task.numel for task in tasks_by_name.values()), default=0)
         chunk_elements = min(chunk_elements, max(MIN_CHUNK_ELEMENTS, -(-largest // 4096) * 4096))
-    # An adapter tensor's float32 factors, held while its chunks are computed (two tensors' in flight).
-    factor_bytes = 2 * max((sum(i.numel for i in t.delta.infos) * 4 for t in tasks_by_name.values() if t.delta is not None), default=0)
-    available -= factor_bytes
+    factors = factor_bytes(t.delta for t in tasks_by_name.values() if t.delta is not None)
+    available -= factors
     if chunk_bytes is None and deltas is not None:
         chunk_elements = min(chunk_elements, max(0, available) // per_element)
         chunk_elements -= chunk_elements % 4096
-    added = RUNTIME_MARGIN_BYTES + chunk_elements * per_element + factor_bytes
+    added = RUNTIME_MARGIN_BYTES + chunk_elements * per_element + factors
     if chunk_elements < MIN_CHUNK_ELEMENTS and chunk_bytes is None:
         problems.append(
             f"--max-memory {max_memory_bytes / 2**20:.0f} MiB leaves too little room for buffers (they need at least "
