@@ -7,9 +7,9 @@ the comparison to mean anything; `reference_rows_check` says whether they do. `l
 compares per method: the best forget quality each side reaches, and each side's utility against
 the other side's curve at the same forget quality (the project's matched-forgetting interpolation,
 `matched_baseline_utility`, with the other side's rows of the same method as the baseline).
-The fine-tune times are set against each other twice: whole runs (the full side's from its record,
-measured on another day under another load) and seconds per step within this run (the LoRA θ_fgt
-against θ_ret's and θ_full's full fine-tunes, same batch size and machine, similar load).
+The whole θ_fgt fine-tunes ran at different times (the full one in another run) under the load of a
+shared machine, so the fine-tune times that are set against each other come from `step_timing`:
+short LoRA and full fine-tunes on the same batches, timed in alternation.
 `write_lora_results` writes it all (bench_tofu_real.py imports this module only to report).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from perta_stream.sinks.report import REFERENCE, SweepRow, format_metric, matche
 
 METHODS = ("tv", "grad", "fisher")
 FINETUNE_RECORD = "perta_finetune.json"
+# The step-time comparison: this many alternating pairs of short fine-tunes (LoRA, full), each of
+# this many steps on the first batches of the forget set, so both kinds see the same load and data.
+TIMING_ROUNDS = 3
+TIMING_STEPS = 4
 
 # Evaluations are deterministic on CPU: the same model and items give the same floats, so a
 # difference beyond rounding of the JSON round trip means the two runs did not evaluate the same model.
@@ -62,11 +67,12 @@ def reference_rows_check(new_rows: Sequence[SweepRow], old_rows: Sequence[SweepR
 
 
 def lora_vs_full(
-    lora_rows: Sequence[SweepRow], full_rows: Sequence[SweepRow], methods: Sequence[str], finetune_s: dict[str, float | None]
+    lora_rows: Sequence[SweepRow], full_rows: Sequence[SweepRow], methods: Sequence[str], side_cells: dict[str, dict[str, str]]
 ) -> tuple[list[dict], dict]:
     """Per method, one table row for each side (LoRA θ_fgt, full θ_fgt), and the same as a record.
 
-    `finetune_s` holds each side's θ_fgt fine-tune time ("LoRA", "full"), shown in every row.
+    `side_cells` holds, per side ("LoRA", "full"), columns shown in each of its rows (its θ_fgt's
+    fine-tune times).
 
     A side's row holds its best forget quality (highest over α, its α and utility) and, for each
     of its α, its utility minus the other side's utility interpolated at the same forget quality
@@ -105,7 +111,7 @@ def lora_vs_full(
                     "best forget quality (α)": "—" if best is None else f"{format_metric(best.metrics.get('forget_quality'), 'sci')} (α={best.alpha:g})",
                     "utility there": "—" if best is None else format_metric(best.metrics.get("model_utility"), "fixed"),
                     "utility − other side's at the same forget quality": "; ".join(_matched_cell(point) for point in matched) or "—",
-                    "θ_fgt fine-tune s": "—" if finetune_s.get(side) is None else f"{finetune_s[side]:.0f}",
+                    **side_cells[side],
                 }
             )
     return table, record
@@ -153,12 +159,46 @@ def lora_summary(adapter: Path, work: Path, theta0: Path) -> dict:
     }
 
 
+def step_timing(adapter: Path, full_lr: float, *, rounds: int = TIMING_ROUNDS, steps: int = TIMING_STEPS) -> dict:
+    """Seconds per training step of the adapter's LoRA fine-tune and of the full fine-tune with the
+    same data, batch and length, timed in alternation (`rounds` pairs of `steps` steps each; the
+    outputs go to a temporary folder). The whole θ_fgt fine-tunes ran at different times and loads
+    (the full one in another run), so only these are set against each other."""
+    import tempfile
+
+    from perta_stream.config.finetune import FinetuneConfig
+    from perta_stream.pipelines.finetune import run_finetune
+
+    options = json.loads((adapter / FINETUNE_RECORD).read_text())["config"]
+    options["lora_targets"] = tuple(options["lora_targets"])
+    kinds = {
+        "LoRA": {**options, "max_steps": steps},
+        "full": {**options, "max_steps": steps, "lr": full_lr, "lora_rank": None, "lora_alpha": None, "lora_targets": ("all-linear",), "lora_rslora": False},
+    }
+    per_step: dict[str, list[float]] = {kind: [] for kind in kinds}
+    with tempfile.TemporaryDirectory(prefix="tofu_lora_timing_") as scratch:
+        for round_index in range(rounds):
+            for kind, kind_options in kinds.items():
+                out = Path(scratch) / f"{kind}_{round_index}"
+                run_finetune(FinetuneConfig(**{**kind_options, "out": str(out)}))
+                done = json.loads((out / FINETUNE_RECORD).read_text())
+                per_step[kind].append(done["train_s"] / done["steps"])
+    return {
+        "rounds": rounds,
+        "steps": steps,
+        "s_per_step": per_step,
+        "median_s_per_step": {kind: sorted(values)[len(values) // 2] for kind, values in per_step.items()},
+        "load_average_1m_after": os.getloadavg()[0],
+    }
+
+
 def write_lora_results(
     name: str, record: dict, table_rows: list[dict], *, title: str, notes: list[str], adapter: Path, work: Path, theta0: Path, alpha_unit: str
 ) -> None:
     """benchmarks/results/<name>.{json,md}: the LoRA-vs-full table when the full side's record of
     the same preset exists (then the run's own rows follow in the Markdown), else the run's rows."""
     lora = lora_summary(adapter, work, theta0)
+    lora["step_timing"] = timing = step_timing(adapter, record["preset"]["lr"])
     record = {**record, "lora": lora}
     notes = list(notes)
     notes[2:2] = [
@@ -170,6 +210,10 @@ def write_lora_results(
             + ")"
         ),
         "seconds per training step in this run: " + ", ".join(f"{model} {seconds:.1f}" for model, seconds in lora["train_s_per_step"].items()),
+        (
+            f"seconds per step at the same load ({timing['rounds']} alternating pairs of {timing['steps']}-step fine-tunes on the forget set, median): "
+            f"LoRA {timing['median_s_per_step']['LoRA']:.2f}, full {timing['median_s_per_step']['full']:.2f}"
+        ),
     ]
     full_path = RESULTS_DIR / (f"{name.split('_lora')[0]}" + ("_matched" if alpha_unit == "matched" else "") + ".json")
     if not full_path.is_file():
@@ -179,7 +223,11 @@ def write_lora_results(
     full_rows = [SweepRow.from_dict(row) for row in full_record["rows"]]
     full_fgt_s = full_record["stage_s"].get("fgt") or None  # 0.0: it was cached there, not timed
     lora_rows = [SweepRow.from_dict(row) for row in record["rows"]]
-    versus, per_method = lora_vs_full(lora_rows, full_rows, METHODS, {"LoRA": lora["finetune_elapsed_s"], "full": full_fgt_s})
+    cells = {
+        side: {"θ_fgt fine-tune s (its own run)": "—" if whole is None else f"{whole:.0f}", "s per step, same load": f"{timing['median_s_per_step'][side]:.2f}"}
+        for side, whole in (("LoRA", lora["finetune_elapsed_s"]), ("full", full_fgt_s))
+    }
+    versus, per_method = lora_vs_full(lora_rows, full_rows, METHODS, cells)
     check = reference_rows_check(lora_rows, full_rows)
     where = str(full_path.relative_to(RESULTS_DIR.parent.parent))
     record["full_fgt_comparison"] = {"record": where, "reference_rows": check, "per_method": per_method, "full_fgt_finetune_s": full_fgt_s}
