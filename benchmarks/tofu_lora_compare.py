@@ -176,6 +176,7 @@ def step_timing(adapter: Path, full_lr: float, *, rounds: int = TIMING_ROUNDS, s
         "full": {**options, "max_steps": steps, "lr": full_lr, "lora_rank": None, "lora_alpha": None, "lora_targets": ("all-linear",), "lora_rslora": False},
     }
     per_step: dict[str, list[float]] = {kind: [] for kind in kinds}
+    taken = steps  # fewer when the data holds fewer batches (max_steps is a cap)
     with tempfile.TemporaryDirectory(prefix="tofu_lora_timing_") as scratch:
         for round_index in range(rounds):
             for kind, kind_options in kinds.items():
@@ -183,9 +184,10 @@ def step_timing(adapter: Path, full_lr: float, *, rounds: int = TIMING_ROUNDS, s
                 run_finetune(FinetuneConfig(**{**kind_options, "out": str(out)}))
                 done = json.loads((out / FINETUNE_RECORD).read_text())
                 per_step[kind].append(done["train_s"] / done["steps"])
+                taken = done["steps"]
     return {
         "rounds": rounds,
-        "steps": steps,
+        "steps": taken,
         "s_per_step": per_step,
         "median_s_per_step": {kind: sorted(values)[len(values) // 2] for kind, values in per_step.items()},
         "load_average_1m_after": os.getloadavg()[0],
