@@ -14,6 +14,7 @@ model utility than task arithmetic.
     .venv/bin/python benchmarks/bench_tofu_real.py --preset gpu --device cuda  # forget10 + retain90
     .venv/bin/python benchmarks/bench_tofu_real.py --preset smoke              # end to end in minutes
     .venv/bin/python benchmarks/bench_tofu_real.py --preset cpu --alpha-unit matched  # α in matched units
+    .venv/bin/python benchmarks/bench_tofu_real.py --preset cpu --lora 16     # θ_fgt as a rank-16 LoRA
 
 Presets (what each cuts is stated in its `cuts` line and in the result file):
 - gpu: forget10 (400 QA) + all of retain90 (3600 QA), every evaluation item, 5 epochs. No holdout
@@ -26,6 +27,14 @@ Presets (what each cuts is stated in its `cuts` line and in the result file):
 Built models are cached under benchmarks/work/tofu_real/<preset>/ (--rebuild starts over).
 With `--alpha-unit matched` the sweep counts α in each method's matched α (‖α·W⊙TV‖ = ‖TV‖), and
 the results are written as tofu_real_<preset>_matched.
+
+With `--lora R`, θ_fgt is a PEFT LoRA adapter (`finetune --lora R`, every linear module of the
+Llama blocks, alpha 2R unless --lora-alpha) trained on the forget set from θ_0 with the same data,
+epochs, batch and schedule as the full θ_fgt, at the LoRA learning rate --lora-lr (default 1e-4,
+the rate TOFU's LoRA fine-tunes use; the full fine-tunes keep the preset's 2e-5). The merges read
+the adapter itself as --fgt; θ_full, θ_ret and the statistics are the full run's. The results
+(tofu_real_<preset>_lora<R>) add the adapter's fine-tune time and size, and compare with the
+full-θ_fgt record of the same preset (benchmarks/tofu_lora_compare.py) when it exists.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine_info, write_results  # noqa: E402
 
 WORK_ROOT = Path(__file__).resolve().parent / "work" / "tofu_real"
+# The LoRA θ_fgt's default peak learning rate: TOFU's own LoRA fine-tunes use 1e-4 (a LoRA's
+# low-rank update needs a larger rate than the full fine-tune's 2e-5 to move as far in as many steps).
+LORA_LR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--rebuild", action="store_true", help="rebuild every stage (a fresh, fully timed run)")
     parser.add_argument("--alpha-unit", choices=["absolute", "matched"], default="absolute", help="the sweep's α unit (default absolute)")
+    parser.add_argument("--lora", type=int, metavar="R", help="θ_fgt as a rank-R LoRA adapter on every linear module (finetune --lora R)")
+    parser.add_argument("--lora-alpha", type=float, help="the LoRA's alpha (default 2R)")
+    parser.add_argument("--lora-lr", type=float, help=f"the LoRA θ_fgt's peak learning rate (default {LORA_LR:g})")
     args = parser.parse_args()
+    if args.lora is None and (args.lora_alpha is not None or args.lora_lr is not None):
+        parser.error("--lora-alpha and --lora-lr apply to a LoRA θ_fgt; add --lora R")
+    if args.lora is not None and args.lora < 1:
+        parser.error(f"--lora must be a rank of at least 1, got {args.lora}")
 
     from perta_stream.config.finetune import FinetuneConfig
     from perta_stream.config.stats import StatsConfig
@@ -145,7 +164,10 @@ def main() -> int:
     from perta_stream.sinks.report import TABLE_COLUMNS, best_forget_quality, compare_at_matched_forgetting
 
     preset = PRESETS[args.preset]
-    name = f"tofu_real_{args.preset}" + ("_matched" if args.alpha_unit == "matched" else "")
+    lora_alpha = None if args.lora is None else (args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora)
+    lora_lr = args.lora_lr if args.lora_lr is not None else LORA_LR
+    suffix = (f"_lora{args.lora}" if args.lora is not None else "") + ("_matched" if args.alpha_unit == "matched" else "")
+    name = f"tofu_real_{args.preset}{suffix}"
     work = WORK_ROOT / args.preset
     if args.rebuild:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,15 +177,20 @@ def main() -> int:
     theta0 = fetch_model("smollm2-135m").path
     data = write_data(preset, work / "data")
 
-    def finetune(data_file: Path, out: Path):
+    def finetune(data_file: Path, out: Path, lora: bool = False):
         return lambda: run_finetune(
             FinetuneConfig(
-                model=str(theta0), data=str(data_file), out=str(out), epochs=preset.epochs, lr=preset.lr,
+                model=str(theta0), data=str(data_file), out=str(out), epochs=preset.epochs, lr=lora_lr if lora else preset.lr,
                 batch_size=preset.batch_size, max_length=preset.max_length, seed=0, device=args.device,
+                lora_rank=args.lora if lora else None, lora_alpha=lora_alpha if lora else None,
             )
         )
 
-    for stage, data_file in (("fgt", data["forget"]), ("ret", data["retain"]), ("full", data["full"])):
+    # The adapter's folder names its rank, alpha and rate, so a cached one is never of other settings.
+    fgt_dir = work / ("fgt" if args.lora is None else f"fgt_lora{args.lora}_alpha{lora_alpha:g}_lr{lora_lr:g}")
+    fgt_stage = "fgt" if args.lora is None else "fgt_lora"
+    _stage(fgt_stage, fgt_dir, finetune(data["forget"], fgt_dir, lora=args.lora is not None), stage_s, args.rebuild)
+    for stage, data_file in (("ret", data["retain"]), ("full", data["full"])):
         _stage(stage, work / stage, finetune(data_file, work / stage), stage_s, args.rebuild)
     _stage(
         "stats",
@@ -177,15 +204,15 @@ def main() -> int:
         stage_s,
         args.rebuild,
     )
-    sweep_dir = work / ("sweep_matched" if args.alpha_unit == "matched" else "sweep")
+    sweep_dir = work / f"sweep{suffix}"
     sweep_started = time.perf_counter()
     result = run_sweep(
         SweepConfig(
-            theta0=str(theta0), full=str(work / "full"), fgt=str(work / "fgt"), out=str(sweep_dir), stats=str(work / "stats"),
+            theta0=str(theta0), full=str(work / "full"), fgt=str(fgt_dir), out=str(sweep_dir), stats=str(work / "stats"),
             retain_model=str(work / "ret"), split=preset.split, methods=("tv", "grad", "fisher"), alphas=preset.alphas,
             eval_batch_size=preset.eval_batch_size, max_length=preset.max_length, max_new_tokens=preset.max_new_tokens,
             max_items=preset.eval_items, device=args.device, holdout=str(data["holdout"]) if "holdout" in data else None,
-            keep_models=False, overwrite=True, title=f"PerTA on SmolLM2-135M, TOFU {preset.split} ({args.preset})",
+            keep_models=False, overwrite=True, title=f"PerTA on SmolLM2-135M, TOFU {preset.split} ({args.preset}{', LoRA θ_fgt' if args.lora else ''})",
             alpha_unit=args.alpha_unit,
         )
     )
@@ -207,6 +234,9 @@ def main() -> int:
     ]
     command = f"python benchmarks/bench_tofu_real.py --preset {args.preset} --device {args.device}" + (" --rebuild" if args.rebuild else "")
     command += " --alpha-unit matched" if args.alpha_unit == "matched" else ""
+    if args.lora is not None:
+        command += f" --lora {args.lora}" + (f" --lora-alpha {args.lora_alpha:g}" if args.lora_alpha is not None else "")
+        command += f" --lora-lr {args.lora_lr:g}" if args.lora_lr is not None else ""
     record = {
         "benchmark": name,
         "command": command,
@@ -232,7 +262,14 @@ def main() -> int:
         f"plot: {record['plot']}",
         "matched forgetting vs tv: " + " / ".join(comparison),
     ]
-    write_results(name, record, table_rows, title=f"PerTA on SmolLM2-135M-Instruct, TOFU {preset.split} ({args.preset} preset)", notes=notes)
+    title = f"PerTA on SmolLM2-135M-Instruct, TOFU {preset.split} ({args.preset} preset)"
+    if args.lora is None:
+        write_results(name, record, table_rows, title=title, notes=notes)
+    else:
+        # Imported here, so that the report of a long run can still be corrected while it runs.
+        from tofu_lora_compare import write_lora_results
+
+        write_lora_results(name, record, table_rows, title=title, notes=notes, adapter=fgt_dir, work=work, theta0=theta0, alpha_unit=args.alpha_unit)
     print(result.table)
     print("\n".join(comparison))
     return 0

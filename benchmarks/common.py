@@ -43,14 +43,16 @@ def machine_info() -> dict:
     }
 
 
-def write_results(name: str, record: dict, table_rows: list[dict], *, title: str, notes: list[str] = ()) -> tuple[Path, Path]:
+def write_results(
+    name: str, record: dict, table_rows: list[dict], *, title: str, notes: list[str] = (), more_tables: list[tuple[str, list[dict]]] = ()
+) -> tuple[Path, Path]:
     """benchmarks/results/<name>.json (the whole record) and <name>.md (a table of `table_rows`).
 
     The record also holds the table under "table" (title, notes, columns, rows as printed), from
-    which the documentation renders it (tools/docs/benchmark_tables.py) beside the machine."""
+    which the documentation renders it (tools/docs/benchmark_tables.py) beside the machine.
+    `more_tables` ((heading, rows) each) follow it in the Markdown file only."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    columns = list(table_rows[0]) if table_rows else []
-    cells = [[_cell(row[c]) for c in columns] for row in table_rows]
+    columns, cells = _table(table_rows)
     record = {**record, "table": {"title": title, "notes": list(notes), "columns": columns, "rows": cells}}
     json_path = RESULTS_DIR / f"{name}.json"
     json_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -58,13 +60,21 @@ def write_results(name: str, record: dict, table_rows: list[dict], *, title: str
     lines += [f"- {note}" for note in notes]
     if notes:
         lines.append("")
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "---|" * len(columns))
-    for row in cells:
-        lines.append("| " + " | ".join(row) + " |")
+    lines += _markdown_table(columns, cells)
+    for heading, rows in more_tables:
+        lines += ["", f"## {heading}", "", *_markdown_table(*_table(rows))]
     md_path = RESULTS_DIR / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    columns = list(rows[0]) if rows else []
+    return columns, [[_cell(row[c]) for c in columns] for row in rows]
+
+
+def _markdown_table(columns: list[str], cells: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(row) + " |" for row in cells)]
 
 
 def _cell(value: object) -> str:
