@@ -23,7 +23,7 @@ import torch
 from perta_stream.compute.task_vector import LoadedDelta, covering_rows, task_vector_chunk
 from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.sources.adapter import AdapterDelta
-from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.byte_source import ByteSource, read_elements
 from perta_stream.sources.content_digest import TensorHasher
 from perta_stream.sources.safetensors_header import TensorInfo
 from perta_stream.sources.task_vector import DeltaReader
@@ -166,13 +166,9 @@ class ChunkReader:
         for role, info in tensor.sources.items():
             if role in skip:
                 continue
-            nbytes = count * info.itemsize
-            offset = info.begin + start * info.itemsize
-            view = buffers.views[role][:nbytes]
-            self._sources[role].read_into(info.file_name, offset, view)
-            self._sources[role].done_with(info.file_name, offset, nbytes)
+            view = read_elements(self._sources[role], info, start, count, buffers.views[role])
             if self._hasher is not None and role == self._hash_role:
-                self._hasher.update(tensor.tensor_name, view, last=offset + nbytes == info.end)
+                self._hasher.update(tensor.tensor_name, view, last=start + count == info.numel)
         return prepared
 
 

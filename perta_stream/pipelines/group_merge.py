@@ -28,7 +28,7 @@ from perta_stream.dtypes import DTYPE_BYTES, torch_dtype
 from perta_stream.plan.merge_plan import STAT_ROLES, MergePlan, TensorTask
 from perta_stream.plan.one_pass_plan import DEVICE_CHUNK_ELEMENTS
 from perta_stream.sinks.layered_output import LayeredModelOutput
-from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.byte_source import ByteSource, read_elements
 from perta_stream.sources.task_vector import DeltaReader
 
 MODEL_INPUTS = ("theta0", "full", "fgt")
@@ -224,13 +224,9 @@ class GroupMerger:
         for role, info in task.sources.items():
             if role in skip:
                 continue
-            nbytes = count * info.itemsize
-            offset = info.begin + start * info.itemsize
-            buffer = self._in[role][:nbytes]
-            self._sources[role].read_into(info.file_name, offset, memoryview(buffer.numpy()))
-            self._sources[role].done_with(info.file_name, offset, nbytes)
+            nbytes = len(read_elements(self._sources[role], info, start, count, memoryview(self._in[role].numpy())))
             self.bytes_read += nbytes
-            typed[role] = buffer.view(torch_dtype(info.dtype))
+            typed[role] = self._in[role][:nbytes].view(torch_dtype(info.dtype))
         return typed
 
     def checkpoint(self) -> None:

@@ -11,10 +11,13 @@ not push everything else out of the page cache. It reads through a `PinnedFolder
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from perta_stream.errors import CheckpointError
 from perta_stream.sources.pinned_folder import PinnedFolder
+
+if TYPE_CHECKING:
+    from perta_stream.sources.safetensors_header import TensorInfo
 
 
 class ByteSource(Protocol):
@@ -34,6 +37,17 @@ class ByteSource(Protocol):
 
     def close(self) -> None:
         """Release open files and connections."""
+
+
+def read_elements(source: ByteSource, info: TensorInfo, start: int, count: int, buffer: memoryview) -> memoryview:
+    """Elements [start, start + count) of the stored tensor `info` into the front of `buffer`, then
+    marked consumed (`done_with`); returns the filled part of `buffer`."""
+    nbytes = count * info.itemsize
+    offset = info.begin + start * info.itemsize
+    view = buffer[:nbytes]
+    source.read_into(info.file_name, offset, view)
+    source.done_with(info.file_name, offset, nbytes)
+    return view
 
 
 class LocalByteSource:

@@ -19,7 +19,7 @@ import torch
 from perta_stream.compute.task_vector import LoadedDelta
 from perta_stream.dtypes import torch_dtype
 from perta_stream.sources.adapter import AdapterDelta
-from perta_stream.sources.byte_source import ByteSource
+from perta_stream.sources.byte_source import ByteSource, read_elements
 from perta_stream.sources.safetensors_header import TensorInfo
 
 
@@ -34,12 +34,9 @@ def read_tensor(source: ByteSource, info: TensorInfo) -> torch.Tensor:
 def read_rows(source: ByteSource, info: TensorInfo, first: int, end: int) -> torch.Tensor:
     """Rows [first, end) of a stored 2-D tensor, in its stored dtype."""
     cols = info.shape[1]
-    row_bytes = cols * info.itemsize
-    raw = torch.empty((end - first) * row_bytes, dtype=torch.uint8)
+    raw = torch.empty((end - first) * cols * info.itemsize, dtype=torch.uint8)
     if raw.numel():
-        offset = info.begin + first * row_bytes
-        source.read_into(info.file_name, offset, memoryview(raw.numpy()))
-        source.done_with(info.file_name, offset, raw.numel())
+        read_elements(source, info, first * cols, (end - first) * cols, memoryview(raw.numpy()))
     return raw.view(torch_dtype(info.dtype)).reshape(end - first, cols)
 
 
