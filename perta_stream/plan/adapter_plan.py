@@ -87,6 +87,16 @@ def delta_read_bytes(delta: AdapterDelta | None, theta0_rows: TensorInfo | None,
     return extra
 
 
+def delta_inputs(delta: AdapterDelta | None, theta0: TensorInfo) -> tuple[dict[str, TensorInfo], TensorInfo | None]:
+    """What a tensor's task vector reads besides the factors: the chunked inputs (θ_0's and the
+    adapter's saved values where it replaced the tensor, else none) and θ_0's tensor when the change
+    needs its rows (DoRA, trainable tokens), else None."""
+    if delta is None:
+        return {}, None
+    chunked = {"theta0": theta0, "fgt": delta.replacement} if delta.replacement is not None else {}
+    return chunked, theta0 if delta.needs_theta0_rows else None
+
+
 def factor_bytes(deltas: Iterable[AdapterDelta]) -> int:
     """Memory of the float32 factors held while a tensor's chunks are computed (two tensors' in flight)."""
     return 2 * max((sum(info.numel for info in delta.infos) * 4 for delta in deltas), default=0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from perta_stream.compute.weight_figures import WeightConfig
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
-from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_read_bytes, factor_bytes
+from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_inputs, delta_read_bytes, factor_bytes
 from perta_stream.plan.merge_plan import MAX_CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, PIPELINE_DEPTH, RUNTIME_MARGIN_BYTES, STAT_DTYPES
 from perta_stream.plan.tensor_groups import TensorGroup, tensor_group
 from perta_stream.sources.adapter import Adapter, AdapterDelta
@@ -240,13 +240,10 @@ def _with_delta(tensor: InspectTensor, deltas: dict[str, AdapterDelta] | None) -
     it saved full values, else none of θ_0's chunks (its rows when the change needs them)."""
     if deltas is None:
         return tensor
-    sources = {role: info for role, info in tensor.sources.items() if role != "theta0"}
-    theta0 = tensor.sources["theta0"]
     delta = deltas.get(tensor.tensor_name)
-    if delta is not None and delta.replacement is not None:
-        sources.update(theta0=theta0, fgt=delta.replacement)
-    theta0_rows = theta0 if delta is not None and delta.needs_theta0_rows else None
-    return InspectTensor(tensor.tensor_name, tensor.shape, sources, tensor.group, delta, theta0_rows)
+    chunked, theta0_rows = delta_inputs(delta, tensor.sources["theta0"])
+    sources = {role: info for role, info in tensor.sources.items() if role != "theta0"}
+    return InspectTensor(tensor.tensor_name, tensor.shape, {**sources, **chunked}, tensor.group, delta, theta0_rows)
 
 
 def describe_inspect_plan(plan: InspectPlan) -> str:

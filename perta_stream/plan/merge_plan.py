@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from perta_stream.dtypes import DTYPE_BYTES, FLOATING_DTYPES
-from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_read_bytes, factor_bytes
+from perta_stream.plan.adapter_plan import TASK_VECTOR_BYTES_PER_ELEMENT, adapter_deltas, delta_inputs, delta_read_bytes, factor_bytes
 from perta_stream.sources.adapter import Adapter, AdapterDelta
 from perta_stream.sources.checkpoint import OUTPUT_EMBEDDING_NAMES, Checkpoint, describe_tying
 from perta_stream.sources.safetensors_header import TensorInfo
@@ -310,17 +310,9 @@ def _plan_adapter_tensor(
     if not (full_info.dtype in FLOATING_DTYPES and theta0_info.dtype in FLOATING_DTYPES):
         problems.append(f"tensor {tensor_name!r} is not floating-point, but the fgt adapter changes it")
         return None
-    sources = {"full": full_info}
-    if delta.replacement is not None:
-        sources.update(theta0=theta0_info, fgt=delta.replacement)
+    chunked, theta0_rows = delta_inputs(delta, theta0_info)
     return TensorTask(
-        tensor_name,
-        "merge",
-        out_dtype or full_info.dtype,
-        full_info.shape,
-        sources,
-        delta=delta,
-        theta0_rows=theta0_info if delta.needs_theta0_rows else None,
+        tensor_name, "merge", out_dtype or full_info.dtype, full_info.shape, {"full": full_info, **chunked}, delta=delta, theta0_rows=theta0_rows
     )
 
 
